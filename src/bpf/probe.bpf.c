@@ -1,0 +1,20 @@
+// SPDX-License-Identifier: GPL-2.0
+/* Minimal programs for capability probing: the prober retargets them at each
+ * kernel function and tries a real load and attach (src/probe.rs). */
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+
+char LICENSE[] SEC("license") = "GPL";
+
+SEC("fentry/inet_bind")
+int BPF_PROG(sl_probe_fentry)
+{
+	return 0;
+}
+
+SEC("kprobe/inet_bind")
+int BPF_KPROBE(sl_probe_kprobe)
+{
+	return 0;
+}

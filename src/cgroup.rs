@@ -1,0 +1,101 @@
+//! cgroup v2 ids (what bpf_get_current_cgroup_id returns: the kernfs inode of
+//! the cgroup directory) to paths under the cgroup v2 root, and back.
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Rescanning the tree is bounded: at most once per this interval.
+const RESCAN_INTERVAL: Duration = Duration::from_millis(500);
+
+pub struct CgroupPaths {
+    root: PathBuf,
+    by_id: HashMap<u64, String>,
+    last_scan: Option<Instant>,
+}
+
+impl CgroupPaths {
+    pub fn new(root: PathBuf) -> Self {
+        Self {
+            root,
+            by_id: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    /// The cgroup's path relative to the v2 root ("/" for the root itself),
+    /// or None for a cgroup that is gone.
+    pub fn path_of(&mut self, id: u64) -> Option<String> {
+        if let Some(p) = self.by_id.get(&id) {
+            return Some(p.clone());
+        }
+        let stale = self
+            .last_scan
+            .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL);
+        if stale {
+            self.rescan();
+        }
+        self.by_id.get(&id).cloned()
+    }
+
+    fn rescan(&mut self) {
+        self.last_scan = Some(Instant::now());
+        let mut stack = vec![self.root.clone()];
+        while let Some(dir) = stack.pop() {
+            let Ok(meta) = fs::metadata(&dir) else {
+                continue;
+            };
+            self.by_id.insert(meta.ino(), relative(&self.root, &dir));
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            stack.extend(
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+}
+
+fn relative(root: &Path, dir: &Path) -> String {
+    match dir.strip_prefix(root) {
+        Ok(rel) if rel.as_os_str().is_empty() => "/".to_owned(),
+        Ok(rel) => format!("/{}", rel.display()),
+        Err(_) => dir.display().to_string(),
+    }
+}
+
+/// Resolves a user-given cgroup: absolute inside the v2 mount, or relative to it.
+pub fn resolve(root: &Path, given: &str) -> Option<PathBuf> {
+    let path = Path::new(given);
+    let candidate = if path.starts_with(root) {
+        path.to_owned()
+    } else {
+        root.join(given.trim_start_matches('/'))
+    };
+    candidate.is_dir().then_some(candidate)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn maps_ids_to_relative_paths() {
+        let tmp = std::env::temp_dir().join(format!("sl-cg-{}", std::process::id()));
+        fs::create_dir_all(tmp.join("a/b")).unwrap();
+        let ino = fs::metadata(tmp.join("a/b")).unwrap().ino();
+        let root_ino = fs::metadata(&tmp).unwrap().ino();
+        let mut paths = CgroupPaths::new(tmp.clone());
+        assert_eq!(paths.path_of(ino).as_deref(), Some("/a/b"));
+        assert_eq!(paths.path_of(root_ino).as_deref(), Some("/"));
+        assert_eq!(resolve(&tmp, "a/b"), Some(tmp.join("a/b")));
+        assert_eq!(resolve(&tmp, "/a"), Some(tmp.join("a")));
+        assert_eq!(resolve(&tmp, "nope"), None);
+        fs::remove_dir_all(&tmp).unwrap();
+    }
+}

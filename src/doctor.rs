@@ -1,0 +1,66 @@
+//! `socklens doctor`: what this kernel offers and how each hook would attach.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::plan::{self, Hook, Tier};
+use crate::probe::{self, Prober};
+use crate::system;
+
+fn status<T: std::fmt::Display, E: std::fmt::Display>(r: &std::result::Result<T, E>) -> String {
+    match r {
+        Ok(v) => format!("ok ({v})"),
+        Err(e) => format!("unavailable: {e}"),
+    }
+}
+
+fn mount_line(m: &Result<system::MountStatus>) -> String {
+    match m {
+        Ok(s) if s.mounted_now => format!("{} (mounted by socklens)", s.path.display()),
+        Ok(s) => s.path.display().to_string(),
+        Err(e) => format!("unavailable: {e}"),
+    }
+}
+
+pub fn run(btf: &Path, force: Option<Tier>, out: &mut dyn Write) -> Result<()> {
+    system::check_privileges()?;
+    let io = |e: std::io::Error| Error::kernel("writing report", e);
+    let btf_ok = system::check_btf(btf).map(|()| btf.display().to_string());
+    let tracefs = system::ensure_tracefs();
+    let bpffs = system::ensure_bpffs();
+    let cgroup2 = system::cgroup2_root()
+        .map(|p| p.display().to_string())
+        .ok_or("cgroup v2 is not mounted");
+    let tracefs_path = tracefs.as_ref().map(|s| s.path.clone()).unwrap_or_default();
+
+    writeln!(out, "kernel       {}", system::kernel_release()).map_err(io)?;
+    writeln!(out, "BTF          {}", status(&btf_ok)).map_err(io)?;
+    let ringbuf = if probe::ringbuf_supported() {
+        "ok"
+    } else {
+        "unavailable (perf buffer fallback)"
+    };
+    writeln!(out, "ring buffer  {ringbuf}").map_err(io)?;
+    writeln!(out, "tracefs      {}", mount_line(&tracefs)).map_err(io)?;
+    writeln!(out, "bpffs        {}", mount_line(&bpffs)).map_err(io)?;
+    writeln!(out, "cgroup v2    {}", status(&cgroup2)).map_err(io)?;
+    let kprobes = probe::kprobes_status(&tracefs_path).map(|()| "kprobe PMU or kprobe_events");
+    writeln!(out, "kprobes      {}", status(&kprobes)).map_err(io)?;
+    writeln!(out, "hooks:").map_err(io)?;
+
+    let prober = Prober::new(&tracefs_path, btf);
+    let caps = prober.probe(&plan::requirements(&Hook::ALL));
+    for hook in Hook::ALL {
+        match plan::plan_hook(&caps, hook, force) {
+            Ok(hp) => {
+                writeln!(out, "  {:<8} {}", hook.name(), hp.tier).map_err(io)?;
+                for (tier, why) in &hp.rejected {
+                    writeln!(out, "           rejected {tier}: {why}").map_err(io)?;
+                }
+            }
+            Err(e) => writeln!(out, "  {:<8} NONE: {e}", hook.name()).map_err(io)?,
+        }
+    }
+    Ok(())
+}

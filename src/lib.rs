@@ -1,0 +1,18 @@
+//! socklens: see and control every socket on a Linux host with eBPF.
+//!
+//! The modules read as the pipeline: `probe` (what the kernel can do) →
+//! `plan` (pure: capabilities + options → attach tier per hook) → `loader` →
+//! `events` (ring/perf buffer) → `model` (typed events) → `output`.
+
+pub mod cgroup;
+pub mod doctor;
+pub mod error;
+pub mod events;
+pub mod loader;
+pub mod model;
+pub mod output;
+pub mod plan;
+pub mod probe;
+pub mod skel;
+pub mod system;
+pub mod trace;

@@ -1,0 +1,149 @@
+//! Opens the skeleton, applies the plan and the filters, loads and attaches.
+
+use std::fs::File;
+use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject};
+
+use crate::error::{Error, Result};
+use crate::plan::Plan;
+use crate::probe::errno_name;
+use crate::skel::{SocklensSkel, SocklensSkelBuilder};
+
+/// In-kernel filters; `None` matches everything.
+#[derive(Debug, Clone, Default)]
+pub struct Filters {
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub netns: Option<u32>,
+    /// AF_INET or AF_INET6.
+    pub family: Option<u16>,
+    /// A cgroup v2 directory; its descendants match too.
+    pub cgroup: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BufferKind {
+    Ring,
+    Perf,
+}
+
+pub struct LoadOptions<'a> {
+    pub plan: &'a Plan,
+    pub filters: &'a Filters,
+    pub buffer: BufferKind,
+    /// BTF for CO-RE relocation when not the running kernel's default.
+    pub btf: Option<PathBuf>,
+}
+
+/// Loaded programs and their links; dropping it detaches and unloads everything.
+pub struct Session<'obj> {
+    pub skel: SocklensSkel<'obj>,
+    pub buffer: BufferKind,
+    _links: Vec<Link>,
+}
+
+fn load_err(what: &str) -> impl Fn(libbpf_rs::Error) -> Error + '_ {
+    move |e| Error::kernel(what, format!("{} ({e})", errno_name(&e)))
+}
+
+pub fn load<'obj>(
+    storage: &'obj mut MaybeUninit<OpenObject>,
+    opts: &LoadOptions<'_>,
+) -> Result<Session<'obj>> {
+    let mut builder = SocklensSkelBuilder::default();
+    if let Some(btf) = &opts.btf {
+        builder
+            .obj_builder
+            .btf_custom_path(btf)
+            .map_err(load_err("using custom BTF"))?;
+    }
+    let mut open = builder
+        .open(storage)
+        .map_err(load_err("opening BPF object"))?;
+    write_filters(&mut open, opts)?;
+    if opts.buffer == BufferKind::Perf {
+        let events = &mut open.maps.events;
+        events
+            .set_type(MapType::PerfEventArray)
+            .map_err(load_err("events map"))?;
+        events.set_key_size(4).map_err(load_err("events map"))?;
+        events.set_value_size(4).map_err(load_err("events map"))?;
+        // libbpf sizes a perf event array with 0 entries to the CPU count.
+        events.set_max_entries(0).map_err(load_err("events map"))?;
+    }
+    let wanted = opts.plan.programs();
+    for mut prog in open.open_object_mut().progs_mut() {
+        let keep = prog.name().to_str().is_some_and(|n| wanted.contains(n));
+        prog.set_autoload(keep);
+    }
+    let skel = open.load().map_err(load_err("loading BPF programs"))?;
+    if let Some(dir) = &opts.filters.cgroup {
+        let cg =
+            File::open(dir).map_err(|e| Error::kernel(format!("opening {}", dir.display()), e))?;
+        let fd = u32::try_from(cg.as_raw_fd()).unwrap_or_default();
+        skel.maps
+            .cgroup_filter
+            .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
+            .map_err(load_err("setting the cgroup filter"))?;
+    }
+    let links = attach(&skel, opts.plan)?;
+    Ok(Session {
+        skel,
+        buffer: opts.buffer,
+        _links: links,
+    })
+}
+
+fn write_filters(
+    open: &mut crate::skel::OpenSocklensSkel<'_>,
+    opts: &LoadOptions<'_>,
+) -> Result<()> {
+    let ro = open
+        .maps
+        .rodata_data
+        .as_deref_mut()
+        .ok_or_else(|| Error::kernel("opening BPF object", "no .rodata section"))?;
+    let f = opts.filters;
+    ro.filter_pid = f.pid.unwrap_or(0);
+    ro.filter_netns = f.netns.unwrap_or(0);
+    ro.filter_family = f.family.unwrap_or(0);
+    ro.filter_cgroup = f.cgroup.is_some();
+    if let Some(comm) = &f.comm {
+        ro.filter_comm = true;
+        let n = comm.len().min(ro.filter_comm_value.len() - 1);
+        ro.filter_comm_value[..n].copy_from_slice(&comm.as_bytes()[..n]);
+    }
+    ro.use_ringbuf = opts.buffer == BufferKind::Ring;
+    Ok(())
+}
+
+/// Attaches the plan's programs one by one, so a failure names its hook.
+fn attach(skel: &SocklensSkel<'_>, plan: &Plan) -> Result<Vec<Link>> {
+    let mut links = Vec::new();
+    for hook in &plan.hooks {
+        for name in hook.programs() {
+            let prog = skel
+                .object()
+                .progs_mut()
+                .find(|p| p.name() == *name)
+                .ok_or_else(|| {
+                    Error::kernel(
+                        format!("{}: program {name}", hook.hook),
+                        "missing from object",
+                    )
+                })?;
+            let link = prog.attach().map_err(|e| {
+                Error::kernel(
+                    format!("{}: attaching {} program {name}", hook.hook, hook.tier),
+                    format!("{} ({e})", errno_name(&e)),
+                )
+            })?;
+            links.push(link);
+        }
+    }
+    Ok(links)
+}

@@ -1,0 +1,217 @@
+//! The socklens command line.
+
+use std::io;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use socklens::error::Error;
+use socklens::loader::BufferKind;
+use socklens::plan::{Hook, Tier};
+use socklens::system::DEFAULT_BTF;
+use socklens::trace::TraceRequest;
+
+/// See every socket on this host, as it happens.
+#[derive(Debug, Parser)]
+#[command(name = "socklens", version, about)]
+struct Cli {
+    /// Show libbpf's own log (verifier output, warnings) on stderr.
+    #[arg(short, long, global = true)]
+    verbose: bool,
+    /// BTF describing the running kernel, for CO-RE relocation.
+    #[arg(long, global = true, value_name = "FILE", default_value = DEFAULT_BTF)]
+    btf: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Trace socket events as they happen (like bindsnoop and solisten).
+    Trace(TraceArgs),
+    /// Show what this kernel offers and how each hook attaches, and why.
+    Doctor {
+        #[command(flatten)]
+        attach: AttachArg,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum EventName {
+    Bind,
+    Listen,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AttachChoice {
+    /// The best tier the kernel supports, per hook.
+    Auto,
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BufferChoice {
+    Auto,
+    Ring,
+    Perf,
+}
+
+#[derive(Debug, Args)]
+struct AttachArg {
+    /// Attach method for every tracing hook; a forced one the kernel lacks is an error.
+    #[arg(long, value_enum, default_value_t = AttachChoice::Auto)]
+    attach: AttachChoice,
+}
+
+#[derive(Debug, Args)]
+struct TraceArgs {
+    /// Events to trace, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "bind,listen")]
+    events: Vec<EventName>,
+    /// Only this process (thread group id).
+    #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..))]
+    pid: Option<u32>,
+    /// Only tasks with this command name.
+    #[arg(long)]
+    comm: Option<String>,
+    /// Only tasks in this cgroup v2 (path under the cgroup v2 root) or below it.
+    #[arg(long)]
+    cgroup: Option<String>,
+    /// Only sockets in the network namespace with this inode.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    netns: Option<u32>,
+    /// Only IPv4 sockets.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    ipv4: bool,
+    /// Only IPv6 sockets.
+    #[arg(short = '6', long = "ipv6")]
+    ipv6: bool,
+    /// One JSON object per line instead of columns.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    attach: AttachArg,
+    /// Event buffer: ring buffer, or the perf buffer fallback.
+    #[arg(long, value_enum, default_value_t = BufferChoice::Auto, hide = true)]
+    buffer: BufferChoice,
+}
+
+impl AttachArg {
+    fn forced(&self) -> Option<Tier> {
+        match self.attach {
+            AttachChoice::Auto => None,
+            AttachChoice::Fentry => Some(Tier::Fentry),
+            AttachChoice::Kprobe => Some(Tier::Kprobe),
+            AttachChoice::Tracepoint => Some(Tier::Tracepoint),
+        }
+    }
+}
+
+impl TraceArgs {
+    fn request(&self, btf: PathBuf) -> TraceRequest {
+        let mut hooks: Vec<Hook> = self
+            .events
+            .iter()
+            .map(|e| match e {
+                EventName::Bind => Hook::Bind,
+                EventName::Listen => Hook::Listen,
+            })
+            .collect();
+        hooks.sort();
+        hooks.dedup();
+        let family = match (self.ipv4, self.ipv6) {
+            (true, _) => Some(libc::AF_INET as u16),
+            (_, true) => Some(libc::AF_INET6 as u16),
+            _ => None,
+        };
+        TraceRequest {
+            hooks,
+            pid: self.pid,
+            comm: self.comm.clone(),
+            cgroup: self.cgroup.clone(),
+            netns: self.netns,
+            family,
+            json: self.json,
+            force: self.attach.forced(),
+            buffer: match self.buffer {
+                BufferChoice::Auto => None,
+                BufferChoice::Ring => Some(BufferKind::Ring),
+                BufferChoice::Perf => Some(BufferKind::Perf),
+            },
+            btf,
+        }
+    }
+}
+
+fn libbpf_to_stderr(_level: libbpf_rs::PrintLevel, msg: String) {
+    eprint!("{msg}");
+}
+
+/// clap's usage errors, folded to one line (help and version print as usual).
+fn parse_cli() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|e| {
+        use clap::error::ErrorKind;
+        if matches!(
+            e.kind(),
+            ErrorKind::DisplayHelp
+                | ErrorKind::DisplayVersion
+                | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        ) {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        let text = e.to_string();
+        let first = text.lines().next().unwrap_or("bad arguments");
+        let hint = text
+            .lines()
+            .map(str::trim)
+            .find(|l| l.starts_with("[possible values:"))
+            .map(|l| format!(" {l}"))
+            .unwrap_or_default();
+        eprintln!("socklens: {}{hint}", first.trim_start_matches("error: "));
+        ExitCode::from(2)
+    })
+}
+
+fn run(cli: &Cli) -> Result<(), Error> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, Arc::clone(&stop))
+            .map_err(|e| Error::kernel("installing signal handlers", e))?;
+    }
+    let mut stdout = io::stdout().lock();
+    match &cli.command {
+        Command::Trace(args) => {
+            let summary = socklens::trace::run(&args.request(cli.btf.clone()), &stop, &mut stdout)?;
+            eprintln!(
+                "socklens: {} events, {} lost, {} malformed",
+                summary.events, summary.losses.lost, summary.losses.malformed
+            );
+            Ok(())
+        }
+        Command::Doctor { attach } => socklens::doctor::run(&cli.btf, attach.forced(), &mut stdout),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match parse_cli() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    if cli.verbose {
+        libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, libbpf_to_stderr)));
+    } else {
+        libbpf_rs::set_print(None);
+    }
+    match run(&cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("socklens: {e}");
+            ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1))
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! Typed events: records from the BPF side decoded into owned Rust values.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use serde::Serialize;
+
+use crate::plan::Tier;
+use crate::skel::types::{sl_event_kind, sl_sock_event, sl_sockopt, sl_tier};
+
+const AF_INET: u16 = libc::AF_INET as u16;
+const AF_INET6: u16 = libc::AF_INET6 as u16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SockEventKind {
+    Bind,
+    Listen,
+}
+
+impl SockEventKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bind => "bind",
+            Self::Listen => "listen",
+        }
+    }
+}
+
+/// Socket options in force at bind time, in bindsnoop's OPTS order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SockOpts(pub u32);
+
+impl SockOpts {
+    const TABLE: [(sl_sockopt, char, &'static str); 5] = [
+        (sl_sockopt::SL_OPT_FREEBIND, 'F', "IP_FREEBIND"),
+        (sl_sockopt::SL_OPT_TRANSPARENT, 'T', "IP_TRANSPARENT"),
+        (
+            sl_sockopt::SL_OPT_BIND_ADDRESS_NO_PORT,
+            'N',
+            "IP_BIND_ADDRESS_NO_PORT",
+        ),
+        (sl_sockopt::SL_OPT_REUSEADDR, 'R', "SO_REUSEADDR"),
+        (sl_sockopt::SL_OPT_REUSEPORT, 'r', "SO_REUSEPORT"),
+    ];
+
+    fn set(self, opt: sl_sockopt) -> bool {
+        self.0 & opt.0 != 0
+    }
+
+    /// bindsnoop's five-letter column, '.' for options not set.
+    pub fn letters(self) -> String {
+        Self::TABLE
+            .iter()
+            .map(|&(opt, c, _)| if self.set(opt) { c } else { '.' })
+            .collect()
+    }
+
+    pub fn names(self) -> Vec<&'static str> {
+        Self::TABLE
+            .iter()
+            .filter(|&&(opt, _, _)| self.set(opt))
+            .map(|&(_, _, name)| name)
+            .collect()
+    }
+}
+
+/// A bind() or listen() as the kernel saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SockEvent {
+    pub kind: SockEventKind,
+    pub tier: Tier,
+    pub ts_ns: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    pub netns: u32,
+    pub family: u16,
+    pub proto: u16,
+    pub sock_type: u16,
+    pub addr: IpAddr,
+    pub port: u16,
+    pub ret: i32,
+    pub opts: SockOpts,
+    pub bound_dev_if: u32,
+    pub backlog_req: i32,
+    pub backlog: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Sock(SockEvent),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("event record of {0} bytes is too short")]
+    Short(usize),
+    #[error("unknown event kind {0}")]
+    UnknownKind(u32),
+    #[error("unknown attach tier {0}")]
+    UnknownTier(u32),
+}
+
+/// The NUL-terminated prefix of a fixed-size kernel string.
+pub fn c_string(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+pub fn ip_from(family: u16, raw: &[u8; 16]) -> IpAddr {
+    if family == AF_INET6 {
+        IpAddr::V6(Ipv6Addr::from(*raw))
+    } else {
+        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
+    }
+}
+
+pub fn tier_from(raw: u32) -> Result<Tier, DecodeError> {
+    match sl_tier(raw) {
+        sl_tier::SL_TIER_FENTRY => Ok(Tier::Fentry),
+        sl_tier::SL_TIER_KPROBE => Ok(Tier::Kprobe),
+        sl_tier::SL_TIER_TRACEPOINT => Ok(Tier::Tracepoint),
+        _ => Err(DecodeError::UnknownTier(raw)),
+    }
+}
+
+fn decode_sock(raw: &sl_sock_event) -> Result<SockEvent, DecodeError> {
+    let kind = match sl_event_kind(raw.kind) {
+        sl_event_kind::SL_EV_BIND => SockEventKind::Bind,
+        sl_event_kind::SL_EV_LISTEN => SockEventKind::Listen,
+        _ => return Err(DecodeError::UnknownKind(raw.kind)),
+    };
+    Ok(SockEvent {
+        kind,
+        tier: tier_from(raw.tier)?,
+        ts_ns: raw.ts_ns,
+        pid: raw.pid,
+        tid: raw.tid,
+        uid: raw.uid,
+        comm: c_string(&raw.comm),
+        cgroup_id: raw.cgroup_id,
+        netns: raw.netns,
+        family: raw.family,
+        proto: raw.proto,
+        sock_type: raw.sock_type,
+        addr: ip_from(raw.family, &raw.addr),
+        port: raw.port,
+        ret: raw.ret,
+        opts: SockOpts(raw.opts),
+        bound_dev_if: raw.bound_dev_if,
+        backlog_req: raw.backlog_req,
+        backlog: raw.backlog,
+    })
+}
+
+/// Decodes one ring/perf buffer record. Every record starts with its kind.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    let kind = bytes
+        .get(..4)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+        .ok_or(DecodeError::Short(bytes.len()))?;
+    match sl_event_kind(kind) {
+        sl_event_kind::SL_EV_BIND | sl_event_kind::SL_EV_LISTEN => {
+            let mut raw = sl_sock_event::default();
+            plain::copy_from_bytes(&mut raw, bytes).map_err(|_| DecodeError::Short(bytes.len()))?;
+            decode_sock(&raw).map(Event::Sock)
+        }
+        _ => Err(DecodeError::UnknownKind(kind)),
+    }
+}
+
+pub fn family_name(family: u16) -> &'static str {
+    match family {
+        AF_INET => "inet",
+        AF_INET6 => "inet6",
+        _ => "other",
+    }
+}
+
+pub fn proto_name(proto: u16) -> String {
+    match i32::from(proto) {
+        libc::IPPROTO_TCP => "tcp".into(),
+        libc::IPPROTO_UDP => "udp".into(),
+        libc::IPPROTO_UDPLITE => "udplite".into(),
+        libc::IPPROTO_SCTP => "sctp".into(),
+        libc::IPPROTO_MPTCP => "mptcp".into(),
+        libc::IPPROTO_ICMP => "icmp".into(),
+        libc::IPPROTO_ICMPV6 => "icmpv6".into(),
+        libc::IPPROTO_RAW => "raw".into(),
+        other => format!("proto{other}"),
+    }
+}
+
+/// "EADDRINUSE" for -98; empty for 0.
+pub fn errno_name(ret: i32) -> String {
+    if ret >= 0 {
+        return String::new();
+    }
+    format!("{:?}", nix::errno::Errno::from_raw(-ret))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_bind() -> sl_sock_event {
+        let mut raw = sl_sock_event {
+            kind: sl_event_kind::SL_EV_BIND.0,
+            tier: sl_tier::SL_TIER_TRACEPOINT.0,
+            ts_ns: 42,
+            pid: 100,
+            tid: 101,
+            uid: 0,
+            netns: 4_026_531_840,
+            ret: -98,
+            family: AF_INET,
+            proto: 6,
+            sock_type: 1,
+            port: 8080,
+            opts: (sl_sockopt::SL_OPT_REUSEADDR.0) | (sl_sockopt::SL_OPT_FREEBIND.0),
+            ..Default::default()
+        };
+        raw.addr[..4].copy_from_slice(&[127, 0, 0, 1]);
+        raw.comm[..5].copy_from_slice(b"nginx");
+        raw
+    }
+
+    fn bytes_of(raw: &sl_sock_event) -> Vec<u8> {
+        // SAFETY: sl_sock_event is a plain C struct; reading its bytes is fine.
+        unsafe { plain::as_bytes(raw) }.to_vec()
+    }
+
+    #[test]
+    fn decodes_a_bind_record() {
+        let Event::Sock(e) = decode(&bytes_of(&raw_bind())).unwrap();
+        assert_eq!(e.kind, SockEventKind::Bind);
+        assert_eq!(e.tier, Tier::Tracepoint);
+        assert_eq!(e.comm, "nginx");
+        assert_eq!(e.addr, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(e.port, 8080);
+        assert_eq!(e.opts.letters(), "F..R.");
+        assert_eq!(e.opts.names(), ["IP_FREEBIND", "SO_REUSEADDR"]);
+    }
+
+    #[test]
+    fn decodes_ipv6_addresses() {
+        let mut raw = raw_bind();
+        raw.family = AF_INET6;
+        raw.addr = Ipv6Addr::LOCALHOST.octets();
+        let Event::Sock(e) = decode(&bytes_of(&raw)).unwrap();
+        assert_eq!(e.addr, IpAddr::V6(Ipv6Addr::LOCALHOST));
+    }
+
+    #[test]
+    fn rejects_short_and_unknown_records() {
+        assert_eq!(decode(&[1, 0]), Err(DecodeError::Short(2)));
+        let mut raw = raw_bind();
+        raw.kind = 99;
+        assert_eq!(decode(&bytes_of(&raw)), Err(DecodeError::UnknownKind(99)));
+        let mut raw = raw_bind();
+        raw.tier = 7;
+        assert_eq!(decode(&bytes_of(&raw)), Err(DecodeError::UnknownTier(7)));
+    }
+
+    #[test]
+    fn comm_stops_at_nul_and_full_comm_is_kept() {
+        assert_eq!(c_string(b"ab\0cd"), "ab");
+        assert_eq!(c_string(b"0123456789abcdef"), "0123456789abcdef");
+    }
+
+    #[test]
+    fn errno_names() {
+        assert_eq!(errno_name(-98), "EADDRINUSE");
+        assert_eq!(errno_name(-13), "EACCES");
+        assert_eq!(errno_name(0), "");
+    }
+
+    #[test]
+    fn protocol_and_family_names() {
+        assert_eq!(proto_name(6), "tcp");
+        assert_eq!(proto_name(17), "udp");
+        assert_eq!(proto_name(200), "proto200");
+        assert_eq!(family_name(AF_INET6), "inet6");
+    }
+}

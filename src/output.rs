@@ -1,0 +1,223 @@
+//! Rendering events: bindsnoop/solisten-style columns and JSON lines.
+
+use serde_json::{json, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use crate::cgroup::CgroupPaths;
+use crate::model::{errno_name, family_name, proto_name, Event, SockEvent, SockEventKind};
+
+/// Converts CLOCK_MONOTONIC stamps (bpf_ktime_get_ns) to wall-clock time.
+#[derive(Debug, Clone, Copy)]
+pub struct Clock {
+    realtime_minus_monotonic_ns: i128,
+}
+
+fn clock_ns(id: nix::time::ClockId) -> i128 {
+    nix::time::clock_gettime(id)
+        .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+        .unwrap_or(0)
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let mono = clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
+        let real = clock_ns(nix::time::ClockId::CLOCK_REALTIME);
+        Self {
+            realtime_minus_monotonic_ns: real - mono,
+        }
+    }
+
+    pub fn wall(&self, mono_ns: u64) -> OffsetDateTime {
+        let ns = i128::from(mono_ns) + self.realtime_minus_monotonic_ns;
+        OffsetDateTime::from_unix_timestamp_nanos(ns).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    pub fn iso(&self, mono_ns: u64) -> String {
+        self.wall(mono_ns).format(&Rfc3339).unwrap_or_default()
+    }
+}
+
+/// Everything needed to turn events into text.
+pub struct Renderer {
+    pub clock: Clock,
+    pub cgroups: Option<CgroupPaths>,
+    pub json: bool,
+}
+
+impl Renderer {
+    pub fn header(&self) -> Option<String> {
+        (!self.json).then(|| {
+            format!(
+                "{:<12} {:<6} {:>7} {:<16} {:<16} {:<5} {:<5} {:>3} {:<13} {:>10}  {:<6} {}",
+                "TIME",
+                "EVENT",
+                "PID",
+                "COMM",
+                "RET",
+                "PROTO",
+                "OPTS",
+                "IF",
+                "BACKLOG",
+                "NETNS",
+                "PORT",
+                "ADDR"
+            )
+        })
+    }
+
+    pub fn render(&mut self, event: &Event) -> String {
+        match event {
+            Event::Sock(e) if self.json => self.sock_json(e).to_string(),
+            Event::Sock(e) => self.sock_columns(e),
+        }
+    }
+
+    fn cgroup_path(&mut self, id: u64) -> Option<String> {
+        self.cgroups.as_mut().and_then(|c| c.path_of(id))
+    }
+
+    pub fn sock_json(&mut self, e: &SockEvent) -> Value {
+        let errno = errno_name(e.ret);
+        let mut v = json!({
+            "event": e.kind.name(),
+            "time": self.clock.iso(e.ts_ns),
+            "time_ns": e.ts_ns,
+            "pid": e.pid,
+            "tid": e.tid,
+            "uid": e.uid,
+            "comm": e.comm,
+            "cgroup_id": e.cgroup_id,
+            "cgroup": self.cgroup_path(e.cgroup_id),
+            "netns": e.netns,
+            "family": family_name(e.family),
+            "proto": proto_name(e.proto),
+            "addr": e.addr.to_string(),
+            "port": e.port,
+            "ret": e.ret,
+            "errno": (!errno.is_empty()).then_some(errno),
+            "attach": e.tier,
+        });
+        match e.kind {
+            SockEventKind::Bind => {
+                v["opts"] = json!(e.opts.names());
+                v["bound_dev_if"] = json!(e.bound_dev_if);
+            }
+            SockEventKind::Listen => {
+                v["backlog_requested"] = json!(e.backlog_req);
+                v["backlog"] = json!(e.backlog);
+            }
+        }
+        v
+    }
+
+    fn sock_columns(&self, e: &SockEvent) -> String {
+        let time = self.clock.wall(e.ts_ns);
+        let ret = match e.ret {
+            0 => "0".to_owned(),
+            r => format!("{r} {}", errno_name(r)),
+        };
+        let (opts, dev, backlog) = match e.kind {
+            SockEventKind::Bind => (e.opts.letters(), e.bound_dev_if.to_string(), "-".to_owned()),
+            SockEventKind::Listen => (
+                "-".to_owned(),
+                "-".to_owned(),
+                format!("{}/{}", e.backlog_req, e.backlog),
+            ),
+        };
+        format!(
+            "{:02}:{:02}:{:02}.{:03} {:<6} {:>7} {:<16} {:<16} {:<5} {:<5} {:>3} {:<13} {:>10}  {:<6} {}",
+            time.hour(),
+            time.minute(),
+            time.second(),
+            time.millisecond(),
+            e.kind.name(),
+            e.pid,
+            e.comm,
+            ret,
+            proto_name(e.proto),
+            opts,
+            dev,
+            backlog,
+            e.netns,
+            e.port,
+            e.addr
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::SockOpts;
+    use crate::plan::Tier;
+    use std::net::{IpAddr, Ipv6Addr};
+
+    fn listen_event() -> SockEvent {
+        SockEvent {
+            kind: SockEventKind::Listen,
+            tier: Tier::Tracepoint,
+            ts_ns: 1_000,
+            pid: 7,
+            tid: 8,
+            uid: 0,
+            comm: "srv".into(),
+            cgroup_id: 1,
+            netns: 4_026_531_840,
+            family: libc::AF_INET6 as u16,
+            proto: 6,
+            sock_type: 1,
+            addr: IpAddr::V6(Ipv6Addr::LOCALHOST),
+            port: 443,
+            ret: 0,
+            opts: SockOpts(0),
+            bound_dev_if: 0,
+            backlog_req: 100_000,
+            backlog: 4096,
+        }
+    }
+
+    fn renderer(json: bool) -> Renderer {
+        Renderer {
+            clock: Clock {
+                realtime_minus_monotonic_ns: 1_700_000_000_000_000_000,
+            },
+            cgroups: None,
+            json,
+        }
+    }
+
+    #[test]
+    fn listen_json_has_both_backlogs() {
+        let v = renderer(true).sock_json(&listen_event());
+        assert_eq!(v["event"], "listen");
+        assert_eq!(v["family"], "inet6");
+        assert_eq!(v["proto"], "tcp");
+        assert_eq!(v["addr"], "::1");
+        assert_eq!(v["backlog_requested"], 100_000);
+        assert_eq!(v["backlog"], 4096);
+        assert_eq!(v["errno"], Value::Null);
+        assert_eq!(v["attach"], "tracepoint");
+        assert_eq!(v["time"], "2023-11-14T22:13:20.000001Z");
+        assert!(v.get("opts").is_none());
+    }
+
+    #[test]
+    fn failed_bind_columns_show_errno_and_opts() {
+        let mut e = listen_event();
+        e.kind = SockEventKind::Bind;
+        e.ret = -98;
+        e.opts = SockOpts(1 | 2);
+        let line = renderer(false).render(&Event::Sock(e));
+        assert!(line.contains("bind"), "{line}");
+        assert!(line.contains("-98 EADDRINUSE"), "{line}");
+        assert!(line.contains("...Rr"), "{line}");
+        assert!(line.ends_with("443    ::1"), "{line}");
+    }
+
+    #[test]
+    fn header_only_for_columns() {
+        assert!(renderer(true).header().is_none());
+        assert!(renderer(false).header().unwrap().starts_with("TIME"));
+    }
+}

@@ -1,0 +1,492 @@
+//! Attach planning: a pure function from what the kernel can do (probed by
+//! `probe`) and what the user asked for to one attach tier per logical hook.
+//!
+//! Every logical hook lists, best first, the tiers that can serve it, what
+//! each tier needs from the kernel, and which BPF programs implement it. The
+//! loader keeps the programs of the chosen tier and turns off the rest.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+/// An attach method, best first: fentry/fexit are the cheapest, kprobes work
+/// on kernels without BTF trampolines, tracepoints work everywhere else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Fentry,
+    Kprobe,
+    Tracepoint,
+}
+
+impl Tier {
+    pub const ALL: [Self; 3] = [Self::Fentry, Self::Kprobe, Self::Tracepoint];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Fentry => "fentry",
+            Self::Kprobe => "kprobe",
+            Self::Tracepoint => "tracepoint",
+        }
+    }
+}
+
+impl fmt::Display for Tier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Tier {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| format!("unknown attach tier '{s}' (fentry, kprobe, tracepoint)"))
+    }
+}
+
+/// A logical hook: one kind of socket activity socklens observes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Hook {
+    Bind,
+    Listen,
+}
+
+impl Hook {
+    pub const ALL: [Self; 2] = [Self::Bind, Self::Listen];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bind => "bind",
+            Self::Listen => "listen",
+        }
+    }
+
+    /// The tiers that can serve this hook, best first.
+    pub fn tiers(self) -> &'static [TierSpec] {
+        match self {
+            Self::Bind => BIND_TIERS,
+            Self::Listen => LISTEN_TIERS,
+        }
+    }
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Something a tier needs from the running kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Requirement {
+    /// A kernel function that an fentry/fexit program attaches to.
+    Fentry(&'static str),
+    /// A kernel function that a kprobe/kretprobe attaches to.
+    Kprobe(&'static str),
+    /// A tracepoint, as (category, name).
+    Tracepoint(&'static str, &'static str),
+}
+
+impl fmt::Display for Requirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fentry(func) => write!(f, "fentry/{func}"),
+            Self::Kprobe(func) => write!(f, "kprobe/{func}"),
+            Self::Tracepoint(cat, name) => write!(f, "tracepoint {cat}:{name}"),
+        }
+    }
+}
+
+/// One way to serve a hook.
+#[derive(Debug)]
+pub struct TierSpec {
+    pub tier: Tier,
+    pub requires: &'static [Requirement],
+    /// Program names in src/bpf/socklens.bpf.c.
+    pub programs: &'static [&'static str],
+}
+
+const BIND_TIERS: &[TierSpec] = &[
+    TierSpec {
+        tier: Tier::Fentry,
+        requires: &[
+            Requirement::Fentry("inet_bind"),
+            Requirement::Fentry("inet6_bind"),
+        ],
+        programs: &["sl_fx_inet_bind", "sl_fx_inet6_bind"],
+    },
+    TierSpec {
+        tier: Tier::Kprobe,
+        requires: &[
+            Requirement::Kprobe("inet_bind"),
+            Requirement::Kprobe("inet6_bind"),
+        ],
+        programs: &[
+            "sl_kp_inet_bind",
+            "sl_kr_inet_bind",
+            "sl_kp_inet6_bind",
+            "sl_kr_inet6_bind",
+        ],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[
+            Requirement::Tracepoint("syscalls", "sys_enter_bind"),
+            Requirement::Tracepoint("syscalls", "sys_exit_bind"),
+        ],
+        programs: &["sl_tp_bind_enter", "sl_tp_bind_exit"],
+    },
+];
+
+const LISTEN_TIERS: &[TierSpec] = &[
+    TierSpec {
+        tier: Tier::Fentry,
+        requires: &[
+            Requirement::Fentry("__sys_listen"),
+            Requirement::Fentry("inet_listen"),
+        ],
+        programs: &["sl_fe_sys_listen", "sl_fx_inet_listen"],
+    },
+    TierSpec {
+        tier: Tier::Kprobe,
+        requires: &[
+            Requirement::Kprobe("__sys_listen"),
+            Requirement::Kprobe("inet_listen"),
+        ],
+        programs: &["sl_kp_sys_listen", "sl_kp_inet_listen", "sl_kr_inet_listen"],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[
+            Requirement::Tracepoint("syscalls", "sys_enter_listen"),
+            Requirement::Tracepoint("syscalls", "sys_exit_listen"),
+        ],
+        programs: &["sl_tp_listen_enter", "sl_tp_listen_exit"],
+    },
+];
+
+/// What probing found out about each requirement: `Ok` or why not.
+#[derive(Debug, Clone, Default)]
+pub struct Capabilities {
+    verdicts: BTreeMap<Requirement, Result<(), String>>,
+}
+
+impl Capabilities {
+    pub fn set(&mut self, req: Requirement, verdict: Result<(), String>) {
+        self.verdicts.insert(req, verdict);
+    }
+
+    /// A requirement nobody probed counts as unavailable.
+    pub fn check(&self, req: Requirement) -> Result<(), String> {
+        self.verdicts
+            .get(&req)
+            .cloned()
+            .unwrap_or_else(|| Err("not probed".to_owned()))
+    }
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    pub hooks: Vec<Hook>,
+    /// Use this tier for every hook, or fail; `None` picks the best available.
+    pub force: Option<Tier>,
+}
+
+/// The chosen tier of one hook and why each better tier lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookPlan {
+    pub hook: Hook,
+    pub tier: Tier,
+    pub rejected: Vec<(Tier, String)>,
+}
+
+impl HookPlan {
+    pub fn programs(&self) -> &'static [&'static str] {
+        spec(self.hook, self.tier).programs
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub hooks: Vec<HookPlan>,
+}
+
+impl Plan {
+    /// Programs to load; every other program in the object gets autoload off.
+    pub fn programs(&self) -> BTreeSet<&'static str> {
+        self.hooks
+            .iter()
+            .flat_map(|h| h.programs().iter().copied())
+            .collect()
+    }
+
+    pub fn tier_of(&self, hook: Hook) -> Option<Tier> {
+        self.hooks.iter().find(|h| h.hook == hook).map(|h| h.tier)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("{hook}: no attach method works on this kernel ({})", join_reasons(.reasons))]
+    NoTier {
+        hook: Hook,
+        reasons: Vec<(Tier, String)>,
+    },
+    #[error("{hook}: forced attach method {tier} is not available: {reason}")]
+    ForcedUnavailable {
+        hook: Hook,
+        tier: Tier,
+        reason: String,
+    },
+}
+
+fn join_reasons(reasons: &[(Tier, String)]) -> String {
+    reasons
+        .iter()
+        .map(|(t, r)| format!("{t}: {r}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn spec(hook: Hook, tier: Tier) -> &'static TierSpec {
+    hook.tiers()
+        .iter()
+        .find(|s| s.tier == tier)
+        .unwrap_or_else(|| unreachable!("every hook lists every tier"))
+}
+
+/// Why a tier cannot serve its hook: the first unmet requirement.
+fn tier_verdict(caps: &Capabilities, spec: &TierSpec) -> Result<(), String> {
+    spec.requires
+        .iter()
+        .try_for_each(|&req| caps.check(req).map_err(|why| format!("{req}: {why}")))
+}
+
+/// Chooses the tier of one hook.
+pub fn plan_hook(
+    caps: &Capabilities,
+    hook: Hook,
+    force: Option<Tier>,
+) -> Result<HookPlan, PlanError> {
+    if let Some(tier) = force {
+        return match tier_verdict(caps, spec(hook, tier)) {
+            Ok(()) => Ok(HookPlan {
+                hook,
+                tier,
+                rejected: Vec::new(),
+            }),
+            Err(reason) => Err(PlanError::ForcedUnavailable { hook, tier, reason }),
+        };
+    }
+    let mut rejected = Vec::new();
+    for spec in hook.tiers() {
+        match tier_verdict(caps, spec) {
+            Ok(()) => {
+                return Ok(HookPlan {
+                    hook,
+                    tier: spec.tier,
+                    rejected,
+                })
+            }
+            Err(reason) => rejected.push((spec.tier, reason)),
+        }
+    }
+    Err(PlanError::NoTier {
+        hook,
+        reasons: rejected,
+    })
+}
+
+/// Chooses a tier for every requested hook; the first hook that cannot be
+/// served fails the whole plan.
+pub fn plan(caps: &Capabilities, opts: &PlanOptions) -> Result<Plan, PlanError> {
+    let hooks = opts
+        .hooks
+        .iter()
+        .map(|&hook| plan_hook(caps, hook, opts.force))
+        .collect::<Result<_, _>>()?;
+    Ok(Plan { hooks })
+}
+
+/// Every requirement any tier of these hooks has, for the prober.
+pub fn requirements(hooks: &[Hook]) -> BTreeSet<Requirement> {
+    hooks
+        .iter()
+        .flat_map(|h| h.tiers())
+        .flat_map(|s| s.requires.iter().copied())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Capabilities where exactly the listed tiers work for every hook.
+    fn caps_with(working: &[Tier]) -> Capabilities {
+        let mut caps = Capabilities::default();
+        for req in requirements(&Hook::ALL) {
+            let tier = match req {
+                Requirement::Fentry(_) => Tier::Fentry,
+                Requirement::Kprobe(_) => Tier::Kprobe,
+                Requirement::Tracepoint(..) => Tier::Tracepoint,
+            };
+            let verdict = if working.contains(&tier) {
+                Ok(())
+            } else {
+                Err(format!("{tier} broken"))
+            };
+            caps.set(req, verdict);
+        }
+        caps
+    }
+
+    fn all_hooks(force: Option<Tier>) -> PlanOptions {
+        PlanOptions {
+            hooks: Hook::ALL.to_vec(),
+            force,
+        }
+    }
+
+    fn tiers(plan: &Plan) -> Vec<Tier> {
+        plan.hooks.iter().map(|h| h.tier).collect()
+    }
+
+    #[test]
+    fn all_tiers_choose_fentry() {
+        let plan = plan(&caps_with(&Tier::ALL), &all_hooks(None)).unwrap();
+        assert_eq!(tiers(&plan), [Tier::Fentry, Tier::Fentry]);
+        assert!(plan.hooks.iter().all(|h| h.rejected.is_empty()));
+    }
+
+    #[test]
+    fn no_fentry_chooses_kprobe_and_says_why() {
+        let plan = plan(
+            &caps_with(&[Tier::Kprobe, Tier::Tracepoint]),
+            &all_hooks(None),
+        )
+        .unwrap();
+        assert_eq!(tiers(&plan), [Tier::Kprobe, Tier::Kprobe]);
+        let bind = &plan.hooks[0];
+        assert_eq!(bind.rejected.len(), 1);
+        assert_eq!(bind.rejected[0].0, Tier::Fentry);
+        assert_eq!(bind.rejected[0].1, "fentry/inet_bind: fentry broken");
+    }
+
+    #[test]
+    fn neither_chooses_tracepoint() {
+        let plan = plan(&caps_with(&[Tier::Tracepoint]), &all_hooks(None)).unwrap();
+        assert_eq!(tiers(&plan), [Tier::Tracepoint, Tier::Tracepoint]);
+        let rejected: Vec<Tier> = plan.hooks[1].rejected.iter().map(|r| r.0).collect();
+        assert_eq!(rejected, [Tier::Fentry, Tier::Kprobe]);
+        assert_eq!(
+            plan.programs().into_iter().collect::<Vec<_>>(),
+            [
+                "sl_tp_bind_enter",
+                "sl_tp_bind_exit",
+                "sl_tp_listen_enter",
+                "sl_tp_listen_exit"
+            ]
+        );
+    }
+
+    #[test]
+    fn none_is_an_error_naming_the_hook() {
+        let err = plan(&caps_with(&[]), &all_hooks(None)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("bind: no attach method works"), "{msg}");
+        assert!(
+            msg.contains("fentry: fentry/inet_bind: fentry broken"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("tracepoint: tracepoint syscalls:sys_enter_bind"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn one_missing_requirement_rejects_the_tier() {
+        let mut caps = caps_with(&Tier::ALL);
+        caps.set(
+            Requirement::Fentry("inet6_bind"),
+            Err("no BTF function".into()),
+        );
+        let plan = plan(&caps, &all_hooks(None)).unwrap();
+        assert_eq!(tiers(&plan), [Tier::Kprobe, Tier::Fentry]);
+        assert_eq!(
+            plan.hooks[0].rejected[0].1,
+            "fentry/inet6_bind: no BTF function"
+        );
+    }
+
+    #[test]
+    fn forced_tier_is_used_even_when_a_better_one_works() {
+        let plan = plan(&caps_with(&Tier::ALL), &all_hooks(Some(Tier::Tracepoint))).unwrap();
+        assert_eq!(tiers(&plan), [Tier::Tracepoint, Tier::Tracepoint]);
+    }
+
+    #[test]
+    fn forced_tier_the_kernel_lacks_fails_without_fallback() {
+        let err = plan(
+            &caps_with(&[Tier::Tracepoint]),
+            &all_hooks(Some(Tier::Kprobe)),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            PlanError::ForcedUnavailable {
+                hook: Hook::Bind,
+                tier: Tier::Kprobe,
+                reason: "kprobe/inet_bind: kprobe broken".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "bind: forced attach method kprobe is not available: kprobe/inet_bind: kprobe broken"
+        );
+    }
+
+    #[test]
+    fn unprobed_requirement_is_unavailable() {
+        let err = plan(&Capabilities::default(), &all_hooks(None)).unwrap_err();
+        assert!(err.to_string().contains("not probed"));
+    }
+
+    #[test]
+    fn only_requested_hooks_are_planned() {
+        let opts = PlanOptions {
+            hooks: vec![Hook::Listen],
+            force: None,
+        };
+        let plan = plan(&caps_with(&[Tier::Tracepoint]), &opts).unwrap();
+        assert_eq!(plan.hooks.len(), 1);
+        assert_eq!(plan.tier_of(Hook::Listen), Some(Tier::Tracepoint));
+        assert_eq!(plan.tier_of(Hook::Bind), None);
+    }
+
+    #[test]
+    fn every_tier_names_programs_and_requirements() {
+        for hook in Hook::ALL {
+            let listed: Vec<Tier> = hook.tiers().iter().map(|s| s.tier).collect();
+            assert_eq!(listed, Tier::ALL, "{hook} lists tiers best first");
+            for spec in hook.tiers() {
+                assert!(!spec.programs.is_empty() && !spec.requires.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn tier_parses_from_its_name() {
+        for tier in Tier::ALL {
+            assert_eq!(tier.name().parse::<Tier>(), Ok(tier));
+        }
+        assert!("uprobe".parse::<Tier>().is_err());
+    }
+}

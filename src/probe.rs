@@ -1,0 +1,143 @@
+//! Kernel capability probing: for each requirement of a tier, is it really
+//! usable here? Decided by trying (BTF lookup, trial load and attach), never
+//! by kernel version.
+
+use std::collections::HashMap;
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+
+use libbpf_rs::btf::types::Func;
+use libbpf_rs::btf::Btf;
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{ErrorKind, MapType};
+
+use crate::plan::{Capabilities, Requirement};
+use crate::skel::ProbeSkelBuilder;
+
+/// Short errno-style name for a libbpf error, for one-line reasons.
+pub fn errno_name(err: &libbpf_rs::Error) -> String {
+    let name = match err.kind() {
+        ErrorKind::PermissionDenied => "EPERM",
+        ErrorKind::NotFound => "ENOENT",
+        ErrorKind::InvalidInput => "EINVAL",
+        ErrorKind::Unsupported => "EOPNOTSUPP",
+        ErrorKind::AlreadyExists => "EEXIST",
+        ErrorKind::OutOfMemory => "ENOMEM",
+        ErrorKind::WouldBlock => "EAGAIN",
+        _ => return err.to_string(),
+    };
+    name.to_owned()
+}
+
+pub struct Prober {
+    tracefs: PathBuf,
+    btf: Option<Btf<'static>>,
+    kprobe_support: Result<(), String>,
+}
+
+impl Prober {
+    pub fn new(tracefs: &Path, btf_path: &Path) -> Self {
+        Self {
+            tracefs: tracefs.to_owned(),
+            btf: Btf::from_path(btf_path).ok(),
+            kprobe_support: kprobe_support(tracefs),
+        }
+    }
+
+    /// Probes every requirement once.
+    pub fn probe<'a>(&self, reqs: impl IntoIterator<Item = &'a Requirement>) -> Capabilities {
+        let mut caps = Capabilities::default();
+        let mut seen = HashMap::new();
+        for &req in reqs {
+            let verdict = seen
+                .entry(req)
+                .or_insert_with(|| self.probe_one(req))
+                .clone();
+            caps.set(req, verdict);
+        }
+        caps
+    }
+
+    fn probe_one(&self, req: Requirement) -> Result<(), String> {
+        match req {
+            Requirement::Fentry(func) => self.fentry(func),
+            Requirement::Kprobe(func) => self.kprobe(func),
+            Requirement::Tracepoint(cat, name) => self.tracepoint(cat, name),
+        }
+    }
+
+    fn btf_has_func(&self, func: &str) -> Result<(), String> {
+        let btf = self.btf.as_ref().ok_or("kernel BTF unreadable")?;
+        btf.type_by_name::<Func<'_>>(func)
+            .map(|_| ())
+            .ok_or_else(|| format!("no BTF function {func}"))
+    }
+
+    /// bcc's fentry_can_attach: a BTF function and a trial load + attach.
+    fn fentry(&self, func: &str) -> Result<(), String> {
+        self.btf_has_func(func)?;
+        let mut storage = MaybeUninit::uninit();
+        let mut open = ProbeSkelBuilder::default()
+            .open(&mut storage)
+            .map_err(|e| format!("opening probe object: {e}"))?;
+        open.progs.sl_probe_kprobe.set_autoload(false);
+        open.progs
+            .sl_probe_fentry
+            .set_attach_target(0, Some(func.to_owned()))
+            .map_err(|e| format!("retargeting probe: {e}"))?;
+        let skel = open
+            .load()
+            .map_err(|e| format!("{} on trial load", errno_name(&e)))?;
+        skel.progs
+            .sl_probe_fentry
+            .attach()
+            .map(drop)
+            .map_err(|e| format!("{} on trial attach", errno_name(&e)))
+    }
+
+    fn kprobe(&self, func: &str) -> Result<(), String> {
+        self.kprobe_support.clone()?;
+        let mut storage = MaybeUninit::uninit();
+        let mut open = ProbeSkelBuilder::default()
+            .open(&mut storage)
+            .map_err(|e| format!("opening probe object: {e}"))?;
+        open.progs.sl_probe_fentry.set_autoload(false);
+        let skel = open
+            .load()
+            .map_err(|e| format!("{} on trial load", errno_name(&e)))?;
+        skel.progs
+            .sl_probe_kprobe
+            .attach_kprobe(false, func)
+            .map(drop)
+            .map_err(|e| format!("{} on trial attach", errno_name(&e)))
+    }
+
+    fn tracepoint(&self, cat: &str, name: &str) -> Result<(), String> {
+        let id = self.tracefs.join("events").join(cat).join(name).join("id");
+        if id.is_file() {
+            Ok(())
+        } else {
+            Err(format!("not in {}", self.tracefs.join("events").display()))
+        }
+    }
+}
+
+/// Kprobes need either the kprobe PMU (perf_event_open) or tracefs'
+/// kprobe_events (legacy); CONFIG_KPROBES=n kernels have neither.
+fn kprobe_support(tracefs: &Path) -> Result<(), String> {
+    let pmu = Path::new("/sys/bus/event_source/devices/kprobe/type");
+    if pmu.exists() || tracefs.join("kprobe_events").exists() {
+        Ok(())
+    } else {
+        Err("kernel has no kprobe support (no kprobe PMU, no kprobe_events)".into())
+    }
+}
+
+pub fn ringbuf_supported() -> bool {
+    MapType::RingBuf.is_supported().unwrap_or(false)
+}
+
+/// Whether kprobes exist at all, for `doctor`.
+pub fn kprobes_status(tracefs: &Path) -> Result<(), String> {
+    kprobe_support(tracefs)
+}

@@ -1,0 +1,200 @@
+//! `socklens trace`: validate, probe, plan, load, stream events until stopped.
+
+use std::io::{self, Write};
+use std::mem::MaybeUninit;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::cgroup::{self, CgroupPaths};
+use crate::error::{Error, Result};
+use crate::events::{EventStream, Losses};
+use crate::loader::{self, BufferKind, Filters, LoadOptions};
+use crate::output::{Clock, Renderer};
+use crate::plan::{self, Hook, Plan, PlanOptions, Tier};
+use crate::probe::{self, Prober};
+use crate::system;
+
+const POLL: Duration = Duration::from_millis(100);
+/// The kernel keeps 15 bytes of a task's comm plus the NUL.
+const COMM_MAX: usize = 15;
+
+/// What the user asked `trace` for, before any validation.
+#[derive(Debug, Clone)]
+pub struct TraceRequest {
+    pub hooks: Vec<Hook>,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    pub cgroup: Option<String>,
+    pub netns: Option<u32>,
+    pub family: Option<u16>,
+    pub json: bool,
+    pub force: Option<Tier>,
+    pub buffer: Option<BufferKind>,
+    pub btf: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Summary {
+    pub events: u64,
+    pub losses: Losses,
+}
+
+/// Checks everything the user typed before touching the system.
+fn validate(req: &TraceRequest) -> Result<Filters> {
+    if req.hooks.is_empty() {
+        return Err(Error::Usage("--events names no event".into()));
+    }
+    if let Some(pid) = req.pid {
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            return Err(Error::Usage(format!("--pid {pid}: no such process")));
+        }
+    }
+    if let Some(comm) = &req.comm {
+        if comm.is_empty() || comm.len() > COMM_MAX {
+            return Err(Error::Usage(format!(
+                "--comm '{comm}': a command name is 1 to {COMM_MAX} bytes (the kernel truncates longer ones)"
+            )));
+        }
+    }
+    let cgroup = match &req.cgroup {
+        None => None,
+        Some(given) => {
+            let root = system::cgroup2_root().ok_or_else(|| {
+                Error::Usage("--cgroup: cgroup v2 is not mounted on this host".into())
+            })?;
+            Some(cgroup::resolve(&root, given).ok_or_else(|| {
+                Error::Usage(format!(
+                    "--cgroup '{given}': no such cgroup under {}",
+                    root.display()
+                ))
+            })?)
+        }
+    };
+    Ok(Filters {
+        pid: req.pid,
+        comm: req.comm.clone(),
+        netns: req.netns,
+        family: req.family,
+        cgroup,
+    })
+}
+
+/// Validates, checks the host and works out the plan, without loading anything.
+pub fn prepare(req: &TraceRequest) -> Result<(Filters, Plan, BufferKind)> {
+    let filters = validate(req)?;
+    system::check_privileges()?;
+    system::check_btf(&req.btf)?;
+    let tracefs = system::ensure_tracefs()?;
+    let prober = Prober::new(&tracefs.path, &req.btf);
+    let caps = prober.probe(&plan::requirements(&req.hooks));
+    let plan = plan::plan(
+        &caps,
+        &PlanOptions {
+            hooks: req.hooks.clone(),
+            force: req.force,
+        },
+    )?;
+    let buffer = match req.buffer {
+        Some(b) => b,
+        None if probe::ringbuf_supported() => BufferKind::Ring,
+        None => BufferKind::Perf,
+    };
+    Ok((filters, plan, buffer))
+}
+
+fn custom_btf(path: &Path) -> Option<PathBuf> {
+    (path != Path::new(system::DEFAULT_BTF)).then(|| path.to_owned())
+}
+
+fn describe(plan: &Plan, buffer: BufferKind) -> String {
+    let hooks: Vec<String> = plan
+        .hooks
+        .iter()
+        .map(|h| format!("{}: {}", h.hook, h.tier))
+        .collect();
+    let buf = match buffer {
+        BufferKind::Ring => "ring buffer",
+        BufferKind::Perf => "perf buffer",
+    };
+    format!("{}; {buf}", hooks.join(", "))
+}
+
+/// Runs until `stop` is set, writing one line per event to `out`.
+pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result<Summary> {
+    let (filters, plan, buffer) = prepare(req)?;
+    let mut storage = MaybeUninit::uninit();
+    let session = loader::load(
+        &mut storage,
+        &LoadOptions {
+            plan: &plan,
+            filters: &filters,
+            buffer,
+            btf: custom_btf(&req.btf),
+        },
+    )?;
+    let stream = EventStream::open(&session)?;
+    let mut renderer = Renderer {
+        clock: Clock::now(),
+        cgroups: system::cgroup2_root().map(CgroupPaths::new),
+        json: req.json,
+    };
+    eprintln!(
+        "socklens: tracing {}. Ctrl-C to stop.",
+        describe(&plan, buffer)
+    );
+
+    let mut summary = Summary::default();
+    let write_err = |e: io::Error| Error::kernel("writing events", e);
+    let emit = |out: &mut dyn Write, line: &str| -> io::Result<()> { writeln!(out, "{line}") };
+    let piped_away = |e: &io::Error| e.kind() == io::ErrorKind::BrokenPipe;
+
+    let mut result = match renderer.header() {
+        Some(h) => emit(out, &h),
+        None => Ok(()),
+    };
+    while result.is_ok() && !stop.load(Ordering::Relaxed) {
+        for event in stream.poll(POLL)? {
+            summary.events += 1;
+            let line = renderer.render(&event);
+            result = result.and_then(|()| emit(out, &line));
+        }
+        result = result.and_then(|()| out.flush());
+    }
+    summary.losses = stream.losses();
+    drop(stream);
+    drop(session);
+
+    if let Err(e) = result {
+        if !piped_away(&e) {
+            return Err(write_err(e));
+        }
+        return Ok(summary);
+    }
+    if req.json {
+        let attach: serde_json::Map<String, serde_json::Value> = plan
+            .hooks
+            .iter()
+            .map(|h| (h.hook.name().to_owned(), json!(h.tier)))
+            .collect();
+        let line = json!({
+            "event": "summary",
+            "events": summary.events,
+            "lost": summary.losses.lost,
+            "malformed": summary.losses.malformed,
+            "attach": attach,
+        });
+        emit(out, &line.to_string())
+            .and_then(|()| out.flush())
+            .or_else(|e| {
+                if piped_away(&e) {
+                    Ok(())
+                } else {
+                    Err(write_err(e))
+                }
+            })?;
+    }
+    Ok(summary)
+}
