@@ -147,31 +147,35 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
     );
 
     let mut summary = Summary::default();
-    let write_err = |e: io::Error| Error::kernel("writing events", e);
-    let emit = |out: &mut dyn Write, line: &str| -> io::Result<()> { writeln!(out, "{line}") };
-    let piped_away = |e: &io::Error| e.kind() == io::ErrorKind::BrokenPipe;
-
     let mut result = match renderer.header() {
-        Some(h) => emit(out, &h),
+        Some(h) => writeln!(out, "{h}"),
         None => Ok(()),
     };
-    while result.is_ok() && !stop.load(Ordering::Relaxed) {
-        for event in stream.poll(POLL)? {
+    loop {
+        // Read the stop flag before polling, so a final pass drains what the
+        // kernel queued before the signal.
+        let stopping = stop.load(Ordering::Relaxed);
+        let timeout = if stopping { Duration::ZERO } else { POLL };
+        for event in stream.poll(timeout)? {
             summary.events += 1;
             let line = renderer.render(&event);
-            result = result.and_then(|()| emit(out, &line));
+            result = result.and_then(|()| writeln!(out, "{line}"));
         }
         result = result.and_then(|()| out.flush());
+        if stopping || result.is_err() {
+            break;
+        }
     }
     summary.losses = stream.losses();
     drop(stream);
     drop(session);
 
-    if let Err(e) = result {
-        if !piped_away(&e) {
-            return Err(write_err(e));
-        }
-        return Ok(summary);
+    let piped_away = |e: &io::Error| e.kind() == io::ErrorKind::BrokenPipe;
+    let write_err = |e: io::Error| Error::kernel("writing events", e);
+    match result {
+        Err(e) if piped_away(&e) => return Ok(summary),
+        Err(e) => return Err(write_err(e)),
+        Ok(()) => {}
     }
     if req.json {
         let attach: serde_json::Map<String, serde_json::Value> = plan
@@ -186,15 +190,10 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
             "malformed": summary.losses.malformed,
             "attach": attach,
         });
-        emit(out, &line.to_string())
-            .and_then(|()| out.flush())
-            .or_else(|e| {
-                if piped_away(&e) {
-                    Ok(())
-                } else {
-                    Err(write_err(e))
-                }
-            })?;
+        match writeln!(out, "{line}").and_then(|()| out.flush()) {
+            Err(e) if !piped_away(&e) => return Err(write_err(e)),
+            _ => {}
+        }
     }
     Ok(summary)
 }

@@ -1,0 +1,321 @@
+//! Live-test harness: runs the real socklens binary as root against socket
+//! activity the tests create with socklens-testbed, and compares the two.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const SOCKLENS: &str = env!("CARGO_BIN_EXE_socklens");
+pub const TESTBED: &str = env!("CARGO_BIN_EXE_socklens-testbed");
+
+/// Live tests load BPF programs: they need root and never skip (CI runs as root).
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "live tests need root: run the suite as root (see README)"
+    );
+}
+
+/// `--attach` value for every trace: SOCKLENS_ATTACH lets the kernel matrix
+/// force each tier in turn.
+pub fn attach_arg() -> String {
+    std::env::var("SOCKLENS_ATTACH").unwrap_or_else(|_| "auto".into())
+}
+
+/// The tier every event must report: SOCKLENS_EXPECT_TIER, else a forced tier.
+pub fn expected_tier() -> Option<String> {
+    std::env::var("SOCKLENS_EXPECT_TIER")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| Some(attach_arg()).filter(|a| a != "auto"))
+}
+
+/// A name unique to this test run, usable as a comm (at most 15 bytes).
+pub fn unique(tag: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let s = format!("{tag}{}{n}", std::process::id() % 100_000);
+    s.chars().take(15).collect()
+}
+
+pub struct Tracer {
+    child: Child,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+pub struct Stopped {
+    pub status: ExitStatus,
+    pub events: Vec<Value>,
+    pub summary: Option<Value>,
+    pub stderr: String,
+}
+
+impl Tracer {
+    /// Starts `socklens trace --json ARGS` and waits until it is attached.
+    pub fn start(args: &[&str]) -> Self {
+        let attach = attach_arg();
+        let mut child = Command::new(SOCKLENS)
+            .args(["trace", "--json", "--attach", &attach])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn socklens");
+        let (tx, lines) = channel();
+        let stdout = child.stdout.take().expect("stdout");
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = channel();
+        {
+            let stderr = Arc::clone(&stderr);
+            let err = child.stderr.take().expect("stderr");
+            thread::spawn(move || {
+                for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    if line.contains("Ctrl-C to stop") {
+                        let _ = ready_tx.send(());
+                    }
+                    let mut s = stderr.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
+        let mut tracer = Self {
+            child,
+            lines,
+            stderr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ready_rx.recv_timeout(Duration::from_millis(100)).is_err() {
+            if let Ok(Some(status)) = tracer.child.try_wait() {
+                thread::sleep(Duration::from_millis(100));
+                panic!("socklens exited early ({status}): {}", tracer.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "socklens not ready: {}",
+                tracer.stderr()
+            );
+        }
+        tracer
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// SIGTERM, then everything it printed.
+    pub fn stop(mut self) -> Stopped {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill");
+        let status = self.child.wait().expect("wait");
+        thread::sleep(Duration::from_millis(50));
+        let mut events = Vec::new();
+        let mut summary = None;
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+            let v: Value = serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}"));
+            if v["event"] == "summary" {
+                summary = Some(v);
+            } else {
+                events.push(v);
+            }
+        }
+        Stopped {
+            status,
+            events,
+            summary,
+            stderr: self.stderr(),
+        }
+    }
+}
+
+impl Stopped {
+    /// Asserts a clean exit: status 0, a summary line, nothing lost.
+    pub fn assert_clean(&self) {
+        assert!(
+            self.status.success(),
+            "socklens exit {}: {}",
+            self.status,
+            self.stderr
+        );
+        let summary = self
+            .summary
+            .as_ref()
+            .unwrap_or_else(|| panic!("no summary line: {}", self.stderr));
+        assert_eq!(summary["lost"], 0, "{summary}");
+        assert_eq!(summary["malformed"], 0, "{summary}");
+        if let Some(tier) = expected_tier() {
+            for e in &self.events {
+                assert_eq!(e["attach"], tier.as_str(), "event from the wrong tier: {e}");
+            }
+        }
+    }
+
+    pub fn of_kind(&self, kind: &str) -> Vec<&Value> {
+        self.events.iter().filter(|e| e["event"] == kind).collect()
+    }
+
+    pub fn of_pid(&self, pid: u64) -> Vec<&Value> {
+        self.events.iter().filter(|e| e["pid"] == pid).collect()
+    }
+}
+
+/// Runs socklens-testbed to completion and returns its report.
+pub fn testbed(args: &[&str]) -> Value {
+    let out = Command::new(TESTBED)
+        .args(args)
+        .output()
+        .expect("spawn testbed");
+    assert!(
+        out.status.success(),
+        "testbed {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or("")).expect("testbed JSON")
+}
+
+/// A testbed started with --wait: its pid is known before it does anything.
+pub struct Waiting {
+    child: Child,
+    stdin: ChildStdin,
+    out: BufReader<std::process::ChildStdout>,
+    pub pid: u64,
+}
+
+impl Waiting {
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(TESTBED)
+            .arg("--wait")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn testbed");
+        let stdin = child.stdin.take().unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).expect("ready line");
+        let ready: Value = serde_json::from_str(&line).expect("ready JSON");
+        let pid = ready["pid"].as_u64().expect("pid");
+        Self {
+            child,
+            stdin,
+            out,
+            pid,
+        }
+    }
+
+    pub fn go(mut self) -> Value {
+        writeln!(self.stdin).expect("release testbed");
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("report line");
+        assert!(self.child.wait().expect("wait").success());
+        serde_json::from_str(&line).expect("report JSON")
+    }
+}
+
+/// A network namespace made for one test, with lo up; removed on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("run ip");
+    assert!(st.success(), "ip {args:?} failed");
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("sl-{}", unique(tag));
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, cmd: &[&str]) {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend_from_slice(cmd);
+        ip(&args);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A cgroup v2 directory made for one test; removed on drop.
+pub struct Cgroup {
+    pub path: std::path::PathBuf,
+    pub rel: String,
+}
+
+pub fn cgroup2_root() -> std::path::PathBuf {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    mounts
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
+        })
+        .expect("cgroup v2 mounted")
+}
+
+impl Cgroup {
+    pub fn new(tag: &str) -> Self {
+        let rel = format!("sl-test-{}", unique(tag));
+        let path = cgroup2_root().join(&rel);
+        std::fs::create_dir(&path).expect("create cgroup");
+        Self {
+            path,
+            rel: format!("/{rel}"),
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.path);
+    }
+}
+
+/// Names of loaded BPF programs that socklens owns (all start with "sl_").
+pub fn socklens_programs() -> Vec<String> {
+    libbpf_rs::query::ProgInfoIter::default()
+        .map(|p| p.name.to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("sl_"))
+        .collect()
+}
+
+/// Runs socklens with ARGS to completion: (exit code, stdout, stderr).
+pub fn socklens(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(SOCKLENS)
+        .args(args)
+        .output()
+        .expect("spawn socklens");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
