@@ -53,7 +53,6 @@ impl<'a> EventStream<'a> {
         let buf_err = |e: libbpf_rs::Error| Error::kernel("opening the event buffer", e);
         let source = match session.buffer {
             BufferKind::Ring => {
-                let sink = sink;
                 let mut b = RingBufferBuilder::new();
                 b.add(map, move |bytes: &[u8]| {
                     sink(bytes);
@@ -63,7 +62,6 @@ impl<'a> EventStream<'a> {
                 Source::Ring(b.build().map_err(buf_err)?)
             }
             BufferKind::Perf => {
-                let sink = sink;
                 let lost = Rc::clone(&perf_lost);
                 let pb = PerfBufferBuilder::new(map)
                     .sample_cb(move |_cpu: i32, bytes: &[u8]| sink(bytes))

@@ -109,15 +109,16 @@ done
 NINEP="trans=virtio,version=9p2000.L,msize=262144"
 mkdir -p /results /lower /ovl "$R"
 mount -t 9p -o "$NINEP" results /results || fail "cannot mount the results share"
+# Values run.sh computed on the host: SOCKLENS_VM_MODULES (host path of this
+# kernel's module tree) and SOCKLENS_VM_KCONFIG (its .config, may be empty).
+. /results/guest.conf
+# No 9p caching: cache=loose measured no faster here, and stale pages are worse.
 mount -t 9p -o "$NINEP,ro" hostroot /lower || fail "cannot mount the host root"
 # All writes land in this tmpfs; the host tree is never modified.
 mount -t tmpfs -o mode=0755 ovl /ovl
 mkdir -p /ovl/upper /ovl/work
 mount -t overlay overlay -o lowerdir=/lower,upperdir=/ovl/upper,workdir=/ovl/work "$R" ||
     fail "cannot mount the overlay root"
-
-# Values run.sh computed on the host (host path of this kernel's modules).
-. /results/guest.conf
 
 mount -t proc proc "$R/proc"
 mount -t sysfs sysfs "$R/sys"
@@ -227,8 +228,9 @@ main() {
     [ $# -eq 1 ] || die "usage: $0 KERNEL_DIR"
     local kdir
     kdir=$(cd "$1" && pwd)
-    [ -e "$kdir/vmlinuz" ] && [ -f "$kdir/modules/modules.dep" ] ||
+    if [ ! -e "$kdir/vmlinuz" ] || [ ! -f "$kdir/modules/modules.dep" ]; then
         die "$kdir is not a kernel dir from kernels.sh (no vmlinuz or modules.dep)"
+    fi
     # Parallel run.sh calls for the same kernel must not build it twice at once.
     exec 8>"$kdir/.initrd.lock"
     flock 8

@@ -147,16 +147,17 @@ mirrors_from_list() {
     while IFS= read -r line; do
         line=${line%%#*}
         read -ra words <<<"$line"
-        [ "${#words[@]}" -ge 3 ] && [ "${words[0]}" = deb ] || continue
+        if [ "${#words[@]}" -lt 3 ] || [ "${words[0]}" != deb ]; then continue; fi
         key=-
         if [[ ${words[1]} == \[* ]]; then
             # Options run up to the word that ends with "]".
             local i=1
-            while :; do
+            while [ "$i" -lt "${#words[@]}" ]; do
                 [[ ${words[i]} == *signed-by=* ]] && { key=${words[i]#*signed-by=}; key=${key%]}; }
-                [[ ${words[i]} == *\] ]] && break
+                [[ ${words[i]} == *']' ]] && break
                 i=$((i + 1))
             done
+            [ "$i" -lt "$((${#words[@]} - 2))" ] || continue
             words=("${words[0]}" "${words[@]:i+1}")
         fi
         uri=${words[1]} suite=${words[2]}
@@ -292,7 +293,7 @@ download_pkg() {
 # packages carrying the same KVER (linux-binary-KVER, linux-modules-KVER, ...).
 kver_dependencies() {
     local deb=$1 kver=$2
-    dpkg-deb -f "$deb" Depends | tr ',|' '\n\n' | awk '{print $1}' |
+    dpkg-deb -f "$deb" Depends | tr ',|' '\n' | awk '{print $1}' |
         grep -F -- "$kver" | grep -v -- '-dbg' | sort -u || true
 }
 

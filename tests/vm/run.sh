@@ -34,7 +34,7 @@ log() { printf 'vm: %s\n' "$*" >&2; }
 die() { log "$*"; exit 125; }
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 
-KDIR= LOG_DIR= TMP_RUN_DIR=
+KDIR='' LOG_DIR='' TMP_RUN_DIR=''
 declare -a GUEST_ENV=() CMD=()
 
 parse_args() {
@@ -127,7 +127,7 @@ stop_qemu() {
     wait "$QEMU_PID" 2>/dev/null || true
 }
 
-# One boot. Sets ATTEMPT_RESULT to done | noboot | timeout.
+# One boot. Sets ATTEMPT_RESULT to finished | noboot | timeout.
 boot_once() {
     local share=$1 console=$2 initrd=$3 start now
     start_qemu "$share" "$console" "$initrd"
@@ -147,7 +147,7 @@ boot_once() {
         sleep 0.2
     done
     wait "$QEMU_PID" || true
-    if [ -e "$share/started" ]; then ATTEMPT_RESULT=done; else ATTEMPT_RESULT=noboot; fi
+    if [ -e "$share/started" ]; then ATTEMPT_RESULT=finished; else ATTEMPT_RESULT=noboot; fi
 }
 
 print_output() {
@@ -159,9 +159,11 @@ print_output() {
 
 console_tail() {
     log "last console lines ($1):"
-    tail -n 25 "$1" | sed 's/^/  | /' >&2
+    # Strip the firmware's terminal escape sequences; keep the kernel's last words.
+    tail -n 25 "$1" | sed 's/\x1b\[[0-9;?]*[A-Za-z]//g; s/\x1bc//g; s/^/  | /' >&2
 }
 
+# shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
     if [ -n "${QEMU_PID:-}" ] && kill -0 "$QEMU_PID" 2>/dev/null; then stop_qemu; fi
     [ -z "$TMP_RUN_DIR" ] || rm -rf "$TMP_RUN_DIR"
@@ -193,7 +195,7 @@ main() {
         write_guest_conf "$share/guest.conf"
         boot_once "$share" "$console" "$initrd"
         case $ATTEMPT_RESULT in
-            done)
+            finished)
                 print_output "$share"
                 if [ ! -f "$share/rc" ]; then
                     console_tail "$console"
