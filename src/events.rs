@@ -26,6 +26,10 @@ pub struct Losses {
     pub lost: u64,
     /// Records that arrived but did not decode.
     pub malformed: u64,
+    /// Connections not tracked because the conns map was full.
+    pub untracked: u64,
+    /// UDP flows not tracked because the udp_flows map was full.
+    pub udp_untracked: u64,
 }
 
 pub struct EventStream<'a> {
@@ -97,15 +101,17 @@ impl<'a> EventStream<'a> {
 
     pub fn losses(&self) -> Losses {
         Losses {
-            lost: self.perf_lost.get() + kernel_lost(self.session),
+            lost: self.perf_lost.get() + kernel_stat(self.session, sl_stat::SL_STAT_EVENTS_LOST),
             malformed: self.malformed.get(),
+            untracked: kernel_stat(self.session, sl_stat::SL_STAT_UNTRACKED),
+            udp_untracked: kernel_stat(self.session, sl_stat::SL_STAT_UDP_UNTRACKED),
         }
     }
 }
 
-/// Sum over CPUs of the records the BPF side failed to output.
-fn kernel_lost(session: &Session<'_>) -> u64 {
-    let key = sl_stat::SL_STAT_EVENTS_LOST.0.to_ne_bytes();
+/// Sum over CPUs of one slot of the BPF side's `stats` counters.
+fn kernel_stat(session: &Session<'_>, slot: sl_stat) -> u64 {
+    let key = slot.0.to_ne_bytes();
     session
         .skel
         .maps

@@ -5,6 +5,7 @@
 //! `events` (ring/perf buffer) → `model` (typed events) → `output`.
 
 pub mod cgroup;
+pub mod conns;
 pub mod doctor;
 pub mod error;
 pub mod events;

@@ -10,8 +10,12 @@ use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject};
 
 use crate::error::{Error, Result};
 use crate::plan::Plan;
-use crate::probe::errno_name;
+use crate::probe::{errno_name, KernelShape};
 use crate::skel::{SocklensSkel, SocklensSkelBuilder};
+
+/// Socket iterators that seed connections which existed before start; they
+/// need no attach tier (src/conns.rs runs them).
+pub const SEED_PROGRAMS: [&str; 2] = ["sl_seed_tcp", "sl_seed_udp"];
 
 /// In-kernel filters; `None` matches everything.
 #[derive(Debug, Clone, Default)]
@@ -35,6 +39,9 @@ pub struct LoadOptions<'a> {
     pub plan: &'a Plan,
     pub filters: &'a Filters,
     pub buffer: BufferKind,
+    /// Track connections, in maps of this many entries (TCP and UDP each).
+    pub max_conns: Option<u32>,
+    pub shape: KernelShape,
     /// BTF for CO-RE relocation when not the running kernel's default.
     pub btf: Option<PathBuf>,
 }
@@ -75,7 +82,20 @@ pub fn load<'obj>(
         // libbpf sizes a perf event array with 0 entries to the CPU count.
         events.set_max_entries(0).map_err(load_err("events map"))?;
     }
-    let wanted = opts.plan.programs();
+    // Maps are created whether used or not: keep unused ones small.
+    let entries = opts.max_conns.unwrap_or(1);
+    open.maps
+        .conns
+        .set_max_entries(entries)
+        .map_err(load_err("conns map"))?;
+    open.maps
+        .udp_flows
+        .set_max_entries(entries)
+        .map_err(load_err("udp_flows map"))?;
+    let mut wanted = opts.plan.programs();
+    if opts.max_conns.is_some() {
+        wanted.extend(SEED_PROGRAMS);
+    }
     for mut prog in open.open_object_mut().progs_mut() {
         let keep = prog.name().to_str().is_some_and(|n| wanted.contains(n));
         prog.set_autoload(keep);
@@ -118,6 +138,10 @@ fn write_filters(
         ro.filter_comm_value[..n].copy_from_slice(&comm.as_bytes()[..n]);
     }
     ro.use_ringbuf = opts.buffer == BufferKind::Ring;
+    ro.track_conns = opts.max_conns.is_some();
+    ro.sendfile_bypasses_sendmsg = opts.shape.sendfile_bypasses_sendmsg;
+    ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
+    ro.accept_has_flags = opts.shape.accept_has_flags;
     Ok(())
 }
 

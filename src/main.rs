@@ -9,9 +9,9 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use socklens::error::Error;
 use socklens::loader::BufferKind;
-use socklens::plan::{Hook, Tier};
+use socklens::plan::Tier;
 use socklens::system::DEFAULT_BTF;
-use socklens::trace::TraceRequest;
+use socklens::trace::{TraceEvent, TraceRequest, DEFAULT_MAX_CONNS};
 
 /// See every socket on this host, as it happens.
 #[derive(Debug, Parser)]
@@ -31,6 +31,8 @@ struct Cli {
 enum Command {
     /// Trace socket events as they happen (like bindsnoop and solisten).
     Trace(TraceArgs),
+    /// Snapshot of tracked connections and UDP flows with their counters (like `ss -tunp`).
+    Conns(ConnsArgs),
     /// Show what this kernel offers and how each hook attaches, and why.
     Doctor {
         #[command(flatten)]
@@ -42,6 +44,10 @@ enum Command {
 enum EventName {
     Bind,
     Listen,
+    Connect,
+    Accept,
+    Close,
+    Retransmit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -72,6 +78,29 @@ struct TraceArgs {
     /// Events to trace, comma-separated.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "bind,listen")]
     events: Vec<EventName>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Debug, Args)]
+struct ConnsArgs {
+    /// Seconds to count for before printing the snapshot.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_seconds)]
+    duration: f64,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.0..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}' is not a number of seconds from 0 to 86400")),
+    }
+}
+
+/// Filters and knobs shared by the commands that load tracing programs.
+#[derive(Debug, Args)]
+struct CommonArgs {
     /// Only this process (thread group id).
     #[arg(short, long, value_parser = clap::value_parser!(u32).range(1..))]
     pid: Option<u32>,
@@ -98,6 +127,9 @@ struct TraceArgs {
     /// Event buffer: ring buffer, or the perf buffer fallback.
     #[arg(long, value_enum, default_value_t = BufferChoice::Auto, hide = true)]
     buffer: BufferChoice,
+    /// Most connections (and UDP flows) tracked at once; more are counted as untracked.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNS, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    max_conns: u32,
 }
 
 impl AttachArg {
@@ -111,25 +143,15 @@ impl AttachArg {
     }
 }
 
-impl TraceArgs {
-    fn request(&self, btf: PathBuf) -> TraceRequest {
-        let mut hooks: Vec<Hook> = self
-            .events
-            .iter()
-            .map(|e| match e {
-                EventName::Bind => Hook::Bind,
-                EventName::Listen => Hook::Listen,
-            })
-            .collect();
-        hooks.sort();
-        hooks.dedup();
+impl CommonArgs {
+    fn request(&self, events: Vec<TraceEvent>, btf: PathBuf) -> TraceRequest {
         let family = match (self.ipv4, self.ipv6) {
             (true, _) => Some(libc::AF_INET as u16),
             (_, true) => Some(libc::AF_INET6 as u16),
             _ => None,
         };
         TraceRequest {
-            hooks,
+            events,
             pid: self.pid,
             comm: self.comm.clone(),
             cgroup: self.cgroup.clone(),
@@ -143,7 +165,28 @@ impl TraceArgs {
                 BufferChoice::Perf => Some(BufferKind::Perf),
             },
             btf,
+            max_conns: self.max_conns,
         }
+    }
+}
+
+impl TraceArgs {
+    fn request(&self, btf: PathBuf) -> TraceRequest {
+        let mut events: Vec<TraceEvent> = self
+            .events
+            .iter()
+            .map(|e| match e {
+                EventName::Bind => TraceEvent::Bind,
+                EventName::Listen => TraceEvent::Listen,
+                EventName::Connect => TraceEvent::Connect,
+                EventName::Accept => TraceEvent::Accept,
+                EventName::Close => TraceEvent::Close,
+                EventName::Retransmit => TraceEvent::Retransmit,
+            })
+            .collect();
+        events.sort();
+        events.dedup();
+        self.common.request(events, btf)
     }
 }
 
@@ -177,6 +220,13 @@ fn parse_cli() -> Result<Cli, ExitCode> {
     })
 }
 
+fn report_losses(events: u64, l: &socklens::events::Losses) {
+    eprintln!(
+        "socklens: {events} events, {} lost, {} malformed, {} untracked connections, {} untracked UDP flows",
+        l.lost, l.malformed, l.untracked, l.udp_untracked
+    );
+}
+
 fn run(cli: &Cli) -> Result<(), Error> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -187,10 +237,16 @@ fn run(cli: &Cli) -> Result<(), Error> {
     match &cli.command {
         Command::Trace(args) => {
             let summary = socklens::trace::run(&args.request(cli.btf.clone()), &stop, &mut stdout)?;
-            eprintln!(
-                "socklens: {} events, {} lost, {} malformed",
-                summary.events, summary.losses.lost, summary.losses.malformed
-            );
+            report_losses(summary.events, &summary.losses);
+            Ok(())
+        }
+        Command::Conns(args) => {
+            let duration = std::time::Duration::from_secs_f64(args.duration);
+            let req = args
+                .common
+                .request(socklens::conns::snapshot_events(), cli.btf.clone());
+            let losses = socklens::conns::run(&req, duration, &stop, &mut stdout)?;
+            report_losses(0, &losses);
             Ok(())
         }
         Command::Doctor { attach } => socklens::doctor::run(&cli.btf, attach.forced(), &mut stdout),

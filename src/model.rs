@@ -5,7 +5,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use serde::Serialize;
 
 use crate::plan::Tier;
-use crate::skel::types::{sl_event_kind, sl_sock_event, sl_sockopt, sl_tier};
+use crate::skel::types::{
+    sl_conn, sl_conn_event, sl_conn_flag, sl_direction, sl_event_kind, sl_sock_event, sl_sockopt,
+    sl_tier, sl_udp_flow, sl_udp_key,
+};
 
 const AF_INET: u16 = libc::AF_INET as u16;
 const AF_INET6: u16 = libc::AF_INET6 as u16;
@@ -88,9 +91,203 @@ pub struct SockEvent {
     pub backlog: u32,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Unknown,
+    Out,
+    In,
+}
+
+impl Direction {
+    fn from_raw(raw: u32) -> Self {
+        match sl_direction(raw) {
+            sl_direction::SL_DIR_OUT => Self::Out,
+            sl_direction::SL_DIR_IN => Self::In,
+            _ => Self::Unknown,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unknown => "-",
+            Self::Out => "out",
+            Self::In => "in",
+        }
+    }
+}
+
+/// One TCP connection or UDP socket as the kernel side tracked it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conn {
+    pub sk: u64,
+    pub cookie: u64,
+    pub start_ns: u64,
+    pub end_ns: u64,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub sendfile_bytes: u64,
+    pub cgroup_id: u64,
+    pub ino: u64,
+    pub pid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub netns: u32,
+    pub retransmits: u32,
+    pub srtt_us: u32,
+    pub rttvar_us: u32,
+    pub error: i32,
+    pub family: u16,
+    pub proto: u16,
+    pub saddr: IpAddr,
+    pub sport: u16,
+    pub daddr: IpAddr,
+    pub dport: u16,
+    pub state: u8,
+    pub direction: Direction,
+    pub owner_known: bool,
+    pub seeded: bool,
+    pub established: bool,
+}
+
+impl Conn {
+    pub fn from_raw(sk: u64, raw: &sl_conn) -> Self {
+        let flag = |f: sl_conn_flag| u32::from(raw.flags) & f.0 != 0;
+        Self {
+            sk,
+            cookie: raw.cookie,
+            start_ns: raw.start_ns,
+            end_ns: raw.end_ns,
+            tx_bytes: raw.tx_bytes,
+            rx_bytes: raw.rx_bytes,
+            sendfile_bytes: raw.sendfile_bytes,
+            cgroup_id: raw.cgroup_id,
+            ino: raw.ino,
+            pid: raw.pid,
+            uid: raw.uid,
+            comm: c_string(&raw.comm),
+            netns: raw.netns,
+            retransmits: raw.retransmits,
+            srtt_us: raw.srtt_us,
+            rttvar_us: raw.rttvar_us,
+            error: raw.error,
+            family: raw.family,
+            proto: raw.proto,
+            saddr: ip_from(raw.family, &raw.saddr),
+            sport: raw.sport,
+            daddr: ip_from(raw.family, &raw.daddr),
+            dport: raw.dport,
+            state: raw.state,
+            direction: Direction::from_raw(u32::from(raw.direction)),
+            owner_known: flag(sl_conn_flag::SL_CONN_OWNER),
+            seeded: flag(sl_conn_flag::SL_CONN_SEEDED),
+            established: flag(sl_conn_flag::SL_CONN_ESTABLISHED),
+        }
+    }
+
+    /// Why an outgoing connection never got established, tcplife/DD style.
+    pub fn failure(&self) -> Option<String> {
+        if self.established || self.direction != Direction::Out || self.end_ns == 0 {
+            return None;
+        }
+        Some(match self.error {
+            libc::ECONNREFUSED => "refused".into(),
+            libc::ETIMEDOUT => "timed out".into(),
+            libc::ECONNRESET => "reset".into(),
+            libc::EHOSTUNREACH | libc::ENETUNREACH => "unreachable".into(),
+            0 => "closed".into(),
+            e => errno_name(-e),
+        })
+    }
+
+    pub fn duration_ms(&self) -> Option<f64> {
+        (self.end_ns > self.start_ns && self.start_ns > 0)
+            .then(|| (self.end_ns - self.start_ns) as f64 / 1e6)
+    }
+}
+
+pub fn tcp_state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        _ => "UNKNOWN",
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnEventKind {
+    Connect,
+    Accept,
+    Close,
+    Retransmit,
+}
+
+impl ConnEventKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Accept => "accept",
+            Self::Close => "close",
+            Self::Retransmit => "retransmit",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnEvent {
+    pub kind: ConnEventKind,
+    pub tier: Tier,
+    pub ts_ns: u64,
+    pub conn: Conn,
+}
+
+/// A UDP socket's traffic with one peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpFlow {
+    pub sk: u64,
+    pub peer: IpAddr,
+    pub peer_port: u16,
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    pub first_ns: u64,
+    pub last_ns: u64,
+    pub direction: Direction,
+}
+
+impl UdpFlow {
+    pub fn from_raw(key: &sl_udp_key, raw: &sl_udp_flow) -> Self {
+        Self {
+            sk: key.sk,
+            peer: ip_from(key.family, &key.addr),
+            peer_port: key.port,
+            tx_bytes: raw.tx_bytes,
+            rx_bytes: raw.rx_bytes,
+            tx_packets: raw.tx_packets,
+            rx_packets: raw.rx_packets,
+            first_ns: raw.first_ns,
+            last_ns: raw.last_ns,
+            direction: Direction::from_raw(raw.direction),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Sock(SockEvent),
+    Conn(ConnEvent),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -167,6 +364,25 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             plain::copy_from_bytes(&mut raw, bytes).map_err(|_| DecodeError::Short(bytes.len()))?;
             decode_sock(&raw).map(Event::Sock)
         }
+        sl_event_kind::SL_EV_CONNECT
+        | sl_event_kind::SL_EV_ACCEPT
+        | sl_event_kind::SL_EV_CLOSE
+        | sl_event_kind::SL_EV_RETRANSMIT => {
+            let mut raw = sl_conn_event::default();
+            plain::copy_from_bytes(&mut raw, bytes).map_err(|_| DecodeError::Short(bytes.len()))?;
+            let kind = match sl_event_kind(kind) {
+                sl_event_kind::SL_EV_CONNECT => ConnEventKind::Connect,
+                sl_event_kind::SL_EV_ACCEPT => ConnEventKind::Accept,
+                sl_event_kind::SL_EV_CLOSE => ConnEventKind::Close,
+                _ => ConnEventKind::Retransmit,
+            };
+            Ok(Event::Conn(ConnEvent {
+                kind,
+                tier: tier_from(raw.tier)?,
+                ts_ns: raw.ts_ns,
+                conn: Conn::from_raw(raw.sk, &raw.conn),
+            }))
+        }
         _ => Err(DecodeError::UnknownKind(kind)),
     }
 }
@@ -232,9 +448,56 @@ mod tests {
         unsafe { plain::as_bytes(raw) }.to_vec()
     }
 
+    fn sock(e: Event) -> SockEvent {
+        match e {
+            Event::Sock(s) => s,
+            other => panic!("not a sock event: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decodes_a_close_record_with_failure_reason() {
+        let mut raw = sl_conn_event {
+            kind: sl_event_kind::SL_EV_CLOSE.0,
+            tier: sl_tier::SL_TIER_KPROBE.0,
+            sk: 0xffff_8880_0000_1000,
+            ..Default::default()
+        };
+        raw.conn.family = AF_INET6;
+        raw.conn.proto = 6;
+        raw.conn.daddr = Ipv6Addr::LOCALHOST.octets();
+        raw.conn.dport = 9;
+        raw.conn.direction = sl_direction::SL_DIR_OUT.0 as u8;
+        raw.conn.start_ns = 1_000_000;
+        raw.conn.end_ns = 3_500_000;
+        raw.conn.error = libc::ECONNREFUSED;
+        raw.conn.tx_bytes = 7;
+        let bytes = unsafe { plain::as_bytes(&raw) }.to_vec();
+        let Event::Conn(e) = decode(&bytes).unwrap() else {
+            panic!("not a conn event")
+        };
+        assert_eq!(e.kind, ConnEventKind::Close);
+        assert_eq!(e.tier, Tier::Kprobe);
+        assert_eq!(e.conn.sk, 0xffff_8880_0000_1000);
+        assert_eq!(e.conn.daddr, IpAddr::V6(Ipv6Addr::LOCALHOST));
+        assert_eq!(e.conn.failure().as_deref(), Some("refused"));
+        assert_eq!(e.conn.duration_ms(), Some(2.5));
+        assert_eq!(e.conn.tx_bytes, 7);
+        raw.conn.flags = sl_conn_flag::SL_CONN_ESTABLISHED.0 as u8;
+        let bytes = unsafe { plain::as_bytes(&raw) }.to_vec();
+        let Event::Conn(e) = decode(&bytes).unwrap() else {
+            panic!("not a conn event")
+        };
+        assert_eq!(
+            e.conn.failure(),
+            None,
+            "an established connection did not fail"
+        );
+    }
+
     #[test]
     fn decodes_a_bind_record() {
-        let Event::Sock(e) = decode(&bytes_of(&raw_bind())).unwrap();
+        let e = sock(decode(&bytes_of(&raw_bind())).unwrap());
         assert_eq!(e.kind, SockEventKind::Bind);
         assert_eq!(e.tier, Tier::Tracepoint);
         assert_eq!(e.comm, "nginx");
@@ -249,7 +512,7 @@ mod tests {
         let mut raw = raw_bind();
         raw.family = AF_INET6;
         raw.addr = Ipv6Addr::LOCALHOST.octets();
-        let Event::Sock(e) = decode(&bytes_of(&raw)).unwrap();
+        let e = sock(decode(&bytes_of(&raw)).unwrap());
         assert_eq!(e.addr, IpAddr::V6(Ipv6Addr::LOCALHOST));
     }
 

@@ -5,7 +5,10 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::cgroup::CgroupPaths;
-use crate::model::{errno_name, family_name, proto_name, Event, SockEvent, SockEventKind};
+use crate::model::{
+    errno_name, family_name, proto_name, tcp_state_name, Conn, ConnEvent, Event, SockEvent,
+    SockEventKind, UdpFlow,
+};
 
 /// Converts CLOCK_MONOTONIC stamps (bpf_ktime_get_ns) to wall-clock time.
 #[derive(Debug, Clone, Copy)]
@@ -70,6 +73,8 @@ impl Renderer {
         match event {
             Event::Sock(e) if self.json => self.sock_json(e).to_string(),
             Event::Sock(e) => self.sock_columns(e),
+            Event::Conn(e) if self.json => self.conn_event_json(e).to_string(),
+            Event::Conn(e) => self.conn_event_columns(e),
         }
     }
 
@@ -111,6 +116,144 @@ impl Renderer {
         v
     }
 
+    /// Every field of a tracked connection, shared by events and snapshots.
+    pub fn conn_json(&mut self, c: &Conn) -> Value {
+        json!({
+            "sk": format!("{:#x}", c.sk),
+            "cookie": c.cookie,
+            "family": family_name(c.family),
+            "proto": proto_name(c.proto),
+            "saddr": c.saddr.to_string(),
+            "sport": c.sport,
+            "daddr": c.daddr.to_string(),
+            "dport": c.dport,
+            "netns": c.netns,
+            "direction": c.direction,
+            "state": tcp_state_name(c.state),
+            "pid": c.owner_known.then_some(c.pid),
+            "comm": c.owner_known.then(|| c.comm.clone()),
+            "uid": c.owner_known.then_some(c.uid),
+            "cgroup_id": c.owner_known.then_some(c.cgroup_id),
+            "cgroup": if c.owner_known { self.cgroup_path(c.cgroup_id) } else { None },
+            "tx_bytes": c.tx_bytes,
+            "rx_bytes": c.rx_bytes,
+            "sendfile_bytes": c.sendfile_bytes,
+            "retransmits": c.retransmits,
+            "srtt_us": c.srtt_us,
+            "rttvar_us": c.rttvar_us,
+            "start": (c.start_ns > 0).then(|| self.clock.iso(c.start_ns)),
+            "end": (c.end_ns > 0).then(|| self.clock.iso(c.end_ns)),
+            "duration_ms": c.duration_ms(),
+            "failure": c.failure(),
+            "seeded": c.seeded,
+        })
+    }
+
+    pub fn conn_event_json(&mut self, e: &ConnEvent) -> Value {
+        let mut v = self.conn_json(&e.conn);
+        v["event"] = json!(e.kind.name());
+        v["time"] = json!(self.clock.iso(e.ts_ns));
+        v["time_ns"] = json!(e.ts_ns);
+        v["attach"] = json!(e.tier);
+        v
+    }
+
+    pub fn udp_flow_json(&mut self, owner: Option<&Conn>, f: &UdpFlow) -> Value {
+        let mut v = owner
+            .map(|c| self.conn_json(c))
+            .unwrap_or_else(|| json!({}));
+        for k in [
+            "state",
+            "daddr",
+            "dport",
+            "retransmits",
+            "srtt_us",
+            "rttvar_us",
+            "sendfile_bytes",
+            "failure",
+        ] {
+            if let Some(obj) = v.as_object_mut() {
+                obj.remove(k);
+            }
+        }
+        v["event"] = json!("udp_flow");
+        v["proto"] = json!("udp");
+        v["sk"] = json!(format!("{:#x}", f.sk));
+        v["peer"] = json!(f.peer.to_string());
+        v["peer_port"] = json!(f.peer_port);
+        v["direction"] = json!(f.direction);
+        v["tx_bytes"] = json!(f.tx_bytes);
+        v["rx_bytes"] = json!(f.rx_bytes);
+        v["tx_packets"] = json!(f.tx_packets);
+        v["rx_packets"] = json!(f.rx_packets);
+        v["start"] = json!(self.clock.iso(f.first_ns));
+        v["last"] = json!(self.clock.iso(f.last_ns));
+        v
+    }
+
+    pub const CONN_HEADER: &'static str = "EVENT      PID     COMM             DIR PROTO LOCAL                          REMOTE                                  TX        RX  RETR   RTT_US        MS STATE";
+
+    fn conn_columns(&self, kind: &str, c: &Conn) -> String {
+        let (pid, comm) = if c.owner_known {
+            (c.pid.to_string(), c.comm.as_str())
+        } else {
+            ("-".into(), "-")
+        };
+        let state = c
+            .failure()
+            .unwrap_or_else(|| tcp_state_name(c.state).to_owned());
+        let ms = c
+            .duration_ms()
+            .map_or_else(|| "-".to_owned(), |m| format!("{m:.1}"));
+        format!(
+            "{kind:<10} {pid:>7} {comm:<16} {:<3} {:<5} {:<30} {:<30} {:>9} {:>9} {:>5} {:>8} {ms:>9} {state}",
+            c.direction.name(),
+            proto_name(c.proto),
+            socket_addr(c.saddr, c.sport),
+            socket_addr(c.daddr, c.dport),
+            c.tx_bytes,
+            c.rx_bytes,
+            c.retransmits,
+            c.srtt_us,
+        )
+    }
+
+    fn conn_event_columns(&self, e: &ConnEvent) -> String {
+        self.conn_columns(e.kind.name(), &e.conn)
+    }
+
+    pub fn conn_snapshot_columns(&self, c: &Conn) -> String {
+        self.conn_columns("conn", c)
+    }
+
+    pub fn udp_flow_columns(&self, owner: Option<&Conn>, f: &UdpFlow) -> String {
+        let (pid, comm, local) = owner.map_or_else(
+            || ("-".to_owned(), "-".to_owned(), "-".to_owned()),
+            |c| {
+                let pid = if c.owner_known {
+                    c.pid.to_string()
+                } else {
+                    "-".into()
+                };
+                (pid, c.comm.clone(), socket_addr(c.saddr, c.sport))
+            },
+        );
+        format!(
+            "{:<10} {pid:>7} {comm:<16} {:<3} {:<5} {local:<30} {:<30} {:>9} {:>9} {:>5} {:>8} {:>9} pkts {}/{}",
+            "udp_flow",
+            f.direction.name(),
+            "udp",
+            socket_addr(f.peer, f.peer_port),
+            f.tx_bytes,
+            f.rx_bytes,
+            "-",
+            "-",
+            "-",
+            f.tx_packets,
+            f.rx_packets,
+        )
+    }
+
     fn sock_columns(&self, e: &SockEvent) -> String {
         let time = self.clock.wall(e.ts_ns);
         let ret = match e.ret {
@@ -144,6 +287,11 @@ impl Renderer {
             e.addr
         )
     }
+}
+
+/// `1.2.3.4:80` or `[::1]:80`.
+pub fn socket_addr(ip: std::net::IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
 }
 
 #[cfg(test)]

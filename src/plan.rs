@@ -55,15 +55,51 @@ impl FromStr for Tier {
 pub enum Hook {
     Bind,
     Listen,
+    /// TCP state changes: connection start, establishment, close.
+    State,
+    /// accept() returning a connection: its owner.
+    Accept,
+    /// sendmsg return values: bytes sent.
+    Send,
+    /// recvmsg return values: bytes received.
+    Recv,
+    Sendfile,
+    Retransmit,
 }
 
 impl Hook {
-    pub const ALL: [Self; 2] = [Self::Bind, Self::Listen];
+    pub const ALL: [Self; 8] = [
+        Self::Bind,
+        Self::Listen,
+        Self::State,
+        Self::Accept,
+        Self::Send,
+        Self::Recv,
+        Self::Sendfile,
+        Self::Retransmit,
+    ];
+
+    /// Everything connection accounting needs.
+    pub const CONNS: [Self; 7] = [
+        Self::Listen,
+        Self::State,
+        Self::Accept,
+        Self::Send,
+        Self::Recv,
+        Self::Sendfile,
+        Self::Retransmit,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Bind => "bind",
             Self::Listen => "listen",
+            Self::State => "state",
+            Self::Accept => "accept",
+            Self::Send => "send",
+            Self::Recv => "recv",
+            Self::Sendfile => "sendfile",
+            Self::Retransmit => "retransmit",
         }
     }
 
@@ -72,6 +108,12 @@ impl Hook {
         match self {
             Self::Bind => BIND_TIERS,
             Self::Listen => LISTEN_TIERS,
+            Self::State => STATE_TIERS,
+            Self::Accept => ACCEPT_TIERS,
+            Self::Send => SEND_TIERS,
+            Self::Recv => RECV_TIERS,
+            Self::Sendfile => SENDFILE_TIERS,
+            Self::Retransmit => RETRANSMIT_TIERS,
         }
     }
 }
@@ -91,6 +133,8 @@ pub enum Requirement {
     Kprobe(&'static str),
     /// A tracepoint, as (category, name).
     Tracepoint(&'static str, &'static str),
+    /// A BTF-typed tracepoint (tp_btf), as (category, name).
+    TpBtf(&'static str, &'static str),
 }
 
 impl fmt::Display for Requirement {
@@ -99,6 +143,7 @@ impl fmt::Display for Requirement {
             Self::Fentry(func) => write!(f, "fentry/{func}"),
             Self::Kprobe(func) => write!(f, "kprobe/{func}"),
             Self::Tracepoint(cat, name) => write!(f, "tracepoint {cat}:{name}"),
+            Self::TpBtf(cat, name) => write!(f, "tp_btf {cat}:{name}"),
         }
     }
 }
@@ -168,6 +213,182 @@ const LISTEN_TIERS: &[TierSpec] = &[
             Requirement::Tracepoint("syscalls", "sys_exit_listen"),
         ],
         programs: &["sl_tp_listen_enter", "sl_tp_listen_exit"],
+    },
+];
+
+const STATE_TIERS: &[TierSpec] = &[
+    TierSpec {
+        tier: Tier::Fentry,
+        requires: &[Requirement::Fentry("tcp_set_state")],
+        programs: &["sl_fe_tcp_set_state"],
+    },
+    TierSpec {
+        tier: Tier::Kprobe,
+        requires: &[Requirement::Kprobe("tcp_set_state")],
+        programs: &["sl_kp_tcp_set_state"],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[Requirement::TpBtf("sock", "inet_sock_set_state")],
+        programs: &["sl_tp_set_state"],
+    },
+];
+
+const ACCEPT_TIERS: &[TierSpec] = &[
+    TierSpec {
+        tier: Tier::Fentry,
+        requires: &[Requirement::Fentry("inet_csk_accept")],
+        programs: &["sl_fx_accept"],
+    },
+    TierSpec {
+        tier: Tier::Kprobe,
+        requires: &[Requirement::Kprobe("inet_csk_accept")],
+        programs: &["sl_kr_accept"],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[
+            Requirement::Tracepoint("syscalls", "sys_exit_accept4"),
+            Requirement::Tracepoint("syscalls", "sys_exit_accept"),
+        ],
+        programs: &["sl_tp_accept4_exit", "sl_tp_accept_exit"],
+    },
+];
+
+const SEND_TIERS: &[TierSpec] = &[
+    TierSpec {
+        tier: Tier::Fentry,
+        requires: &[
+            Requirement::Fentry("tcp_sendmsg"),
+            Requirement::Fentry("udp_sendmsg"),
+            Requirement::Fentry("udpv6_sendmsg"),
+        ],
+        programs: &[
+            "sl_fx_tcp_sendmsg",
+            "sl_fx_udp_sendmsg",
+            "sl_fx_udp6_sendmsg",
+        ],
+    },
+    TierSpec {
+        tier: Tier::Kprobe,
+        requires: &[
+            Requirement::Kprobe("tcp_sendmsg"),
+            Requirement::Kprobe("udp_sendmsg"),
+            Requirement::Kprobe("udpv6_sendmsg"),
+        ],
+        programs: &[
+            "sl_kp_tcp_sendmsg",
+            "sl_kr_tcp_sendmsg",
+            "sl_kp_udp_sendmsg",
+            "sl_kr_udp_sendmsg",
+            "sl_kp_udp6_sendmsg",
+            "sl_kr_udp6_sendmsg",
+        ],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[
+            Requirement::TpBtf("sock", "sock_send_length"),
+            Requirement::Tracepoint("syscalls", "sys_enter_sendto"),
+            Requirement::Tracepoint("syscalls", "sys_enter_sendmsg"),
+            Requirement::Tracepoint("syscalls", "sys_exit_sendto"),
+            Requirement::Tracepoint("syscalls", "sys_exit_sendmsg"),
+        ],
+        programs: &[
+            "sl_tp_send_len",
+            "sl_tp_sendto_enter",
+            "sl_tp_sendmsg_enter",
+            "sl_tp_sendto_exit",
+            "sl_tp_sendmsg_exit",
+        ],
+    },
+];
+
+const RECV_TIERS: &[TierSpec] = &[
+    TierSpec {
+        tier: Tier::Fentry,
+        requires: &[
+            Requirement::Fentry("tcp_recvmsg"),
+            Requirement::Fentry("udp_recvmsg"),
+            Requirement::Fentry("udpv6_recvmsg"),
+        ],
+        programs: &[
+            "sl_fx_tcp_recvmsg",
+            "sl_fx_udp_recvmsg",
+            "sl_fx_udp6_recvmsg",
+        ],
+    },
+    TierSpec {
+        tier: Tier::Kprobe,
+        requires: &[
+            Requirement::Kprobe("tcp_recvmsg"),
+            Requirement::Kprobe("udp_recvmsg"),
+            Requirement::Kprobe("udpv6_recvmsg"),
+        ],
+        programs: &[
+            "sl_kp_tcp_recvmsg",
+            "sl_kr_tcp_recvmsg",
+            "sl_kp_udp_recvmsg",
+            "sl_kr_udp_recvmsg",
+            "sl_kp_udp6_recvmsg",
+            "sl_kr_udp6_recvmsg",
+        ],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[
+            Requirement::TpBtf("sock", "sock_recv_length"),
+            Requirement::Tracepoint("syscalls", "sys_enter_recvfrom"),
+            Requirement::Tracepoint("syscalls", "sys_enter_recvmsg"),
+            Requirement::Tracepoint("syscalls", "sys_exit_recvfrom"),
+            Requirement::Tracepoint("syscalls", "sys_exit_recvmsg"),
+        ],
+        programs: &[
+            "sl_tp_recv_len",
+            "sl_tp_recvfrom_enter",
+            "sl_tp_recvmsg_enter",
+            "sl_tp_recvfrom_exit",
+            "sl_tp_recvmsg_exit",
+        ],
+    },
+];
+
+const SENDFILE_TIERS: &[TierSpec] = &[
+    TierSpec {
+        tier: Tier::Fentry,
+        requires: &[Requirement::Fentry("do_sendfile")],
+        programs: &["sl_fx_sendfile"],
+    },
+    TierSpec {
+        tier: Tier::Kprobe,
+        requires: &[Requirement::Kprobe("do_sendfile")],
+        programs: &["sl_kp_sendfile", "sl_kr_sendfile"],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[
+            Requirement::Tracepoint("syscalls", "sys_enter_sendfile64"),
+            Requirement::Tracepoint("syscalls", "sys_exit_sendfile64"),
+        ],
+        programs: &["sl_tp_sendfile_enter", "sl_tp_sendfile_exit"],
+    },
+];
+
+const RETRANSMIT_TIERS: &[TierSpec] = &[
+    TierSpec {
+        tier: Tier::Fentry,
+        requires: &[Requirement::Fentry("tcp_retransmit_skb")],
+        programs: &["sl_fe_retransmit"],
+    },
+    TierSpec {
+        tier: Tier::Kprobe,
+        requires: &[Requirement::Kprobe("tcp_retransmit_skb")],
+        programs: &["sl_kp_retransmit"],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[Requirement::Tracepoint("tcp", "tcp_retransmit_skb")],
+        programs: &["sl_tp_retransmit"],
     },
 ];
 
@@ -335,7 +556,7 @@ mod tests {
             let tier = match req {
                 Requirement::Fentry(_) => Tier::Fentry,
                 Requirement::Kprobe(_) => Tier::Kprobe,
-                Requirement::Tracepoint(..) => Tier::Tracepoint,
+                Requirement::Tracepoint(..) | Requirement::TpBtf(..) => Tier::Tracepoint,
             };
             let verdict = if working.contains(&tier) {
                 Ok(())
@@ -361,7 +582,7 @@ mod tests {
     #[test]
     fn all_tiers_choose_fentry() {
         let plan = plan(&caps_with(&Tier::ALL), &all_hooks(None)).unwrap();
-        assert_eq!(tiers(&plan), [Tier::Fentry, Tier::Fentry]);
+        assert_eq!(tiers(&plan), [Tier::Fentry; 8]);
         assert!(plan.hooks.iter().all(|h| h.rejected.is_empty()));
     }
 
@@ -372,7 +593,7 @@ mod tests {
             &all_hooks(None),
         )
         .unwrap();
-        assert_eq!(tiers(&plan), [Tier::Kprobe, Tier::Kprobe]);
+        assert_eq!(tiers(&plan), [Tier::Kprobe; 8]);
         let bind = &plan.hooks[0];
         assert_eq!(bind.rejected.len(), 1);
         assert_eq!(bind.rejected[0].0, Tier::Fentry);
@@ -382,11 +603,19 @@ mod tests {
     #[test]
     fn neither_chooses_tracepoint() {
         let plan = plan(&caps_with(&[Tier::Tracepoint]), &all_hooks(None)).unwrap();
-        assert_eq!(tiers(&plan), [Tier::Tracepoint, Tier::Tracepoint]);
+        assert_eq!(tiers(&plan), [Tier::Tracepoint; 8]);
         let rejected: Vec<Tier> = plan.hooks[1].rejected.iter().map(|r| r.0).collect();
         assert_eq!(rejected, [Tier::Fentry, Tier::Kprobe]);
+        let bind_listen = super::plan(
+            &caps_with(&[Tier::Tracepoint]),
+            &PlanOptions {
+                hooks: vec![Hook::Bind, Hook::Listen],
+                force: None,
+            },
+        )
+        .unwrap();
         assert_eq!(
-            plan.programs().into_iter().collect::<Vec<_>>(),
+            bind_listen.programs().into_iter().collect::<Vec<_>>(),
             [
                 "sl_tp_bind_enter",
                 "sl_tp_bind_exit",
@@ -419,7 +648,10 @@ mod tests {
             Err("no BTF function".into()),
         );
         let plan = plan(&caps, &all_hooks(None)).unwrap();
-        assert_eq!(tiers(&plan), [Tier::Kprobe, Tier::Fentry]);
+        assert_eq!(
+            tiers(&plan)[..3],
+            [Tier::Kprobe, Tier::Fentry, Tier::Fentry]
+        );
         assert_eq!(
             plan.hooks[0].rejected[0].1,
             "fentry/inet6_bind: no BTF function"
@@ -429,7 +661,7 @@ mod tests {
     #[test]
     fn forced_tier_is_used_even_when_a_better_one_works() {
         let plan = plan(&caps_with(&Tier::ALL), &all_hooks(Some(Tier::Tracepoint))).unwrap();
-        assert_eq!(tiers(&plan), [Tier::Tracepoint, Tier::Tracepoint]);
+        assert_eq!(tiers(&plan), [Tier::Tracepoint; 8]);
     }
 
     #[test]

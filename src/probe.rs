@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 
-use libbpf_rs::btf::types::Func;
-use libbpf_rs::btf::Btf;
+use libbpf_rs::btf::types::{Func, FuncProto, Typedef};
+use libbpf_rs::btf::{Btf, ReferencesType};
 use libbpf_rs::skel::{OpenSkel, SkelBuilder};
 use libbpf_rs::{ErrorKind, MapType};
 
@@ -27,6 +27,14 @@ pub fn errno_name(err: &libbpf_rs::Error) -> String {
         _ => return err.to_string(),
     };
     name.to_owned()
+}
+
+/// Kernel signature differences the BPF programs branch on (rodata).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelShape {
+    pub recvmsg_has_nonblock: bool,
+    pub accept_has_flags: bool,
+    pub sendfile_bypasses_sendmsg: bool,
 }
 
 pub struct Prober {
@@ -63,6 +71,38 @@ impl Prober {
             Requirement::Fentry(func) => self.fentry(func),
             Requirement::Kprobe(func) => self.kprobe(func),
             Requirement::Tracepoint(cat, name) => self.tracepoint(cat, name),
+            Requirement::TpBtf(cat, name) => self
+                .tracepoint(cat, name)
+                .and_then(|()| self.btf_has_tp(name)),
+        }
+    }
+
+    /// A BTF-typed tracepoint needs its `btf_trace_<name>` typedef.
+    fn btf_has_tp(&self, name: &str) -> Result<(), String> {
+        let btf = self.btf.as_ref().ok_or("kernel BTF unreadable")?;
+        let typedef = format!("btf_trace_{name}");
+        btf.type_by_name::<Typedef<'_>>(&typedef)
+            .map(|_| ())
+            .ok_or_else(|| format!("no BTF type {typedef}"))
+    }
+
+    /// Number of parameters of a kernel function, from BTF.
+    fn param_count(&self, func: &str) -> Option<usize> {
+        let btf = self.btf.as_ref()?;
+        let f = btf.type_by_name::<Func<'_>>(func)?;
+        let proto = btf.type_by_id::<FuncProto<'_>>(f.referenced_type_id())?;
+        Some(proto.len())
+    }
+
+    /// Signatures that changed between kernel releases, so one object fits all.
+    pub fn kernel_shape(&self) -> KernelShape {
+        KernelShape {
+            // 5.19 dropped the `nonblock` parameter (6 -> 5 parameters).
+            recvmsg_has_nonblock: self.param_count("tcp_recvmsg") == Some(6),
+            // 6.10 folded flags/err/kern into struct proto_accept_arg (4 -> 2).
+            accept_has_flags: self.param_count("inet_csk_accept") == Some(4),
+            // 6.5 removed tcp_sendpage; before it sendfile bypassed tcp_sendmsg.
+            sendfile_bypasses_sendmsg: self.btf_has_func("tcp_sendpage").is_ok(),
         }
     }
 

@@ -35,3 +35,11 @@ pub use socklens_skel::{types, OpenSocklensSkel, SocklensSkel, SocklensSkelBuild
 
 // SAFETY: plain C structs of integer fields and byte arrays, valid for any bit pattern.
 unsafe impl plain::Plain for types::sl_sock_event {}
+// SAFETY: as above.
+unsafe impl plain::Plain for types::sl_conn_event {}
+// SAFETY: as above.
+unsafe impl plain::Plain for types::sl_conn {}
+// SAFETY: as above.
+unsafe impl plain::Plain for types::sl_udp_key {}
+// SAFETY: as above.
+unsafe impl plain::Plain for types::sl_udp_flow {}

@@ -1,4 +1,5 @@
-//! `socklens trace`: validate, probe, plan, load, stream events until stopped.
+//! Running a tracing session: validate, probe, plan, load, seed, then hand the
+//! live session to a command (`trace`, `conns`, `top`).
 
 use std::io::{self, Write};
 use std::mem::MaybeUninit;
@@ -9,22 +10,69 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::cgroup::{self, CgroupPaths};
+use crate::conns::{self, Owners};
 use crate::error::{Error, Result};
 use crate::events::{EventStream, Losses};
-use crate::loader::{self, BufferKind, Filters, LoadOptions};
+use crate::loader::{self, BufferKind, Filters, LoadOptions, Session};
+use crate::model::{Conn, ConnEventKind, Event, SockEventKind};
 use crate::output::{Clock, Renderer};
 use crate::plan::{self, Hook, Plan, PlanOptions, Tier};
-use crate::probe::{self, Prober};
+use crate::probe::{self, KernelShape, Prober};
 use crate::system;
 
-const POLL: Duration = Duration::from_millis(100);
+pub const POLL: Duration = Duration::from_millis(100);
 /// The kernel keeps 15 bytes of a task's comm plus the NUL.
 const COMM_MAX: usize = 15;
+pub const DEFAULT_MAX_CONNS: u32 = 65_536;
 
-/// What the user asked `trace` for, before any validation.
+/// What `trace --events` can show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TraceEvent {
+    Bind,
+    Listen,
+    Connect,
+    Accept,
+    Close,
+    Retransmit,
+}
+
+impl TraceEvent {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Bind => "bind",
+            Self::Listen => "listen",
+            Self::Connect => "connect",
+            Self::Accept => "accept",
+            Self::Close => "close",
+            Self::Retransmit => "retransmit",
+        }
+    }
+
+    /// Connection events come from connection tracking as a whole.
+    fn tracks_conns(self) -> bool {
+        !matches!(self, Self::Bind | Self::Listen)
+    }
+
+    fn of(event: &Event) -> Self {
+        match event {
+            Event::Sock(s) => match s.kind {
+                SockEventKind::Bind => Self::Bind,
+                SockEventKind::Listen => Self::Listen,
+            },
+            Event::Conn(c) => match c.kind {
+                ConnEventKind::Connect => Self::Connect,
+                ConnEventKind::Accept => Self::Accept,
+                ConnEventKind::Close => Self::Close,
+                ConnEventKind::Retransmit => Self::Retransmit,
+            },
+        }
+    }
+}
+
+/// What the user asked for, before any validation.
 #[derive(Debug, Clone)]
 pub struct TraceRequest {
-    pub hooks: Vec<Hook>,
+    pub events: Vec<TraceEvent>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cgroup: Option<String>,
@@ -34,6 +82,28 @@ pub struct TraceRequest {
     pub force: Option<Tier>,
     pub buffer: Option<BufferKind>,
     pub btf: PathBuf,
+    pub max_conns: u32,
+}
+
+impl TraceRequest {
+    fn tracks_conns(&self) -> bool {
+        self.events.iter().any(|e| e.tracks_conns())
+    }
+
+    /// The logical hooks behind the requested events.
+    pub fn hooks(&self) -> Vec<Hook> {
+        let mut hooks: Vec<Hook> = Vec::new();
+        for e in &self.events {
+            match e {
+                TraceEvent::Bind => hooks.push(Hook::Bind),
+                TraceEvent::Listen => hooks.push(Hook::Listen),
+                _ => hooks.extend(Hook::CONNS),
+            }
+        }
+        hooks.sort();
+        hooks.dedup();
+        hooks
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -44,7 +114,7 @@ pub struct Summary {
 
 /// Checks everything the user typed before touching the system.
 fn validate(req: &TraceRequest) -> Result<Filters> {
-    if req.hooks.is_empty() {
+    if req.events.is_empty() {
         return Err(Error::Usage("--events names no event".into()));
     }
     if let Some(pid) = req.pid {
@@ -82,18 +152,27 @@ fn validate(req: &TraceRequest) -> Result<Filters> {
     })
 }
 
+/// Everything decided before loading.
+pub struct Prepared {
+    pub filters: Filters,
+    pub plan: Plan,
+    pub buffer: BufferKind,
+    pub shape: KernelShape,
+}
+
 /// Validates, checks the host and works out the plan, without loading anything.
-pub fn prepare(req: &TraceRequest) -> Result<(Filters, Plan, BufferKind)> {
+pub fn prepare(req: &TraceRequest) -> Result<Prepared> {
     let filters = validate(req)?;
     system::check_privileges()?;
     system::check_btf(&req.btf)?;
     let tracefs = system::ensure_tracefs()?;
     let prober = Prober::new(&tracefs.path, &req.btf);
-    let caps = prober.probe(&plan::requirements(&req.hooks));
+    let hooks = req.hooks();
+    let caps = prober.probe(&plan::requirements(&hooks));
     let plan = plan::plan(
         &caps,
         &PlanOptions {
-            hooks: req.hooks.clone(),
+            hooks,
             force: req.force,
         },
     )?;
@@ -102,7 +181,12 @@ pub fn prepare(req: &TraceRequest) -> Result<(Filters, Plan, BufferKind)> {
         None if probe::ringbuf_supported() => BufferKind::Ring,
         None => BufferKind::Perf,
     };
-    Ok((filters, plan, buffer))
+    Ok(Prepared {
+        filters,
+        plan,
+        buffer,
+        shape: prober.kernel_shape(),
+    })
 }
 
 fn custom_btf(path: &Path) -> Option<PathBuf> {
@@ -122,32 +206,131 @@ fn describe(plan: &Plan, buffer: BufferKind) -> String {
     format!("{}; {buf}", hooks.join(", "))
 }
 
-/// Runs until `stop` is set, writing one line per event to `out`.
-pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result<Summary> {
-    let (filters, plan, buffer) = prepare(req)?;
+/// A loaded, attached session handed to a command.
+pub struct Live<'a> {
+    pub session: &'a Session<'a>,
+    pub stream: &'a EventStream<'a>,
+    pub plan: &'a Plan,
+    pub renderer: Renderer,
+    pub owners: Owners,
+    pub filters: &'a Filters,
+}
+
+impl Live<'_> {
+    /// Completes a connection the kernel side knew no owner for, and says
+    /// whether it passes the task filters (which the kernel could not apply).
+    pub fn settle(&mut self, conn: &mut Conn) -> bool {
+        let had_owner = conn.owner_known;
+        self.owners.adopt(conn);
+        had_owner || self.owner_wanted(conn)
+    }
+
+    fn owner_wanted(&mut self, conn: &Conn) -> bool {
+        let f = self.filters;
+        if f.pid.is_none() && f.comm.is_none() && f.cgroup.is_none() {
+            return true;
+        }
+        if !conn.owner_known {
+            return false;
+        }
+        if f.pid.is_some_and(|p| p != conn.pid) || f.comm.as_ref().is_some_and(|c| *c != conn.comm)
+        {
+            return false;
+        }
+        match (&f.cgroup, system::cgroup2_root()) {
+            (Some(dir), Some(root)) => {
+                let want = dir.strip_prefix(&root).map(|p| format!("/{}", p.display()));
+                let have = self
+                    .renderer
+                    .cgroups
+                    .as_mut()
+                    .and_then(|c| c.path_of(conn.cgroup_id));
+                match (want, have) {
+                    (Ok(w), Some(h)) => h == w || h.starts_with(&format!("{w}/")),
+                    _ => false,
+                }
+            }
+            _ => true,
+        }
+    }
+}
+
+/// Loads and attaches what `req` needs, seeds existing connections, then runs
+/// `body` with the live session. Everything is detached when it returns.
+pub fn with_session<T>(
+    req: &TraceRequest,
+    body: impl FnOnce(&mut Live<'_>) -> Result<T>,
+) -> Result<T> {
+    let prepared = prepare(req)?;
     let mut storage = MaybeUninit::uninit();
     let session = loader::load(
         &mut storage,
         &LoadOptions {
-            plan: &plan,
-            filters: &filters,
-            buffer,
+            plan: &prepared.plan,
+            filters: &prepared.filters,
+            buffer: prepared.buffer,
+            max_conns: req.tracks_conns().then_some(req.max_conns),
+            shape: prepared.shape,
             btf: custom_btf(&req.btf),
         },
     )?;
     let stream = EventStream::open(&session)?;
-    let mut renderer = Renderer {
-        clock: Clock::now(),
-        cgroups: system::cgroup2_root().map(CgroupPaths::new),
-        json: req.json,
+    if req.tracks_conns() {
+        // After attach, so nothing opened meanwhile is missed; the iterators
+        // skip sockets the live hooks already track.
+        conns::seed(&session)?;
+    }
+    let cgroup2 = system::cgroup2_root();
+    let mut live = Live {
+        session: &session,
+        stream: &stream,
+        plan: &prepared.plan,
+        renderer: Renderer {
+            clock: Clock::now(),
+            cgroups: cgroup2.clone().map(CgroupPaths::new),
+            json: req.json,
+        },
+        owners: Owners::new(cgroup2),
+        filters: &prepared.filters,
     };
     eprintln!(
         "socklens: tracing {}. Ctrl-C to stop.",
-        describe(&plan, buffer)
+        describe(&prepared.plan, prepared.buffer)
     );
+    body(&mut live)
+}
 
+fn is_broken_pipe(e: &io::Error) -> bool {
+    e.kind() == io::ErrorKind::BrokenPipe
+}
+
+fn write_err(e: io::Error) -> Error {
+    Error::kernel("writing events", e)
+}
+
+/// `socklens trace`: one line per event until `stop` is set.
+pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result<Summary> {
+    with_session(req, |live| {
+        let summary = stream_events(req, live, stop, out)?;
+        if let Some(summary) = summary {
+            if req.json {
+                write_summary(live.plan, &summary, out)?;
+            }
+            return Ok(summary);
+        }
+        Ok(Summary::default())
+    })
+}
+
+/// The event loop; `None` when the reader went away (broken pipe).
+fn stream_events(
+    req: &TraceRequest,
+    live: &mut Live<'_>,
+    stop: &AtomicBool,
+    out: &mut dyn Write,
+) -> Result<Option<Summary>> {
     let mut summary = Summary::default();
-    let mut result = match renderer.header() {
+    let mut result = match live.renderer.header() {
         Some(h) => writeln!(out, "{h}"),
         None => Ok(()),
     };
@@ -156,9 +339,17 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
         // kernel queued before the signal.
         let stopping = stop.load(Ordering::Relaxed);
         let timeout = if stopping { Duration::ZERO } else { POLL };
-        for event in stream.poll(timeout)? {
+        for mut event in live.stream.poll(timeout)? {
+            if !req.events.contains(&TraceEvent::of(&event)) {
+                continue;
+            }
+            if let Event::Conn(c) = &mut event {
+                if !live.settle(&mut c.conn) {
+                    continue;
+                }
+            }
             summary.events += 1;
-            let line = renderer.render(&event);
+            let line = live.renderer.render(&event);
             result = result.and_then(|()| writeln!(out, "{line}"));
         }
         result = result.and_then(|()| out.flush());
@@ -166,34 +357,31 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
             break;
         }
     }
-    summary.losses = stream.losses();
-    drop(stream);
-    drop(session);
-
-    let piped_away = |e: &io::Error| e.kind() == io::ErrorKind::BrokenPipe;
-    let write_err = |e: io::Error| Error::kernel("writing events", e);
+    summary.losses = live.stream.losses();
     match result {
-        Err(e) if piped_away(&e) => return Ok(summary),
-        Err(e) => return Err(write_err(e)),
-        Ok(()) => {}
+        Err(e) if is_broken_pipe(&e) => Ok(None),
+        Err(e) => Err(write_err(e)),
+        Ok(()) => Ok(Some(summary)),
     }
-    if req.json {
-        let attach: serde_json::Map<String, serde_json::Value> = plan
-            .hooks
-            .iter()
-            .map(|h| (h.hook.name().to_owned(), json!(h.tier)))
-            .collect();
-        let line = json!({
-            "event": "summary",
-            "events": summary.events,
-            "lost": summary.losses.lost,
-            "malformed": summary.losses.malformed,
-            "attach": attach,
-        });
-        match writeln!(out, "{line}").and_then(|()| out.flush()) {
-            Err(e) if !piped_away(&e) => return Err(write_err(e)),
-            _ => {}
-        }
+}
+
+fn write_summary(plan: &Plan, summary: &Summary, out: &mut dyn Write) -> Result<()> {
+    let attach: serde_json::Map<String, serde_json::Value> = plan
+        .hooks
+        .iter()
+        .map(|h| (h.hook.name().to_owned(), json!(h.tier)))
+        .collect();
+    let line = json!({
+        "event": "summary",
+        "events": summary.events,
+        "lost": summary.losses.lost,
+        "malformed": summary.losses.malformed,
+        "untracked": summary.losses.untracked,
+        "udp_untracked": summary.losses.udp_untracked,
+        "attach": attach,
+    });
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Err(e) if !is_broken_pipe(&e) => Err(write_err(e)),
+        _ => Ok(()),
     }
-    Ok(summary)
 }

@@ -4,6 +4,7 @@
  * loader keeps the wrappers of the tier the planner chose and turns off
  * autoload for the rest (src/plan.rs names them). */
 #include "common.bpf.h"
+#include "conn.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -13,6 +14,11 @@ enum sl_event_kind _sl_event_kind = SL_EV_BIND;
 enum sl_tier _sl_tier = SL_TIER_FENTRY;
 enum sl_sockopt _sl_sockopt = SL_OPT_REUSEADDR;
 enum sl_stat _sl_stat = SL_STAT_EVENTS_LOST;
+struct sl_conn_event _sl_conn_event = {};
+struct sl_udp_key _sl_udp_key = {};
+struct sl_udp_flow _sl_udp_flow = {};
+enum sl_direction _sl_direction = SL_DIR_UNKNOWN;
+enum sl_conn_flag _sl_conn_flag = SL_CONN_OWNER;
 
 #define SOCKADDR_COPY 28 /* sizeof(struct sockaddr_in6) */
 
@@ -189,8 +195,10 @@ static __always_inline void on_listen(void *ctx, struct socket *sock, int backlo
 	e.tier = tier;
 	e.ret = ret;
 	e.backlog_req = backlog_req;
-	if (ret == 0)
+	if (ret == 0) {
 		e.backlog = BPF_CORE_READ(sk, sk_max_ack_backlog);
+		on_listening(sk);
+	}
 	emit(ctx, &e);
 }
 
@@ -296,5 +304,581 @@ int sl_tp_listen_exit(struct trace_event_raw_sys_exit *ctx)
 	sock = socket_from_fd(st.fd);
 	if (sock)
 		on_listen(ctx, sock, st.backlog_req, (int)ctx->ret, SL_TIER_TRACEPOINT);
+	return 0;
+}
+
+/* ==== connection accounting: thin wrappers around conn.bpf.h ============ */
+
+/* Kernel function shapes, from BTF (src/probe.rs). Branches on them are
+ * pruned at load time, so each fexit reads only arguments that exist. */
+const volatile bool recvmsg_has_nonblock = false; /* before 5.19 */
+const volatile bool accept_has_flags = false;     /* before 6.10 */
+
+static __always_inline __u64 kprobe_cookie(struct sock *sk)
+{
+	/* kprobes cannot call the cookie helper: take it if already assigned. */
+	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+}
+
+/* ---- state ---- */
+
+SEC("fentry/tcp_set_state")
+int BPF_PROG(sl_fe_tcp_set_state, struct sock *sk, int state)
+{
+	on_state(ctx, sk, bpf_get_socket_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
+		 SL_TIER_FENTRY);
+	return 0;
+}
+
+SEC("kprobe/tcp_set_state")
+int BPF_KPROBE(sl_kp_tcp_set_state, struct sock *sk, int state)
+{
+	on_state(ctx, sk, kprobe_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
+		 SL_TIER_KPROBE);
+	return 0;
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
+{
+	on_state(ctx, sk, bpf_get_socket_cookie(sk), oldstate, newstate, SL_TIER_TRACEPOINT);
+	return 0;
+}
+
+/* ---- accept ---- */
+
+SEC("fexit/inet_csk_accept")
+int BPF_PROG(sl_fx_accept)
+{
+	struct sock *sk = (struct sock *)(accept_has_flags ? ctx[4] : ctx[2]);
+
+	if (sk)
+		on_accept(ctx, sk, bpf_get_socket_cookie(sk), SL_TIER_FENTRY);
+	return 0;
+}
+
+SEC("kretprobe/inet_csk_accept")
+int BPF_KRETPROBE(sl_kr_accept, struct sock *sk)
+{
+	if (sk)
+		on_accept(ctx, sk, kprobe_cookie(sk), SL_TIER_KPROBE);
+	return 0;
+}
+
+static __always_inline int accept_exit(void *ctx, long fd)
+{
+	struct socket *sock = fd >= 0 ? socket_from_fd(fd) : NULL;
+
+	if (sock)
+		on_accept(ctx, BPF_CORE_READ(sock, sk), 0, SL_TIER_TRACEPOINT);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int sl_tp_accept4_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return accept_exit(ctx, ctx->ret);
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int sl_tp_accept_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return accept_exit(ctx, ctx->ret);
+}
+
+/* ---- send / recv: fentry tier ---- */
+
+static __always_inline void read_msg_name(__u8 *sa, struct msghdr *msg)
+{
+	void *name = BPF_CORE_READ(msg, msg_name);
+
+	if (name)
+		bpf_probe_read_kernel(sa, SOCKADDR_COPY, name);
+}
+
+static __always_inline int send_fexit(void *ctx, struct sock *sk, struct msghdr *msg, long ret)
+{
+	__u8 sa[SOCKADDR_COPY] = {};
+
+	if (ret <= 0)
+		return 0;
+	read_msg_name(sa, msg);
+	on_send(sk, bpf_get_socket_cookie(sk), sa, ret);
+	return 0;
+}
+
+SEC("fexit/tcp_sendmsg")
+int BPF_PROG(sl_fx_tcp_sendmsg, struct sock *sk, struct msghdr *msg, size_t size, int ret)
+{
+	return send_fexit(ctx, sk, msg, ret);
+}
+
+SEC("fexit/udp_sendmsg")
+int BPF_PROG(sl_fx_udp_sendmsg, struct sock *sk, struct msghdr *msg, size_t len, int ret)
+{
+	return send_fexit(ctx, sk, msg, ret);
+}
+
+SEC("fexit/udpv6_sendmsg")
+int BPF_PROG(sl_fx_udp6_sendmsg, struct sock *sk, struct msghdr *msg, size_t len, int ret)
+{
+	return send_fexit(ctx, sk, msg, ret);
+}
+
+static __always_inline int recv_fexit(unsigned long long *ctx)
+{
+	struct sock *sk = (struct sock *)ctx[0];
+	struct msghdr *msg = (struct msghdr *)ctx[1];
+	int flags = recvmsg_has_nonblock ? (int)ctx[4] : (int)ctx[3];
+	long ret = recvmsg_has_nonblock ? (long)(int)ctx[6] : (long)(int)ctx[5];
+	__u8 sa[SOCKADDR_COPY] = {};
+
+	if (ret <= 0 || (flags & MSG_PEEK))
+		return 0;
+	read_msg_name(sa, msg);
+	on_recv(ctx, sk, bpf_get_socket_cookie(sk), sa, ret, flags, SL_TIER_FENTRY);
+	return 0;
+}
+
+SEC("fexit/tcp_recvmsg")
+int BPF_PROG(sl_fx_tcp_recvmsg)
+{
+	return recv_fexit(ctx);
+}
+
+SEC("fexit/udp_recvmsg")
+int BPF_PROG(sl_fx_udp_recvmsg)
+{
+	return recv_fexit(ctx);
+}
+
+SEC("fexit/udpv6_recvmsg")
+int BPF_PROG(sl_fx_udp6_recvmsg)
+{
+	return recv_fexit(ctx);
+}
+
+/* ---- send / recv: kprobe tier ---- */
+
+struct msg_stash {
+	__u64 sk;
+	__u64 msg;
+	__s32 flags;
+	__s32 ret;
+	__u64 uaddr;  /* tracepoint tier: the caller's sockaddr (user memory) */
+	__u64 cookie;
+	__u8 pending; /* tracepoint tier: a recv waits for the syscall exit */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct msg_stash);
+} send_stash SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct msg_stash);
+} recv_stash SEC(".maps");
+
+static __always_inline int stash_msg(void *map, struct sock *sk, struct msghdr *msg, int flags)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct msg_stash st = { .sk = (__u64)sk, .msg = (__u64)msg, .flags = flags };
+
+	bpf_map_update_elem(map, &id, &st, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int take_msg(void *map, struct msg_stash *out)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct msg_stash *st = bpf_map_lookup_elem(map, &id);
+
+	if (!st)
+		return 0;
+	*out = *st;
+	bpf_map_delete_elem(map, &id);
+	return 1;
+}
+
+static __always_inline int send_kretprobe(long ret)
+{
+	struct msg_stash st;
+	__u8 sa[SOCKADDR_COPY] = {};
+	struct sock *sk;
+
+	if (!take_msg(&send_stash, &st) || ret <= 0)
+		return 0;
+	sk = (struct sock *)st.sk;
+	read_msg_name(sa, (struct msghdr *)st.msg);
+	on_send(sk, kprobe_cookie(sk), sa, ret);
+	return 0;
+}
+
+static __always_inline int recv_kretprobe(void *ctx, long ret)
+{
+	struct msg_stash st;
+	__u8 sa[SOCKADDR_COPY] = {};
+	struct sock *sk;
+
+	if (!take_msg(&recv_stash, &st) || ret <= 0)
+		return 0;
+	sk = (struct sock *)st.sk;
+	read_msg_name(sa, (struct msghdr *)st.msg);
+	on_recv(ctx, sk, kprobe_cookie(sk), sa, ret, st.flags, SL_TIER_KPROBE);
+	return 0;
+}
+
+SEC("kprobe/tcp_sendmsg")
+int BPF_KPROBE(sl_kp_tcp_sendmsg, struct sock *sk, struct msghdr *msg)
+{
+	return stash_msg(&send_stash, sk, msg, 0);
+}
+
+SEC("kretprobe/tcp_sendmsg")
+int BPF_KRETPROBE(sl_kr_tcp_sendmsg, int ret)
+{
+	return send_kretprobe(ret);
+}
+
+SEC("kprobe/udp_sendmsg")
+int BPF_KPROBE(sl_kp_udp_sendmsg, struct sock *sk, struct msghdr *msg)
+{
+	return stash_msg(&send_stash, sk, msg, 0);
+}
+
+SEC("kretprobe/udp_sendmsg")
+int BPF_KRETPROBE(sl_kr_udp_sendmsg, int ret)
+{
+	return send_kretprobe(ret);
+}
+
+SEC("kprobe/udpv6_sendmsg")
+int BPF_KPROBE(sl_kp_udp6_sendmsg, struct sock *sk, struct msghdr *msg)
+{
+	return stash_msg(&send_stash, sk, msg, 0);
+}
+
+SEC("kretprobe/udpv6_sendmsg")
+int BPF_KRETPROBE(sl_kr_udp6_sendmsg, int ret)
+{
+	return send_kretprobe(ret);
+}
+
+static __always_inline int recv_kprobe(struct pt_regs *ctx)
+{
+	struct sock *sk = (struct sock *)PT_REGS_PARM1(ctx);
+	struct msghdr *msg = (struct msghdr *)PT_REGS_PARM2(ctx);
+	int flags = recvmsg_has_nonblock ? (int)PT_REGS_PARM5(ctx) : (int)PT_REGS_PARM4(ctx);
+
+	return stash_msg(&recv_stash, sk, msg, flags);
+}
+
+SEC("kprobe/tcp_recvmsg")
+int BPF_KPROBE(sl_kp_tcp_recvmsg)
+{
+	return recv_kprobe(ctx);
+}
+
+SEC("kretprobe/tcp_recvmsg")
+int BPF_KRETPROBE(sl_kr_tcp_recvmsg, int ret)
+{
+	return recv_kretprobe(ctx, ret);
+}
+
+SEC("kprobe/udp_recvmsg")
+int BPF_KPROBE(sl_kp_udp_recvmsg)
+{
+	return recv_kprobe(ctx);
+}
+
+SEC("kretprobe/udp_recvmsg")
+int BPF_KRETPROBE(sl_kr_udp_recvmsg, int ret)
+{
+	return recv_kretprobe(ctx, ret);
+}
+
+SEC("kprobe/udpv6_recvmsg")
+int BPF_KPROBE(sl_kp_udp6_recvmsg)
+{
+	return recv_kprobe(ctx);
+}
+
+SEC("kretprobe/udpv6_recvmsg")
+int BPF_KRETPROBE(sl_kr_udp6_recvmsg, int ret)
+{
+	return recv_kretprobe(ctx, ret);
+}
+
+/* ---- send / recv: tracepoint tier ----
+ * sock_send_length/sock_recv_length carry the socket and the return value of
+ * every sendmsg/recvmsg. An unconnected UDP socket's peer is not among them:
+ * the syscall tracepoints stash where the caller's sockaddr lives. */
+
+static __always_inline __u64 user_msg_name(unsigned long umsg)
+{
+	void *name = NULL;
+
+	bpf_probe_read_user(&name, sizeof(name), (void *)umsg); /* msg_name is first */
+	return (__u64)name;
+}
+
+static __always_inline int stash_uaddr(void *map, __u64 uaddr)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct msg_stash st = { .uaddr = uaddr };
+
+	bpf_map_update_elem(map, &id, &st, BPF_ANY);
+	return 0;
+}
+
+static __always_inline void read_user_sa(__u8 *sa, __u64 uaddr)
+{
+	if (uaddr && bpf_probe_read_user(sa, SOCKADDR_COPY, (void *)uaddr))
+		bpf_probe_read_user(sa, 16, (void *)uaddr);
+}
+
+static __always_inline int drop_stash(void *map)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	bpf_map_delete_elem(map, &id);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendto")
+int sl_tp_sendto_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return stash_uaddr(&send_stash, ctx->args[4]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendmsg")
+int sl_tp_sendmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return stash_uaddr(&send_stash, user_msg_name(ctx->args[1]));
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendto")
+int sl_tp_sendto_exit(void *ctx)
+{
+	return drop_stash(&send_stash);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendmsg")
+int sl_tp_sendmsg_exit(void *ctx)
+{
+	return drop_stash(&send_stash);
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct msg_stash *st;
+	__u8 sa[SOCKADDR_COPY] = {};
+
+	if (ret <= 0)
+		return 0;
+	st = bpf_map_lookup_elem(&send_stash, &id);
+	if (st)
+		read_user_sa(sa, st->uaddr);
+	on_send(sk, bpf_get_socket_cookie(sk), sa, ret);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvfrom")
+int sl_tp_recvfrom_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return stash_uaddr(&recv_stash, ctx->args[4]);
+}
+
+SEC("tracepoint/syscalls/sys_enter_recvmsg")
+int sl_tp_recvmsg_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return stash_uaddr(&recv_stash, user_msg_name(ctx->args[1]));
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct msg_stash *st;
+
+	if (ret <= 0 || (flags & MSG_PEEK))
+		return 0;
+	st = bpf_map_lookup_elem(&recv_stash, &id);
+	/* The kernel writes an unconnected UDP peer's address to the caller only
+	 * after this point: finish at the syscall exit. */
+	if (st && st->uaddr && sock_proto(sk) == IPPROTO_UDP &&
+	    !BPF_CORE_READ(sk, __sk_common.skc_dport)) {
+		st->sk = (__u64)sk;
+		st->ret = ret;
+		st->flags = flags;
+		st->cookie = bpf_get_socket_cookie(sk);
+		st->pending = 1;
+		return 0;
+	}
+	on_recv(ctx, sk, bpf_get_socket_cookie(sk), NULL, ret, flags, SL_TIER_TRACEPOINT);
+	return 0;
+}
+
+static __always_inline int recv_syscall_exit(void *ctx)
+{
+	struct msg_stash st;
+	__u8 sa[SOCKADDR_COPY] = {};
+
+	if (!take_msg(&recv_stash, &st) || !st.pending)
+		return 0;
+	read_user_sa(sa, st.uaddr);
+	on_recv(ctx, (struct sock *)st.sk, st.cookie, sa, st.ret, st.flags, SL_TIER_TRACEPOINT);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_recvfrom")
+int sl_tp_recvfrom_exit(void *ctx)
+{
+	return recv_syscall_exit(ctx);
+}
+
+SEC("tracepoint/syscalls/sys_exit_recvmsg")
+int sl_tp_recvmsg_exit(void *ctx)
+{
+	return recv_syscall_exit(ctx);
+}
+
+/* ---- sendfile ---- */
+
+SEC("fexit/do_sendfile")
+int BPF_PROG(sl_fx_sendfile, int out_fd, int in_fd, loff_t *ppos, size_t count, loff_t max,
+	     ssize_t ret)
+{
+	if (ret > 0)
+		on_sendfile(socket_from_fd(out_fd), ret);
+	return 0;
+}
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, __s32);
+} sendfile_stash SEC(".maps");
+
+static __always_inline int sendfile_enter(int out_fd)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+
+	bpf_map_update_elem(&sendfile_stash, &id, &out_fd, BPF_ANY);
+	return 0;
+}
+
+static __always_inline int sendfile_exit(long ret)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	__s32 *fd = bpf_map_lookup_elem(&sendfile_stash, &id);
+	__s32 out_fd;
+
+	if (!fd)
+		return 0;
+	out_fd = *fd;
+	bpf_map_delete_elem(&sendfile_stash, &id);
+	if (ret > 0)
+		on_sendfile(socket_from_fd(out_fd), ret);
+	return 0;
+}
+
+SEC("kprobe/do_sendfile")
+int BPF_KPROBE(sl_kp_sendfile, int out_fd)
+{
+	return sendfile_enter(out_fd);
+}
+
+SEC("kretprobe/do_sendfile")
+int BPF_KRETPROBE(sl_kr_sendfile, long ret)
+{
+	return sendfile_exit(ret);
+}
+
+SEC("tracepoint/syscalls/sys_enter_sendfile64")
+int sl_tp_sendfile_enter(struct trace_event_raw_sys_enter *ctx)
+{
+	return sendfile_enter((int)ctx->args[0]);
+}
+
+SEC("tracepoint/syscalls/sys_exit_sendfile64")
+int sl_tp_sendfile_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return sendfile_exit(ctx->ret);
+}
+
+/* ---- retransmit ---- */
+
+SEC("fentry/tcp_retransmit_skb")
+int BPF_PROG(sl_fe_retransmit, struct sock *sk)
+{
+	on_retransmit(ctx, sk, SL_TIER_FENTRY);
+	return 0;
+}
+
+SEC("kprobe/tcp_retransmit_skb")
+int BPF_KPROBE(sl_kp_retransmit, struct sock *sk)
+{
+	on_retransmit(ctx, sk, SL_TIER_KPROBE);
+	return 0;
+}
+
+SEC("tracepoint/tcp/tcp_retransmit_skb")
+int sl_tp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
+{
+	on_retransmit(ctx, (struct sock *)ctx->skaddr, SL_TIER_TRACEPOINT);
+	return 0;
+}
+
+/* ---- seeding: sockets that existed before socklens started ----
+ * Socket iterators walk the TCP and UDP tables of the netns of the task that
+ * reads them; the loader reads them once per network namespace. The owner of
+ * a seeded socket is found in user space from its inode (/proc/PID/fd). */
+
+static __always_inline void seed(struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct sl_conn *c;
+
+	if (bpf_map_lookup_elem(&conns, &key))
+		return;
+	c = conn_track(sk, bpf_get_socket_cookie(sk), SL_DIR_UNKNOWN, false);
+	if (!c)
+		return;
+	c->flags |= SL_CONN_SEEDED;
+	if (c->state == SL_TCP_ESTABLISHED)
+		c->flags |= SL_CONN_ESTABLISHED;
+	read_tcp_info(c, sk);
+}
+
+SEC("iter/tcp")
+int sl_seed_tcp(struct bpf_iter__tcp *ctx)
+{
+	struct sock_common *skc = ctx->sk_common;
+	struct tcp_sock *tp;
+
+	if (!skc)
+		return 0;
+	tp = bpf_skc_to_tcp_sock(skc); /* full sockets only: no TIME_WAIT, no request socks */
+	if (tp)
+		seed((struct sock *)tp);
+	return 0;
+}
+
+SEC("iter/udp")
+int sl_seed_udp(struct bpf_iter__udp *ctx)
+{
+	struct udp_sock *udp = ctx->udp_sk;
+
+	if (udp)
+		seed((struct sock *)udp);
 	return 0;
 }

@@ -9,6 +9,10 @@
 enum sl_event_kind {
 	SL_EV_BIND = 1,
 	SL_EV_LISTEN = 2,
+	SL_EV_CONNECT = 3,    /* an outgoing TCP connection got established */
+	SL_EV_ACCEPT = 4,     /* accept() returned a connection */
+	SL_EV_CLOSE = 5,      /* a tracked TCP connection closed: the whole record */
+	SL_EV_RETRANSMIT = 6, /* one TCP retransmission */
 };
 
 /* The attach tier whose program produced an event. */
@@ -30,7 +34,22 @@ enum sl_sockopt {
 /* Slots of the per-CPU `stats` array. */
 enum sl_stat {
 	SL_STAT_EVENTS_LOST = 0,
+	SL_STAT_UNTRACKED = 1,     /* connections not tracked: the conns map was full */
+	SL_STAT_UDP_UNTRACKED = 2, /* UDP flows not tracked: the udp_flows map was full */
 	SL_STAT_MAX = 4,
+};
+
+enum sl_direction {
+	SL_DIR_UNKNOWN = 0,
+	SL_DIR_OUT = 1, /* connect(), or UDP: this side sent first */
+	SL_DIR_IN = 2,  /* accepted, or UDP: the peer sent first */
+};
+
+enum sl_conn_flag {
+	SL_CONN_OWNER = 1,       /* pid/comm/cgroup were captured in process context */
+	SL_CONN_SEEDED = 2,      /* existed before socklens started; counts are from start */
+	SL_CONN_ESTABLISHED = 4, /* reached ESTABLISHED at least once */
+	SL_CONN_DRAINING = 8,    /* closed while data it received was still unread */
 };
 
 /* bind and listen. Every event record starts with `kind`. */
@@ -54,6 +73,65 @@ struct sl_sock_event {
 	__u32 backlog;     /* listen: what the kernel uses, min(requested, somaxconn) */
 	__u8 addr[16];     /* IPv4 in the first 4 bytes, network order */
 	__u8 comm[SL_COMM_LEN];
+};
+
+/* One TCP connection or UDP socket, keyed by its struct sock address. */
+struct sl_conn {
+	__u64 cookie;      /* socket cookie (0 where the attach tier cannot compute it) */
+	__u64 start_ns;    /* CLOCK_MONOTONIC; when socklens first saw it */
+	__u64 end_ns;
+	__u64 tx_bytes;    /* accepted by sendmsg/sendfile: return values, not sizes asked */
+	__u64 rx_bytes;    /* delivered by recvmsg to the application, MSG_PEEK excluded */
+	__u64 sendfile_bytes;
+	__u64 cgroup_id;
+	__u64 ino;         /* socket inode, to find the owner of seeded sockets */
+	__u32 pid;
+	__u32 uid;
+	__u32 netns;
+	__u32 retransmits; /* tcp_sock.total_retrans: the kernel's own count */
+	__u32 srtt_us;
+	__u32 rttvar_us;
+	__s32 error;       /* sk_err when it closed: why a connect failed */
+	__u16 family;
+	__u16 proto;
+	__u16 sport;
+	__u16 dport;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u8 state;        /* TCP_* */
+	__u8 direction;    /* enum sl_direction */
+	__u8 flags;        /* enum sl_conn_flag bits */
+	__u8 _pad;
+	__u8 comm[SL_COMM_LEN];
+};
+
+/* connect, accept, close, retransmit. */
+struct sl_conn_event {
+	__u32 kind;
+	__u32 tier;
+	__u64 ts_ns;
+	__u64 sk;
+	struct sl_conn conn;
+};
+
+/* A UDP socket and one peer it talks to. */
+struct sl_udp_key {
+	__u64 sk;
+	__u8 addr[16];
+	__u16 port;
+	__u16 family;
+	__u32 _pad;
+};
+
+struct sl_udp_flow {
+	__u64 tx_bytes;
+	__u64 rx_bytes;
+	__u64 tx_packets;
+	__u64 rx_packets;
+	__u64 first_ns;
+	__u64 last_ns;
+	__u32 direction; /* enum sl_direction: who sent first */
+	__u32 _pad;
 };
 
 #endif

@@ -317,16 +317,18 @@ fetch_kernel() {
     download_pkg "$front" "$tmp/debs" "$pkg" || { rm -rf "$tmp"; return 1; }
     local deb dep
     deb=$(echo "$tmp"/debs/*.deb)
+    [ -f "$deb" ] || { log "apt-get download left no single .deb"; rm -rf "$tmp"; return 1; }
     for dep in $(kver_dependencies "$deb" "$kver"); do
         download_pkg "$front" "$tmp/debs" "$dep" || { rm -rf "$tmp"; return 1; }
     done
+    # Explicit checks: this runs inside `if out=$(...)`, where set -e is off.
     for deb in "$tmp"/debs/*.deb; do
-        dpkg -x "$deb" "$tmp/root"
+        dpkg -x "$deb" "$tmp/root" || { log "dpkg -x $deb failed"; rm -rf "$tmp"; return 1; }
     done
     finish_tree "$tmp" "$kver" || { rm -rf "$tmp"; return 1; }
     echo "$pkg $ver" >"$tmp/pkgver"
     rm -rf "$tmp/debs" "$dir"
-    mv "$tmp" "$dir"
+    mv "$tmp" "$dir" || return 1
     # The symlinks are relative, so they survive the rename.
     echo "$dir"
 }
@@ -346,7 +348,7 @@ finish_tree() {
     fi
     # depmod -b looks in BASE/lib/modules; for the /usr/lib layout give it that path.
     [ -e "$dir/root/lib" ] || ln -s usr/lib "$dir/root/lib"
-    depmod -b "$dir/root" "$kver"
+    depmod -b "$dir/root" "$kver" || { log "$kver: depmod failed"; return 1; }
     ln -sfn "${vmlinuz#"$dir"/}" "$dir/vmlinuz"
     ln -sfn "${moddir#"$dir"/}" "$dir/modules"
     link_config "$dir" "$kver"
@@ -367,56 +369,65 @@ link_config() {
     log "$kver: no kernel config in the packages (guest has no /boot/config-$kver)"
 }
 
-# Returns 0 and prints the kernel dir, or prints a reason on stdout and returns 1.
+# Resolves and fetches one series. Returns 0 with RESULT = kernel dir, or 1
+# with RESULT = the reason. Not run in a subshell, so refreshes happen once per run.
 handle_series() {
     local series=$1 front pkg ver dir
+    RESULT=
     if [ "$(series_kind "$series")" = required ]; then
         front=apt_system
     else
         front=apt_private
         if [ "$PRIVATE_OK" != 1 ]; then
-            echo "$PRIVATE_REASON"
+            RESULT=$PRIVATE_REASON
             return 1
         fi
     fi
     pkg=$(resolve_package "$front" "$series")
-    if [ -z "$pkg" ] && [ "$front" = apt_system ] && [ "$OFFLINE" != 1 ]; then
+    if [ -z "$pkg" ] && [ "$front" = apt_system ] && refresh_apt "$front"; then
         # The machine's lists may never have been fetched (fresh container).
-        refresh_system_apt
         pkg=$(resolve_package "$front" "$series")
     fi
     if [ -z "$pkg" ]; then
-        if [ "$OFFLINE" = 1 ]; then
-            cached_series_dir "$series" && return 0
+        if [ "$OFFLINE" = 1 ] && RESULT=$(cached_series_dir "$series"); then
+            return 0
         fi
-        echo "no package matches $(series_pattern "$series")"
+        RESULT="no package matches $(series_pattern "$series")"
         return 1
     fi
     ver=$(candidate_version "$front" "$pkg")
     if dir=$(fetch_kernel "$front" "$pkg" "$ver"); then
-        echo "$dir"
+        RESULT=$dir
         return 0
     fi
-    if [ "$front" = apt_system ] && [ "$OFFLINE" != 1 ] && [ "$SYSTEM_REFRESHED" != 1 ]; then
-        # Stale system lists name a .deb the mirror no longer has: refresh, re-resolve once.
-        refresh_system_apt
+    # Stale lists can name a .deb the mirror no longer has (old ABI names drop
+    # off): refresh them and re-resolve, once per run and apt state.
+    if refresh_apt "$front"; then
         pkg=$(resolve_package "$front" "$series")
         ver=$(candidate_version "$front" "$pkg")
         if [ -n "$pkg" ] && dir=$(fetch_kernel "$front" "$pkg" "$ver"); then
-            echo "$dir"
+            RESULT=$dir
             return 0
         fi
     fi
-    echo "download of $pkg $ver failed"
+    RESULT="download of $pkg $ver failed"
     return 1
 }
 
-SYSTEM_REFRESHED=0
-refresh_system_apt() {
-    [ "$SYSTEM_REFRESHED" = 1 ] && return 0
-    SYSTEM_REFRESHED=1
-    log "refreshing the machine's apt lists"
-    apt-get -q update >&2 || log "apt-get update had errors"
+# Forces an update of the system or the private lists; returns 1 when that was
+# already done in this run (or offline), so callers retry at most once.
+declare -A REFRESHED=()
+refresh_apt() {
+    local front=$1
+    [ "$OFFLINE" != 1 ] && [ -z "${REFRESHED[$front]:-}" ] || return 1
+    REFRESHED[$front]=1
+    if [ "$front" = apt_system ]; then
+        log "refreshing the machine's apt lists"
+        apt-get -q update >&2 || log "apt-get update had errors"
+    else
+        APT_MAX_AGE=-1 update_private_apt || true
+    fi
+    return 0
 }
 
 # Offline fallback: the newest cached kernel dir of a series.
@@ -450,17 +461,16 @@ main() {
         fi
     done
 
-    local rc=0 out kver
+    local rc=0
     for s in "${series[@]}"; do
-        if out=$(handle_series "$s"); then
-            kver=$(cat "$out/kver")
-            echo "$s $kver $out"
+        if handle_series "$s"; then
+            echo "$s $(cat "$RESULT/kver") $RESULT"
         elif [ "$(series_kind "$s")" = wanted ]; then
-            log "$s: skipped ($out)"
-            echo "$s - skipped (unavailable: $out)"
+            log "$s: skipped ($RESULT)"
+            echo "$s - skipped (unavailable: $RESULT)"
         else
-            log "$s: FAILED ($out)"
-            echo "$s - failed ($out)"
+            log "$s: FAILED ($RESULT)"
+            echo "$s - failed ($RESULT)"
             rc=1
         fi
     done

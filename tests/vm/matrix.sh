@@ -4,7 +4,8 @@
 #
 # Usage: tests/vm/matrix.sh [options] -- CMD [ARGS...]
 #   --tiers "T1 T2 ..."     attach tiers, each run with SOCKLENS_ATTACH=T
-#                           (default "auto fentry kprobe tracepoint")
+#                           (default "auto fentry kprobe tracepoint"). T:E also sets
+#                           SOCKLENS_EXPECT_TIER=E, e.g. "auto:fentry" (auto must pick fentry)
 #   --kernels "S1 S2 ..."   kernel series (default "6.1 6.12 5.10 7"; 6.1/6.12 are required,
 #                           5.10/7 wanted: skipped when unavailable)
 #   --jobs N                VMs side by side (default: number of cores, at most 2)
@@ -97,11 +98,22 @@ series_label() {
 }
 
 # One cell: boots KDIR with SOCKLENS_ATTACH=TIER. Writes "RC SECONDS" to CELL.result.
+# "auto:fentry" -> "auto": the value of SOCKLENS_ATTACH and the log file name.
+tier_name() { echo "${1%%:*}"; }
+
+# Runs in a background subshell; run.sh is its child so that a TERM from
+# stop_cells reaches run.sh (which then stops its QEMU) instead of orphaning it.
 run_cell() {
-    local kdir=$1 tier=$2 cell=$3 t0 rc=0
+    local kdir=$1 tier=$2 cell=$3 t0 rc=0 child
+    local -a env=(--env "SOCKLENS_ATTACH=$(tier_name "$tier")")
+    [[ $tier != *:* ]] || env+=(--env "SOCKLENS_EXPECT_TIER=${tier#*:}")
     t0=$(now)
-    "$HERE/run.sh" "$kdir" --log-dir "$cell.vm" --env "SOCKLENS_ATTACH=$tier" \
-        "${RUN_OPTS[@]}" -- "${CMD[@]}" >"$cell.log" 2>&1 || rc=$?
+    "$HERE/run.sh" "$kdir" --log-dir "$cell.vm" "${env[@]}" \
+        "${RUN_OPTS[@]}" -- "${CMD[@]}" >"$cell.log" 2>&1 &
+    child=$!
+    # shellcheck disable=SC2064  # expand now: child is local
+    trap "kill $child 2>/dev/null; wait $child; exit 143" TERM
+    wait "$child" || rc=$?
     echo "$rc $(elapsed "$t0" "$(now)")" >"$cell.result"
 }
 
@@ -133,7 +145,7 @@ run_cells() {
         # Build the initramfs up front: parallel cells of one kernel would wait on its lock.
         "$HERE/initramfs.sh" "$kdir" >/dev/null
         mkdir -p "$LOG_DIR/$kver"
-        for tier in $TIERS; do cells+=("$kdir|$tier|$LOG_DIR/$kver/$tier"); done
+        for tier in $TIERS; do cells+=("$kdir|$tier|$LOG_DIR/$kver/$(tier_name "$tier")"); done
     done
     CELL_TOTAL=${#cells[@]} CELL_DONE=0
     local c cell
@@ -165,7 +177,7 @@ reap_one() {
 print_table() {
     local line series kver kdir note tier rc secs row
     local header="| kernel | series |" rule="|---|---|"
-    for tier in $TIERS; do header+=" $tier |"; rule+="---|"; done
+    for tier in $TIERS; do header+=" ${tier/:/ → } |"; rule+="---|"; done
     echo "$header"
     echo "$rule"
     for line in "${KERNEL_LINES[@]}"; do
@@ -182,12 +194,25 @@ print_table() {
         else
             row="| $kver | $(series_label "$series") |"
             for tier in $TIERS; do
-                read -r rc secs <"$LOG_DIR/$kver/$tier.result" || { rc=125 secs=0; }
+                read -r rc secs <"$LOG_DIR/$kver/$(tier_name "$tier").result" || { rc=125 secs=0; }
                 [ "$rc" = 0 ] || FAILED=1
                 row+=" $(cell_text "$rc" "$secs") |"
             done
         fi
         echo "$row"
+    done
+}
+
+# The end of each failed cell's log, so that CI output alone explains the failure.
+show_failures() {
+    local f rc
+    for f in "$LOG_DIR"/*/*.result; do
+        [ -e "$f" ] || continue
+        read -r rc _ <"$f"
+        [ "$rc" != 0 ] || continue
+        echo
+        echo "---- ${f%.result}.log (last 30 lines) ----"
+        tail -n 30 "${f%.result}.log"
     done
 }
 
@@ -217,7 +242,7 @@ main() {
     echo "command: ${CMD[*]}"
     echo "logs: $LOG_DIR (per cell: KVER/TIER.log, VM console: KVER/TIER.vm/)"
     echo "total wall time: ${total} s (VM cells: ${cells} s, ${JOBS} at a time)"
-    [ "$FAILED" = 0 ] || { echo "matrix: FAILED"; exit 1; }
+    [ "$FAILED" = 0 ] || { show_failures; echo "matrix: FAILED"; exit 1; }
     echo "matrix: all passed"
 }
 

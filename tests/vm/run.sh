@@ -127,7 +127,7 @@ stop_qemu() {
     wait "$QEMU_PID" 2>/dev/null || true
 }
 
-# One boot. Sets ATTEMPT_RESULT to finished | noboot | timeout.
+# One boot. Sets ATTEMPT_RESULT to finished | noboot | killed | timeout.
 boot_once() {
     local share=$1 console=$2 initrd=$3 start now
     start_qemu "$share" "$console" "$initrd"
@@ -147,7 +147,14 @@ boot_once() {
         sleep 0.2
     done
     wait "$QEMU_PID" || true
-    if [ -e "$share/started" ]; then ATTEMPT_RESULT=finished; else ATTEMPT_RESULT=noboot; fi
+    if [ -e "$share/started" ]; then
+        ATTEMPT_RESULT=finished
+    elif grep -q 'terminating on signal' "$console"; then
+        # Someone else stopped QEMU (e.g. Ctrl-C reached it): not a flaky boot, do not retry.
+        ATTEMPT_RESULT=killed
+    else
+        ATTEMPT_RESULT=noboot
+    fi
 }
 
 print_output() {
@@ -213,6 +220,10 @@ main() {
                 TMP_RUN_DIR=
                 log "timeout after ${TIMEOUT}s on $(cat "$KDIR/kver") (logs in $run_dir)"
                 exit 124
+                ;;
+            killed)
+                TMP_RUN_DIR=
+                die "QEMU was stopped by a signal before the command ran (logs in $run_dir)"
                 ;;
             noboot)
                 console_tail "$console"

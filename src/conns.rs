@@ -1,0 +1,294 @@
+//! Connection tracking state in user space: seeding sockets that existed
+//! before socklens started, finding their owners, and reading map snapshots.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use libbpf_rs::{Iter, Link, MapCore, MapFlags};
+use nix::sched::{setns, CloneFlags};
+
+use crate::error::{Error, Result};
+use crate::events::Losses;
+use crate::loader::{Session, SEED_PROGRAMS};
+use crate::model::{Conn, UdpFlow};
+use crate::output::Renderer;
+use crate::skel::types::{sl_conn, sl_udp_flow, sl_udp_key};
+use crate::trace::{with_session, Live, TraceEvent, TraceRequest, POLL};
+
+const IPPROTO_UDP: u16 = libc::IPPROTO_UDP as u16;
+
+/// One path per distinct network namespace: every process's, and the named ones.
+fn netns_paths() -> Vec<PathBuf> {
+    let mut seen = BTreeSet::new();
+    let mut paths = Vec::new();
+    let mut consider = |p: PathBuf| {
+        if let Ok(m) = fs::metadata(&p) {
+            if seen.insert(m.ino()) {
+                paths.push(p);
+            }
+        }
+    };
+    consider(PathBuf::from("/proc/self/ns/net"));
+    if let Ok(dir) = fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                consider(e.path().join("ns/net"));
+            }
+        }
+    }
+    if let Ok(dir) = fs::read_dir("/var/run/netns") {
+        for e in dir.flatten() {
+            consider(e.path());
+        }
+    }
+    paths
+}
+
+fn run_iterators(links: &[Link]) -> io::Result<()> {
+    for link in links {
+        let mut it = Iter::new(link).map_err(io::Error::other)?;
+        io::copy(&mut it, &mut io::sink())?;
+    }
+    Ok(())
+}
+
+/// Runs the socket iterators in every network namespace. An iterator walks
+/// the netns of the thread that opens it, so this thread visits each in turn.
+pub fn seed(session: &Session<'_>) -> Result<usize> {
+    let obj = libbpf_rs::skel::Skel::object(&session.skel);
+    let mut links = Vec::new();
+    for prog in obj.progs_mut() {
+        if SEED_PROGRAMS.iter().any(|n| prog.name() == *n) {
+            links.push(
+                prog.attach()
+                    .map_err(|e| Error::kernel("attaching socket iterator", e))?,
+            );
+        }
+    }
+    let home = fs::File::open("/proc/thread-self/ns/net")
+        .map_err(|e| Error::kernel("opening own netns", e))?;
+    let mut visited = 0;
+    for path in netns_paths() {
+        let Ok(ns) = fs::File::open(&path) else {
+            continue;
+        };
+        if setns(&ns, CloneFlags::CLONE_NEWNET).is_err() {
+            continue;
+        }
+        let walked = run_iterators(&links);
+        setns(&home, CloneFlags::CLONE_NEWNET)
+            .map_err(|e| Error::kernel("returning to own netns", e.desc()))?;
+        if walked.is_ok() {
+            visited += 1;
+        }
+    }
+    Ok(visited)
+}
+
+/// Who owns a socket, found from /proc for sockets seeded without one.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    pub pid: u32,
+    pub uid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+}
+
+fn cgroup_id_of(pid: u32, cgroup2: Option<&Path>) -> u64 {
+    let Some(root) = cgroup2 else { return 0 };
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .and_then(|rel| fs::metadata(root.join(rel.trim_start_matches('/'))).ok())
+        .map_or(0, |m| m.ino())
+}
+
+/// Socket inode -> owning process, by reading every /proc/PID/fd link.
+pub fn owners_by_inode(cgroup2: Option<&Path>) -> HashMap<u64, Owner> {
+    let mut owners = HashMap::new();
+    let Ok(procs) = fs::read_dir("/proc") else {
+        return owners;
+    };
+    for p in procs.flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            let t = target.to_string_lossy();
+            let Some(ino) = t.strip_prefix("socket:[").and_then(|r| r.strip_suffix(']')) else {
+                continue;
+            };
+            let Ok(ino) = ino.parse::<u64>() else {
+                continue;
+            };
+            owners.entry(ino).or_insert_with(|| Owner {
+                pid,
+                uid: fs::metadata(p.path()).map_or(0, |m| m.uid()),
+                comm: fs::read_to_string(p.path().join("comm"))
+                    .unwrap_or_default()
+                    .trim_end()
+                    .to_owned(),
+                cgroup_id: cgroup_id_of(pid, cgroup2),
+            });
+        }
+    }
+    owners
+}
+
+/// Owners of sockets the kernel side saw only from softirq or from the
+/// seeding iterator, looked up by socket inode; /proc is rescanned on a miss,
+/// at most twice a second.
+pub struct Owners {
+    cgroup2: Option<PathBuf>,
+    by_inode: HashMap<u64, Owner>,
+    last_scan: Option<Instant>,
+}
+
+impl Owners {
+    pub fn new(cgroup2: Option<PathBuf>) -> Self {
+        Self {
+            cgroup2,
+            by_inode: HashMap::new(),
+            last_scan: None,
+        }
+    }
+
+    /// Fills in the owner of `conn` when the kernel side did not know it.
+    pub fn adopt(&mut self, conn: &mut Conn) {
+        if conn.owner_known || conn.ino == 0 {
+            return;
+        }
+        if !self.by_inode.contains_key(&conn.ino)
+            && self
+                .last_scan
+                .is_none_or(|t| t.elapsed() >= Duration::from_millis(500))
+        {
+            self.by_inode = owners_by_inode(self.cgroup2.as_deref());
+            self.last_scan = Some(Instant::now());
+        }
+        if let Some(o) = self.by_inode.get(&conn.ino) {
+            conn.pid = o.pid;
+            conn.uid = o.uid;
+            conn.comm.clone_from(&o.comm);
+            conn.cgroup_id = o.cgroup_id;
+            conn.owner_known = true;
+        }
+    }
+}
+
+/// Every tracked connection and UDP flow, as the maps hold them now.
+pub fn snapshot(session: &Session<'_>) -> (Vec<Conn>, Vec<UdpFlow>) {
+    let maps = &session.skel.maps;
+    let conns = maps
+        .conns
+        .keys()
+        .filter_map(|k| {
+            let v = maps.conns.lookup(&k, MapFlags::ANY).ok().flatten()?;
+            let mut raw = sl_conn::default();
+            plain::copy_from_bytes(&mut raw, &v).ok()?;
+            let sk = u64::from_ne_bytes(k.get(..8)?.try_into().ok()?);
+            Some(Conn::from_raw(sk, &raw))
+        })
+        .collect();
+    let flows = maps
+        .udp_flows
+        .keys()
+        .filter_map(|k| {
+            let v = maps.udp_flows.lookup(&k, MapFlags::ANY).ok().flatten()?;
+            let mut key = sl_udp_key::default();
+            let mut raw = sl_udp_flow::default();
+            plain::copy_from_bytes(&mut key, &k).ok()?;
+            plain::copy_from_bytes(&mut raw, &v).ok()?;
+            Some(UdpFlow::from_raw(&key, &raw))
+        })
+        .collect();
+    (conns, flows)
+}
+
+/// Events whose hooks make up connection tracking; `conns` and `top` load
+/// them all and read the maps instead of printing the events.
+pub fn snapshot_events() -> Vec<TraceEvent> {
+    vec![
+        TraceEvent::Connect,
+        TraceEvent::Accept,
+        TraceEvent::Close,
+        TraceEvent::Retransmit,
+    ]
+}
+
+/// Tracked connections with owners settled and filters applied, keyed by sk.
+pub fn settled_snapshot(live: &mut Live<'_>) -> (BTreeMap<u64, Conn>, Vec<UdpFlow>) {
+    let (conns, flows) = snapshot(live.session);
+    let conns = conns
+        .into_iter()
+        .filter_map(|mut c| live.settle(&mut c).then_some((c.sk, c)))
+        .collect::<BTreeMap<_, _>>();
+    let flows = flows
+        .into_iter()
+        .filter(|f| conns.contains_key(&f.sk))
+        .collect();
+    (conns, flows)
+}
+
+/// `socklens conns`: track for `duration`, then print every tracked
+/// connection and UDP flow once.
+pub fn run(
+    req: &TraceRequest,
+    duration: Duration,
+    stop: &AtomicBool,
+    out: &mut dyn Write,
+) -> Result<Losses> {
+    with_session(req, |live| {
+        let deadline = Instant::now() + duration;
+        while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
+            live.stream.poll(POLL)?;
+        }
+        let (conns, flows) = settled_snapshot(live);
+        let mut lines = Vec::new();
+        if !live.renderer.json {
+            lines.push(Renderer::CONN_HEADER.to_owned());
+        }
+        let udp_with_flows: BTreeSet<u64> = flows.iter().map(|f| f.sk).collect();
+        for c in conns.values() {
+            if c.proto == IPPROTO_UDP && udp_with_flows.contains(&c.sk) {
+                continue; // shown per peer below
+            }
+            lines.push(if live.renderer.json {
+                let mut v = live.renderer.conn_json(c);
+                v["event"] = serde_json::json!("conn");
+                v.to_string()
+            } else {
+                live.renderer.conn_snapshot_columns(c)
+            });
+        }
+        for f in &flows {
+            let owner = conns.get(&f.sk);
+            lines.push(if live.renderer.json {
+                live.renderer.udp_flow_json(owner, f).to_string()
+            } else {
+                live.renderer.udp_flow_columns(owner, f)
+            });
+        }
+        for l in lines {
+            writeln!(out, "{l}").map_err(|e| Error::kernel("writing snapshot", e))?;
+        }
+        out.flush()
+            .map_err(|e| Error::kernel("writing snapshot", e))?;
+        Ok(live.stream.losses())
+    })
+}
