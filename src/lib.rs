@@ -16,4 +16,5 @@ pub mod plan;
 pub mod probe;
 pub mod skel;
 pub mod system;
+pub mod top;
 pub mod trace;
