@@ -293,7 +293,7 @@ fn listener() -> (TcpListener, u16) {
     (l, port)
 }
 
-fn rows<'a>(lines: &'a [Value], interval: u64) -> Vec<&'a Value> {
+fn rows(lines: &[Value], interval: u64) -> Vec<&Value> {
     lines
         .iter()
         .filter(|v| v["event"] == "top" && v["interval"] == interval)
