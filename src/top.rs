@@ -667,10 +667,12 @@ fn clock(t: OffsetDateTime) -> String {
 }
 
 impl Sheet {
-    fn new(report: &Report, view: View, renderer: &mut Renderer) -> Self {
+    /// At most `limit` rows: the TUI renders only what fits.
+    fn new(report: &Report, view: View, renderer: &mut Renderer, limit: usize) -> Self {
         let rows = view
             .rows(report)
             .iter()
+            .take(limit)
             .map(|r| row_cells(r, report.elapsed, renderer))
             .collect();
         Self {
@@ -770,39 +772,33 @@ fn key_json(row: &Row, renderer: &mut Renderer) -> Value {
     }
 }
 
-/// One object per row, then one `top_interval` object with the totals.
-fn json_lines(report: &Report, view: View, renderer: &mut Renderer) -> Vec<Value> {
-    let time = report.time.format(&Rfc3339).unwrap_or_default();
-    let secs = report.elapsed.as_secs_f64();
-    let mut lines: Vec<Value> = view
-        .rows(report)
-        .iter()
-        .map(|row| {
-            let mut v = key_json(row, renderer);
-            v["event"] = json!("top");
-            v["interval"] = json!(report.index);
-            v["interval_s"] = json!(secs);
-            v["time"] = json!(time);
-            v["by"] = json!(view.by.name());
-            v["conns"] = json!(row.conns);
-            v["closed"] = json!(row.closed);
-            v["tx_bytes"] = json!(row.delta.tx);
-            v["rx_bytes"] = json!(row.delta.rx);
-            v["tx_bytes_per_s"] = json!(round1(per_second(row.delta.tx, report.elapsed)));
-            v["rx_bytes_per_s"] = json!(round1(per_second(row.delta.rx, report.elapsed)));
-            v["retransmits"] = json!(row.delta.retrans);
-            v
-        })
-        .collect();
+fn json_row(report: &Report, view: View, row: &Row, renderer: &mut Renderer) -> Value {
+    let mut v = key_json(row, renderer);
+    v["event"] = json!("top");
+    v["interval"] = json!(report.index);
+    v["interval_s"] = json!(report.elapsed.as_secs_f64());
+    v["time"] = json!(report.time.format(&Rfc3339).unwrap_or_default());
+    v["by"] = json!(view.by.name());
+    v["conns"] = json!(row.conns);
+    v["closed"] = json!(row.closed);
+    v["tx_bytes"] = json!(row.delta.tx);
+    v["rx_bytes"] = json!(row.delta.rx);
+    v["tx_bytes_per_s"] = json!(round1(per_second(row.delta.tx, report.elapsed)));
+    v["rx_bytes_per_s"] = json!(round1(per_second(row.delta.rx, report.elapsed)));
+    v["retransmits"] = json!(row.delta.retrans);
+    v
+}
+
+fn json_totals(report: &Report, view: View, rows: usize) -> Value {
     let t = &report.totals;
-    lines.push(json!({
+    json!({
         "event": "top_interval",
         "interval": report.index,
-        "interval_s": secs,
-        "time": time,
+        "interval_s": report.elapsed.as_secs_f64(),
+        "time": report.time.format(&Rfc3339).unwrap_or_default(),
         "by": view.by.name(),
         "sort": view.sort.name(),
-        "rows": lines.len(),
+        "rows": rows,
         "tracked": t.tracked,
         "listening": t.listening,
         "udp_flows": t.udp_flows,
@@ -814,8 +810,23 @@ fn json_lines(report: &Report, view: View, renderer: &mut Renderer) -> Vec<Value
         "malformed": t.losses.malformed,
         "untracked": t.losses.untracked,
         "udp_untracked": t.losses.udp_untracked,
-    }));
-    lines
+    })
+}
+
+/// One object per row, then one `top_interval` object with the totals.
+/// Rows are written as they are made: a JSON value costs a few KiB, and an
+/// interval of a busy host can have tens of thousands of rows.
+fn write_json(
+    report: &Report,
+    view: View,
+    renderer: &mut Renderer,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let rows = view.rows(report);
+    for row in &rows {
+        writeln!(out, "{}", json_row(report, view, row, renderer))?;
+    }
+    writeln!(out, "{}", json_totals(report, view, rows.len()))
 }
 
 // ---- the terminal UI -------------------------------------------------------
@@ -875,6 +886,18 @@ impl<'w> Screen<'w> {
             terminal,
             _guard: guard,
         })
+    }
+
+    /// Rows that fit under the two header lines, the column titles and the footer.
+    fn visible_rows(&self) -> usize {
+        self.terminal
+            .size()
+            .map_or(0, |s| usize::from(s.height).saturating_sub(4))
+    }
+
+    fn show(&mut self, report: &Report, view: View, renderer: &mut Renderer) -> Result<()> {
+        let sheet = Sheet::new(report, view, renderer, self.visible_rows());
+        self.draw(&sheet)
     }
 
     fn draw(&mut self, sheet: &Sheet) -> Result<()> {
@@ -963,28 +986,19 @@ enum Output<'w> {
 impl Output<'_> {
     /// Writes one interval; false when the reader went away (broken pipe).
     fn show(&mut self, report: &Report, view: View, renderer: &mut Renderer) -> Result<bool> {
-        let lines: Vec<String> = match self {
+        let written = match self {
             Self::Tui(screen) => {
-                screen.draw(&Sheet::new(report, view, renderer))?;
+                screen.show(report, view, renderer)?;
                 return Ok(true);
             }
-            Self::Json(_) => json_lines(report, view, renderer)
+            Self::Json(out) => write_json(report, view, renderer, *out).and_then(|()| out.flush()),
+            Self::Text(out) => Sheet::new(report, view, renderer, usize::MAX)
+                .text()
                 .iter()
-                .map(Value::to_string)
-                .collect(),
-            Self::Text(_) => {
-                let mut l = Sheet::new(report, view, renderer).text();
-                l.push(String::new());
-                l
-            }
+                .try_for_each(|l| writeln!(out, "{l}"))
+                .and_then(|()| writeln!(out))
+                .and_then(|()| out.flush()),
         };
-        let (Self::Json(out) | Self::Text(out)) = self else {
-            return Ok(true);
-        };
-        let written = lines
-            .iter()
-            .try_for_each(|l| writeln!(out, "{l}"))
-            .and_then(|()| out.flush());
         match written {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
@@ -1028,7 +1042,7 @@ fn handle_keys(
     }
     if !inputs.is_empty() {
         match last {
-            Some(report) => screen.draw(&Sheet::new(report, *view, renderer))?,
+            Some(report) => screen.show(report, *view, renderer)?,
             None => screen.draw(&Sheet::waiting(*view, interval))?,
         }
     }
@@ -1334,7 +1348,7 @@ mod tests {
             by: GroupBy::Conn,
             sort: SortKey::Rx,
         };
-        let lines = Sheet::new(&r, view, &mut renderer()).text();
+        let lines = Sheet::new(&r, view, &mut renderer(), usize::MAX).text();
         assert!(lines[0].contains("interval 3 (2.00 s)"), "{lines:?}");
         assert!(lines[1].contains("TX 2.0 KiB/s RX 1.0 KiB/s"), "{lines:?}");
         assert!(lines[2].starts_with("    PID COMM"), "{lines:?}");
@@ -1353,7 +1367,13 @@ mod tests {
             by: GroupBy::Process,
             sort: SortKey::Rx,
         };
-        let lines = json_lines(&r, view, &mut renderer());
+        let mut out = Vec::new();
+        write_json(&r, view, &mut renderer(), &mut out).unwrap();
+        let lines: Vec<Value> = String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(lines.len(), 2);
         let row = &lines[0];
         assert_eq!(row["event"], "top");

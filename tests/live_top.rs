@@ -98,13 +98,12 @@ impl Top {
                 }
             });
         }
-        let top = Self {
+        let mut top = Self {
             child,
             lines,
             stderr,
         };
         let deadline = Instant::now() + WAIT;
-        let mut top = top;
         while ready.recv_timeout(Duration::from_millis(100)).is_err() {
             if let Ok(Some(status)) = top.child.try_wait() {
                 thread::sleep(Duration::from_millis(100));
