@@ -1059,8 +1059,9 @@ fn watch(
         by: opts.by,
         sort: opts.sort,
     };
-    let (initial, _) = settled_snapshot(live);
-    let mut acct = Accountant::new(&initial);
+    // Only the accountant's baseline is kept: a snapshot of a full map is
+    // tens of MiB.
+    let mut acct = Accountant::new(&settled_snapshot(live).0);
     let mut started = Instant::now();
     let mut last: Option<Report> = None;
     if let Output::Tui(screen) = output {
