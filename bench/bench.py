@@ -3,7 +3,7 @@
 what this needs). Part 1 alternates tracer conditions round by round on each
 workload; part 2 measures memory and start-up with many tracked connections.
 
-Environment knobs: ROUNDS (5), SECS (5 per run), CHURN_CLIENTS (2),
+Environment knobs: ROUNDS (5), SECS (5 per run), CHURN_CLIENTS (2), QUIET_WAIT (60),
 IDLE_PAIRS (32768: two tracked sockets each, so 65,536 entries),
 BIG_PAIRS (65536, tracked with --max-conns 131072; 0 skips),
 STARTUPS (5)."""
@@ -30,6 +30,11 @@ CHURN_CLIENTS = int(os.environ.get("CHURN_CLIENTS", "2"))
 IDLE_PAIRS = int(os.environ.get("IDLE_PAIRS", "32768"))
 BIG_PAIRS = int(os.environ.get("BIG_PAIRS", "65536"))
 STARTUPS = int(os.environ.get("STARTUPS", "5"))
+QUIET_WAIT = float(os.environ.get("QUIET_WAIT", "60"))
+QUIET_CORES = 0.2
+# A round counts as contended when other processes used more than this much
+# of a core (out of 2) during any of its runs; medians use the other rounds.
+CONTENDED_CORES = 0.75
 NS = f"slbench{os.getpid()}"
 ALL_EVENTS = "bind,listen,connect,accept,close,retransmit"
 READY = "Ctrl-C to stop"
@@ -61,6 +66,29 @@ def busy_jiffies():
         v = [int(x) for x in f.readline().split()[1:]]
     idle = v[3] + v[4]
     return sum(v[:8]) - idle
+
+
+def task_jiffies():
+    """All CPUs' user + nice + system time: what processes ran, without idle,
+    iowait, irq and softirq (so it compares with processes' utime + stime)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return v[0] + v[1] + v[2]
+
+
+def wait_quiet():
+    """Waits (bounded by QUIET_WAIT s) until the rest of the host uses less
+    than QUIET_CORES of CPU; returns the last reading, in cores. Other work on
+    this 2-core machine (VM test matrices, builds) skews a run far more than
+    any tracer does."""
+    deadline = time.time() + QUIET_WAIT
+    while True:
+        j0 = task_jiffies()
+        time.sleep(1)
+        cores = (task_jiffies() - j0) / os.sysconf("SC_CLK_TCK")
+        if cores < QUIET_CORES or time.time() > deadline:
+            return cores
+        time.sleep(2)
 
 
 def proc_cpu(pid):
@@ -173,22 +201,26 @@ def workload(name):
     secs = str(SECS)
     if name == "rr-1B":
         r = run_loadgen("rr", "1", secs)
-        return r["rate"], r["ops"], "transactions/s"
+        return r["rate"], r["ops"], "transactions/s", r["cpu_s"]
     if name == "rr-1KiB":
         r = run_loadgen("rr", "1024", secs)
-        return r["rate"], r["ops"], "transactions/s"
+        return r["rate"], r["ops"], "transactions/s", r["cpu_s"]
     if name == "churn":
         r = run_loadgen("churn", secs, str(CHURN_CLIENTS))
         if r["failed"]:
             log(f"churn: {r['failed']} connections failed")
-        return r["rate"], r["ops"], "connections/s"
+        return r["rate"], r["ops"], "connections/s", r["cpu_s"]
     if name == "iperf3":
         out = subprocess.run(in_ns("iperf3", "-c", "127.0.0.1", "-t", secs, "-J"),
                              check=True, capture_output=True, text=True,
                              timeout=SECS + TIMEOUT).stdout
-        end = json.loads(out)["end"]["sum_received"]
+        end = json.loads(out)["end"]
+        got = end["sum_received"]
+        # iperf3's own CPU use, client and server, in % of one CPU.
+        cpu = (end["cpu_utilization_percent"]["host_total"]
+               + end["cpu_utilization_percent"]["remote_total"]) / 100 * got["seconds"]
         # ops in MiB, so "CPU per op" reads per MiB moved.
-        return end["bits_per_second"] / 1e9, end["bytes"] / 2**20, "Gbit/s"
+        return got["bits_per_second"] / 1e9, got["bytes"] / 2**20, "Gbit/s", cpu
     raise ValueError(name)
 
 
@@ -199,13 +231,17 @@ CONDITIONS = ["base", "socklens-trace", "socklens-conns", "bpftrace"]
 def one_run(wl, cond):
     tracer = Tracer(cond)
     tracer.start()
-    b0, t0 = busy_jiffies(), tracer.cpu()
-    rate, ops, unit = workload(wl)
-    b1, t1 = busy_jiffies(), tracer.cpu()
+    b0, j0, t0, w0 = busy_jiffies(), task_jiffies(), tracer.cpu(), time.time()
+    rate, ops, unit, load_cpu = workload(wl)
+    b1, j1, t1, w1 = busy_jiffies(), task_jiffies(), tracer.cpu(), time.time()
     events, lost = tracer.stop()
+    hz = os.sysconf("SC_CLK_TCK")
+    # CPU of processes that are not part of this run, in cores.
+    foreign = max(0.0, (j1 - j0) / hz - load_cpu - (t1 - t0)) / (w1 - w0)
     return {
         "workload": wl, "condition": cond, "rate": rate, "ops": ops, "unit": unit,
-        "busy_s": (b1 - b0) / os.sysconf("SC_CLK_TCK"), "tracer_cpu_s": t1 - t0,
+        "busy_s": (b1 - b0) / hz, "tracer_cpu_s": t1 - t0, "load_cpu_s": load_cpu,
+        "foreign_cores": foreign,
         "events": events, "lost": lost, "tracer_hwm_kib": getattr(tracer, "hwm", None),
     }
 
@@ -216,11 +252,14 @@ def side_by_side():
         # Rotate the order each round, so no condition always runs first.
         order = CONDITIONS[r % len(CONDITIONS):] + CONDITIONS[:r % len(CONDITIONS)]
         for wl in WORKLOADS:
+            quiet = wait_quiet()
             for cond in order:
                 res = one_run(wl, cond)
                 res["round"] = r
+                res["quiet_cores_before"] = quiet
                 results.append(res)
-                log(f"round {r + 1}/{ROUNDS} {wl:8} {cond:15} {res['rate']:.2f} {res['unit']}"
+                log(f"round {r + 1}/{ROUNDS} {wl:8} {cond:15} {res['rate']:.2f} {res['unit']} "
+                    f"(others {res['foreign_cores']:.2f} cores)"
                     + (f" events {res['events']} lost {res['lost']}" if res["events"] is not None else ""))
     return results
 
@@ -264,7 +303,7 @@ def bpf_stats_pass():
                 tracer.start()
                 before = bpf_run_stats(tracer.proc.pid)
                 t0 = tracer.cpu()
-                rate, ops, unit = workload(wl)
+                rate, ops, unit, _ = workload(wl)
                 t1 = tracer.cpu()
                 after = bpf_run_stats(tracer.proc.pid)
                 events, lost = tracer.stop()
@@ -405,12 +444,25 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
+def clean_rounds(results, wl):
+    """Rounds of `wl` in which no run shared the CPU with other work."""
+    rounds = {r["round"] for r in results if r["workload"] == wl}
+    return {n for n in rounds
+            if all(r["foreign_cores"] < CONTENDED_CORES for r in results
+                   if r["workload"] == wl and r["round"] == n)}
+
+
 def summarize(results):
     rows = []
     for wl in WORKLOADS:
-        base = {r["round"]: r for r in results if r["workload"] == wl and r["condition"] == "base"}
+        clean = clean_rounds(results, wl)
+        if not clean:  # all contended: use them all, and say so
+            clean = {r["round"] for r in results if r["workload"] == wl}
+        base = {r["round"]: r for r in results
+                if r["workload"] == wl and r["condition"] == "base" and r["round"] in clean}
         for cond in CONDITIONS:
-            runs = [r for r in results if r["workload"] == wl and r["condition"] == cond]
+            every = [r for r in results if r["workload"] == wl and r["condition"] == cond]
+            runs = [r for r in every if r["round"] in clean]
             ratios = [r["rate"] / base[r["round"]]["rate"] for r in runs if r["round"] in base]
             rows.append({
                 "workload": wl, "condition": cond, "unit": runs[0]["unit"],
@@ -420,8 +472,10 @@ def summarize(results):
                 "busy_s_per_op": med([r["busy_s"] / r["ops"] for r in runs]),
                 "tracer_cpu_s": med([r["tracer_cpu_s"] for r in runs]),
                 "events": med([r["events"] for r in runs]),
-                "lost_total": sum(r["lost"] or 0 for r in runs) if cond.startswith("socklens") else None,
-                "lost_max": max((r["lost"] or 0 for r in runs), default=None),
+                "rounds_used": len(runs), "rounds": len(every),
+                # Losses count in every round, contended or not.
+                "lost_total": sum(r["lost"] or 0 for r in every) if cond.startswith("socklens") else None,
+                "lost_max": max((r["lost"] or 0 for r in every), default=None),
                 "tracer_hwm_kib": med([r["tracer_hwm_kib"] for r in runs]),
             })
     return rows
@@ -451,12 +505,15 @@ def markdown(info, rows, stats, mem):
            f"{info['cpus']} x {info['cpu']}, {info['mem_mib']} MiB; {info['rounds']} rounds x "
            f"{info['secs']} s per run; load average at start {' '.join(info['loadavg_start'])}, "
            f"at end {' '.join(info['loadavg_end'])}.", "",
-           "| workload | condition | median | unit | median ratio to base | min..max | "
+           f"Medians over rounds where other processes used < {CONTENDED_CORES} of a core during "
+           "every run of that workload (column 'rounds'); lost events count every round.", "",
+           "| workload | condition | rounds | median | unit | median ratio to base | min..max | "
            "system CPU per op (us; iperf3: per MiB) | tracer CPU (s) | events (median) | lost (all runs) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(
-            f"| {r['workload']} | {r['condition']} | {fmt(r['median_rate'], '.2f')} | {r['unit']} | "
+            f"| {r['workload']} | {r['condition']} | {r['rounds_used']}/{r['rounds']} | "
+            f"{fmt(r['median_rate'], '.2f')} | {r['unit']} | "
             f"{fmt(r['median_ratio'])} | {fmt(r['min_rate'], '.1f')}..{fmt(r['max_rate'], '.1f')} | "
             f"{fmt(r['busy_s_per_op'] * 1e6, '.2f')} | {fmt(r['tracer_cpu_s'], '.2f')} | "
             f"{fmt(r['events'], '.0f')} | {fmt(r['lost_total'], 'd')} |")
