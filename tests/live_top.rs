@@ -502,7 +502,7 @@ fn once_text_is_plain_with_a_totals_header() {
 }
 
 /// Runs the TUI on a pseudo-terminal (util-linux `script`), sends `keys`
-/// after two intervals and returns (exit status, everything it wrote).
+/// once it has drawn an interval and returns (exit status, everything it wrote).
 fn tui_session(keys: &[u8]) -> (ExitStatus, String) {
     require_root();
     // stty -g before and after: raw mode undone means the settings match.
@@ -519,18 +519,35 @@ fn tui_session(keys: &[u8]) -> (ExitStatus, String) {
         .spawn()
         .expect("spawn script (util-linux)");
     let mut out = child.stdout.take().unwrap();
-    let reader = thread::spawn(move || {
-        let mut bytes = Vec::new();
-        let _ = out.read_to_end(&mut bytes);
-        String::from_utf8_lossy(&bytes).into_owned()
-    });
-    thread::sleep(Duration::from_millis(2500));
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let reader = {
+        let seen = Arc::clone(&seen);
+        thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = out.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock().unwrap().extend_from_slice(&chunk[..n]);
+            }
+        })
+    };
+    // Keys go out once the table is up (raw mode on, so Ctrl-C is a key),
+    // and after at least one interval has been drawn.
+    let deadline = Instant::now() + WAIT;
+    while !String::from_utf8_lossy(&seen.lock().unwrap()).contains("q quit") {
+        assert!(Instant::now() < deadline, "the TUI never drew");
+        thread::sleep(Duration::from_millis(50));
+    }
+    thread::sleep(Duration::from_millis(1500));
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(keys).expect("send keys");
     stdin.flush().unwrap();
     let status = wait_with_timeout(&mut child, WAIT);
     drop(stdin);
-    (status, reader.join().unwrap())
+    reader.join().unwrap();
+    let bytes = seen.lock().unwrap().clone();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
 }
 
 fn assert_tui_ran_and_restored(status: ExitStatus, out: &str) {
@@ -544,7 +561,8 @@ fn assert_tui_ran_and_restored(status: ExitStatus, out: &str) {
     assert!(enter < leave, "{out:?}");
     let shown = &out[enter..leave];
     assert!(shown.contains("PID") && shown.contains("q quit"), "{out:?}");
-    assert!(shown.contains("interval"), "{out:?}");
+    // Only a finished interval's title carries the clock ("... UTC - interval 1").
+    assert!(shown.contains("UTC"), "no interval drawn: {out:?}");
     assert!(
         out[leave..].contains("\x1b[?25h"),
         "cursor not shown again: {out:?}"
