@@ -319,3 +319,122 @@ pub fn socklens(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A testbed running in the background: read its `announce`/`wait` reports
+/// as they come, release its `wait` steps, then collect the final report.
+pub struct Bed {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+}
+
+impl Bed {
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(TESTBED)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn testbed");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// The next report line (from `announce`, `wait` or the end).
+    pub fn report(&self) -> Value {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("testbed report in time");
+        serde_json::from_str(&line).expect("testbed JSON")
+    }
+
+    /// Lets a `wait` step go on.
+    pub fn release(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin).expect("release testbed");
+        stdin.flush().expect("flush");
+    }
+
+    /// Waits for the exit and returns the final report.
+    pub fn finish(mut self) -> Value {
+        drop(self.stdin.take());
+        let status = self.child.wait().expect("wait testbed");
+        assert!(status.success(), "testbed failed: {status}");
+        let mut last = None;
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            last = Some(line);
+        }
+        serde_json::from_str(&last.expect("final report")).expect("testbed JSON")
+    }
+}
+
+/// The inode of a named netns, as socklens reports `netns`.
+pub fn netns_inode(name: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/var/run/netns/{name}"))
+        .expect("netns")
+        .ino()
+}
+
+/// Two netns joined by a veth pair, 10.77.N.1 (a) and 10.77.N.2 (b).
+pub struct NetnsPair {
+    pub a: Netns,
+    pub b: Netns,
+    pub addr_a: String,
+    pub addr_b: String,
+}
+
+impl NetnsPair {
+    pub fn new(tag: &str) -> Self {
+        static NET: AtomicU32 = AtomicU32::new(0);
+        let n = NET.fetch_add(1, Ordering::Relaxed) % 200;
+        let a = Netns::new(&format!("{tag}a"));
+        let b = Netns::new(&format!("{tag}b"));
+        let (va, vb) = (format!("sla{}", unique("")), format!("slb{}", unique("")));
+        ip(&[
+            "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns",
+            &b.name,
+        ]);
+        let (addr_a, addr_b) = (format!("10.77.{n}.1"), format!("10.77.{n}.2"));
+        ip(&[
+            "-n",
+            &a.name,
+            "addr",
+            "add",
+            &format!("{addr_a}/24"),
+            "dev",
+            &va,
+        ]);
+        ip(&[
+            "-n",
+            &b.name,
+            "addr",
+            "add",
+            &format!("{addr_b}/24"),
+            "dev",
+            &vb,
+        ]);
+        ip(&["-n", &a.name, "link", "set", &va, "up"]);
+        ip(&["-n", &b.name, "link", "set", &vb, "up"]);
+        Self {
+            a,
+            b,
+            addr_a,
+            addr_b,
+        }
+    }
+}
