@@ -278,7 +278,7 @@ pub fn with_session<T>(
     if req.tracks_conns() {
         // After attach, so nothing opened meanwhile is missed; the iterators
         // skip sockets the live hooks already track.
-        conns::seed(&session)?;
+        conns::seed(&session, true)?;
     }
     let cgroup2 = system::cgroup2_root();
     let mut live = Live {

@@ -367,3 +367,324 @@ fn owner_cgroup_netns_and_comm_match_the_opener() {
         assert_eq!((u(&e["tx_bytes"]) + u(&e["rx_bytes"])), 10, "{e}");
     }
 }
+
+#[test]
+fn udp_unconnected_socket_to_three_peers_exact_per_peer() {
+    require_root();
+    let receivers = Bed::spawn(&[
+        "--comm",
+        &unique("sludpr"),
+        "bind,udp4,127.0.0.1,0",
+        "bind,udp4,127.0.0.1,0",
+        "bind,udp6,::1,0",
+        "announce",
+        "recvfrom,0,2",
+        "recvfrom,1,1",
+        "recvfrom,2,5",
+    ]);
+    let ready = receivers.report();
+    let ports: Vec<u64> = (0..3).map(|i| u(&ready["steps"][i]["port"])).collect();
+    let comm = unique("sludps");
+    let mut sender = None;
+    let (lines, _) = conns_snapshot(3.0, &["--comm", &comm], || {
+        let mut steps = vec![
+            "--comm".to_owned(),
+            comm.clone(),
+            "bind,udp6,::,0".to_owned(),
+            format!("sendto,0,::ffff:127.0.0.1,{},100", ports[0]),
+            format!("sendto,0,::ffff:127.0.0.1,{},200", ports[0]),
+            format!("sendto,0,::ffff:127.0.0.1,{},300", ports[1]),
+        ];
+        for _ in 0..5 {
+            steps.push(format!("sendto,0,::1,{},50", ports[2]));
+        }
+        steps.push("wait".into());
+        let args: Vec<&str> = steps.iter().map(String::as_str).collect();
+        let bed = Bed::spawn(&args);
+        let report = bed.report();
+        sender = Some((bed, report));
+    });
+    let (mut bed, report) = sender.unwrap();
+    bed.release();
+    bed.finish();
+    receivers.finish();
+    let flows: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "udp_flow" && l["pid"] == report["pid"])
+        .collect();
+    assert_eq!(flows.len(), 3, "one flow per peer: {lines:#?}");
+    let want = [(ports[0], 300, 2), (ports[1], 300, 1), (ports[2], 250, 5)];
+    for (port, bytes, packets) in want {
+        let f = flows
+            .iter()
+            .find(|f| u(&f["peer_port"]) == port)
+            .unwrap_or_else(|| panic!("no flow to {port}: {flows:#?}"));
+        assert_eq!(u(&f["tx_bytes"]), bytes, "{f}");
+        assert_eq!(u(&f["tx_packets"]), packets, "{f}");
+        assert_eq!(u(&f["rx_bytes"]), 0, "{f}");
+        assert_eq!(f["direction"], "out", "{f}");
+        assert_eq!(f["comm"], comm.as_str(), "{f}");
+    }
+}
+
+#[test]
+fn udp_receiver_counts_per_sender() {
+    require_root();
+    let comm = unique("sludpq");
+    let mut got = None;
+    let (lines, _) = conns_snapshot(3.0, &["--comm", &comm], || {
+        let bed = Bed::spawn(&[
+            "--comm",
+            &comm,
+            "bind,udp4,127.0.0.1,0",
+            "announce",
+            "recvfrom,0,3",
+            "wait",
+        ]);
+        let port = u(&bed.report()["steps"][0]["port"]);
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.send_to(&[1; 10], ("127.0.0.1", port as u16)).unwrap();
+        a.send_to(&[1; 20], ("127.0.0.1", port as u16)).unwrap();
+        b.send_to(&[1; 7], ("127.0.0.1", port as u16)).unwrap();
+        let report = bed.report();
+        got = Some((
+            bed,
+            report,
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        ));
+    });
+    let (mut bed, report, pa, pb) = got.unwrap();
+    bed.release();
+    bed.finish();
+    let flows: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "udp_flow" && l["pid"] == report["pid"])
+        .collect();
+    for (port, bytes, packets) in [(pa, 30, 2), (pb, 7, 1)] {
+        let f = flows
+            .iter()
+            .find(|f| u(&f["peer_port"]) == u64::from(port))
+            .unwrap_or_else(|| panic!("{flows:#?}"));
+        assert_eq!(
+            (u(&f["rx_bytes"]), u(&f["rx_packets"])),
+            (bytes, packets),
+            "{f}"
+        );
+        assert_eq!(f["direction"], "in", "{f}");
+        assert_eq!(f["peer"], "127.0.0.1", "{f}");
+    }
+}
+
+#[test]
+fn retransmits_equal_the_kernels_own_count_under_loss() {
+    require_root();
+    let pair = NetnsPair::new("r");
+    // Drop ~10% of the TCP packets arriving at the server. (A drop on the
+    // sender's own output hook is a local send failure, which TCP retries as
+    // a first transmission, not a retransmission.)
+    pair.a.exec(&["nft", "add table inet sl"]);
+    pair.a.exec(&[
+        "nft",
+        "add chain inet sl in { type filter hook input priority 0 ; }",
+    ]);
+    pair.a.exec(&[
+        "nft",
+        "add rule inet sl in meta l4proto tcp numgen random mod 100 < 10 drop",
+    ]);
+    let bind = format!("bind,tcp4,{},0", pair.addr_a);
+    let (server, client, stopped) = {
+        let tracer = Tracer::start(&["--events", "close,retransmit"]);
+        let server = Bed::spawn(&[
+            "--netns",
+            &pair.a.name,
+            &bind,
+            "listen,0,8",
+            "announce",
+            "accept,0",
+            "recv,1,3000000,65536",
+            "send,1,1,1",
+            "sleep,1500",
+            "close,1",
+        ]);
+        let port = server.report()["steps"][0]["port"].to_string();
+        let client = testbed(&[
+            "--netns",
+            &pair.b.name,
+            "--comm",
+            &unique("slretr"),
+            &format!("connect,tcp4,{},{port}", pair.addr_a),
+            "send,0,3000000,65536",
+            "recv,0,1,16",
+            "tcpinfo,0",
+            "linger0,0",
+            "close,0",
+        ]);
+        let server = server.finish();
+        std::thread::sleep(Duration::from_millis(300));
+        let stopped = tracer.stop();
+        stopped.assert_clean();
+        (server, client, stopped)
+    };
+    let _ = server;
+    let kernel = u(&client["steps"][3]["total_retrans"]);
+    assert!(kernel > 0, "10% loss caused retransmits: {client}");
+    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    assert_eq!(u(&out["retransmits"]), kernel, "{out}");
+    let events: Vec<&Value> = stopped
+        .of_kind("retransmit")
+        .into_iter()
+        .filter(|e| e["sport"] == out["sport"] && e["pid"] == client["pid"])
+        .collect();
+    assert!(
+        !events.is_empty(),
+        "retransmit events carry the owner: {:#?}",
+        stopped.of_kind("retransmit")
+    );
+    for e in events {
+        assert_eq!(e["comm"], client["comm"], "{e}");
+        assert!(e["state"].is_string(), "{e}");
+    }
+}
+
+/// rtt:SRTT/RTTVAR in ms from `ss -tin` for this local port.
+fn ss_rtt(port: u64) -> (f64, f64) {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tin",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rtt = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("rtt:"))
+        .unwrap_or_else(|| panic!("no rtt in {text}"));
+    let (srtt, var) = rtt.split_once('/').unwrap();
+    (srtt.parse().unwrap(), var.parse().unwrap())
+}
+
+#[test]
+fn rtt_matches_ss_and_existing_connections_are_seeded() {
+    require_root();
+    // Established before socklens starts, then idle: srtt no longer moves.
+    let mut bed = Bed::spawn(&[
+        "--comm",
+        &unique("slrtt"),
+        "bind,tcp4,127.0.0.1,0",
+        "listen,0,4",
+        "connect,tcp4,127.0.0.1,@0",
+        "accept,0",
+        "send,1,20000,1000",
+        "recv,2,20000,4096",
+        "send,2,5000,1000",
+        "recv,1,5000,4096",
+        "sleep,200",
+        "wait",
+    ]);
+    let report = bed.report();
+    let client_port = u(&report["steps"][2]["port"]);
+    let (ss_srtt_ms, _) = ss_rtt(client_port);
+    let (lines, _) = conns_snapshot(0.5, &[], || {});
+    bed.release();
+    bed.finish();
+    let c = lines
+        .iter()
+        .find(|l| l["event"] == "conn" && u(&l["sport"]) == client_port)
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert_eq!(c["seeded"], true, "{c}");
+    assert_eq!(c["state"], "ESTABLISHED", "{c}");
+    assert_eq!(
+        c["pid"], report["pid"],
+        "owner found for a seeded socket: {c}"
+    );
+    assert_eq!(c["comm"], report["comm"], "{c}");
+    let ours_ms = u(&c["srtt_us"]) as f64 / 1000.0;
+    assert!(ours_ms > 0.0, "{c}");
+    assert!(
+        (ours_ms - ss_srtt_ms).abs() <= 0.2 * ss_srtt_ms,
+        "srtt {ours_ms} ms vs ss {ss_srtt_ms} ms"
+    );
+    let listener = lines
+        .iter()
+        .find(|l| l["state"] == "LISTEN" && l["pid"] == report["pid"]);
+    assert!(listener.is_some(), "listeners are seeded too: {lines:#?}");
+}
+
+#[test]
+fn connection_opened_before_start_counts_from_start() {
+    require_root();
+    let mut server = Bed::spawn(&[
+        "--comm",
+        &unique("slpre"),
+        "bind,tcp4,127.0.0.1,0",
+        "listen,0,4",
+        "connect,tcp4,127.0.0.1,@0",
+        "accept,0",
+        "send,1,999,999",
+        "recv,2,999,999",
+        "wait",
+        "send,1,4321,1000",
+        "recv,2,4321,4096",
+        "close,1",
+        "close,2",
+    ]);
+    let report = server.report();
+    let client_port = u(&report["steps"][2]["port"]);
+    let tracer = Tracer::start(&["--events", "close"]);
+    server.release();
+    server.finish();
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    let c = close_of(&stopped, &report["pid"], client_port);
+    assert_eq!(
+        u(&c["tx_bytes"]),
+        4321,
+        "counts from start, not the 999 before: {c}"
+    );
+    assert_eq!(c["seeded"], true, "{c}");
+}
+
+#[test]
+fn no_stale_entries_after_10000_short_connections() {
+    require_root();
+    let comm = unique("slchurn");
+    let mut result = None;
+    let (lines, stderr) = conns_snapshot(40.0, &["--comm", &comm], || {
+        let server = Bed::spawn(&[
+            "--comm",
+            &comm,
+            "bind,tcp4,127.0.0.1,0",
+            "listen,0,4096",
+            "announce",
+            "acceptloop,0,10000",
+        ]);
+        let port = server.report()["steps"][0]["port"].to_string();
+        let client = testbed(&[
+            "--comm",
+            &comm,
+            &format!("churn,tcp4,127.0.0.1,{port},10000"),
+        ]);
+        let server = server.finish();
+        result = Some((client, server));
+    });
+    let (client, server) = result.unwrap();
+    assert_eq!(u(&client["steps"][0]["connections"]), 10_000);
+    let stale: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            l["pid"] == client["pid"] || (l["pid"] == server["pid"] && l["state"] != "LISTEN")
+        })
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "closed connections left in the map: {} e.g. {:?} ({stderr})",
+        stale.len(),
+        stale.first()
+    );
+}

@@ -843,12 +843,27 @@ int sl_tp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
  * reads them; the loader reads them once per network namespace. The owner of
  * a seeded socket is found in user space from its inode (/proc/PID/fd). */
 
+/* Slot 0: 1 while seeding at start; 0 when only refreshing tracked entries
+ * (RTT and retransmits move on ACKs, which no hook here sees). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} seed_mode SEC(".maps");
+
 static __always_inline void seed(struct sock *sk)
 {
 	__u64 key = (__u64)sk;
-	struct sl_conn *c;
+	__u32 zero = 0;
+	__u32 *seeding = bpf_map_lookup_elem(&seed_mode, &zero);
+	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
 
-	if (bpf_map_lookup_elem(&conns, &key))
+	if (c) {
+		read_tcp_info(c, sk);
+		return;
+	}
+	if (!seeding || !*seeding)
 		return;
 	c = conn_track(sk, bpf_get_socket_cookie(sk), SL_DIR_UNKNOWN, false);
 	if (!c)

@@ -438,3 +438,55 @@ impl NetnsPair {
         }
     }
 }
+
+/// Runs `socklens conns --json --duration SECS ARGS`, calls `during` once it
+/// is attached, and returns the snapshot lines and its stderr.
+pub fn conns_snapshot(secs: f64, args: &[&str], during: impl FnOnce()) -> (Vec<Value>, String) {
+    let attach = attach_arg();
+    let duration = secs.to_string();
+    let mut child = Command::new(SOCKLENS)
+        .args([
+            "conns",
+            "--json",
+            "--attach",
+            &attach,
+            "--duration",
+            &duration,
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn socklens conns");
+    let err = child.stderr.take().expect("stderr");
+    let (ready_tx, ready_rx) = channel();
+    let stderr = Arc::new(Mutex::new(String::new()));
+    {
+        let stderr = Arc::clone(&stderr);
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("Ctrl-C to stop") {
+                    let _ = ready_tx.send(());
+                }
+                stderr.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+    }
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("conns not ready: {}", stderr.lock().unwrap()));
+    during();
+    let out = child.wait_with_output().expect("wait conns");
+    thread::sleep(Duration::from_millis(100));
+    let stderr = stderr.lock().unwrap().clone();
+    assert!(out.status.success(), "conns failed: {stderr}");
+    assert!(
+        stderr.contains(" 0 lost, 0 malformed, 0 untracked connections, 0 untracked UDP flows"),
+        "{stderr}"
+    );
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l}: {e}")))
+        .collect();
+    (lines, stderr)
+}
