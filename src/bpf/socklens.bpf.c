@@ -420,9 +420,18 @@ int BPF_PROG(sl_fx_tcp_sendmsg, struct sock *sk, struct msghdr *msg, size_t size
 	return send_fexit(ctx, sk, msg, ret);
 }
 
+/* udpv6_sendmsg sends to v4-mapped peers through udp_sendmsg: an IPv6
+ * socket's datagram is counted once, by the outer call. */
+static __always_inline bool nested_in_udpv6(struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_family) == AF_INET6;
+}
+
 SEC("fexit/udp_sendmsg")
 int BPF_PROG(sl_fx_udp_sendmsg, struct sock *sk, struct msghdr *msg, size_t len, int ret)
 {
+	if (nested_in_udpv6(sk))
+		return 0;
 	return send_fexit(ctx, sk, msg, ret);
 }
 
@@ -554,12 +563,19 @@ int BPF_KRETPROBE(sl_kr_tcp_sendmsg, int ret)
 SEC("kprobe/udp_sendmsg")
 int BPF_KPROBE(sl_kp_udp_sendmsg, struct sock *sk, struct msghdr *msg)
 {
+	if (nested_in_udpv6(sk))
+		return 0; /* keep the outer udpv6_sendmsg's stash */
 	return stash_msg(&send_stash, sk, msg, 0);
 }
 
 SEC("kretprobe/udp_sendmsg")
 int BPF_KRETPROBE(sl_kr_udp_sendmsg, int ret)
 {
+	__u64 id = bpf_get_current_pid_tgid();
+	struct msg_stash *st = bpf_map_lookup_elem(&send_stash, &id);
+
+	if (st && nested_in_udpv6((struct sock *)st->sk))
+		return 0; /* the outer udpv6_sendmsg's; its kretprobe takes it */
 	return send_kretprobe(ret);
 }
 
