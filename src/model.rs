@@ -91,6 +91,8 @@ pub struct SockEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Sock(SockEvent),
+    /// A cgroup socket hook call or a policy verdict (src/cgevents.rs).
+    Cg(crate::cgevents::CgEvent),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -234,7 +236,9 @@ mod tests {
 
     #[test]
     fn decodes_a_bind_record() {
-        let Event::Sock(e) = decode(&bytes_of(&raw_bind())).unwrap();
+        let Event::Sock(e) = decode(&bytes_of(&raw_bind())).unwrap() else {
+            panic!("not a socket event");
+        };
         assert_eq!(e.kind, SockEventKind::Bind);
         assert_eq!(e.tier, Tier::Tracepoint);
         assert_eq!(e.comm, "nginx");
@@ -249,7 +253,9 @@ mod tests {
         let mut raw = raw_bind();
         raw.family = AF_INET6;
         raw.addr = Ipv6Addr::LOCALHOST.octets();
-        let Event::Sock(e) = decode(&bytes_of(&raw)).unwrap();
+        let Event::Sock(e) = decode(&bytes_of(&raw)).unwrap() else {
+            panic!("not a socket event");
+        };
         assert_eq!(e.addr, IpAddr::V6(Ipv6Addr::LOCALHOST));
     }
 

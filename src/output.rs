@@ -70,6 +70,8 @@ impl Renderer {
         match event {
             Event::Sock(e) if self.json => self.sock_json(e).to_string(),
             Event::Sock(e) => self.sock_columns(e),
+            Event::Cg(e) if self.json => crate::cgevents::json(self, e).to_string(),
+            Event::Cg(e) => crate::cgevents::columns(self, e),
         }
     }
 

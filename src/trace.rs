@@ -8,9 +8,10 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::cgevents::{self, CgHook};
 use crate::cgroup::{self, CgroupPaths};
 use crate::error::{Error, Result};
-use crate::events::{EventStream, Losses};
+use crate::events::{EventStream, ExtraSource, Losses};
 use crate::loader::{self, BufferKind, Filters, LoadOptions};
 use crate::output::{Clock, Renderer};
 use crate::plan::{self, Hook, Plan, PlanOptions, Tier};
@@ -25,6 +26,10 @@ const COMM_MAX: usize = 15;
 #[derive(Debug, Clone)]
 pub struct TraceRequest {
     pub hooks: Vec<Hook>,
+    /// cgroup socket hooks, observed by src/bpf/policy.bpf.c.
+    pub cg_hooks: Vec<CgHook>,
+    /// policy_deny and policy_audit events of the pinned policy.
+    pub policy_events: bool,
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cgroup: Option<String>,
@@ -44,7 +49,7 @@ pub struct Summary {
 
 /// Checks everything the user typed before touching the system.
 fn validate(req: &TraceRequest) -> Result<Filters> {
-    if req.hooks.is_empty() {
+    if req.hooks.is_empty() && req.cg_hooks.is_empty() && !req.policy_events {
         return Err(Error::Usage("--events names no event".into()));
     }
     if let Some(pid) = req.pid {
@@ -135,16 +140,56 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
             btf: custom_btf(&req.btf),
         },
     )?;
-    let stream = EventStream::open(&session)?;
+    let mut cg_storage = MaybeUninit::uninit();
+    let cg_session = if req.cg_hooks.is_empty() {
+        None
+    } else {
+        let at = match &filters.cgroup {
+            Some(dir) => dir.clone(),
+            None => system::cgroup2_root()
+                .ok_or_else(|| Error::Usage("cgroup v2 is not mounted on this host".into()))?,
+        };
+        Some(cgevents::load(&mut cg_storage, &req.cg_hooks, &filters, &at)?)
+    };
+    let pinned = if req.policy_events {
+        let maps = crate::policy::state::PinnedMaps::open()?.ok_or_else(|| {
+            Error::Usage("--events policy: no policy is applied (socklens policy apply)".into())
+        })?;
+        cgevents::drain(&maps.events)?;
+        Some(maps)
+    } else {
+        None
+    };
+    let mut extras = Vec::new();
+    if let Some(cg) = &cg_session {
+        extras.push(ExtraSource {
+            map: &cg.skel.maps.slp_events,
+            decode: cgevents::decode,
+            lost: Box::new(|| crate::policy::state::percpu_sum(&cg.skel.maps.slp_lost, 0)),
+        });
+    }
+    if let Some(maps) = &pinned {
+        extras.push(ExtraSource {
+            map: &maps.events,
+            decode: cgevents::decode,
+            lost: Box::new(|| 0),
+        });
+    }
+    let stream = EventStream::open_with(&session, extras)?;
     let mut renderer = Renderer {
         clock: Clock::now(),
         cgroups: system::cgroup2_root().map(CgroupPaths::new),
         json: req.json,
     };
-    eprintln!(
-        "socklens: tracing {}. Ctrl-C to stop.",
-        describe(&plan, buffer)
-    );
+    let mut what = describe(&plan, buffer);
+    if let Some(cg) = &cg_session {
+        let names: Vec<&str> = req.cg_hooks.iter().map(|h| h.name()).collect();
+        what = format!("{what}; {}: cgroup hooks at {}", names.join(", "), cg.attached_at);
+    }
+    if pinned.is_some() {
+        what = format!("{what}; policy verdicts of the pinned policy");
+    }
+    eprintln!("socklens: tracing {what}. Ctrl-C to stop.");
 
     let mut summary = Summary::default();
     let mut result = match renderer.header() {
@@ -168,6 +213,7 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
     }
     summary.losses = stream.losses();
     drop(stream);
+    drop(cg_session);
     drop(session);
 
     let piped_away = |e: &io::Error| e.kind() == io::ErrorKind::BrokenPipe;
@@ -178,11 +224,14 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
         Ok(()) => {}
     }
     if req.json {
-        let attach: serde_json::Map<String, serde_json::Value> = plan
+        let mut attach: serde_json::Map<String, serde_json::Value> = plan
             .hooks
             .iter()
             .map(|h| (h.hook.name().to_owned(), json!(h.tier)))
             .collect();
+        for h in &req.cg_hooks {
+            attach.insert(h.name().to_owned(), json!("cgroup"));
+        }
         let line = json!({
             "event": "summary",
             "events": summary.events,
