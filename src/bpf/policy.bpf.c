@@ -501,17 +501,17 @@ static __always_inline void observe_sock(struct bpf_sock *ctx, __u32 kind)
 		born = bpf_sk_storage_get(&slp_born, ctx, 0, 0);
 		if (born && *born && now > *born)
 			e.lifetime_ns = now - *born;
-		/* The local address and port the socket held. */
-		e.port = ctx->src_port;
-		if (ctx->family == AF_INET6) {
-			__u32 *a = (__u32 *)e.addr;
+		/* The local address and port the socket held (the context offers
+		 * them to post_bind programs only: read the socket itself). */
+		if (bpf_rdonly_cast) {
+			struct sock *s = bpf_rdonly_cast(ctx, bpf_core_type_id_kernel(struct sock));
 
-			a[0] = ctx->src_ip6[0];
-			a[1] = ctx->src_ip6[1];
-			a[2] = ctx->src_ip6[2];
-			a[3] = ctx->src_ip6[3];
-		} else {
-			*(__u32 *)e.addr = ctx->src_ip4;
+			e.port = BPF_CORE_READ(s, __sk_common.skc_num);
+			if (e.family == AF_INET6)
+				BPF_CORE_READ_INTO(&e.addr, s,
+						   __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+			else
+				BPF_CORE_READ_INTO(&e.addr, s, __sk_common.skc_rcv_saddr);
 		}
 	}
 	emit(&e);
