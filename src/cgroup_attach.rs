@@ -16,7 +16,7 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -135,10 +135,21 @@ fn files_in(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
+/// The pinned object at `path` when it is a BPF link. (libbpf opens any pinned
+/// object as a link; the kernel's fdinfo says what it really is.)
+fn open_link(path: &Path) -> Option<Link> {
+    let link = Link::open(path).ok()?;
+    let fd = link.as_fd().as_raw_fd();
+    let info = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .any(|l| l.starts_with("link_type:"))
+        .then_some(link)
+}
+
 /// A pinned link is detached first, so the program stops running even if some
 /// other process still holds the link open; other pinned objects are unpinned.
 fn detach_and_unpin(path: &Path) -> Result<()> {
-    if let Ok(link) = Link::open(path) {
+    if let Some(link) = open_link(path) {
         link.detach().map_err(|e| {
             Error::kernel(format!("detaching {}", path.display()), errno_name(&e))
         })?;
@@ -169,7 +180,7 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
     }
     for d in &all_dirs {
         for f in files_in(d) {
-            if Link::open(&f).is_ok() {
+            if open_link(&f).is_some() {
                 detach_and_unpin(&f)?;
             }
         }

@@ -6,6 +6,11 @@
 //!   bind,PROTO,ADDR,PORT[,OPT...]   PROTO: tcp4 tcp6 udp4 udp6;
 //!                                   OPT: reuseaddr reuseport freebind transparent dev=IFNAME
 //!   listen,SOCKET,BACKLOG           SOCKET: index of an earlier bind step's socket
+//!   and the cgroup hook / policy steps of testbed/cg_steps.rs (socket, connect,
+//!   sendto, recv, peer, getsockopt, close, serve, connects, connects_for)
+
+#[path = "testbed/cg_steps.rs"]
+mod cg_steps;
 
 use std::ffi::CString;
 use std::fs;
@@ -136,6 +141,9 @@ fn run_step(step: &str, sockets: &mut Vec<OwnedFd>) -> Result<Value> {
     match parts.split_first() {
         Some((&"bind", rest)) => bind_step(rest, sockets),
         Some((&"listen", rest)) => listen_step(rest, sockets),
+        Some((name, rest)) => {
+            cg_steps::run(name, rest, sockets).unwrap_or_else(|| bail!("unknown step {step}"))
+        }
         _ => bail!("unknown step {step}"),
     }
 }
