@@ -367,7 +367,12 @@ mod tests {
         let rules: String = (1..=17)
             .map(|i| rule(i, "deny", "\"connect\"", &format!("cidr = \"10.0.0.0/8\"\nports = {i}")))
             .collect();
-        let err = compile(&policy(&rules), 0).unwrap_err();
-        assert!(err.1.contains("rule 17"), "{err:?}");
+        let mut dirs = BTreeMap::new();
+        dirs.insert("/".to_owned(), 1);
+        dirs.insert("/app".to_owned(), 2);
+        let text = format!("[[scope]]\ncgroup = \"app\"\n{rules}");
+        let err = parse("p.toml", &text, &CgroupTree { dirs }).unwrap_err();
+        assert_eq!(err.line, 100, "{err}");
+        assert!(err.msg.starts_with("rule 17: more than 16 rules"), "{err}");
     }
 }

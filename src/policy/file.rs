@@ -282,17 +282,25 @@ const UNIT_SUFFIXES: [&str; 6] = [".service", ".slice", ".scope", ".socket", ".m
 
 struct Src<'a> {
     file: &'a str,
-    text: &'a str,
+    /// Byte offset of each newline.
+    newlines: Vec<usize>,
 }
 
-impl Src<'_> {
+impl<'a> Src<'a> {
+    fn new(file: &'a str, text: &str) -> Self {
+        Self {
+            file,
+            newlines: text
+                .bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'\n')
+                .map(|(i, _)| i)
+                .collect(),
+        }
+    }
+
     fn line(&self, offset: usize) -> usize {
-        let end = offset.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+        self.newlines.partition_point(|&nl| nl < offset) + 1
     }
 
     fn err(&self, span: Range<usize>, msg: impl Into<String>) -> PolicyError {
@@ -324,7 +332,7 @@ pub fn load(path: &Path, cgroup_root: &Path) -> Result<Policy, PolicyError> {
 
 /// Parses and validates policy text; `file` names it in errors.
 pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, PolicyError> {
-    let src = Src { file, text };
+    let src = Src::new(file, text);
     let raw: RawPolicy = toml::from_str(text).map_err(|e| {
         let msg = e.message().lines().next().unwrap_or("invalid TOML").to_owned();
         let line = e.span().map_or(1, |s| src.line(s.start));
