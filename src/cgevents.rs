@@ -111,11 +111,10 @@ pub fn load<'obj>(
     let mut open = PolicySkelBuilder::default()
         .open(storage)
         .map_err(load_err("opening the cgroup hook programs"))?;
-    let ro = open
-        .maps
-        .rodata_data
-        .as_deref_mut()
-        .ok_or_else(|| Error::kernel("opening the cgroup hook programs", "no .rodata section"))?;
+    let ro =
+        open.maps.rodata_data.as_deref_mut().ok_or_else(|| {
+            Error::kernel("opening the cgroup hook programs", "no .rodata section")
+        })?;
     ro.observe = true;
     ro.enforce = false;
     ro.observe_mask = hooks.iter().fold(0, |m, h| {

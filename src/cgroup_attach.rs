@@ -150,9 +150,8 @@ fn open_link(path: &Path) -> Option<Link> {
 /// other process still holds the link open; other pinned objects are unpinned.
 fn detach_and_unpin(path: &Path) -> Result<()> {
     if let Some(link) = open_link(path) {
-        link.detach().map_err(|e| {
-            Error::kernel(format!("detaching {}", path.display()), errno_name(&e))
-        })?;
+        link.detach()
+            .map_err(|e| Error::kernel(format!("detaching {}", path.display()), errno_name(&e)))?;
     }
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {

@@ -265,7 +265,11 @@ fn run(cli: &Cli) -> Result<(), Error> {
     }
 }
 
-fn run_policy(cmd: &PolicyCommand, stop: &AtomicBool, out: &mut dyn io::Write) -> Result<(), Error> {
+fn run_policy(
+    cmd: &PolicyCommand,
+    stop: &AtomicBool,
+    out: &mut dyn io::Write,
+) -> Result<(), Error> {
     use socklens::policy;
     match cmd {
         PolicyCommand::Check { file } => policy::check(file, out).map(|_| ()),

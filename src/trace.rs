@@ -149,7 +149,12 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
             None => system::cgroup2_root()
                 .ok_or_else(|| Error::Usage("cgroup v2 is not mounted on this host".into()))?,
         };
-        Some(cgevents::load(&mut cg_storage, &req.cg_hooks, &filters, &at)?)
+        Some(cgevents::load(
+            &mut cg_storage,
+            &req.cg_hooks,
+            &filters,
+            &at,
+        )?)
     };
     let pinned = if req.policy_events {
         let maps = crate::policy::state::PinnedMaps::open()?.ok_or_else(|| {
@@ -184,7 +189,11 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
     let mut what = describe(&plan, buffer);
     if let Some(cg) = &cg_session {
         let names: Vec<&str> = req.cg_hooks.iter().map(|h| h.name()).collect();
-        what = format!("{what}; {}: cgroup hooks at {}", names.join(", "), cg.attached_at);
+        what = format!(
+            "{what}; {}: cgroup hooks at {}",
+            names.join(", "),
+            cg.attached_at
+        );
     }
     if pinned.is_some() {
         what = format!("{what}; policy verdicts of the pinned policy");

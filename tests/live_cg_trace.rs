@@ -39,8 +39,8 @@ fn every_cgroup_hook_event_matches_ground_truth() {
         "listen,0,5",                  // connection waits in the queue
         "connect,tcp4,127.0.0.1,7000", // socket 1
         "peer,1",
-        "getsockopt,1,1,3", // SOL_SOCKET, SO_TYPE
-        "bind,udp6,::1,7777",  // socket 2
+        "getsockopt,1,1,3",     // SOL_SOCKET, SO_TYPE
+        "bind,udp6,::1,7777",   // socket 2
         "sendto,udp6,::1,7777", // socket 3
         "recv,2",
         "close,1",
@@ -56,7 +56,12 @@ fn every_cgroup_hook_event_matches_ground_truth() {
     assert_eq!(steps[4]["value"], libc::SOCK_STREAM);
     let cg_id = std::fs::metadata(&cg.path).unwrap().ino();
     let mine = stopped.of_pid(tb["pid"].as_u64().unwrap());
-    assert_eq!(mine.len(), stopped.events.len(), "only the testbed: {:?}", stopped.events);
+    assert_eq!(
+        mine.len(),
+        stopped.events.len(),
+        "only the testbed: {:?}",
+        stopped.events
+    );
     for e in &mine {
         assert_eq!(e["tid"], tb["tid"], "{e}");
         assert_eq!(e["comm"], comm.as_str(), "{e}");
@@ -66,15 +71,27 @@ fn every_cgroup_hook_event_matches_ground_truth() {
         assert_eq!(e["attach"], "cgroup", "{e}");
         assert!(e["time"].as_str().unwrap().ends_with('Z'), "{e}");
     }
-    let of = |k: &str| -> Vec<&Value> { mine.iter().copied().filter(|e| e["event"] == k).collect() };
+    let of =
+        |k: &str| -> Vec<&Value> { mine.iter().copied().filter(|e| e["event"] == k).collect() };
 
     // One sock_create per socket the testbed made (the close placeholder is AF_UNIX,
     // which the inet hook never sees).
     let creates = of("sock_create");
-    let want = [("inet", "stream", "tcp"), ("inet", "stream", "tcp"), ("inet6", "dgram", "udp"), ("inet6", "dgram", "udp")];
+    let want = [
+        ("inet", "stream", "tcp"),
+        ("inet", "stream", "tcp"),
+        ("inet6", "dgram", "udp"),
+        ("inet6", "dgram", "udp"),
+    ];
     let got: Vec<(&str, &str, &str)> = creates
         .iter()
-        .map(|e| (e["family"].as_str().unwrap(), e["type"].as_str().unwrap(), e["proto"].as_str().unwrap()))
+        .map(|e| {
+            (
+                e["family"].as_str().unwrap(),
+                e["type"].as_str().unwrap(),
+                e["proto"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(got, want, "{creates:?}");
 
@@ -107,7 +124,10 @@ fn every_cgroup_hook_event_matches_ground_truth() {
     let recvs = of("recvmsg");
     assert_eq!(recvs.len(), 1, "{recvs:?}");
     assert_eq!(recvs[0]["addr"], "::1");
-    assert_eq!(recvs[0]["port"], steps[6]["local_port"], "the sender's port");
+    assert_eq!(
+        recvs[0]["port"], steps[6]["local_port"],
+        "the sender's port"
+    );
     assert_eq!(steps[7]["from_port"], steps[6]["local_port"]);
     assert_eq!(recvs[0]["cookie"], creates[2]["cookie"]);
 
@@ -119,8 +139,15 @@ fn every_cgroup_hook_event_matches_ground_truth() {
         assert_eq!(r.len(), 1, "release of {c}");
         let life = r[0]["lifetime_ns"].as_u64().unwrap();
         let span = r[0]["time_ns"].as_u64().unwrap() - c["time_ns"].as_u64().unwrap();
-        assert_eq!(life, span, "lifetime = release time - create time: {}", r[0]);
-        assert!(life > 0 && life < elapsed, "{life} within the testbed's {elapsed} ns");
+        assert_eq!(
+            life, span,
+            "lifetime = release time - create time: {}",
+            r[0]
+        );
+        assert!(
+            life > 0 && life < elapsed,
+            "{life} within the testbed's {elapsed} ns"
+        );
     }
     let bound = with_cookie(&releases, "sock_release", &creates[2]["cookie"]);
     assert_eq!(bound[0]["port"], 7777, "release shows the local port");
@@ -137,7 +164,14 @@ fn cgroup_hooks_combine_with_bind_and_listen_and_detach_on_exit() {
     require_root();
     let cg = Cgroup::new("cb");
     let comm = unique("slcb");
-    let tracer = Tracer::start(&["--events", "bind,listen,connect", "--cgroup", &cg.rel, "--comm", &comm]);
+    let tracer = Tracer::start(&[
+        "--events",
+        "bind,listen,connect",
+        "--cgroup",
+        &cg.rel,
+        "--comm",
+        &comm,
+    ]);
     let tb = testbed(&[
         "--comm",
         &comm,
@@ -149,9 +183,21 @@ fn cgroup_hooks_combine_with_bind_and_listen_and_detach_on_exit() {
     ]);
     let stopped = tracer.stop();
     stopped.assert_clean();
-    let kinds: Vec<&str> = stopped.events.iter().map(|e| e["event"].as_str().unwrap()).collect();
-    assert_eq!(kinds.iter().filter(|k| **k == "bind").count(), 1, "{kinds:?}");
-    assert_eq!(kinds.iter().filter(|k| **k == "listen").count(), 1, "{kinds:?}");
+    let kinds: Vec<&str> = stopped
+        .events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "bind").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| **k == "listen").count(),
+        1,
+        "{kinds:?}"
+    );
     let c: Vec<&Value> = stopped.of_kind("connect");
     assert_eq!(c.len(), 1, "{kinds:?}");
     assert_eq!(c[0]["port"], 1);
@@ -177,5 +223,8 @@ fn cgroup_hooks_combine_with_bind_and_listen_and_detach_on_exit() {
 fn unknown_event_lists_the_cgroup_hooks() {
     let (code, _, err) = socklens(&["trace", "--events", "connect,frob"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("sock_create") && err.contains("sock_release"), "{err}");
+    assert!(
+        err.contains("sock_create") && err.contains("sock_release"),
+        "{err}"
+    );
 }

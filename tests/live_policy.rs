@@ -155,9 +155,19 @@ fn connect_denied_cidr_and_ports_fail_with_eacces_others_and_sibling_succeed() {
         "p.toml",
         "",
         &[
-            rule(11, "deny", "\"connect\"", "cidr = \"127.0.0.1/32\"\nports = \"7000-7099\""),
+            rule(
+                11,
+                "deny",
+                "\"connect\"",
+                "cidr = \"127.0.0.1/32\"\nports = \"7000-7099\"",
+            ),
             rule(12, "deny", "\"connect\"", "cidr = \"127.0.0.2\""),
-            rule(13, "deny", "\"connect\"", "cidr = \"::1/128\"\nports = \"7000-7099\""),
+            rule(
+                13,
+                "deny",
+                "\"connect\"",
+                "cidr = \"::1/128\"\nports = \"7000-7099\"",
+            ),
         ]
         .concat(),
     );
@@ -196,13 +206,43 @@ fn precedence_longest_prefix_then_narrowest_ports_then_deny() {
         "",
         &[
             rule(1, "deny", "\"connect\"", "cidr = \"127.0.0.0/8\""),
-            rule(2, "allow", "\"connect\"", "cidr = \"127.0.0.0/24\"\nports = \"7000-7999\""),
-            rule(3, "deny", "\"connect\"", "cidr = \"127.0.0.1/32\"\nports = 7001"),
-            rule(4, "allow", "\"connect\"", "cidr = \"127.0.0.1/32\"\nports = 7001"),
-            rule(5, "allow", "\"connect\"", "cidr = \"127.0.0.5/32\"\nports = \"7100-7200\""),
-            rule(6, "deny", "\"connect\"", "cidr = \"127.0.0.5/32\"\nports = 7150"),
+            rule(
+                2,
+                "allow",
+                "\"connect\"",
+                "cidr = \"127.0.0.0/24\"\nports = \"7000-7999\"",
+            ),
+            rule(
+                3,
+                "deny",
+                "\"connect\"",
+                "cidr = \"127.0.0.1/32\"\nports = 7001",
+            ),
+            rule(
+                4,
+                "allow",
+                "\"connect\"",
+                "cidr = \"127.0.0.1/32\"\nports = 7001",
+            ),
+            rule(
+                5,
+                "allow",
+                "\"connect\"",
+                "cidr = \"127.0.0.5/32\"\nports = \"7100-7200\"",
+            ),
+            rule(
+                6,
+                "deny",
+                "\"connect\"",
+                "cidr = \"127.0.0.5/32\"\nports = 7150",
+            ),
             rule(7, "allow", "\"connect\"", "cidr = \"::/0\""),
-            rule(8, "deny", "\"connect\"", "cidr = \"::1/128\"\nports = \"7000-7010\""),
+            rule(
+                8,
+                "deny",
+                "\"connect\"",
+                "cidr = \"::1/128\"\nports = \"7000-7010\"",
+            ),
         ]
         .concat(),
     );
@@ -233,7 +273,16 @@ fn precedence_longest_prefix_then_narrowest_ports_then_deny() {
         [0, EACCES, EACCES, 0, EACCES, 0, EACCES, 0],
         "{tb}"
     );
-    for (id, want) in [(1, 1), (2, 2), (3, 1), (4, 0), (5, 1), (6, 1), (7, 1), (8, 1)] {
+    for (id, want) in [
+        (1, 1),
+        (2, 2),
+        (3, 1),
+        (4, 0),
+        (5, 1),
+        (6, 1),
+        (7, 1),
+        (8, 1),
+    ] {
         assert_eq!(hits(id), want, "rule {id}: {}", show());
     }
 }
@@ -246,7 +295,12 @@ fn bind_to_denied_port_range_fails_tcp_udp_v4_v6() {
         "",
         &[
             rule(21, "deny", "\"bind\"", "ports = \"7000-7099\""),
-            rule(22, "deny", "\"bind\"", "cidr = \"127.0.0.3/32\"\nproto = \"udp\""),
+            rule(
+                22,
+                "deny",
+                "\"bind\"",
+                "cidr = \"127.0.0.3/32\"\nproto = \"udp\"",
+            ),
         ]
         .concat(),
     );
@@ -310,13 +364,18 @@ fn creating_denied_socket_types_fails() {
             rule(41, "deny", "\"create\"", "type = \"raw\""),
             rule(42, "deny", "\"create\"", "family = \"inet6\""),
             // More specific (family + type + proto) beats the family rule.
-            rule(43, "allow", "\"create\"", "family = \"inet6\"\ntype = \"dgram\"\nproto = \"udp\""),
+            rule(
+                43,
+                "allow",
+                "\"create\"",
+                "family = \"inet6\"\ntype = \"dgram\"\nproto = \"udp\"",
+            ),
         ]
         .concat(),
     );
     bed.apply(&p);
     let steps = [
-        "socket,inet,raw,1",   // raw ICMP
+        "socket,inet,raw,1", // raw ICMP
         "socket,inet6,stream,0",
         "socket,inet6,dgram,0", // udp: rule 43 allows
         "socket,inet,stream,0",
@@ -339,8 +398,18 @@ fn scope_default_deny_and_deny_events_name_the_rule() {
         "default = \"deny\"",
         &[
             rule(51, "allow", "\"create\"", ""),
-            rule(52, "allow", "\"connect\"", "cidr = \"127.0.0.0/8\"\nports = 7200"),
-            rule(53, "deny", "\"connect\"", "cidr = \"127.0.0.0/8\"\nports = 7201"),
+            rule(
+                52,
+                "allow",
+                "\"connect\"",
+                "cidr = \"127.0.0.0/8\"\nports = 7200",
+            ),
+            rule(
+                53,
+                "deny",
+                "\"connect\"",
+                "cidr = \"127.0.0.0/8\"\nports = 7201",
+            ),
         ]
         .concat(),
     );
@@ -361,7 +430,11 @@ fn scope_default_deny_and_deny_events_name_the_rule() {
     let stopped = tracer.stop();
     stopped.assert_clean();
     // 7200 is allowed by the policy but nobody listens: the kernel refuses.
-    assert_eq!(errnos(&tb), [EACCES, EACCES, libc::ECONNREFUSED as i64], "{tb}");
+    assert_eq!(
+        errnos(&tb),
+        [EACCES, EACCES, libc::ECONNREFUSED as i64],
+        "{tb}"
+    );
     let mine: Vec<&Value> = stopped.of_pid(tb["pid"].as_u64().unwrap());
     assert_eq!(mine.len(), 2, "{:?}", stopped.events);
     for (e, (port, rule, default)) in mine.iter().zip([(7100, 0, true), (7201, 53, false)]) {
@@ -446,7 +519,12 @@ fn survives_kill_9_of_the_applier_then_remove_restores_and_leaves_nothing() {
     let p = bed.policy(
         "p.toml",
         "",
-        &rule(71, "deny", "\"connect\"", "cidr = \"127.0.0.2/32\"\nports = 7000"),
+        &rule(
+            71,
+            "deny",
+            "\"connect\"",
+            "cidr = \"127.0.0.2/32\"\nports = 7000",
+        ),
     );
     // The applier stays, following events, until it is killed.
     let mut child = Command::new(SOCKLENS)
@@ -464,7 +542,10 @@ fn survives_kill_9_of_the_applier_then_remove_restores_and_leaves_nothing() {
 
     let denied = bed.run(
         &bed.gov(),
-        &["serve,tcp4,127.0.0.2,7000", "connects,tcp4,127.0.0.2,7000,1000"],
+        &[
+            "serve,tcp4,127.0.0.2,7000",
+            "connects,tcp4,127.0.0.2,7000,1000",
+        ],
     );
     let loop_ = &denied["steps"][1];
     assert_eq!(loop_["n"], 1000);
@@ -486,7 +567,10 @@ fn survives_kill_9_of_the_applier_then_remove_restores_and_leaves_nothing() {
     assert_no_slp_programs();
     let allowed = bed.run(
         &bed.gov(),
-        &["serve,tcp4,127.0.0.2,7000", "connects,tcp4,127.0.0.2,7000,100"],
+        &[
+            "serve,tcp4,127.0.0.2,7000",
+            "connects,tcp4,127.0.0.2,7000,100",
+        ],
     );
     assert_eq!(
         allowed["steps"][1]["by_errno"],
@@ -503,14 +587,29 @@ fn new_policy_applied_during_a_connect_loop_judges_every_attempt_by_old_or_new()
     let a = bed.policy(
         "a.toml",
         "",
-        &rule(81, "deny", "\"connect\"", "cidr = \"127.0.0.2/32\"\nports = 7000"),
+        &rule(
+            81,
+            "deny",
+            "\"connect\"",
+            "cidr = \"127.0.0.2/32\"\nports = 7000",
+        ),
     );
     let b = bed.policy(
         "b.toml",
         "",
         &[
-            rule(82, "deny", "\"connect\"", "cidr = \"127.0.0.0/8\"\nports = \"7000-7001\""),
-            rule(83, "allow", "\"connect\"", "cidr = \"127.0.0.2/32\"\nports = 7001"),
+            rule(
+                82,
+                "deny",
+                "\"connect\"",
+                "cidr = \"127.0.0.0/8\"\nports = \"7000-7001\"",
+            ),
+            rule(
+                83,
+                "allow",
+                "\"connect\"",
+                "cidr = \"127.0.0.2/32\"\nports = 7001",
+            ),
         ]
         .concat(),
     );
@@ -554,13 +653,20 @@ fn new_policy_applied_during_a_connect_loop_judges_every_attempt_by_old_or_new()
     assert!(rules.iter().all(|r| *r == 81 || *r == 82), "{rules:?}");
     let switches = rules.windows(2).filter(|w| w[0] != w[1]).count();
     assert!(switches >= 1, "the loop saw the new rule set take over");
-    assert!(switches <= applies, "{switches} switches for {applies} applies");
+    assert!(
+        switches <= applies,
+        "{switches} switches for {applies} applies"
+    );
 }
 
 #[test]
 fn reapply_keeps_links_and_flips_generation_and_down_removes_everything() {
     let bed = Bed::new("pr");
-    let a = bed.policy("a.toml", "", &rule(91, "deny", "\"connect\"", "cidr = \"127.0.0.2\""));
+    let a = bed.policy(
+        "a.toml",
+        "",
+        &rule(91, "deny", "\"connect\"", "cidr = \"127.0.0.2\""),
+    );
     bed.apply(&a);
     let first = show();
     let (_, out, _) = socklens(&["policy", "apply", a.to_str().unwrap()]);
@@ -570,10 +676,14 @@ fn reapply_keeps_links_and_flips_generation_and_down_removes_everything() {
     assert_eq!(first["links"], second["links"]);
     assert_eq!(second["links"].as_array().unwrap().len(), 7, "{second}");
     assert_eq!(
-        second["attach"]["cgroup"], bed.root.rel.as_str(),
+        second["attach"]["cgroup"],
+        bed.root.rel.as_str(),
         "{second}"
     );
-    let tb = bed.run(&bed.gov(), &["serve,tcp4,127.0.0.2,7200", "connect,tcp4,127.0.0.2,7200"]);
+    let tb = bed.run(
+        &bed.gov(),
+        &["serve,tcp4,127.0.0.2,7200", "connect,tcp4,127.0.0.2,7200"],
+    );
     assert_eq!(errnos(&tb), [EACCES]);
 
     let (code, out, err) = socklens(&["down"]);
@@ -581,6 +691,9 @@ fn reapply_keeps_links_and_flips_generation_and_down_removes_everything() {
     assert!(out.contains("socklens is down"), "{out}");
     assert!(!Path::new("/sys/fs/bpf/socklens").exists());
     assert_no_slp_programs();
-    let tb = bed.run(&bed.gov(), &["serve,tcp4,127.0.0.2,7200", "connect,tcp4,127.0.0.2,7200"]);
+    let tb = bed.run(
+        &bed.gov(),
+        &["serve,tcp4,127.0.0.2,7200", "connect,tcp4,127.0.0.2,7200"],
+    );
     assert_eq!(errnos(&tb), [0]);
 }

@@ -26,9 +26,12 @@ fn corpus(root: &str) -> Vec<Case> {
         .map(|p| {
             let text = fs::read_to_string(&p).unwrap().replace("@ROOT@", root);
             let first = text.lines().next().unwrap_or("");
-            let spec = first
-                .strip_prefix("# expect: ")
-                .unwrap_or_else(|| panic!("{}: first line must be '# expect: LINE NEEDLE'", p.display()));
+            let spec = first.strip_prefix("# expect: ").unwrap_or_else(|| {
+                panic!(
+                    "{}: first line must be '# expect: LINE NEEDLE'",
+                    p.display()
+                )
+            });
             let (line, needle) = spec.split_once(' ').unwrap();
             Case {
                 name: p.file_name().unwrap().to_string_lossy().into_owned(),
@@ -78,8 +81,14 @@ fn assert_rejected(cmd: &str, path: &Path, line: usize, needle: &str) {
     assert_eq!(code, 2, "{cmd} {p}: exit code; stderr {err}");
     assert_eq!(err.lines().count(), 1, "{cmd} {p}: one line: {err:?}");
     let prefix = format!("socklens: {p}:{line}: ");
-    assert!(err.starts_with(&prefix), "{cmd} {p}: want {prefix:?}, got {err:?}");
-    assert!(err.contains(needle), "{cmd} {p}: {err:?} should contain {needle:?}");
+    assert!(
+        err.starts_with(&prefix),
+        "{cmd} {p}: want {prefix:?}, got {err:?}"
+    );
+    assert!(
+        err.contains(needle),
+        "{cmd} {p}: {err:?} should contain {needle:?}"
+    );
     assert!(out.is_empty(), "{cmd} {p}: printed {out:?}");
 }
 
@@ -119,7 +128,10 @@ fn every_bad_file_fails_check_and_apply_and_leaves_the_policy_in_force() {
 #[test]
 fn more_rules_than_the_maps_hold() {
     let bed = Bed::new("big");
-    let mut text = format!("attach = \"{r}\"\n[[scope]]\ncgroup = \"{r}/gov\"\n", r = bed.cg.rel);
+    let mut text = format!(
+        "attach = \"{r}\"\n[[scope]]\ncgroup = \"{r}/gov\"\n",
+        r = bed.cg.rel
+    );
     let max = 16384;
     let mut line_of_last = 0;
     let mut lines = text.lines().count();
@@ -134,7 +146,12 @@ fn more_rules_than_the_maps_hold() {
     }
     let path = bed.dir.join("big.toml");
     fs::write(&path, text).unwrap();
-    assert_rejected("check", &path, line_of_last, "rule 16385: more rules than the maps hold (16384)");
+    assert_rejected(
+        "check",
+        &path,
+        line_of_last,
+        "rule 16385: more rules than the maps hold (16384)",
+    );
 }
 
 #[test]
@@ -153,6 +170,12 @@ fn check_accepts_a_good_file_without_applying_it() {
     .unwrap();
     let (code, out, err) = socklens(&["policy", "check", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("ok: 1 scopes, 1 rules, 2 cgroups governed"), "{out}");
-    assert!(!Path::new("/sys/fs/bpf/socklens/policy").exists(), "check applied nothing");
+    assert!(
+        out.contains("ok: 1 scopes, 1 rules, 2 cgroups governed"),
+        "{out}"
+    );
+    assert!(
+        !Path::new("/sys/fs/bpf/socklens/policy").exists(),
+        "check applied nothing"
+    );
 }

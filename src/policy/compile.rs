@@ -14,9 +14,8 @@ use std::net::IpAddr;
 
 use crate::policy::file::{Action, Mode, Op, Policy, Target};
 use crate::skel::policy::types::{
-    slp_action, slp_cgroup_key, slp_create_key, slp_create_rule, slp_limit, slp_lpm_key,
-    slp_mode, slp_op, slp_port_rule, slp_prefix_rules, slp_rule_info, slp_scope,
-    slp_scope_info,
+    slp_action, slp_cgroup_key, slp_create_key, slp_create_rule, slp_limit, slp_lpm_key, slp_mode,
+    slp_op, slp_port_rule, slp_prefix_rules, slp_rule_info, slp_scope, slp_scope_info,
 };
 
 /// One generation's map entries.
@@ -88,6 +87,9 @@ pub fn check_capacity(policy: &Policy) -> Result<(), (usize, String)> {
     compile(policy, 0).map(|_| ())
 }
 
+/// (op, scope, address, prefixlen with header): one `slp_lpm` entry.
+type PrefixKey = (u8, u16, [u8; 16], u32);
+
 pub fn compile(policy: &Policy, gen: u32) -> Result<Tables, (usize, String)> {
     let gen8 = gen as u8;
     let mut t = Tables {
@@ -95,8 +97,7 @@ pub fn compile(policy: &Policy, gen: u32) -> Result<Tables, (usize, String)> {
         ..Tables::default()
     };
     // (key bytes identity) -> (key, rules with their line)
-    let mut prefixes: BTreeMap<(u8, u16, [u8; 16], u32), Vec<(slp_port_rule, usize)>> =
-        BTreeMap::new();
+    let mut prefixes: BTreeMap<PrefixKey, Vec<(slp_port_rule, usize)>> = BTreeMap::new();
     let mut create: BTreeMap<(u16, u8, u16, u16), slp_create_rule> = BTreeMap::new();
     let mut slot = 0u32;
     for (si, scope) in policy.scopes.iter().enumerate() {
@@ -110,7 +111,7 @@ pub fn compile(policy: &Policy, gen: u32) -> Result<Tables, (usize, String)> {
             t.scope_of.push((
                 slp_cgroup_key {
                     cgroup_id: cg,
-                    r#gen: gen,
+                    r#gen,
                     ..Default::default()
                 },
                 sc,
@@ -165,13 +166,14 @@ pub fn compile(policy: &Policy, gen: u32) -> Result<Tables, (usize, String)> {
                 Target::Addr { net, ports, proto } => {
                     info.port_lo = ports.0;
                     info.port_hi = ports.1;
-                    info.proto = if *proto == 0 { u16::MAX } else { u16::from(*proto) };
+                    info.proto = if *proto == 0 {
+                        u16::MAX
+                    } else {
+                        u16::from(*proto)
+                    };
                     let nets: Vec<(IpAddr, u8)> = match net {
                         Some(c) => vec![(c.addr, c.prefix)],
-                        None => vec![
-                            (IpAddr::V4(0.into()), 0),
-                            (IpAddr::V6(0u128.into()), 0),
-                        ],
+                        None => vec![(IpAddr::V4(0.into()), 0), (IpAddr::V6(0u128.into()), 0)],
                     };
                     match net {
                         Some(c) => {
@@ -310,13 +312,30 @@ mod tests {
 
     #[test]
     fn one_prefix_sorts_narrow_ports_then_deny() {
-        let p = policy(&[
-            rule(1, "allow", "\"connect\"", "cidr = \"10.0.0.0/8\""),
-            rule(2, "deny", "\"connect\"", "cidr = \"10.0.0.0/8\"\nports = \"1-100\""),
-            rule(3, "allow", "\"connect\"", "cidr = \"10.0.0.0/8\"\nports = \"1-100\""),
-            rule(4, "deny", "\"connect\"", "cidr = \"10.0.0.0/8\"\nports = 80"),
-        ]
-        .concat());
+        let p = policy(
+            &[
+                rule(1, "allow", "\"connect\"", "cidr = \"10.0.0.0/8\""),
+                rule(
+                    2,
+                    "deny",
+                    "\"connect\"",
+                    "cidr = \"10.0.0.0/8\"\nports = \"1-100\"",
+                ),
+                rule(
+                    3,
+                    "allow",
+                    "\"connect\"",
+                    "cidr = \"10.0.0.0/8\"\nports = \"1-100\"",
+                ),
+                rule(
+                    4,
+                    "deny",
+                    "\"connect\"",
+                    "cidr = \"10.0.0.0/8\"\nports = 80",
+                ),
+            ]
+            .concat(),
+        );
         let t = compile(&p, 1).unwrap();
         assert_eq!(t.lpm.len(), 1);
         let (k, v) = &t.lpm[0];
@@ -324,13 +343,21 @@ mod tests {
         assert_eq!(k.prefixlen, 32 + 8);
         assert_eq!(k.op, slp_op::SLP_OP_CONNECT4.0 as u8);
         assert_eq!(&k.addr[..4], &[10, 0, 0, 0]);
-        let ids: Vec<u32> = v.rules[..v.count as usize].iter().map(|r| r.rule_id).collect();
+        let ids: Vec<u32> = v.rules[..v.count as usize]
+            .iter()
+            .map(|r| r.rule_id)
+            .collect();
         assert_eq!(ids, [4, 2, 3, 1]);
     }
 
     #[test]
     fn no_cidr_means_both_families_and_each_op() {
-        let p = policy(&rule(1, "deny", "\"bind\", \"sendmsg\"", "ports = \"1-1023\""));
+        let p = policy(&rule(
+            1,
+            "deny",
+            "\"bind\", \"sendmsg\"",
+            "ports = \"1-1023\"",
+        ));
         let t = compile(&p, 0).unwrap();
         let ops: Vec<u8> = t.lpm.iter().map(|(k, _)| k.op).collect();
         assert_eq!(ops.len(), 4);
@@ -348,12 +375,14 @@ mod tests {
 
     #[test]
     fn identical_create_selectors_deny_wins() {
-        let p = policy(&[
-            rule(1, "allow", "\"create\"", "type = \"raw\""),
-            rule(2, "deny", "\"create\"", "type = \"raw\""),
-            rule(3, "allow", "\"create\"", "type = \"raw\""),
-        ]
-        .concat());
+        let p = policy(
+            &[
+                rule(1, "allow", "\"create\"", "type = \"raw\""),
+                rule(2, "deny", "\"create\"", "type = \"raw\""),
+                rule(3, "allow", "\"create\"", "type = \"raw\""),
+            ]
+            .concat(),
+        );
         let t = compile(&p, 0).unwrap();
         assert_eq!(t.create.len(), 1);
         assert_eq!(t.create[0].1.rule_id, 2);
@@ -365,7 +394,14 @@ mod tests {
     #[test]
     fn too_many_rules_on_one_prefix() {
         let rules: String = (1..=17)
-            .map(|i| rule(i, "deny", "\"connect\"", &format!("cidr = \"10.0.0.0/8\"\nports = {i}")))
+            .map(|i| {
+                rule(
+                    i,
+                    "deny",
+                    "\"connect\"",
+                    &format!("cidr = \"10.0.0.0/8\"\nports = {i}"),
+                )
+            })
             .collect();
         let mut dirs = BTreeMap::new();
         dirs.insert("/".to_owned(), 1);

@@ -334,7 +334,12 @@ pub fn load(path: &Path, cgroup_root: &Path) -> Result<Policy, PolicyError> {
 pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, PolicyError> {
     let src = Src::new(file, text);
     let raw: RawPolicy = toml::from_str(text).map_err(|e| {
-        let msg = e.message().lines().next().unwrap_or("invalid TOML").to_owned();
+        let msg = e
+            .message()
+            .lines()
+            .next()
+            .unwrap_or("invalid TOML")
+            .to_owned();
         let line = e.span().map_or(1, |s| src.line(s.start));
         PolicyError {
             file: file.to_owned(),
@@ -351,7 +356,10 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
             if a.get_ref().contains('*') {
                 return Err(src.err(
                     a.span(),
-                    format!("attach '{}': must name one cgroup, without '*'", a.get_ref()),
+                    format!(
+                        "attach '{}': must name one cgroup, without '*'",
+                        a.get_ref()
+                    ),
                 ));
             }
             tree.get(&normalize(a.get_ref())).ok_or_else(|| {
@@ -386,7 +394,10 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
                     scope_span(raw_scope),
                     format!(
                         "scope '{}': cgroup {} is already governed by scope '{}' (line {})",
-                        scope.name, m.rel, scopes_name(&scopes, other), scopes_line(&scopes, other)
+                        scope.name,
+                        m.rel,
+                        scopes_name(&scopes, other),
+                        scopes_line(&scopes, other)
                     ),
                 ));
             }
@@ -406,7 +417,10 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
         return Err(PolicyError {
             file: file.to_owned(),
             line: rule,
-            msg: format!("rule {}: more rules than the maps hold ({max_rules})", max_rules + 1),
+            msg: format!(
+                "rule {}: more rules than the maps hold ({max_rules})",
+                max_rules + 1
+            ),
         });
     }
 
@@ -601,10 +615,7 @@ fn action(src: &Src<'_>, v: &Spanned<String>, key: &str) -> Result<Action, Polic
     match v.get_ref().as_str() {
         "allow" => Ok(Action::Allow),
         "deny" => Ok(Action::Deny),
-        other => Err(src.err(
-            v.span(),
-            format!("{key} '{other}': expected allow or deny"),
-        )),
+        other => Err(src.err(v.span(), format!("{key} '{other}': expected allow or deny"))),
     }
 }
 
@@ -645,9 +656,7 @@ fn rule(
             other => {
                 return Err(src.err(
                     op.span(),
-                    format!(
-                        "rule {id}: on '{other}': expected create, bind, connect or sendmsg"
-                    ),
+                    format!("rule {id}: on '{other}': expected create, bind, connect or sendmsg"),
                 ))
             }
         };
@@ -656,10 +665,7 @@ fn rule(
         }
     }
     if ops.is_empty() {
-        return Err(src.err(
-            r.on.span(),
-            format!("rule {id}: on []: names no operation"),
-        ));
+        return Err(src.err(r.on.span(), format!("rule {id}: on []: names no operation")));
     }
     ops.sort();
     let create = ops.contains(&Op::Create);
@@ -677,7 +683,9 @@ fn rule(
             if let Some(span) = span {
                 return Err(src.err(
                     span,
-                    format!("rule {id}: {key} does not apply to create rules (family, type, proto)"),
+                    format!(
+                        "rule {id}: {key} does not apply to create rules (family, type, proto)"
+                    ),
                 ));
             }
         }
@@ -848,12 +856,20 @@ pub fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
     match addr {
         IpAddr::V4(a) => {
             let bits = u32::from(a);
-            let m = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(prefix))
+            };
             IpAddr::V4((bits & m).into())
         }
         IpAddr::V6(a) => {
             let bits = u128::from(a);
-            let m = if prefix == 0 { 0 } else { u128::MAX << (128 - u32::from(prefix)) };
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(prefix))
+            };
             IpAddr::V6((bits & m).into())
         }
     }
@@ -928,7 +944,10 @@ mod tests {
 
     #[test]
     fn globs_match_one_component() {
-        assert!(glob_path("/system.slice/*.service", "/system.slice/nginx.service"));
+        assert!(glob_path(
+            "/system.slice/*.service",
+            "/system.slice/nginx.service"
+        ));
         assert!(!glob_path("/system.slice/*", "/system.slice/a/b"));
         assert!(glob_path("/*/web", "/app/web"));
         assert!(glob_path("/", "/"));
@@ -1024,18 +1043,33 @@ ports = 80
     #[test]
     fn errors_name_line_and_value() {
         let e = err("[[scope]]\ncgroup = \"app\"\n[[scope.rule]]\nid = 1\naction = \"deny\"\non = [\"connect\"]\ncidr = \"10.0.0.0/33\"\n");
-        assert_eq!(e, "p.toml:7: rule 1: cidr '10.0.0.0/33': prefix length '33' is not 0 to 32");
+        assert_eq!(
+            e,
+            "p.toml:7: rule 1: cidr '10.0.0.0/33': prefix length '33' is not 0 to 32"
+        );
         let e = err("[[scope]]\ncgroup = \"nope\"\n");
         assert_eq!(e, "p.toml:2: cgroup 'nope': no such cgroup");
         let e = err("[[scope]]\ncgroup = \"app\"\nfrobnicate = 1\n");
-        assert!(e.starts_with("p.toml:3: invalid policy: unknown field `frobnicate`"), "{e}");
+        assert!(
+            e.starts_with("p.toml:3: invalid policy: unknown field `frobnicate`"),
+            "{e}"
+        );
         let e = err("[[scope]]\ncgroup = \"app\"\n[[scope]]\ncgroup = \"/app/\"\n");
-        assert!(e.starts_with("p.toml:4: scope '/app/': cgroup /app is already governed"), "{e}");
+        assert!(
+            e.starts_with("p.toml:4: scope '/app/': cgroup /app is already governed"),
+            "{e}"
+        );
     }
 
     #[test]
     fn masks() {
-        assert_eq!(mask("10.1.2.3".parse().unwrap(), 8), "10.0.0.0".parse::<IpAddr>().unwrap());
-        assert_eq!(mask("::1".parse().unwrap(), 0), "::".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            mask("10.1.2.3".parse().unwrap(), 8),
+            "10.0.0.0".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(
+            mask("::1".parse().unwrap(), 0),
+            "::".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -76,8 +76,8 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
 /// `policy apply --follow`: after applying, print every policy_deny and
 /// policy_audit event until stopped. Enforcement does not depend on this process.
 pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64> {
-    let maps = state::PinnedMaps::open()?
-        .ok_or_else(|| Error::Usage("no policy is applied".into()))?;
+    let maps =
+        state::PinnedMaps::open()?.ok_or_else(|| Error::Usage("no policy is applied".into()))?;
     cgevents::drain(&maps.events)?;
     let queue = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
     let mut b = RingBufferBuilder::new();
@@ -140,8 +140,12 @@ pub fn remove(out: &mut dyn Write) -> Result<()> {
 pub fn down(out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
     crate::cgroup_attach::remove_all()?;
-    writeln!(out, "socklens is down: nothing pinned or attached under {}", crate::cgroup_attach::PIN_ROOT)
-        .map_err(io_err)
+    writeln!(
+        out,
+        "socklens is down: nothing pinned or attached under {}",
+        crate::cgroup_attach::PIN_ROOT
+    )
+    .map_err(io_err)
 }
 
 fn ops_names(bits: u8) -> Vec<&'static str> {
@@ -196,7 +200,9 @@ pub fn show_value() -> Result<Option<Value>> {
     let nrules = cfg.nrules[gen as usize];
     let mut scopes: Vec<Value> = Vec::new();
     for i in 0..nscopes {
-        let Some(s) = maps.scope(gen, i) else { continue };
+        let Some(s) = maps.scope(gen, i) else {
+            continue;
+        };
         scopes.push(json!({
             "index": s.index,
             "name": crate::model::c_string(&s.name),
@@ -209,7 +215,9 @@ pub fn show_value() -> Result<Option<Value>> {
         }));
     }
     for slot in 0..nrules {
-        let Some(r) = maps.rule(gen, slot) else { continue };
+        let Some(r) = maps.rule(gen, slot) else {
+            continue;
+        };
         let mut v = json!({
             "id": r.rule_id,
             "line": r.line,
@@ -300,7 +308,12 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
         for r in sc["rules"].as_array().into_iter().flatten() {
             let on: Vec<String> = r["on"].as_array().into_iter().flatten().map(s).collect();
             let target = if r.get("cidr").is_some() {
-                format!("{} ports {} proto {}", s(&r["cidr"]), s(&r["ports"]), s(&r["proto"]))
+                format!(
+                    "{} ports {} proto {}",
+                    s(&r["cidr"]),
+                    s(&r["ports"]),
+                    s(&r["proto"])
+                )
             } else {
                 format!(
                     "family {} type {} proto {}",

@@ -116,10 +116,7 @@ fn load_enforcing<'obj>(
         }
     }
     for mut prog in open.open_object_mut().progs_mut() {
-        let keep = prog
-            .name()
-            .to_str()
-            .is_some_and(|n| ENFORCING.contains(&n));
+        let keep = prog.name().to_str().is_some_and(|n| ENFORCING.contains(&n));
         prog.set_autoload(keep);
     }
     open.load().map_err(|e| {
@@ -178,11 +175,21 @@ fn write_generation(skel: &PolicySkel<'_>, t: &Tables) -> Result<()> {
     let max_rules = slp_limit::SLP_MAX_RULES.0;
     for (i, v) in &t.scopes {
         let idx = gen * max_scopes + i;
-        upd(&m.slp_scopes, &idx.to_ne_bytes(), bytes(v), "writing slp_scopes")?;
+        upd(
+            &m.slp_scopes,
+            &idx.to_ne_bytes(),
+            bytes(v),
+            "writing slp_scopes",
+        )?;
     }
     for (i, v) in &t.rules {
         let idx = gen * max_rules + i;
-        upd(&m.slp_rules, &idx.to_ne_bytes(), bytes(v), "writing slp_rules")?;
+        upd(
+            &m.slp_rules,
+            &idx.to_ne_bytes(),
+            bytes(v),
+            "writing slp_rules",
+        )?;
     }
     // Fresh counters for every slot this generation uses.
     let cpus = libbpf_rs::num_possible_cpus().map_err(map_err("counting CPUs"))?;
@@ -228,9 +235,8 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     let skel = load_enforcing(&mut storage, &pins)?;
     let mut cfg = read_config(&skel.maps.slp_config)?;
     let next = (cfg.r#gen & 1) ^ 1;
-    let tables = compile(policy, next).map_err(|(line, msg)| {
-        Error::Usage(format!("{}:{line}: {msg}", policy.file))
-    })?;
+    let tables = compile(policy, next)
+        .map_err(|(line, msg)| Error::Usage(format!("{}:{line}: {msg}", policy.file)))?;
     write_generation(&skel, &tables)?;
 
     let target = CgroupTarget::open(&cgroup_root.join(policy.attach.rel.trim_start_matches('/')))?;
@@ -337,13 +343,19 @@ impl PinnedMaps {
 
     pub fn scope(&self, gen: u32, i: u32) -> Option<slp_scope_info> {
         let idx = gen * slp_limit::SLP_MAX_SCOPES.0 + i;
-        let v = self.scopes.lookup(&idx.to_ne_bytes(), MapFlags::ANY).ok()??;
+        let v = self
+            .scopes
+            .lookup(&idx.to_ne_bytes(), MapFlags::ANY)
+            .ok()??;
         decode(&v)
     }
 
     pub fn rule(&self, gen: u32, i: u32) -> Option<slp_rule_info> {
         let idx = gen * slp_limit::SLP_MAX_RULES.0 + i;
-        let v = self.rules.lookup(&idx.to_ne_bytes(), MapFlags::ANY).ok()??;
+        let v = self
+            .rules
+            .lookup(&idx.to_ne_bytes(), MapFlags::ANY)
+            .ok()??;
         decode(&v)
     }
 

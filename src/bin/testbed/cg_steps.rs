@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::socket::{
-    bind, connect, getpeername, getsockname, listen, recvfrom, sendto, setsockopt, socket,
-    sockopt, AddressFamily, Backlog, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn,
-    SockaddrIn6, SockaddrStorage,
+    bind, connect, getpeername, getsockname, listen, recvfrom, sendto, setsockopt, socket, sockopt,
+    AddressFamily, Backlog, MsgFlags, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
+    SockaddrStorage,
 };
 use nix::sys::time::TimeVal;
 use serde_json::{json, Value};
@@ -146,8 +146,10 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
             let (errno, fd) = connect_once(proto, &sa)?;
             let local: SockaddrStorage = getsockname(fd.as_raw_fd())?;
             sockets.push(fd);
-            Ok(json!({"step": "connect", "errno": errno, "socket": sockets.len() - 1,
-                      "local_port": port_of(&local)}))
+            Ok(
+                json!({"step": "connect", "errno": errno, "socket": sockets.len() - 1,
+                      "local_port": port_of(&local)}),
+            )
         })(),
         ("sendto", [proto, addr, port]) => (|| {
             let sa = sockaddr(addr, port)?;
@@ -156,8 +158,10 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
             let (_, errno) = errno_of(sendto(fd.as_raw_fd(), b"socklens", &sa, MsgFlags::empty()));
             let local: SockaddrStorage = getsockname(fd.as_raw_fd())?;
             sockets.push(fd);
-            Ok(json!({"step": "sendto", "errno": errno, "socket": sockets.len() - 1,
-                      "local_port": port_of(&local)}))
+            Ok(
+                json!({"step": "sendto", "errno": errno, "socket": sockets.len() - 1,
+                      "local_port": port_of(&local)}),
+            )
         })(),
         ("recv", [idx]) => (|| {
             let fd = get(sockets, idx)?;
@@ -196,7 +200,12 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
             let i: usize = idx.parse()?;
             let fd = sockets.get_mut(i).ok_or_else(|| anyhow!("no socket {i}"))?;
             // Replace with a closed-on-drop placeholder: indices stay stable.
-            let placeholder = socket(AddressFamily::Unix, SockType::Datagram, SockFlag::SOCK_CLOEXEC, None)?;
+            let placeholder = socket(
+                AddressFamily::Unix,
+                SockType::Datagram,
+                SockFlag::SOCK_CLOEXEC,
+                None,
+            )?;
             drop(std::mem::replace(fd, placeholder));
             Ok(json!({"step": "close", "socket": i}))
         })(),
@@ -212,7 +221,14 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
             std::thread::spawn(move || loop {
                 // SAFETY: accept(2) on the listening socket, which lives as long
                 // as the process (it stays in `sockets`).
-                let c = unsafe { libc::accept4(raw, std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC) };
+                let c = unsafe {
+                    libc::accept4(
+                        raw,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_CLOEXEC,
+                    )
+                };
                 if c >= 0 {
                     // SAFETY: closing the descriptor accept4 just returned.
                     unsafe { libc::close(c) };
