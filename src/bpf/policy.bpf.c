@@ -272,13 +272,10 @@ static __always_inline void count(__u32 gen, __u32 slot)
 		*c += 1;
 }
 
-/* The verdict: 1 lets the call through, 0 denies it. */
-static __always_inline int verdict(struct slp_event *e, __u32 gen, const struct slp_scope *sc,
-				   __u8 action, __u32 slot, __u32 rule_id, __u8 op, int err)
+/* A deny decision: 1 lets the call through (audit), 0 denies it. */
+static __always_inline int deny(struct slp_event *e, const struct slp_scope *sc, __u32 rule_id,
+				__u8 op, __u8 action, int err)
 {
-	count(gen, slot);
-	if (action != SLP_DENY)
-		return 1;
 	e->rule_id = rule_id;
 	e->op = op;
 	e->mode = sc->mode;
@@ -377,8 +374,16 @@ static __always_inline int judge_addr(struct bpf_sock_addr *ctx, const struct sa
 			__builtin_memcpy(w.key.addr, v->addr, 4);
 	}
 	w.key.op = op;
-	bpf_loop(SLP_KEY_HDR_BITS + 129, lpm_step, &w, 0);
-
+	if (sc.ops & (1U << op))
+		bpf_loop(SLP_KEY_HDR_BITS + 129, lpm_step, &w, 0);
+	if (!w.found) {
+		w.hit.action = sc.dflt;
+		w.hit.slot = SLP_MAX_RULES + sc.index;
+		w.hit.rule_id = SLP_DEFAULT_RULE;
+	}
+	count(gen, w.hit.slot);
+	if (w.hit.action != SLP_DENY)
+		return 1;
 	e.cookie = bpf_get_socket_cookie(ctx);
 	e.netns = sk_netns(ctx->sk);
 	e.family = v->family;
@@ -386,17 +391,19 @@ static __always_inline int judge_addr(struct bpf_sock_addr *ctx, const struct sa
 	e.proto = ctx->protocol;
 	e.port = v->port;
 	__builtin_memcpy(e.addr, v->addr, 16);
-	if (w.found)
-		return verdict(&e, gen, &sc, w.hit.action, w.hit.slot, w.hit.rule_id, op, err);
-	return verdict(&e, gen, &sc, sc.dflt, SLP_MAX_RULES + sc.index, SLP_DEFAULT_RULE, op, err);
+	return deny(&e, &sc, w.hit.rule_id, op, w.hit.action, err);
 }
 
 /* One group of equally specific create keys: deny wins over allow. */
-static __always_inline void create_probe(struct slp_create_key *k, __u16 family, __u8 type,
-					 __u16 proto, struct slp_create_rule *best)
+static __always_inline void create_probe(struct slp_create_key *k, __u8 shapes, __u16 family,
+					 __u8 type, __u16 proto, struct slp_create_rule *best)
 {
 	struct slp_create_rule *r;
+	__u32 shape = (family != SLP_ANY_FAMILY) * 4 + (type != SLP_ANY_TYPE) * 2 +
+		      (proto != SLP_ANY_PROTO);
 
+	if (!(shapes & (1U << shape)))
+		return;
 	k->family = family;
 	k->type = type;
 	k->proto = proto;
@@ -424,30 +431,34 @@ static __always_inline int judge_create(struct bpf_sock *ctx)
 	k.gen = gen;
 	k.scope = sc.index;
 	/* Most fields given first; within a group deny wins. */
-	create_probe(&k, f, t, p, &best);
+	create_probe(&k, sc.create_shapes, f, t, p, &best);
 	if (!best.action) {
-		create_probe(&k, f, t, SLP_ANY_PROTO, &best);
-		create_probe(&k, f, SLP_ANY_TYPE, p, &best);
-		create_probe(&k, SLP_ANY_FAMILY, t, p, &best);
+		create_probe(&k, sc.create_shapes, f, t, SLP_ANY_PROTO, &best);
+		create_probe(&k, sc.create_shapes, f, SLP_ANY_TYPE, p, &best);
+		create_probe(&k, sc.create_shapes, SLP_ANY_FAMILY, t, p, &best);
 	}
 	if (!best.action) {
-		create_probe(&k, f, SLP_ANY_TYPE, SLP_ANY_PROTO, &best);
-		create_probe(&k, SLP_ANY_FAMILY, t, SLP_ANY_PROTO, &best);
-		create_probe(&k, SLP_ANY_FAMILY, SLP_ANY_TYPE, p, &best);
+		create_probe(&k, sc.create_shapes, f, SLP_ANY_TYPE, SLP_ANY_PROTO, &best);
+		create_probe(&k, sc.create_shapes, SLP_ANY_FAMILY, t, SLP_ANY_PROTO, &best);
+		create_probe(&k, sc.create_shapes, SLP_ANY_FAMILY, SLP_ANY_TYPE, p, &best);
 	}
 	if (!best.action)
-		create_probe(&k, SLP_ANY_FAMILY, SLP_ANY_TYPE, SLP_ANY_PROTO, &best);
-
+		create_probe(&k, sc.create_shapes, SLP_ANY_FAMILY, SLP_ANY_TYPE, SLP_ANY_PROTO,
+			     &best);
+	if (!best.action) {
+		best.action = sc.dflt;
+		best.slot = SLP_MAX_RULES + sc.index;
+		best.rule_id = SLP_DEFAULT_RULE;
+	}
+	count(gen, best.slot);
+	if (best.action != SLP_DENY)
+		return 1;
 	e.cookie = bpf_get_socket_cookie(ctx);
 	e.netns = sk_netns(ctx);
 	e.family = f;
 	e.sock_type = t;
 	e.proto = p;
-	if (best.action)
-		return verdict(&e, gen, &sc, best.action, best.slot, best.rule_id, SLP_OP_CREATE,
-			       SLP_ERRNO_CREATE);
-	return verdict(&e, gen, &sc, sc.dflt, SLP_MAX_RULES + sc.index, SLP_DEFAULT_RULE,
-		       SLP_OP_CREATE, SLP_ERRNO_CREATE);
+	return deny(&e, &sc, best.rule_id, SLP_OP_CREATE, best.action, SLP_ERRNO_CREATE);
 }
 
 /* ---- observing --------------------------------------------------------- */

@@ -99,6 +99,11 @@ struct slp_scope {
 	__u16 index; /* 0-based within its generation */
 	__u8 mode;   /* enum slp_mode */
 	__u8 dflt;   /* enum slp_action */
+	/* Shortcuts, so calls no rule can match cost no lookups: */
+	__u8 ops;    /* bits (1 << SLP_OP_*) of the address ops with rules */
+	__u8 create_shapes; /* bits (1 << shape) of create keys present, shape =
+			     * 4 * family given + 2 * type given + proto given */
+	__u16 pad;
 };
 
 /* `slp_scopes` array, index gen * SLP_MAX_SCOPES + scope index: for `policy show`. */

@@ -102,11 +102,41 @@ pub fn compile(policy: &Policy, gen: u32) -> Result<Tables, (usize, String)> {
     let mut slot = 0u32;
     for (si, scope) in policy.scopes.iter().enumerate() {
         let index = si as u16;
-        let sc = slp_scope {
+        let mut sc = slp_scope {
             index,
             mode: mode_code(scope.mode),
             dflt: action_code(scope.default),
+            ..Default::default()
         };
+        // Which lookups can hit at all, so the programs skip the others.
+        for rule in &scope.rules {
+            match &rule.target {
+                Target::Create {
+                    family,
+                    sock_type,
+                    proto,
+                } => {
+                    let shape = 4 * u8::from(*family != 0)
+                        + 2 * u8::from(*sock_type != 0)
+                        + u8::from(proto.is_some());
+                    sc.create_shapes |= 1 << shape;
+                }
+                Target::Addr { net, .. } => {
+                    for &op in &rule.ops {
+                        if let Some((op4, op6)) = addr_ops(op) {
+                            let v4 = net.is_none_or(|c| c.addr.is_ipv4());
+                            let v6 = net.is_none_or(|c| c.addr.is_ipv6());
+                            if v4 {
+                                sc.ops |= 1 << op4.0;
+                            }
+                            if v6 {
+                                sc.ops |= 1 << op6.0;
+                            }
+                        }
+                    }
+                }
+            }
+        }
         for &cg in &scope.governs {
             t.scope_of.push((
                 slp_cgroup_key {
@@ -371,6 +401,20 @@ mod tests {
         }
         assert!(t.lpm.iter().all(|(k, _)| k.prefixlen == 32));
         assert_eq!(t.rules[0].1.prefix, u8::MAX);
+    }
+
+    #[test]
+    fn scope_shortcuts_name_the_lookups_that_can_hit() {
+        let p = policy(&[
+            rule(1, "deny", "\"create\"", "type = \"raw\""),
+            rule(2, "deny", "\"create\"", "family = \"inet6\"\nproto = 17"),
+            rule(3, "deny", "\"connect\"", "cidr = \"10.0.0.0/8\""),
+        ]
+        .concat());
+        let t = compile(&p, 0).unwrap();
+        let sc = t.scope_of[0].1;
+        assert_eq!(sc.create_shapes, (1 << 2) | (1 << 5));
+        assert_eq!(sc.ops, 1 << slp_op::SLP_OP_CONNECT4.0);
     }
 
     #[test]
