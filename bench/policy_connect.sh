@@ -8,13 +8,17 @@
 # per round (no TIME_WAIT carried over); each round makes N TCP connects to a
 # listener on 127.0.0.1:7000 (allowed by both rule sets: the 10,000 denied
 # prefixes are 10.x.y.0/24). Configurations are interleaved round by round.
+# The testbed (connecting thread and accepting thread) is pinned to one CPU
+# (CPU=1 by default): unpinned, cross-CPU wakeups on a 2-core machine make the
+# rate bimodal (about 17k or 45k/s from one run to the next, whatever the policy).
 # Prints one line per round and the median rate per configuration.
-# Usage (root): bench/policy_connect.sh [N] [ROUNDS]
+# Usage (root): [CPU=1] bench/policy_connect.sh [N] [ROUNDS]
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
 N=${1:-20000}
-ROUNDS=${2:-5}
+ROUNDS=${2:-9}
+CPU=${CPU:-1}
 RULES=10000
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release -q
@@ -70,7 +74,7 @@ round() { # config round -> rate
     if [ "$config" = nftables ]; then nsenter --net="/var/run/netns/$ns" nft -f "$WORK/rules.nft"; fi
     if [ "$config" = socklens ]; then "$SL" policy apply "$WORK/policy.toml" >/dev/null; fi
     local out
-    out=$("$TB" --netns "$ns" --cgroup "$CG/gov" serve,tcp4,127.0.0.1,7000 "connects,tcp4,127.0.0.1,7000,$N")
+    out=$(taskset -c "$CPU" "$TB" --netns "$ns" --cgroup "$CG/gov" serve,tcp4,127.0.0.1,7000 "connects,tcp4,127.0.0.1,7000,$N")
     if [ "$config" = socklens ]; then "$SL" policy remove >/dev/null; fi
     ip netns del "$ns"
     # Every connect must have succeeded: {"0": N} and nothing else.
@@ -79,7 +83,7 @@ round() { # config round -> rate
 }
 
 declare -A rates
-echo "kernel $(uname -r), $(nproc) CPUs, N=$N connects per round, $ROUNDS rounds, $RULES rules"
+echo "kernel $(uname -r), $(nproc) CPUs, testbed on CPU $CPU, N=$N connects per round, $ROUNDS rounds, $RULES rules, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq 1 "$ROUNDS"); do
     for config in none socklens nftables; do
         rate=$(round "$config" "$r")

@@ -408,6 +408,38 @@ fn fmt_addr(e: &CgEvent) -> String {
     }
 }
 
+/// Whether a policy verdict passes the trace filters. The pinned policy's
+/// programs emit every verdict; the observer programs filter in the kernel, so
+/// every other event passes.
+pub fn verdict_wanted(
+    event: &Event,
+    f: &Filters,
+    cgroup_rel: Option<&str>,
+    r: &mut Renderer,
+) -> bool {
+    let Event::Cg(e) = event else {
+        return true;
+    };
+    if !e.is_verdict() {
+        return true;
+    }
+    if f.pid.is_some_and(|p| p != e.pid)
+        || f.comm.as_ref().is_some_and(|c| *c != e.comm)
+        || f.netns.is_some_and(|n| n != e.netns)
+        || f.family.is_some_and(|fam| fam != e.family)
+    {
+        return false;
+    }
+    match cgroup_rel {
+        None => true,
+        Some(rel) => r
+            .cgroups
+            .as_mut()
+            .and_then(|c| c.path_of(e.cgroup_id))
+            .is_some_and(|p| rel == "/" || p == rel || p.starts_with(&format!("{rel}/"))),
+    }
+}
+
 /// Discards what a pinned ring buffer queued before we started reading it.
 pub fn drain(map: &dyn MapCore) -> Result<()> {
     let mut b = libbpf_rs::RingBufferBuilder::new();

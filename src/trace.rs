@@ -200,6 +200,11 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
     }
     eprintln!("socklens: tracing {what}. Ctrl-C to stop.");
 
+    let cgroup_rel = filters.cgroup.as_ref().and_then(|dir| {
+        let root = system::cgroup2_root()?;
+        let rel = dir.strip_prefix(&root).ok()?;
+        Some(format!("/{}", rel.display()))
+    });
     let mut summary = Summary::default();
     let mut result = match renderer.header() {
         Some(h) => writeln!(out, "{h}"),
@@ -211,6 +216,10 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
         let stopping = stop.load(Ordering::Relaxed);
         let timeout = if stopping { Duration::ZERO } else { POLL };
         for event in stream.poll(timeout)? {
+            // The pinned policy's verdicts come unfiltered: filter them here.
+            if !cgevents::verdict_wanted(&event, &filters, cgroup_rel.as_deref(), &mut renderer) {
+                continue;
+            }
             summary.events += 1;
             let line = renderer.render(&event);
             result = result.and_then(|()| writeln!(out, "{line}"));
