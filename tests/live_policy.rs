@@ -440,7 +440,12 @@ fn scope_default_deny_and_deny_events_name_the_rule() {
     );
     let mine: Vec<&Value> = stopped.of_pid(tb["pid"].as_u64().unwrap());
     assert_eq!(mine.len(), 2, "{:?}", stopped.events);
-    assert_eq!(stopped.events.len(), 2, "only --comm {comm}: {:?}", stopped.events);
+    assert_eq!(
+        stopped.events.len(),
+        2,
+        "only --comm {comm}: {:?}",
+        stopped.events
+    );
     for (e, (port, rule, default)) in mine.iter().zip([(7100, 0, true), (7201, 53, false)]) {
         assert_eq!(e["event"], "policy_deny", "{e}");
         assert_eq!(e["op"], "connect", "{e}");

@@ -405,12 +405,14 @@ mod tests {
 
     #[test]
     fn scope_shortcuts_name_the_lookups_that_can_hit() {
-        let p = policy(&[
-            rule(1, "deny", "\"create\"", "type = \"raw\""),
-            rule(2, "deny", "\"create\"", "family = \"inet6\"\nproto = 17"),
-            rule(3, "deny", "\"connect\"", "cidr = \"10.0.0.0/8\""),
-        ]
-        .concat());
+        let p = policy(
+            &[
+                rule(1, "deny", "\"create\"", "type = \"raw\""),
+                rule(2, "deny", "\"create\"", "family = \"inet6\"\nproto = 17"),
+                rule(3, "deny", "\"connect\"", "cidr = \"10.0.0.0/8\""),
+            ]
+            .concat(),
+        );
         let t = compile(&p, 0).unwrap();
         let sc = t.scope_of[0].1;
         assert_eq!(sc.create_shapes, (1 << 2) | (1 << 5));
