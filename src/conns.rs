@@ -236,7 +236,7 @@ pub fn snapshot(session: &Session<'_>) -> (Vec<Conn>, Vec<UdpFlow>) {
 /// them all and read the maps instead of printing the events.
 pub fn snapshot_events() -> Vec<TraceEvent> {
     vec![
-        TraceEvent::Connect,
+        TraceEvent::Established,
         TraceEvent::Accept,
         TraceEvent::Close,
         TraceEvent::Retransmit,

@@ -326,11 +326,10 @@ fn perf_buffer_fallback_delivers_events() {
 #[test]
 fn sigterm_detaches_everything() {
     require_root();
+    let before = socklens_programs();
     let tracer = Tracer::start(&[]);
-    assert!(
-        !socklens_programs().is_empty(),
-        "programs should be loaded while tracing"
-    );
+    let ours: Vec<u32> = socklens_programs().difference(&before).copied().collect();
+    assert!(!ours.is_empty(), "programs should be loaded while tracing");
     let stopped = tracer.stop();
     stopped.assert_clean();
     assert!(
@@ -338,10 +337,11 @@ fn sigterm_detaches_everything() {
         "{}",
         stopped.stderr
     );
-    assert_eq!(
-        socklens_programs(),
-        Vec::<String>::new(),
-        "left loaded after SIGTERM"
+    let after = socklens_programs();
+    let left: Vec<&u32> = ours.iter().filter(|id| after.contains(id)).collect();
+    assert!(
+        left.is_empty(),
+        "programs {left:?} left loaded after SIGTERM"
     );
 }
 

@@ -36,7 +36,7 @@ fn exchange(
     client_steps: &[String],
     netns: Option<(&Netns, &Netns, &str)>,
 ) -> (Value, Value, Stopped) {
-    let tracer = Tracer::start(&["--events", "connect,accept,close"]);
+    let tracer = Tracer::start(&["--events", "established,accept,close"]);
     let mut sargs: Vec<String> = vec!["--comm".into(), unique("slsrv")];
     let mut cargs: Vec<String> = vec!["--comm".into(), unique("slcli")];
     if let Some((a, b, _)) = netns {

@@ -25,6 +25,14 @@
 //!   announce                        print the report so far (a line) and go on
 //!   wait                            announce, then block until a line arrives on stdin
 
+//!
+//! and the cgroup hook / policy steps of testbed/cg_steps.rs (socket, connect,
+//! sendto with PROTO,ADDR,PORT, recv with SOCKET, peer, getsockopt, close, serve,
+//! connects, connects_for), where a name here does not take those arguments.
+
+#[path = "testbed/cg_steps.rs"]
+mod cg_steps;
+
 use std::ffi::CString;
 use std::fs;
 use std::io::{self, BufRead, Write};
@@ -206,7 +214,10 @@ fn connect_step(parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Result<Value> {
     ));
     let port = local_port(&fd)?;
     sockets.push(fd);
-    Ok(json!({"step": "connect", "socket": sockets.len() - 1, "errno": errno, "port": port}))
+    Ok(
+        json!({"step": "connect", "socket": sockets.len() - 1, "errno": errno, "port": port,
+              "local_port": port}),
+    )
 }
 
 fn accept_step(parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Result<Value> {
@@ -381,6 +392,10 @@ fn run_step(step: &str, sockets: &mut Vec<OwnedFd>) -> Result<Value> {
     let Some((&verb, rest)) = parts.split_first() else {
         bail!("empty step")
     };
+    // The cgroup-hook steps share some names with other arguments.
+    if matches!((verb, rest.len()), ("sendto", 3) | ("recv", 1)) {
+        return cg_steps::run(verb, rest, sockets).unwrap_or_else(|| bail!("unknown step {step}"));
+    }
     match verb {
         "bind" => bind_step(rest, sockets),
         "listen" => listen_step(rest, sockets),
@@ -431,7 +446,7 @@ fn run_step(step: &str, sockets: &mut Vec<OwnedFd>) -> Result<Value> {
             std::thread::sleep(std::time::Duration::from_millis(ms.parse()?));
             Ok(json!({"step": "sleep"}))
         }
-        _ => bail!("unknown step {step}"),
+        _ => cg_steps::run(verb, rest, sockets).unwrap_or_else(|| bail!("unknown step {step}")),
     }
 }
 
