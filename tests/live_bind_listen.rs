@@ -349,13 +349,22 @@ fn sigterm_detaches_everything() {
 fn columns_output_names_the_event() {
     require_root();
     let comm = unique("slcol");
-    let child = std::process::Command::new(SOCKLENS)
+    let mut child = std::process::Command::new(SOCKLENS)
         .args(["trace", "--attach", &attach_arg(), "--comm", &comm])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_secs(3));
+    // Wait until attached: start-up takes seconds under emulation.
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("Ctrl-C to stop") {
+        line.clear();
+        assert!(
+            std::io::BufRead::read_line(&mut err, &mut line).unwrap() > 0,
+            "socklens exited"
+        );
+    }
     let tb = testbed(&["--comm", &comm, "bind,tcp4,127.0.0.1,0"]);
     std::thread::sleep(std::time::Duration::from_millis(300));
     nix::sys::signal::kill(

@@ -104,7 +104,7 @@ fn check_bytes(client: &[&str], sent: u64, family: &str) {
     assert!(out["duration_ms"].as_f64().unwrap() > 0.0, "{out}");
     assert_eq!(out["failure"], Value::Null);
     let connects: Vec<&Value> = stopped
-        .of_kind("connect")
+        .of_kind("established")
         .into_iter()
         .filter(|e| e["pid"] == client["pid"])
         .collect();

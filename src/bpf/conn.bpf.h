@@ -154,6 +154,24 @@ static __always_inline void emit_conn(void *ctx, __u32 kind, __u32 tier, struct 
 		stat_inc(SL_STAT_EVENTS_LOST);
 }
 
+/* conn_track for process-context hooks (accept, send, recv): a TCP socket
+ * already in TCP_CLOSE was reported and removed when it got there (say, reset
+ * before accept() returned it); tracking it again would leave an entry that
+ * no state change will ever close. */
+static __always_inline struct sl_conn *conn_track_open(struct sock *sk, __u64 cookie,
+						       __u8 direction)
+{
+	__u64 key = (__u64)sk;
+	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
+
+	if (c)
+		return c;
+	if (sock_proto(sk) == IPPROTO_TCP &&
+	    BPF_CORE_READ(sk, __sk_common.skc_state) == SL_TCP_CLOSE)
+		return NULL;
+	return conn_track(sk, cookie, direction, true);
+}
+
 /* ---- TCP lifecycle ---------------------------------------------------- */
 
 static __always_inline void finish(void *ctx, struct sock *sk, struct sl_conn *c, __u32 tier)
@@ -245,7 +263,7 @@ static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, 
 		return;
 	}
 	if (!c)
-		c = conn_track(sk, cookie, SL_DIR_IN, true);
+		c = conn_track_open(sk, cookie, SL_DIR_IN);
 	if (!c)
 		return;
 	set_owner(c);
@@ -336,7 +354,7 @@ static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *s
 	proto = sock_proto(sk);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return;
-	c = conn_track(sk, cookie, SL_DIR_UNKNOWN, true);
+	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)
 		return;
 	set_owner(c);
@@ -360,7 +378,7 @@ static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, co
 	proto = sock_proto(sk);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return;
-	c = conn_track(sk, cookie, SL_DIR_UNKNOWN, true);
+	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)
 		return;
 	set_owner(c);
