@@ -157,12 +157,12 @@ impl<'a> EventStream<'a> {
 
 /// Sum over CPUs of one slot of the BPF side's `stats` counters.
 fn kernel_stat(session: &Session<'_>, slot: sl_stat) -> u64 {
-    let key = slot.0.to_ne_bytes();
-    session
-        .skel
-        .maps
-        .stats
-        .lookup_percpu(&key, MapFlags::ANY)
+    percpu_sum(&session.skel.maps.stats, slot.0)
+}
+
+/// Sum over CPUs of slot `idx` of a per-CPU array of u64 counters.
+pub fn percpu_sum(map: &dyn MapCore, idx: u32) -> u64 {
+    map.lookup_percpu(&idx.to_ne_bytes(), MapFlags::ANY)
         .ok()
         .flatten()
         .map(|cpus| {

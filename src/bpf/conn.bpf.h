@@ -137,7 +137,6 @@ static __always_inline void emit_conn(void *ctx, __u32 kind, __u32 tier, struct 
 				      struct sl_conn *c)
 {
 	struct sl_conn_event *e = scratch();
-	long err;
 
 	if (!e)
 		return;
@@ -146,12 +145,7 @@ static __always_inline void emit_conn(void *ctx, __u32 kind, __u32 tier, struct 
 	e->ts_ns = bpf_ktime_get_ns();
 	e->sk = (__u64)sk;
 	e->conn = *c;
-	if (use_ringbuf)
-		err = bpf_ringbuf_output(&events, e, sizeof(*e), 0);
-	else
-		err = bpf_perf_event_output(ctx, &events, BPF_F_CURRENT_CPU, e, sizeof(*e));
-	if (err)
-		stat_inc(SL_STAT_EVENTS_LOST);
+	output(ctx, e, sizeof(*e));
 }
 
 /* conn_track for process-context hooks (accept, send, recv): a TCP socket

@@ -365,15 +365,4 @@ impl PinnedMaps {
     }
 }
 
-pub fn percpu_sum(map: &dyn MapCore, idx: u32) -> u64 {
-    map.lookup_percpu(&idx.to_ne_bytes(), MapFlags::ANY)
-        .ok()
-        .flatten()
-        .map(|cpus| {
-            cpus.iter()
-                .filter_map(|v| v.get(..8).and_then(|b| b.try_into().ok()))
-                .map(u64::from_ne_bytes)
-                .sum()
-        })
-        .unwrap_or(0)
-}
+pub use crate::events::percpu_sum;
