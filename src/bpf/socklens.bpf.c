@@ -857,10 +857,12 @@ int BPF_KPROBE(sl_kp_retransmit, struct sock *sk)
 	return 0;
 }
 
-SEC("tracepoint/tcp/tcp_retransmit_skb")
-int sl_tp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
+/* BTF-typed: the raw record's layout differs between releases (its own event
+ * class since 6.13), the first argument does not. */
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(sl_tp_retransmit, struct sock *sk)
 {
-	on_retransmit(ctx, (struct sock *)ctx->skaddr, SL_TIER_TRACEPOINT);
+	on_retransmit(ctx, sk, SL_TIER_TRACEPOINT);
 	return 0;
 }
 
