@@ -5,8 +5,8 @@ set -euo pipefail
 
 # clang/llvm compile the BPF programs; libelf/zlib/pkg-config build the vendored
 # libbpf; iproute2 and nftables drive the network tests; procps gives sysctl;
-# bpftool regenerates vmlinux.h.
-PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables procps bpftool)
+# bpftool regenerates vmlinux.h; python3 is the second process in the `top` tests.
+PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables procps bpftool python3)
 
 die() { echo "install-deps: $*" >&2; exit 1; }
 

@@ -19,4 +19,5 @@ pub mod policy;
 pub mod probe;
 pub mod skel;
 pub mod system;
+pub mod top;
 pub mod trace;

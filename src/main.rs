@@ -34,6 +34,8 @@ enum Command {
     Trace(TraceArgs),
     /// Snapshot of tracked connections and UDP flows with their counters (like `ss -tunp`).
     Conns(ConnsArgs),
+    /// Live table of per-interval rates by connection, process or cgroup (like tcptop).
+    Top(TopArgs),
     /// Show what this kernel offers and how each hook attaches, and why.
     Doctor {
         #[command(flatten)]
@@ -146,6 +148,69 @@ struct ConnsArgs {
     duration: f64,
     #[command(flatten)]
     common: CommonArgs,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SortChoice {
+    Rx,
+    Tx,
+    Retrans,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ByChoice {
+    Conn,
+    Process,
+    Cgroup,
+}
+
+#[derive(Debug, Args)]
+struct TopArgs {
+    /// Seconds per refresh; rates are per interval.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_interval)]
+    interval: f64,
+    /// Column the rows are sorted by, largest first.
+    #[arg(long, value_enum, default_value_t = SortChoice::Rx)]
+    sort: SortChoice,
+    /// What one row stands for.
+    #[arg(long, value_enum, default_value_t = ByChoice::Conn)]
+    by: ByChoice,
+    /// Show one interval as plain text (or JSON with --json) and exit.
+    #[arg(long)]
+    once: bool,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+impl TopArgs {
+    fn options(&self) -> socklens::top::TopOptions {
+        use socklens::top::{GroupBy, SortKey};
+        socklens::top::TopOptions {
+            interval: std::time::Duration::from_secs_f64(self.interval),
+            sort: match self.sort {
+                SortChoice::Rx => SortKey::Rx,
+                SortChoice::Tx => SortKey::Tx,
+                SortChoice::Retrans => SortKey::Retrans,
+            },
+            by: match self.by {
+                ByChoice::Conn => GroupBy::Conn,
+                ByChoice::Process => GroupBy::Process,
+                ByChoice::Cgroup => GroupBy::Cgroup,
+            },
+            once: self.once,
+        }
+    }
+}
+
+/// A refresh interval: each one snapshots every tracked connection, so
+/// shorter than 0.1 s would spend the time reading maps.
+fn parse_interval(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && (0.1..=86_400.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds from 0.1 to 86400"
+        )),
+    }
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {
@@ -325,6 +390,17 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 cli.btf.clone(),
             );
             let losses = socklens::conns::run(&req, duration, &stop, &mut stdout)?;
+            report_losses(0, &losses);
+            Ok(())
+        }
+        Command::Top(args) => {
+            let req = args.common.request(
+                socklens::conns::snapshot_events(),
+                Vec::new(),
+                false,
+                cli.btf.clone(),
+            );
+            let losses = socklens::top::run(&req, &args.options(), &stop, &mut stdout)?;
             report_losses(0, &losses);
             Ok(())
         }
