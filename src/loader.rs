@@ -41,6 +41,8 @@ pub struct LoadOptions<'a> {
     pub buffer: BufferKind,
     /// Track connections, in maps of this many entries (TCP and UDP each).
     pub max_conns: Option<u32>,
+    /// Send connect/accept/close/retransmit records (off when only the maps are read).
+    pub conn_events: bool,
     pub shape: KernelShape,
     /// BTF for CO-RE relocation when not the running kernel's default.
     pub btf: Option<PathBuf>,
@@ -144,6 +146,7 @@ fn write_filters(
     }
     ro.use_ringbuf = opts.buffer == BufferKind::Ring;
     ro.track_conns = opts.max_conns.is_some();
+    ro.conn_events = opts.conn_events;
     ro.sendfile_bypasses_sendmsg = opts.shape.sendfile_bypasses_sendmsg;
     ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
     Ok(())

@@ -296,6 +296,7 @@ impl CommonArgs {
             },
             btf,
             max_conns: self.max_conns,
+            conn_events: true,
         }
     }
 }
@@ -383,12 +384,13 @@ fn run(cli: &Cli) -> Result<(), Error> {
         }
         Command::Conns(args) => {
             let duration = std::time::Duration::from_secs_f64(args.duration);
-            let req = args.common.request(
+            let mut req = args.common.request(
                 socklens::conns::snapshot_events(),
                 Vec::new(),
                 false,
                 cli.btf.clone(),
             );
+            req.conn_events = false; // a snapshot reads the maps only
             let losses = socklens::conns::run(&req, duration, &stop, &mut stdout)?;
             report_losses(0, &losses);
             Ok(())

@@ -91,6 +91,8 @@ pub struct TraceRequest {
     pub buffer: Option<BufferKind>,
     pub btf: PathBuf,
     pub max_conns: u32,
+    /// Whether connection events are wanted at all (`conns` reads only maps).
+    pub conn_events: bool,
 }
 
 impl TraceRequest {
@@ -280,6 +282,7 @@ pub fn with_session<T>(
             filters: &prepared.filters,
             buffer: prepared.buffer,
             max_conns: req.tracks_conns().then_some(req.max_conns),
+            conn_events: req.conn_events,
             shape: prepared.shape,
             btf: custom_btf(&req.btf),
         },

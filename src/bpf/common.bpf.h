@@ -27,7 +27,7 @@ const volatile bool use_ringbuf = true;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
+	__uint(max_entries, 1 << 22); /* ~20k connection records: bursts of churn */
 } events SEC(".maps");
 
 struct {

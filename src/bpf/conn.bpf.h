@@ -18,6 +18,8 @@
 
 /* Set by the loader from what the prober found in BTF. */
 const volatile bool track_conns = false;
+/* false for snapshot-only users (`conns`): the maps are read, no event is sent. */
+const volatile bool conn_events = true;
 /* Kernels with tcp_sendpage (before 6.5) send sendfile data without tcp_sendmsg
  * or sock_sendmsg, so sendfile bytes must be added to tx_bytes by hand. */
 const volatile bool sendfile_bypasses_sendmsg = false;
@@ -136,8 +138,11 @@ static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie,
 static __always_inline void emit_conn(void *ctx, __u32 kind, __u32 tier, struct sock *sk,
 				      struct sl_conn *c)
 {
-	struct sl_conn_event *e = scratch();
+	struct sl_conn_event *e;
 
+	if (!conn_events)
+		return;
+	e = scratch();
 	if (!e)
 		return;
 	e->kind = kind;
