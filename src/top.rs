@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::conns::settled_snapshot;
+use crate::conns::{settled_snapshot, snapshot};
 use crate::error::{Error, Result};
 use crate::events::Losses;
 use crate::model::{family_name, proto_name, tcp_state_name, Conn, ConnEventKind, Event, UdpFlow};
@@ -219,9 +219,9 @@ impl Accountant {
     /// Everything in the maps was counted after attach, so the first
     /// interval starts from zero, except the retransmit count of a seeded
     /// connection: read from tcp_sock, it covers the connection's whole life.
-    pub fn new(initial: &BTreeMap<u64, Conn>) -> Self {
+    pub fn new<'c>(initial: impl IntoIterator<Item = &'c Conn>) -> Self {
         let conns = initial
-            .values()
+            .into_iter()
             .filter(|c| c.seeded)
             .map(|c| {
                 let counters = Counters {
@@ -1059,9 +1059,10 @@ fn watch(
         by: opts.by,
         sort: opts.sort,
     };
-    // Only the accountant's baseline is kept: a snapshot of a full map is
-    // tens of MiB.
-    let mut acct = Accountant::new(&settled_snapshot(live).0);
+    // The raw map, not a settled snapshot: only seeded connections'
+    // retransmit counts are needed, and settling (owners from /proc, a
+    // sorted map) would cost tens of MiB more at 65,536 connections.
+    let mut acct = Accountant::new(&snapshot(live.session).0);
     let mut started = Instant::now();
     let mut last: Option<Report> = None;
     if let Output::Tui(screen) = output {
@@ -1186,7 +1187,7 @@ mod tests {
 
     #[test]
     fn first_interval_counts_from_attach_and_later_ones_from_the_last_snapshot() {
-        let mut acct = Accountant::new(&BTreeMap::new());
+        let mut acct = Accountant::new(&[]);
         let acts = acct.tick(&map(&[conn(1, 10, 500, 20)]), &[]);
         assert_eq!(deltas(&acts), [(1, 500, 20, false)]);
         let acts = acct.tick(&map(&[conn(1, 10, 800, 20)]), &[]);
@@ -1197,7 +1198,7 @@ mod tests {
 
     #[test]
     fn a_closed_connection_counts_its_final_counters_minus_the_baseline() {
-        let mut acct = Accountant::new(&BTreeMap::new());
+        let mut acct = Accountant::new(&[]);
         acct.tick(&map(&[conn(1, 10, 100, 100)]), &[]);
         let mut last = conn(1, 10, 150, 400);
         last.end_ns = 99;
@@ -1212,7 +1213,7 @@ mod tests {
 
     #[test]
     fn a_close_seen_before_the_map_delete_is_not_counted_twice() {
-        let mut acct = Accountant::new(&BTreeMap::new());
+        let mut acct = Accountant::new(&[]);
         acct.tick(&map(&[conn(1, 10, 100, 0)]), &[]);
         acct.on_close(conn(1, 10, 120, 0));
         acct.on_close(conn(1, 10, 120, 0));
@@ -1225,7 +1226,7 @@ mod tests {
 
     #[test]
     fn a_close_delivered_after_the_snapshot_subtracts_what_it_counted() {
-        let mut acct = Accountant::new(&BTreeMap::new());
+        let mut acct = Accountant::new(&[]);
         acct.tick(&map(&[conn(1, 10, 100, 0)]), &[]);
         // Gone from the map; the close event is still in the buffer.
         assert!(acct.tick(&BTreeMap::new(), &[]).is_empty());
@@ -1238,7 +1239,7 @@ mod tests {
 
     #[test]
     fn a_reused_socket_address_is_a_new_connection() {
-        let mut acct = Accountant::new(&BTreeMap::new());
+        let mut acct = Accountant::new(&[]);
         acct.tick(&map(&[conn(1, 10, 1000, 0)]), &[]);
         acct.on_close(conn(1, 10, 1000, 0));
         let acts = acct.tick(&map(&[conn(1, 50, 40, 0)]), &[]);
@@ -1250,7 +1251,7 @@ mod tests {
         let mut old = conn(1, 10, 0, 0);
         old.seeded = true;
         old.retransmits = 40;
-        let mut acct = Accountant::new(&map(&[old.clone()]));
+        let mut acct = Accountant::new([&old]);
         old.retransmits = 43;
         old.tx_bytes = 5;
         let acts = acct.tick(&map(&[old]), &[]);
@@ -1281,7 +1282,7 @@ mod tests {
             last_ns: 12,
             direction: Direction::Out,
         };
-        let mut acct = Accountant::new(&BTreeMap::new());
+        let mut acct = Accountant::new(&[]);
         let conns = map(&[udp]);
         acct.tick(&conns, &[flow(53, 100), flow(54, 10)]);
         let acts = acct.tick(&conns, &[flow(53, 160), flow(54, 10)]);
