@@ -37,7 +37,7 @@ QUIET_CORES = 0.2
 # of a core (out of 2) during any of its runs; medians use the other rounds.
 CONTENDED_CORES = 0.75
 NS = f"slbench{os.getpid()}"
-ALL_EVENTS = "bind,listen,connect,accept,close,retransmit"
+ALL_EVENTS = "bind,listen,established,accept,close,retransmit"
 READY = "Ctrl-C to stop"
 # Per-connection byte counting in bpftrace, the same tracepoints and the
 # same rules (bytes returned, no MSG_PEEK) as socklens' tracepoint tier.

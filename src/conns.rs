@@ -61,9 +61,21 @@ fn run_iterators(links: &[Link]) -> io::Result<()> {
     Ok(())
 }
 
-/// Runs the socket iterators in every network namespace. An iterator walks
-/// the netns of the thread that opens it, so this thread visits each in turn.
-pub fn seed(session: &Session<'_>) -> Result<usize> {
+/// Seeds sockets that existed before start (`adopt_new`), or only refreshes
+/// RTT and retransmits of tracked ones, by running the socket iterators in
+/// every network namespace. An iterator walks the netns of the thread that
+/// opens it, so this thread visits each in turn.
+pub fn seed(session: &Session<'_>, adopt_new: bool) -> Result<usize> {
+    session
+        .skel
+        .maps
+        .seed_mode
+        .update(
+            &0u32.to_ne_bytes(),
+            &u32::from(adopt_new).to_ne_bytes(),
+            MapFlags::ANY,
+        )
+        .map_err(|e| Error::kernel("setting seed mode", e))?;
     let obj = libbpf_rs::skel::Skel::object(&session.skel);
     let mut links = Vec::new();
     for prog in obj.progs_mut() {
@@ -224,7 +236,7 @@ pub fn snapshot(session: &Session<'_>) -> (Vec<Conn>, Vec<UdpFlow>) {
 /// them all and read the maps instead of printing the events.
 pub fn snapshot_events() -> Vec<TraceEvent> {
     vec![
-        TraceEvent::Connect,
+        TraceEvent::Established,
         TraceEvent::Accept,
         TraceEvent::Close,
         TraceEvent::Retransmit,
@@ -233,6 +245,8 @@ pub fn snapshot_events() -> Vec<TraceEvent> {
 
 /// Tracked connections with owners settled and filters applied, keyed by sk.
 pub fn settled_snapshot(live: &mut Live<'_>) -> (BTreeMap<u64, Conn>, Vec<UdpFlow>) {
+    // Best effort: a failed refresh leaves RTT as of the last send/recv.
+    let _ = seed(live.session, false);
     let (conns, flows) = snapshot(live.session);
     let conns = conns
         .into_iter()

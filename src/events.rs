@@ -9,6 +9,8 @@ use libbpf_rs::{
     ErrorKind, MapCore, MapFlags, PerfBuffer, PerfBufferBuilder, RingBuffer, RingBufferBuilder,
 };
 
+use crate::model::DecodeError;
+
 use crate::error::{Error, Result};
 use crate::loader::{BufferKind, Session};
 use crate::model::{decode, Event};
@@ -16,7 +18,16 @@ use crate::skel::types::sl_stat;
 
 enum Source<'a> {
     Ring(RingBuffer<'a>),
-    Perf(PerfBuffer<'a>),
+    /// The perf buffer, and a ring buffer for the extra sources if any.
+    Perf(PerfBuffer<'a>, Option<RingBuffer<'a>>),
+}
+
+/// Another ring buffer polled with the session's own: e.g. the cgroup hook
+/// programs' (src/cgevents.rs), each with its own decoder and loss counter.
+pub struct ExtraSource<'a> {
+    pub map: &'a dyn MapCore,
+    pub decode: fn(&[u8]) -> Result<Event, DecodeError>,
+    pub lost: Box<dyn Fn() -> u64 + 'a>,
 }
 
 /// Counters of what did not make it to the user.
@@ -38,10 +49,16 @@ pub struct EventStream<'a> {
     perf_lost: Rc<Cell<u64>>,
     malformed: Rc<Cell<u64>>,
     session: &'a Session<'a>,
+    extra_lost: Vec<Box<dyn Fn() -> u64 + 'a>>,
 }
 
 impl<'a> EventStream<'a> {
     pub fn open(session: &'a Session<'a>) -> Result<Self> {
+        Self::open_with(session, Vec::new())
+    }
+
+    /// The session's buffer and `extras`, polled together.
+    pub fn open_with(session: &'a Session<'a>, extras: Vec<ExtraSource<'a>>) -> Result<Self> {
         let queue = Rc::new(RefCell::new(Vec::new()));
         let perf_lost = Rc::new(Cell::new(0));
         let malformed = Rc::new(Cell::new(0));
@@ -55,9 +72,27 @@ impl<'a> EventStream<'a> {
         };
         let map = &session.skel.maps.events;
         let buf_err = |e: libbpf_rs::Error| Error::kernel("opening the event buffer", e);
+        let mut extra_lost = Vec::new();
+        let mut extra_builder = RingBufferBuilder::new();
+        for extra in extras {
+            let queue = Rc::clone(&queue);
+            let malformed = Rc::clone(&malformed);
+            let decode = extra.decode;
+            extra_builder
+                .add(extra.map, move |bytes: &[u8]| {
+                    match decode(bytes) {
+                        Ok(e) => queue.borrow_mut().push(e),
+                        Err(_) => malformed.set(malformed.get() + 1),
+                    }
+                    0
+                })
+                .map_err(buf_err)?;
+            extra_lost.push(extra.lost);
+        }
+        let has_extras = !extra_lost.is_empty();
         let source = match session.buffer {
             BufferKind::Ring => {
-                let mut b = RingBufferBuilder::new();
+                let mut b = extra_builder;
                 b.add(map, move |bytes: &[u8]| {
                     sink(bytes);
                     0
@@ -72,7 +107,12 @@ impl<'a> EventStream<'a> {
                     .lost_cb(move |_cpu: i32, n: u64| lost.set(lost.get() + n))
                     .build()
                     .map_err(buf_err)?;
-                Source::Perf(pb)
+                let rb = if has_extras {
+                    Some(extra_builder.build().map_err(buf_err)?)
+                } else {
+                    None
+                };
+                Source::Perf(pb, rb)
             }
         };
         Ok(Self {
@@ -81,6 +121,7 @@ impl<'a> EventStream<'a> {
             perf_lost,
             malformed,
             session,
+            extra_lost,
         })
     }
 
@@ -88,7 +129,10 @@ impl<'a> EventStream<'a> {
     pub fn poll(&self, timeout: Duration) -> Result<Vec<Event>> {
         let polled = match &self.source {
             Source::Ring(rb) => rb.poll(timeout),
-            Source::Perf(pb) => pb.poll(timeout),
+            Source::Perf(pb, extra) => pb.poll(timeout).and_then(|()| match extra {
+                Some(rb) => rb.consume(),
+                None => Ok(()),
+            }),
         };
         match polled {
             Err(e) if e.kind() != ErrorKind::Interrupted => {
@@ -101,7 +145,9 @@ impl<'a> EventStream<'a> {
 
     pub fn losses(&self) -> Losses {
         Losses {
-            lost: self.perf_lost.get() + kernel_stat(self.session, sl_stat::SL_STAT_EVENTS_LOST),
+            lost: self.perf_lost.get()
+                + kernel_stat(self.session, sl_stat::SL_STAT_EVENTS_LOST)
+                + self.extra_lost.iter().map(|f| f()).sum::<u64>(),
             malformed: self.malformed.get(),
             untracked: kernel_stat(self.session, sl_stat::SL_STAT_UNTRACKED),
             udp_untracked: kernel_stat(self.session, sl_stat::SL_STAT_UDP_UNTRACKED),
@@ -111,12 +157,12 @@ impl<'a> EventStream<'a> {
 
 /// Sum over CPUs of one slot of the BPF side's `stats` counters.
 fn kernel_stat(session: &Session<'_>, slot: sl_stat) -> u64 {
-    let key = slot.0.to_ne_bytes();
-    session
-        .skel
-        .maps
-        .stats
-        .lookup_percpu(&key, MapFlags::ANY)
+    percpu_sum(&session.skel.maps.stats, slot.0)
+}
+
+/// Sum over CPUs of slot `idx` of a per-CPU array of u64 counters.
+pub fn percpu_sum(map: &dyn MapCore, idx: u32) -> u64 {
+    map.lookup_percpu(&idx.to_ne_bytes(), MapFlags::ANY)
         .ok()
         .flatten()
         .map(|cpus| {

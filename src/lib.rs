@@ -4,7 +4,9 @@
 //! `plan` (pure: capabilities + options → attach tier per hook) → `loader` →
 //! `events` (ring/perf buffer) → `model` (typed events) → `output`.
 
+pub mod cgevents;
 pub mod cgroup;
+pub mod cgroup_attach;
 pub mod conns;
 pub mod doctor;
 pub mod error;
@@ -13,6 +15,7 @@ pub mod loader;
 pub mod model;
 pub mod output;
 pub mod plan;
+pub mod policy;
 pub mod probe;
 pub mod skel;
 pub mod system;

@@ -41,6 +41,8 @@ pub struct LoadOptions<'a> {
     pub buffer: BufferKind,
     /// Track connections, in maps of this many entries (TCP and UDP each).
     pub max_conns: Option<u32>,
+    /// Send connect/accept/close/retransmit records (off when only the maps are read).
+    pub conn_events: bool,
     pub shape: KernelShape,
     /// BTF for CO-RE relocation when not the running kernel's default.
     pub btf: Option<PathBuf>,
@@ -92,7 +94,12 @@ pub fn load<'obj>(
         .udp_flows
         .set_max_entries(entries)
         .map_err(load_err("udp_flows map"))?;
-    let mut wanted = opts.plan.programs();
+    let mut wanted: std::collections::BTreeSet<&str> = opts
+        .plan
+        .programs()
+        .into_iter()
+        .map(|p| shaped(p, opts.shape))
+        .collect();
     if opts.max_conns.is_some() {
         wanted.extend(SEED_PROGRAMS);
     }
@@ -110,7 +117,7 @@ pub fn load<'obj>(
             .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
             .map_err(load_err("setting the cgroup filter"))?;
     }
-    let links = attach(&skel, opts.plan)?;
+    let links = attach(&skel, opts.plan, opts.shape)?;
     Ok(Session {
         skel,
         buffer: opts.buffer,
@@ -139,21 +146,32 @@ fn write_filters(
     }
     ro.use_ringbuf = opts.buffer == BufferKind::Ring;
     ro.track_conns = opts.max_conns.is_some();
+    ro.conn_events = opts.conn_events;
     ro.sendfile_bypasses_sendmsg = opts.shape.sendfile_bypasses_sendmsg;
     ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
-    ro.accept_has_flags = opts.shape.accept_has_flags;
     Ok(())
 }
 
+/// The variant of a program written for this kernel's function signatures.
+pub fn shaped(program: &'static str, shape: KernelShape) -> &'static str {
+    match program {
+        "sl_fx_accept" if shape.accept_has_flags => "sl_fx_accept_old",
+        "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
+        "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
+        "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",
+        other => other,
+    }
+}
+
 /// Attaches the plan's programs one by one, so a failure names its hook.
-fn attach(skel: &SocklensSkel<'_>, plan: &Plan) -> Result<Vec<Link>> {
+fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Vec<Link>> {
     let mut links = Vec::new();
     for hook in &plan.hooks {
-        for name in hook.programs() {
+        for name in hook.programs().iter().map(|p| shaped(p, shape)) {
             let prog = skel
                 .object()
                 .progs_mut()
-                .find(|p| p.name() == *name)
+                .find(|p| p.name() == name)
                 .ok_or_else(|| {
                     Error::kernel(
                         format!("{}: program {name}", hook.hook),
@@ -170,4 +188,46 @@ fn attach(skel: &SocklensSkel<'_>, plan: &Plan) -> Result<Vec<Link>> {
         }
     }
     Ok(links)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::Hook;
+
+    /// Names in src/plan.rs and `shaped` must match programs in the object.
+    #[test]
+    fn every_planned_program_exists_in_the_object() {
+        let mut storage = MaybeUninit::uninit();
+        let mut open = SocklensSkelBuilder::default().open(&mut storage).unwrap();
+        let names: Vec<String> = open
+            .open_object_mut()
+            .progs_mut()
+            .map(|p| p.name().to_string_lossy().into_owned())
+            .collect();
+        let shapes = [
+            KernelShape::default(),
+            KernelShape {
+                recvmsg_has_nonblock: true,
+                accept_has_flags: true,
+                sendfile_bypasses_sendmsg: true,
+            },
+        ];
+        for hook in Hook::ALL {
+            for spec in hook.tiers() {
+                for shape in shapes {
+                    for p in spec.programs.iter().map(|p| shaped(p, shape)) {
+                        assert!(
+                            names.iter().any(|n| n == p),
+                            "{hook}/{}: no program {p}",
+                            spec.tier
+                        );
+                    }
+                }
+            }
+        }
+        for p in SEED_PROGRAMS {
+            assert!(names.iter().any(|n| n == p), "no program {p}");
+        }
+    }
 }

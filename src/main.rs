@@ -7,6 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use socklens::cgevents::CgHook;
 use socklens::error::Error;
 use socklens::loader::BufferKind;
 use socklens::plan::Tier;
@@ -40,16 +41,72 @@ enum Command {
         #[command(flatten)]
         attach: AttachArg,
     },
+    /// Per-cgroup socket policy (allow / deny / audit), enforced in the kernel.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+    /// Detach and unpin everything socklens ever pinned (policy included).
+    Down,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy file without applying it.
+    Check {
+        /// The policy (TOML).
+        file: PathBuf,
+    },
+    /// Validate a policy file and make it the policy in force, in one step.
+    /// It stays in force (pinned) after this command exits.
+    Apply {
+        /// The policy (TOML).
+        file: PathBuf,
+        /// Then print policy_deny / policy_audit events until stopped.
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: one JSON object per line.
+        #[arg(long, requires = "follow")]
+        json: bool,
+    },
+    /// Show the policy in force, with per-rule counters.
+    Show {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Detach and unpin the policy: every call is allowed again.
+    Remove,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum EventName {
     Bind,
     Listen,
-    Connect,
+    /// An outgoing TCP connection got established (connection tracking).
+    Established,
+    /// accept() returned a connection (connection tracking).
     Accept,
+    /// A tracked TCP connection closed: the whole record, like tcplife.
     Close,
+    /// A TCP retransmission, like tcpretrans.
     Retransmit,
+    /// cgroup hook: socket creation (family, type, protocol).
+    #[value(name = "sock_create")]
+    SockCreate,
+    /// cgroup hook: TCP and UDP connect, with the destination.
+    Connect,
+    /// cgroup hook: UDP sendmsg destinations of unconnected sockets.
+    Sendmsg,
+    /// cgroup hook: UDP recvmsg sources of unconnected sockets.
+    Recvmsg,
+    /// cgroup hook: getsockopt level and optname.
+    Getsockopt,
+    /// cgroup hook: getpeername.
+    Getpeername,
+    /// cgroup hook: socket release, with the socket's lifetime.
+    #[value(name = "sock_release")]
+    SockRelease,
+    /// policy_deny and policy_audit events of the applied policy.
+    Policy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -209,7 +266,13 @@ impl AttachArg {
 }
 
 impl CommonArgs {
-    fn request(&self, events: Vec<TraceEvent>, btf: PathBuf) -> TraceRequest {
+    fn request(
+        &self,
+        events: Vec<TraceEvent>,
+        cg_hooks: Vec<CgHook>,
+        policy_events: bool,
+        btf: PathBuf,
+    ) -> TraceRequest {
         let family = match (self.ipv4, self.ipv6) {
             (true, _) => Some(libc::AF_INET as u16),
             (_, true) => Some(libc::AF_INET6 as u16),
@@ -217,6 +280,8 @@ impl CommonArgs {
         };
         TraceRequest {
             events,
+            cg_hooks,
+            policy_events,
             pid: self.pid,
             comm: self.comm.clone(),
             cgroup: self.cgroup.clone(),
@@ -231,27 +296,39 @@ impl CommonArgs {
             },
             btf,
             max_conns: self.max_conns,
+            conn_events: true,
         }
     }
 }
 
 impl TraceArgs {
     fn request(&self, btf: PathBuf) -> TraceRequest {
-        let mut events: Vec<TraceEvent> = self
-            .events
-            .iter()
-            .map(|e| match e {
-                EventName::Bind => TraceEvent::Bind,
-                EventName::Listen => TraceEvent::Listen,
-                EventName::Connect => TraceEvent::Connect,
-                EventName::Accept => TraceEvent::Accept,
-                EventName::Close => TraceEvent::Close,
-                EventName::Retransmit => TraceEvent::Retransmit,
-            })
-            .collect();
+        let mut events: Vec<TraceEvent> = Vec::new();
+        let mut cg_hooks: Vec<CgHook> = Vec::new();
+        let mut policy_events = false;
+        for e in &self.events {
+            match e {
+                EventName::Bind => events.push(TraceEvent::Bind),
+                EventName::Listen => events.push(TraceEvent::Listen),
+                EventName::Established => events.push(TraceEvent::Established),
+                EventName::Accept => events.push(TraceEvent::Accept),
+                EventName::Close => events.push(TraceEvent::Close),
+                EventName::Retransmit => events.push(TraceEvent::Retransmit),
+                EventName::SockCreate => cg_hooks.push(CgHook::SockCreate),
+                EventName::Connect => cg_hooks.push(CgHook::Connect),
+                EventName::Sendmsg => cg_hooks.push(CgHook::Sendmsg),
+                EventName::Recvmsg => cg_hooks.push(CgHook::Recvmsg),
+                EventName::Getsockopt => cg_hooks.push(CgHook::Getsockopt),
+                EventName::Getpeername => cg_hooks.push(CgHook::Getpeername),
+                EventName::SockRelease => cg_hooks.push(CgHook::SockRelease),
+                EventName::Policy => policy_events = true,
+            }
+        }
         events.sort();
         events.dedup();
-        self.common.request(events, btf)
+        cg_hooks.sort();
+        cg_hooks.dedup();
+        self.common.request(events, cg_hooks, policy_events, btf)
     }
 }
 
@@ -307,22 +384,52 @@ fn run(cli: &Cli) -> Result<(), Error> {
         }
         Command::Conns(args) => {
             let duration = std::time::Duration::from_secs_f64(args.duration);
-            let req = args
-                .common
-                .request(socklens::conns::snapshot_events(), cli.btf.clone());
+            let mut req = args.common.request(
+                socklens::conns::snapshot_events(),
+                Vec::new(),
+                false,
+                cli.btf.clone(),
+            );
+            req.conn_events = false; // a snapshot reads the maps only
             let losses = socklens::conns::run(&req, duration, &stop, &mut stdout)?;
             report_losses(0, &losses);
             Ok(())
         }
         Command::Top(args) => {
-            let req = args
-                .common
-                .request(socklens::conns::snapshot_events(), cli.btf.clone());
+            let req = args.common.request(
+                socklens::conns::snapshot_events(),
+                Vec::new(),
+                false,
+                cli.btf.clone(),
+            );
             let losses = socklens::top::run(&req, &args.options(), &stop, &mut stdout)?;
             report_losses(0, &losses);
             Ok(())
         }
         Command::Doctor { attach } => socklens::doctor::run(&cli.btf, attach.forced(), &mut stdout),
+        Command::Policy(cmd) => run_policy(cmd, &stop, &mut stdout),
+        Command::Down => socklens::policy::down(&mut stdout),
+    }
+}
+
+fn run_policy(
+    cmd: &PolicyCommand,
+    stop: &AtomicBool,
+    out: &mut dyn io::Write,
+) -> Result<(), Error> {
+    use socklens::policy;
+    match cmd {
+        PolicyCommand::Check { file } => policy::check(file, out).map(|_| ()),
+        PolicyCommand::Apply { file, follow, json } => {
+            policy::apply(file, out)?;
+            if *follow {
+                let n = policy::follow(*json, stop, out)?;
+                eprintln!("socklens: {n} policy events");
+            }
+            Ok(())
+        }
+        PolicyCommand::Show { json } => policy::show(*json, out),
+        PolicyCommand::Remove => policy::remove(out),
     }
 }
 

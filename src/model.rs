@@ -227,7 +227,8 @@ pub fn tcp_state_name(state: u8) -> &'static str {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConnEventKind {
-    Connect,
+    /// An outgoing TCP connection got established.
+    Established,
     Accept,
     Close,
     Retransmit,
@@ -236,7 +237,7 @@ pub enum ConnEventKind {
 impl ConnEventKind {
     pub fn name(self) -> &'static str {
         match self {
-            Self::Connect => "connect",
+            Self::Established => "established",
             Self::Accept => "accept",
             Self::Close => "close",
             Self::Retransmit => "retransmit",
@@ -288,6 +289,8 @@ impl UdpFlow {
 pub enum Event {
     Sock(SockEvent),
     Conn(ConnEvent),
+    /// A cgroup socket hook call or a policy verdict (src/cgevents.rs).
+    Cg(crate::cgevents::CgEvent),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -371,7 +374,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
             let mut raw = sl_conn_event::default();
             plain::copy_from_bytes(&mut raw, bytes).map_err(|_| DecodeError::Short(bytes.len()))?;
             let kind = match sl_event_kind(kind) {
-                sl_event_kind::SL_EV_CONNECT => ConnEventKind::Connect,
+                sl_event_kind::SL_EV_CONNECT => ConnEventKind::Established,
                 sl_event_kind::SL_EV_ACCEPT => ConnEventKind::Accept,
                 sl_event_kind::SL_EV_CLOSE => ConnEventKind::Close,
                 _ => ConnEventKind::Retransmit,

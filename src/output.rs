@@ -75,6 +75,8 @@ impl Renderer {
             Event::Sock(e) => self.sock_columns(e),
             Event::Conn(e) if self.json => self.conn_event_json(e).to_string(),
             Event::Conn(e) => self.conn_event_columns(e),
+            Event::Cg(e) if self.json => crate::cgevents::json(self, e).to_string(),
+            Event::Cg(e) => crate::cgevents::columns(self, e),
         }
     }
 

@@ -387,7 +387,7 @@ const RETRANSMIT_TIERS: &[TierSpec] = &[
     },
     TierSpec {
         tier: Tier::Tracepoint,
-        requires: &[Requirement::Tracepoint("tcp", "tcp_retransmit_skb")],
+        requires: &[Requirement::TpBtf("tcp", "tcp_retransmit_skb")],
         programs: &["sl_tp_retransmit"],
     },
 ];

@@ -43,3 +43,43 @@ unsafe impl plain::Plain for types::sl_conn {}
 unsafe impl plain::Plain for types::sl_udp_key {}
 // SAFETY: as above.
 unsafe impl plain::Plain for types::sl_udp_flow {}
+
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::use_self,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    dead_code,
+    unused_imports,
+    unsafe_op_in_unsafe_fn
+)]
+mod policy_skel {
+    include!(concat!(env!("OUT_DIR"), "/policy.skel.rs"));
+}
+
+/// The cgroup socket programs (src/bpf/policy.bpf.c) and the types of policy.h.
+pub mod policy {
+    pub use super::policy_skel::{types, OpenPolicySkel, PolicySkel, PolicySkelBuilder};
+}
+
+// SAFETY: plain C structs of integer fields and byte arrays, valid for any bit
+// pattern, laid out in policy.h without implicit padding.
+mod policy_plain {
+    use super::policy::types::{
+        slp_cgroup_key, slp_config, slp_create_key, slp_create_rule, slp_event, slp_lpm_key,
+        slp_port_rule, slp_prefix_rules, slp_rule_info, slp_scope, slp_scope_info,
+    };
+    unsafe impl plain::Plain for slp_event {}
+    unsafe impl plain::Plain for slp_config {}
+    unsafe impl plain::Plain for slp_cgroup_key {}
+    unsafe impl plain::Plain for slp_scope {}
+    unsafe impl plain::Plain for slp_scope_info {}
+    unsafe impl plain::Plain for slp_lpm_key {}
+    unsafe impl plain::Plain for slp_port_rule {}
+    unsafe impl plain::Plain for slp_prefix_rules {}
+    unsafe impl plain::Plain for slp_create_key {}
+    unsafe impl plain::Plain for slp_create_rule {}
+    unsafe impl plain::Plain for slp_rule_info {}
+}

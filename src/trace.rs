@@ -9,10 +9,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::cgevents::{self, CgHook};
 use crate::cgroup::{self, CgroupPaths};
 use crate::conns::{self, Owners};
 use crate::error::{Error, Result};
-use crate::events::{EventStream, Losses};
+use crate::events::{EventStream, ExtraSource, Losses};
 use crate::loader::{self, BufferKind, Filters, LoadOptions, Session};
 use crate::model::{Conn, ConnEventKind, Event, SockEventKind};
 use crate::output::{Clock, Renderer};
@@ -30,7 +31,8 @@ pub const DEFAULT_MAX_CONNS: u32 = 65_536;
 pub enum TraceEvent {
     Bind,
     Listen,
-    Connect,
+    /// An outgoing TCP connection got established (connection tracking).
+    Established,
     Accept,
     Close,
     Retransmit,
@@ -41,7 +43,7 @@ impl TraceEvent {
         match self {
             Self::Bind => "bind",
             Self::Listen => "listen",
-            Self::Connect => "connect",
+            Self::Established => "established",
             Self::Accept => "accept",
             Self::Close => "close",
             Self::Retransmit => "retransmit",
@@ -53,19 +55,21 @@ impl TraceEvent {
         !matches!(self, Self::Bind | Self::Listen)
     }
 
-    fn of(event: &Event) -> Self {
-        match event {
+    /// Which of these an event is; cgroup hook events are asked for apart.
+    fn of(event: &Event) -> Option<Self> {
+        Some(match event {
             Event::Sock(s) => match s.kind {
                 SockEventKind::Bind => Self::Bind,
                 SockEventKind::Listen => Self::Listen,
             },
             Event::Conn(c) => match c.kind {
-                ConnEventKind::Connect => Self::Connect,
+                ConnEventKind::Established => Self::Established,
                 ConnEventKind::Accept => Self::Accept,
                 ConnEventKind::Close => Self::Close,
                 ConnEventKind::Retransmit => Self::Retransmit,
             },
-        }
+            Event::Cg(_) => return None,
+        })
     }
 }
 
@@ -73,6 +77,10 @@ impl TraceEvent {
 #[derive(Debug, Clone)]
 pub struct TraceRequest {
     pub events: Vec<TraceEvent>,
+    /// cgroup socket hooks, observed by src/bpf/policy.bpf.c.
+    pub cg_hooks: Vec<CgHook>,
+    /// policy_deny and policy_audit events of the pinned policy.
+    pub policy_events: bool,
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cgroup: Option<String>,
@@ -83,6 +91,8 @@ pub struct TraceRequest {
     pub buffer: Option<BufferKind>,
     pub btf: PathBuf,
     pub max_conns: u32,
+    /// Whether connection events are wanted at all (`conns` reads only maps).
+    pub conn_events: bool,
 }
 
 impl TraceRequest {
@@ -114,7 +124,7 @@ pub struct Summary {
 
 /// Checks everything the user typed before touching the system.
 fn validate(req: &TraceRequest) -> Result<Filters> {
-    if req.events.is_empty() {
+    if req.events.is_empty() && req.cg_hooks.is_empty() && !req.policy_events {
         return Err(Error::Usage("--events names no event".into()));
     }
     if let Some(pid) = req.pid {
@@ -214,6 +224,8 @@ pub struct Live<'a> {
     pub renderer: Renderer,
     pub owners: Owners,
     pub filters: &'a Filters,
+    /// `--cgroup` as a path under the v2 root, for filtering policy verdicts.
+    pub cgroup_rel: Option<String>,
 }
 
 impl Live<'_> {
@@ -270,17 +282,62 @@ pub fn with_session<T>(
             filters: &prepared.filters,
             buffer: prepared.buffer,
             max_conns: req.tracks_conns().then_some(req.max_conns),
+            conn_events: req.conn_events,
             shape: prepared.shape,
             btf: custom_btf(&req.btf),
         },
     )?;
-    let stream = EventStream::open(&session)?;
+    let mut cg_storage = MaybeUninit::uninit();
+    let cg_session = if req.cg_hooks.is_empty() {
+        None
+    } else {
+        let at = match &prepared.filters.cgroup {
+            Some(dir) => dir.clone(),
+            None => system::cgroup2_root()
+                .ok_or_else(|| Error::Usage("cgroup v2 is not mounted on this host".into()))?,
+        };
+        Some(cgevents::load(
+            &mut cg_storage,
+            &req.cg_hooks,
+            &prepared.filters,
+            &at,
+        )?)
+    };
+    let pinned = if req.policy_events {
+        let maps = crate::policy::state::PinnedMaps::open()?.ok_or_else(|| {
+            Error::Usage("--events policy: no policy is applied (socklens policy apply)".into())
+        })?;
+        cgevents::drain(&maps.events)?;
+        Some(maps)
+    } else {
+        None
+    };
+    let mut extras = Vec::new();
+    if let Some(cg) = &cg_session {
+        extras.push(ExtraSource {
+            map: &cg.skel.maps.slp_events,
+            decode: cgevents::decode,
+            lost: Box::new(|| crate::policy::state::percpu_sum(&cg.skel.maps.slp_lost, 0)),
+        });
+    }
+    if let Some(maps) = &pinned {
+        extras.push(ExtraSource {
+            map: &maps.events,
+            decode: cgevents::decode,
+            lost: Box::new(|| 0),
+        });
+    }
+    let stream = EventStream::open_with(&session, extras)?;
     if req.tracks_conns() {
         // After attach, so nothing opened meanwhile is missed; the iterators
         // skip sockets the live hooks already track.
-        conns::seed(&session)?;
+        conns::seed(&session, true)?;
     }
     let cgroup2 = system::cgroup2_root();
+    let cgroup_rel = prepared.filters.cgroup.as_ref().and_then(|dir| {
+        let rel = dir.strip_prefix(cgroup2.as_ref()?).ok()?;
+        Some(format!("/{}", rel.display()))
+    });
     let mut live = Live {
         session: &session,
         stream: &stream,
@@ -292,11 +349,21 @@ pub fn with_session<T>(
         },
         owners: Owners::new(cgroup2),
         filters: &prepared.filters,
+        cgroup_rel,
     };
-    eprintln!(
-        "socklens: tracing {}. Ctrl-C to stop.",
-        describe(&prepared.plan, prepared.buffer)
-    );
+    let mut what = describe(&prepared.plan, prepared.buffer);
+    if let Some(cg) = &cg_session {
+        let names: Vec<&str> = req.cg_hooks.iter().map(|h| h.name()).collect();
+        what = format!(
+            "{what}; {}: cgroup hooks at {}",
+            names.join(", "),
+            cg.attached_at
+        );
+    }
+    if pinned.is_some() {
+        what = format!("{what}; policy verdicts of the pinned policy");
+    }
+    eprintln!("socklens: tracing {what}. Ctrl-C to stop.");
     body(&mut live)
 }
 
@@ -314,7 +381,7 @@ pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result
         let summary = stream_events(req, live, stop, out)?;
         if let Some(summary) = summary {
             if req.json {
-                write_summary(live.plan, &summary, out)?;
+                write_summary(live.plan, &req.cg_hooks, &summary, out)?;
             }
             return Ok(summary);
         }
@@ -340,7 +407,13 @@ fn stream_events(
         let stopping = stop.load(Ordering::Relaxed);
         let timeout = if stopping { Duration::ZERO } else { POLL };
         for mut event in live.stream.poll(timeout)? {
-            if !req.events.contains(&TraceEvent::of(&event)) {
+            if TraceEvent::of(&event).is_some_and(|e| !req.events.contains(&e)) {
+                continue;
+            }
+            // The pinned policy's verdicts come unfiltered: filter them here.
+            let filters = live.filters;
+            let rel = live.cgroup_rel.clone();
+            if !cgevents::verdict_wanted(&event, filters, rel.as_deref(), &mut live.renderer) {
                 continue;
             }
             if let Event::Conn(c) = &mut event {
@@ -365,12 +438,20 @@ fn stream_events(
     }
 }
 
-fn write_summary(plan: &Plan, summary: &Summary, out: &mut dyn Write) -> Result<()> {
-    let attach: serde_json::Map<String, serde_json::Value> = plan
+fn write_summary(
+    plan: &Plan,
+    cg_hooks: &[CgHook],
+    summary: &Summary,
+    out: &mut dyn Write,
+) -> Result<()> {
+    let mut attach: serde_json::Map<String, serde_json::Value> = plan
         .hooks
         .iter()
         .map(|h| (h.hook.name().to_owned(), json!(h.tier)))
         .collect();
+    for h in cg_hooks {
+        attach.insert(h.name().to_owned(), json!("cgroup"));
+    }
     let line = json!({
         "event": "summary",
         "events": summary.events,

@@ -135,7 +135,20 @@ fn doctor_reports_tier_per_hook_and_why_better_ones_lost() {
     }
     let hooks = doctor_hooks(&out);
     let names: Vec<&str> = hooks.iter().map(|h| h.0.as_str()).collect();
-    assert_eq!(names, ["bind", "listen"], "{out}");
+    assert_eq!(
+        names,
+        [
+            "bind",
+            "listen",
+            "state",
+            "accept",
+            "send",
+            "recv",
+            "sendfile",
+            "retransmit"
+        ],
+        "{out}"
+    );
     let order = ["fentry", "kprobe", "tracepoint"];
     for (hook, tier, rejected) in &hooks {
         let pos = order
@@ -179,8 +192,8 @@ fn forced_tier_the_kernel_lacks_fails_with_the_reason() {
     if std::env::var("SOCKLENS_EXPECT_TIER").as_deref() == Ok("tracepoint") {
         assert_eq!(
             lacking.len(),
-            4,
-            "fentry and kprobe rejected for both hooks: {doctor}"
+            16,
+            "fentry and kprobe rejected for all 8 hooks: {doctor}"
         );
     }
 }

@@ -89,12 +89,15 @@ impl Top {
             let err = child.stderr.take().unwrap();
             thread::spawn(move || {
                 for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    // Record the line before saying ready: callers read it.
+                    {
+                        let mut s = stderr.lock().unwrap();
+                        s.push_str(&line);
+                        s.push('\n');
+                    }
                     if line.contains("Ctrl-C to stop") {
                         let _ = ready_tx.send(());
                     }
-                    let mut s = stderr.lock().unwrap();
-                    s.push_str(&line);
-                    s.push('\n');
                 }
             });
         }

@@ -27,7 +27,7 @@ const volatile bool use_ringbuf = true;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
+	__uint(max_entries, 1 << 22); /* ~20k connection records: bursts of churn */
 } events SEC(".maps");
 
 struct {
@@ -132,16 +132,22 @@ static __always_inline void fill_requested(struct sl_sock_event *e, const __u8 *
 		__builtin_memcpy(e->addr, sa + 4, 4);
 }
 
-static __always_inline void emit(void *ctx, struct sl_sock_event *e)
+/* One record to user space, through whichever buffer the loader chose. */
+static __always_inline void output(void *ctx, void *data, __u64 size)
 {
 	long err;
 
 	if (use_ringbuf)
-		err = bpf_ringbuf_output(&events, e, sizeof(*e), 0);
+		err = bpf_ringbuf_output(&events, data, size, 0);
 	else
-		err = bpf_perf_event_output(ctx, &events, BPF_F_CURRENT_CPU, e, sizeof(*e));
+		err = bpf_perf_event_output(ctx, &events, BPF_F_CURRENT_CPU, data, size);
 	if (err)
 		stat_inc(SL_STAT_EVENTS_LOST);
+}
+
+static __always_inline void emit(void *ctx, struct sl_sock_event *e)
+{
+	output(ctx, e, sizeof(*e));
 }
 
 /* The socket behind a file descriptor of the current task, or NULL when the fd

@@ -18,6 +18,8 @@
 
 /* Set by the loader from what the prober found in BTF. */
 const volatile bool track_conns = false;
+/* false for snapshot-only users (`conns`): the maps are read, no event is sent. */
+const volatile bool conn_events = true;
 /* Kernels with tcp_sendpage (before 6.5) send sendfile data without tcp_sendmsg
  * or sock_sendmsg, so sendfile bytes must be added to tx_bytes by hand. */
 const volatile bool sendfile_bypasses_sendmsg = false;
@@ -136,9 +138,11 @@ static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie,
 static __always_inline void emit_conn(void *ctx, __u32 kind, __u32 tier, struct sock *sk,
 				      struct sl_conn *c)
 {
-	struct sl_conn_event *e = scratch();
-	long err;
+	struct sl_conn_event *e;
 
+	if (!conn_events)
+		return;
+	e = scratch();
 	if (!e)
 		return;
 	e->kind = kind;
@@ -146,12 +150,25 @@ static __always_inline void emit_conn(void *ctx, __u32 kind, __u32 tier, struct 
 	e->ts_ns = bpf_ktime_get_ns();
 	e->sk = (__u64)sk;
 	e->conn = *c;
-	if (use_ringbuf)
-		err = bpf_ringbuf_output(&events, e, sizeof(*e), 0);
-	else
-		err = bpf_perf_event_output(ctx, &events, BPF_F_CURRENT_CPU, e, sizeof(*e));
-	if (err)
-		stat_inc(SL_STAT_EVENTS_LOST);
+	output(ctx, e, sizeof(*e));
+}
+
+/* conn_track for process-context hooks (accept, send, recv): a TCP socket
+ * already in TCP_CLOSE was reported and removed when it got there (say, reset
+ * before accept() returned it); tracking it again would leave an entry that
+ * no state change will ever close. */
+static __always_inline struct sl_conn *conn_track_open(struct sock *sk, __u64 cookie,
+						       __u8 direction)
+{
+	__u64 key = (__u64)sk;
+	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
+
+	if (c)
+		return c;
+	if (sock_proto(sk) == IPPROTO_TCP &&
+	    BPF_CORE_READ(sk, __sk_common.skc_state) == SL_TCP_CLOSE)
+		return NULL;
+	return conn_track(sk, cookie, direction, true);
 }
 
 /* ---- TCP lifecycle ---------------------------------------------------- */
@@ -245,7 +262,7 @@ static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, 
 		return;
 	}
 	if (!c)
-		c = conn_track(sk, cookie, SL_DIR_IN, true);
+		c = conn_track_open(sk, cookie, SL_DIR_IN);
 	if (!c)
 		return;
 	set_owner(c);
@@ -336,7 +353,7 @@ static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *s
 	proto = sock_proto(sk);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return;
-	c = conn_track(sk, cookie, SL_DIR_UNKNOWN, true);
+	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)
 		return;
 	set_owner(c);
@@ -360,7 +377,7 @@ static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, co
 	proto = sock_proto(sk);
 	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
 		return;
-	c = conn_track(sk, cookie, SL_DIR_UNKNOWN, true);
+	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)
 		return;
 	set_owner(c);

@@ -309,10 +309,9 @@ int sl_tp_listen_exit(struct trace_event_raw_sys_exit *ctx)
 
 /* ==== connection accounting: thin wrappers around conn.bpf.h ============ */
 
-/* Kernel function shapes, from BTF (src/probe.rs). Branches on them are
- * pruned at load time, so each fexit reads only arguments that exist. */
+/* Kernel function shapes, from BTF (src/probe.rs). fexit programs come in
+ * one variant per shape (the loader picks); kprobes branch on this. */
 const volatile bool recvmsg_has_nonblock = false; /* before 5.19 */
-const volatile bool accept_has_flags = false;     /* before 6.10 */
 
 static __always_inline __u64 kprobe_cookie(struct sock *sk)
 {
@@ -347,11 +346,19 @@ int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 
 /* ---- accept ---- */
 
+/* 6.10+: inet_csk_accept(sk, arg) */
 SEC("fexit/inet_csk_accept")
-int BPF_PROG(sl_fx_accept)
+int BPF_PROG(sl_fx_accept, struct sock *lsk, void *arg, struct sock *sk)
 {
-	struct sock *sk = (struct sock *)(accept_has_flags ? ctx[4] : ctx[2]);
+	if (sk)
+		on_accept(ctx, sk, bpf_get_socket_cookie(sk), SL_TIER_FENTRY);
+	return 0;
+}
 
+/* Before 6.10: inet_csk_accept(sk, flags, err, kern) */
+SEC("fexit/inet_csk_accept")
+int BPF_PROG(sl_fx_accept_old, struct sock *lsk, int flags, int *err, bool kern, struct sock *sk)
+{
 	if (sk)
 		on_accept(ctx, sk, bpf_get_socket_cookie(sk), SL_TIER_FENTRY);
 	return 0;
@@ -413,9 +420,18 @@ int BPF_PROG(sl_fx_tcp_sendmsg, struct sock *sk, struct msghdr *msg, size_t size
 	return send_fexit(ctx, sk, msg, ret);
 }
 
+/* udpv6_sendmsg sends to v4-mapped peers through udp_sendmsg: an IPv6
+ * socket's datagram is counted once, by the outer call. */
+static __always_inline bool nested_in_udpv6(struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_family) == AF_INET6;
+}
+
 SEC("fexit/udp_sendmsg")
 int BPF_PROG(sl_fx_udp_sendmsg, struct sock *sk, struct msghdr *msg, size_t len, int ret)
 {
+	if (nested_in_udpv6(sk))
+		return 0;
 	return send_fexit(ctx, sk, msg, ret);
 }
 
@@ -425,12 +441,9 @@ int BPF_PROG(sl_fx_udp6_sendmsg, struct sock *sk, struct msghdr *msg, size_t len
 	return send_fexit(ctx, sk, msg, ret);
 }
 
-static __always_inline int recv_fexit(unsigned long long *ctx)
+static __always_inline int recv_fexit(void *ctx, struct sock *sk, struct msghdr *msg, int flags,
+				      int ret)
 {
-	struct sock *sk = (struct sock *)ctx[0];
-	struct msghdr *msg = (struct msghdr *)ctx[1];
-	int flags = recvmsg_has_nonblock ? (int)ctx[4] : (int)ctx[3];
-	long ret = recvmsg_has_nonblock ? (long)(int)ctx[6] : (long)(int)ctx[5];
 	__u8 sa[SOCKADDR_COPY] = {};
 
 	if (ret <= 0 || (flags & MSG_PEEK))
@@ -440,23 +453,25 @@ static __always_inline int recv_fexit(unsigned long long *ctx)
 	return 0;
 }
 
-SEC("fexit/tcp_recvmsg")
-int BPF_PROG(sl_fx_tcp_recvmsg)
-{
-	return recv_fexit(ctx);
-}
+/* One program per signature: 5.19 dropped recvmsg's `nonblock` parameter, and
+ * an fexit may read only the argument slots its function has. */
+#define RECV_FEXIT(name, func)                                                                    \
+	SEC("fexit/" #func)                                                                       \
+	int BPF_PROG(name, struct sock *sk, struct msghdr *msg, size_t len, int flags,            \
+		     int *addr_len, int ret)                                                      \
+	{                                                                                         \
+		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
+	}                                                                                         \
+	SEC("fexit/" #func)                                                                       \
+	int BPF_PROG(name##_nb, struct sock *sk, struct msghdr *msg, size_t len, int nonblock,    \
+		     int flags, int *addr_len, int ret)                                           \
+	{                                                                                         \
+		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
+	}
 
-SEC("fexit/udp_recvmsg")
-int BPF_PROG(sl_fx_udp_recvmsg)
-{
-	return recv_fexit(ctx);
-}
-
-SEC("fexit/udpv6_recvmsg")
-int BPF_PROG(sl_fx_udp6_recvmsg)
-{
-	return recv_fexit(ctx);
-}
+RECV_FEXIT(sl_fx_tcp_recvmsg, tcp_recvmsg)
+RECV_FEXIT(sl_fx_udp_recvmsg, udp_recvmsg)
+RECV_FEXIT(sl_fx_udp6_recvmsg, udpv6_recvmsg)
 
 /* ---- send / recv: kprobe tier ---- */
 
@@ -548,12 +563,19 @@ int BPF_KRETPROBE(sl_kr_tcp_sendmsg, int ret)
 SEC("kprobe/udp_sendmsg")
 int BPF_KPROBE(sl_kp_udp_sendmsg, struct sock *sk, struct msghdr *msg)
 {
+	if (nested_in_udpv6(sk))
+		return 0; /* keep the outer udpv6_sendmsg's stash */
 	return stash_msg(&send_stash, sk, msg, 0);
 }
 
 SEC("kretprobe/udp_sendmsg")
 int BPF_KRETPROBE(sl_kr_udp_sendmsg, int ret)
 {
+	__u64 id = bpf_get_current_pid_tgid();
+	struct msg_stash *st = bpf_map_lookup_elem(&send_stash, &id);
+
+	if (st && nested_in_udpv6((struct sock *)st->sk))
+		return 0; /* the outer udpv6_sendmsg's; its kretprobe takes it */
 	return send_kretprobe(ret);
 }
 
@@ -573,9 +595,13 @@ static __always_inline int recv_kprobe(struct pt_regs *ctx)
 {
 	struct sock *sk = (struct sock *)PT_REGS_PARM1(ctx);
 	struct msghdr *msg = (struct msghdr *)PT_REGS_PARM2(ctx);
-	int flags = recvmsg_has_nonblock ? (int)PT_REGS_PARM5(ctx) : (int)PT_REGS_PARM4(ctx);
+	/* Read both registers at fixed offsets: the verifier rejects a context
+	 * access at an offset chosen at run time. */
+	unsigned long p4 = PT_REGS_PARM4(ctx), p5 = PT_REGS_PARM5(ctx);
 
-	return stash_msg(&recv_stash, sk, msg, flags);
+	barrier_var(p4);
+	barrier_var(p5);
+	return stash_msg(&recv_stash, sk, msg, (int)(recvmsg_has_nonblock ? p5 : p4));
 }
 
 SEC("kprobe/tcp_recvmsg")
@@ -831,10 +857,12 @@ int BPF_KPROBE(sl_kp_retransmit, struct sock *sk)
 	return 0;
 }
 
-SEC("tracepoint/tcp/tcp_retransmit_skb")
-int sl_tp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
+/* BTF-typed: the raw record's layout differs between releases (its own event
+ * class since 6.13), the first argument does not. */
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(sl_tp_retransmit, struct sock *sk)
 {
-	on_retransmit(ctx, (struct sock *)ctx->skaddr, SL_TIER_TRACEPOINT);
+	on_retransmit(ctx, sk, SL_TIER_TRACEPOINT);
 	return 0;
 }
 
@@ -843,12 +871,27 @@ int sl_tp_retransmit(struct trace_event_raw_tcp_retransmit_skb *ctx)
  * reads them; the loader reads them once per network namespace. The owner of
  * a seeded socket is found in user space from its inode (/proc/PID/fd). */
 
+/* Slot 0: 1 while seeding at start; 0 when only refreshing tracked entries
+ * (RTT and retransmits move on ACKs, which no hook here sees). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} seed_mode SEC(".maps");
+
 static __always_inline void seed(struct sock *sk)
 {
 	__u64 key = (__u64)sk;
-	struct sl_conn *c;
+	__u32 zero = 0;
+	__u32 *seeding = bpf_map_lookup_elem(&seed_mode, &zero);
+	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
 
-	if (bpf_map_lookup_elem(&conns, &key))
+	if (c) {
+		read_tcp_info(c, sk);
+		return;
+	}
+	if (!seeding || !*seeding)
 		return;
 	c = conn_track(sk, bpf_get_socket_cookie(sk), SL_DIR_UNKNOWN, false);
 	if (!c)

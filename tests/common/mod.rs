@@ -85,12 +85,15 @@ impl Tracer {
             let err = child.stderr.take().expect("stderr");
             thread::spawn(move || {
                 for line in BufReader::new(err).lines().map_while(Result::ok) {
+                    // Record the line before saying ready: callers read it.
+                    {
+                        let mut s = stderr.lock().unwrap();
+                        s.push_str(&line);
+                        s.push('\n');
+                    }
                     if line.contains("Ctrl-C to stop") {
                         let _ = ready_tx.send(());
                     }
-                    let mut s = stderr.lock().unwrap();
-                    s.push_str(&line);
-                    s.push('\n');
                 }
             });
         }
@@ -160,7 +163,8 @@ impl Stopped {
         assert_eq!(summary["lost"], 0, "{summary}");
         assert_eq!(summary["malformed"], 0, "{summary}");
         if let Some(tier) = expected_tier() {
-            for e in &self.events {
+            // cgroup hook events have no tiers: they attach to cgroups.
+            for e in self.events.iter().filter(|e| e["attach"] != "cgroup") {
                 assert_eq!(e["attach"], tier.as_str(), "event from the wrong tier: {e}");
             }
         }
@@ -299,11 +303,12 @@ impl Drop for Cgroup {
     }
 }
 
-/// Names of loaded BPF programs that socklens owns (all start with "sl_").
-pub fn socklens_programs() -> Vec<String> {
+/// IDs of loaded BPF programs named like socklens' (all start with "sl_").
+/// Other socklens instances may run on the same host: compare ID sets.
+pub fn socklens_programs() -> std::collections::BTreeSet<u32> {
     libbpf_rs::query::ProgInfoIter::default()
-        .map(|p| p.name.to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("sl_"))
+        .filter(|p| p.name.to_string_lossy().starts_with("sl_"))
+        .map(|p| p.id)
         .collect()
 }
 
@@ -318,4 +323,175 @@ pub fn socklens(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A testbed running in the background: read its `announce`/`wait` reports
+/// as they come, release its `wait` steps, then collect the final report.
+pub struct Bed {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+}
+
+impl Bed {
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = Command::new(TESTBED)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn testbed");
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = channel();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            stdin,
+            lines,
+        }
+    }
+
+    /// The next report line (from `announce`, `wait` or the end).
+    pub fn report(&self) -> Value {
+        let line = self
+            .lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("testbed report in time");
+        serde_json::from_str(&line).expect("testbed JSON")
+    }
+
+    /// Lets a `wait` step go on.
+    pub fn release(&mut self) {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin).expect("release testbed");
+        stdin.flush().expect("flush");
+    }
+
+    /// Waits for the exit and returns the final report.
+    pub fn finish(mut self) -> Value {
+        drop(self.stdin.take());
+        let status = self.child.wait().expect("wait testbed");
+        assert!(status.success(), "testbed failed: {status}");
+        let mut last = None;
+        while let Ok(line) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            last = Some(line);
+        }
+        serde_json::from_str(&last.expect("final report")).expect("testbed JSON")
+    }
+}
+
+/// The inode of a named netns, as socklens reports `netns`.
+pub fn netns_inode(name: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(format!("/var/run/netns/{name}"))
+        .expect("netns")
+        .ino()
+}
+
+/// Two netns joined by a veth pair, 10.77.N.1 (a) and 10.77.N.2 (b).
+pub struct NetnsPair {
+    pub a: Netns,
+    pub b: Netns,
+    pub addr_a: String,
+    pub addr_b: String,
+}
+
+impl NetnsPair {
+    pub fn new(tag: &str) -> Self {
+        static NET: AtomicU32 = AtomicU32::new(0);
+        let n = NET.fetch_add(1, Ordering::Relaxed) % 200;
+        let a = Netns::new(&format!("{tag}a"));
+        let b = Netns::new(&format!("{tag}b"));
+        let (va, vb) = (format!("sla{}", unique("")), format!("slb{}", unique("")));
+        ip(&[
+            "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns",
+            &b.name,
+        ]);
+        let (addr_a, addr_b) = (format!("10.77.{n}.1"), format!("10.77.{n}.2"));
+        ip(&[
+            "-n",
+            &a.name,
+            "addr",
+            "add",
+            &format!("{addr_a}/24"),
+            "dev",
+            &va,
+        ]);
+        ip(&[
+            "-n",
+            &b.name,
+            "addr",
+            "add",
+            &format!("{addr_b}/24"),
+            "dev",
+            &vb,
+        ]);
+        ip(&["-n", &a.name, "link", "set", &va, "up"]);
+        ip(&["-n", &b.name, "link", "set", &vb, "up"]);
+        Self {
+            a,
+            b,
+            addr_a,
+            addr_b,
+        }
+    }
+}
+
+/// Runs `socklens conns --json --duration SECS ARGS`, calls `during` once it
+/// is attached, and returns the snapshot lines and its stderr.
+pub fn conns_snapshot(secs: f64, args: &[&str], during: impl FnOnce()) -> (Vec<Value>, String) {
+    let attach = attach_arg();
+    let duration = secs.to_string();
+    let mut child = Command::new(SOCKLENS)
+        .args([
+            "conns",
+            "--json",
+            "--attach",
+            &attach,
+            "--duration",
+            &duration,
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn socklens conns");
+    let err = child.stderr.take().expect("stderr");
+    let (ready_tx, ready_rx) = channel();
+    let stderr = Arc::new(Mutex::new(String::new()));
+    {
+        let stderr = Arc::clone(&stderr);
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if line.contains("Ctrl-C to stop") {
+                    let _ = ready_tx.send(());
+                }
+                stderr.lock().unwrap().push_str(&format!("{line}\n"));
+            }
+        });
+    }
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| panic!("conns not ready: {}", stderr.lock().unwrap()));
+    during();
+    let out = child.wait_with_output().expect("wait conns");
+    thread::sleep(Duration::from_millis(100));
+    let stderr = stderr.lock().unwrap().clone();
+    assert!(out.status.success(), "conns failed: {stderr}");
+    assert!(
+        stderr.contains(" 0 lost, 0 malformed, 0 untracked connections, 0 untracked UDP flows"),
+        "{stderr}"
+    );
+    let lines = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l}: {e}")))
+        .collect();
+    (lines, stderr)
 }

@@ -1,0 +1,208 @@
+/* The one definition of every struct and constant shared by the cgroup socket
+ * programs (policy.bpf.c) and the Rust side (src/policy/, src/cgroup_attach.rs).
+ * Rust uses the skeleton's generated types; never mirror these by hand. Fields are
+ * fixed-width and carry no pointers. */
+#ifndef SOCKLENS_POLICY_H
+#define SOCKLENS_POLICY_H
+
+/* Capacities and fixed values, as an enum so that Rust sees them too (BTF keeps
+ * enums, not macros). Each generation (see slp_config) has its own half of every
+ * table. */
+enum slp_limit {
+	SLP_COMM_LEN = 16,
+	SLP_MAX_RULES = 16384,      /* rules per policy */
+	SLP_MAX_SCOPES = 1024,      /* scopes per policy */
+	SLP_MAX_CGROUPS = 65536,    /* cgroup -> scope entries per policy */
+	SLP_MAX_PREFIXES = 131072,  /* (scope, op, cidr) entries per policy */
+	SLP_PORT_RULES = 16,        /* rules sharing one (scope, op, cidr) */
+	SLP_CREATE_ENTRIES = 16384, /* (scope, family, type, proto) entries per policy */
+	SLP_NAME_LEN = 96,          /* a scope's cgroup pattern or unit, for `policy show` */
+	SLP_MAX_DEPTH = 32,         /* cgroup levels walked to find a scope */
+	/* Counter slots per generation: one per rule, then one per scope default. */
+	SLP_COUNTER_SLOTS = SLP_MAX_RULES + SLP_MAX_SCOPES,
+	/* Bits of the LPM key before the address: gen, op and scope. */
+	SLP_KEY_HDR_BITS = 32,
+	/* Wildcards in slp_create_key. */
+	SLP_ANY_FAMILY = 0,
+	SLP_ANY_TYPE = 0,
+	SLP_ANY_PROTO = 0xffff,
+	/* Rule id reported for a scope's default verdict. User rule ids are >= 1. */
+	SLP_DEFAULT_RULE = 0,
+};
+
+/* Record kinds on the `slp_events` ring buffer. Numbered apart from sl_event_kind
+ * (socklens.h) so the two can never be confused. */
+enum slp_event_kind {
+	SLP_EV_SOCK_CREATE = 101,
+	SLP_EV_CONNECT = 102,
+	SLP_EV_SENDMSG = 103,
+	SLP_EV_RECVMSG = 104,
+	SLP_EV_GETSOCKOPT = 105,
+	SLP_EV_GETPEERNAME = 106,
+	SLP_EV_SOCK_RELEASE = 107,
+	SLP_EV_POLICY_DENY = 120,
+	SLP_EV_POLICY_AUDIT = 121,
+};
+
+/* What a rule governs. Address ops come in a v4 and a v6 flavour in map keys. */
+enum slp_op {
+	SLP_OP_CREATE = 1,
+	SLP_OP_BIND4 = 2,
+	SLP_OP_BIND6 = 3,
+	SLP_OP_CONNECT4 = 4,
+	SLP_OP_CONNECT6 = 5,
+	SLP_OP_SENDMSG4 = 6,
+	SLP_OP_SENDMSG6 = 7,
+};
+
+enum slp_action {
+	SLP_ALLOW = 1,
+	SLP_DENY = 2,
+};
+
+enum slp_mode {
+	SLP_MODE_ENFORCE = 1,
+	SLP_MODE_AUDIT = 2,
+};
+
+/* The errno a denied call fails with, per hook (set with bpf_set_retval). */
+enum slp_errno {
+	SLP_ERRNO_CREATE = 13,  /* EACCES: socket(2) "permission to create ... denied" */
+	SLP_ERRNO_BIND = 13,    /* EACCES: bind(2) "the address is protected" */
+	SLP_ERRNO_CONNECT = 13, /* EACCES: connect(2) "... failed because of a local firewall rule" */
+	SLP_ERRNO_SENDMSG = 1,  /* EPERM: what a local firewall drop gives a UDP send */
+};
+
+/* proto of a port rule: 0 = any, else IPPROTO_TCP / IPPROTO_UDP. */
+
+/* Element 0 of the `slp_config` array. `gen` (0 or 1) selects which half of every
+ * table the programs read; user space fills the other half and then flips `gen`
+ * with one map update. 0 and 1 differ in one byte, so a reader sees one or the
+ * other, never a mix. */
+struct slp_config {
+	__u32 gen;
+	__u32 nscopes[2];
+	__u32 nrules[2];
+	__u32 pad;
+	__u64 attach_cgroup_id; /* where the links are attached */
+	__u64 applied_ns[2];    /* CLOCK_REALTIME of each generation's apply */
+};
+
+/* `slp_scope_of`: (gen, cgroup id) -> the scope governing that cgroup. */
+struct slp_cgroup_key {
+	__u64 cgroup_id;
+	__u32 gen;
+	__u32 pad;
+};
+
+struct slp_scope {
+	__u16 index; /* 0-based within its generation */
+	__u8 mode;   /* enum slp_mode */
+	__u8 dflt;   /* enum slp_action */
+	/* Shortcuts, so calls no rule can match cost no lookups: */
+	__u8 ops;    /* bits (1 << SLP_OP_*) of the address ops with rules */
+	__u8 create_shapes; /* bits (1 << shape) of create keys present, shape =
+			     * 4 * family given + 2 * type given + proto given */
+	__u16 pad;
+};
+
+/* `slp_scopes` array, index gen * SLP_MAX_SCOPES + scope index: for `policy show`. */
+struct slp_scope_info {
+	__u64 cgroup_id; /* the first cgroup the pattern matched */
+	__u32 ncgroups;
+	__u16 index;
+	__u8 mode;
+	__u8 dflt;
+	__u8 name[SLP_NAME_LEN];
+};
+
+/* `slp_lpm` trie key: every rule for one op of one scope, by address prefix.
+ * prefixlen counts SLP_KEY_HDR_BITS of header and then address bits. */
+struct slp_lpm_key {
+	__u32 prefixlen;
+	__u8 gen;
+	__u8 op;     /* enum slp_op, an address op */
+	__u16 scope; /* scope index */
+	__u8 addr[16]; /* IPv4 in the first 4 bytes, network order */
+};
+
+struct slp_port_rule {
+	__u32 slot;    /* rule index: counter slot */
+	__u32 rule_id; /* the user's id */
+	__u16 port_lo; /* host order, inclusive */
+	__u16 port_hi;
+	__u8 proto;    /* 0 = any */
+	__u8 action;   /* enum slp_action */
+	__u16 pad;
+};
+
+/* Value of an `slp_lpm` entry: the rules of exactly this prefix, most specific
+ * first (narrowest port range, then deny before allow). */
+struct slp_prefix_rules {
+	__u32 prefixlen; /* the entry's own prefixlen, header included */
+	__u32 count;
+	struct slp_port_rule rules[SLP_PORT_RULES];
+};
+
+/* `slp_create` hash key: socket creation rules. */
+struct slp_create_key {
+	__u8 gen;
+	__u8 type;    /* SOCK_*; SLP_ANY_TYPE */
+	__u16 scope;
+	__u16 family; /* AF_INET / AF_INET6; SLP_ANY_FAMILY */
+	__u16 proto;  /* IPPROTO_*; SLP_ANY_PROTO */
+};
+
+struct slp_create_rule {
+	__u32 slot;
+	__u32 rule_id;
+	__u8 action;
+	__u8 pad[3];
+};
+
+/* `slp_rules` array, index gen * SLP_MAX_RULES + slot: each rule as applied, for
+ * `policy show`. */
+struct slp_rule_info {
+	__u32 rule_id;
+	__u16 scope;
+	__u8 action;
+	__u8 ops;         /* bits (1 << SLP_OP_*) */
+	__u8 addr[16];
+	__u8 prefix;      /* address bits; 255 = any address of either family */
+	__u8 family;      /* cidr family or create family; 0 = any */
+	__u16 proto;      /* SLP_ANY_PROTO = any */
+	__u16 port_lo;
+	__u16 port_hi;
+	__u8 sock_type;   /* create: SOCK_*; 0 = any */
+	__u8 pad[3];
+	__u32 line;       /* line of the rule in the policy file */
+};
+
+/* Every record on `slp_events`: observed cgroup hook calls and policy verdicts. */
+struct slp_event {
+	__u32 kind;       /* enum slp_event_kind */
+	__u32 pid;
+	__u32 tid;
+	__u32 uid;
+	__u64 ts_ns;      /* CLOCK_MONOTONIC */
+	__u64 cgroup_id;  /* cgroup v2 id of the calling task */
+	__u64 cookie;     /* socket cookie */
+	__u64 lifetime_ns; /* sock_release: since sock_create; 0 = unknown */
+	__u32 netns;      /* inode of the socket's network namespace */
+	__s32 ret;        /* getsockopt: the kernel's return; verdicts: -errno returned */
+	__u16 family;
+	__u16 sock_type;
+	__u16 proto;
+	__u16 port;       /* host order */
+	__s32 level;      /* getsockopt */
+	__s32 optname;
+	__u32 rule_id;    /* verdicts: the deciding rule, SLP_DEFAULT_RULE for the default */
+	__u8 op;          /* verdicts: enum slp_op */
+	__u8 mode;        /* verdicts: enum slp_mode */
+	__u8 action;      /* verdicts: enum slp_action the rule asked for */
+	__u8 pad;
+	__u8 addr[16];    /* IPv4 in the first 4 bytes, network order */
+	__u8 comm[SLP_COMM_LEN];
+};
+
+#endif

@@ -1,0 +1,368 @@
+//! The policy in force: pinned maps and links under /sys/fs/bpf/socklens/policy.
+//!
+//! Atomic apply: every policy map is split in two generations (a `gen` byte in
+//! each key, or the upper half of each array). The programs read `slp_config.gen`
+//! once per call and look everything up in that generation only. `apply` clears
+//! and fills the generation not in force, then flips `gen` with one map update:
+//! every call is judged wholly by the old rule set or wholly by the new one.
+
+use std::fs::File;
+use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
+use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
+use plain::Plain;
+
+use crate::cgroup_attach::{link_cgroup, CgroupTarget, Pins};
+use crate::error::{Error, Result};
+use crate::policy::compile::{compile, Tables};
+use crate::policy::file::Policy;
+use crate::probe::errno_name;
+use crate::skel::policy::types::{
+    slp_cgroup_key, slp_config, slp_create_key, slp_limit, slp_lpm_key, slp_rule_info,
+    slp_scope_info,
+};
+use crate::skel::policy::{PolicySkel, PolicySkelBuilder};
+use crate::system;
+
+pub const COMPONENT: &str = "policy";
+
+/// The programs that enforce; the observe-only hooks are never pinned.
+pub const ENFORCING: [&str; 7] = [
+    "slp_bind4",
+    "slp_bind6",
+    "slp_connect4",
+    "slp_connect6",
+    "slp_sendmsg4",
+    "slp_sendmsg6",
+    "slp_sock_create",
+];
+
+/// Maps shared by every load of the enforcing programs, pinned by name.
+pub const PINNED_MAPS: [&str; 9] = [
+    "slp_config",
+    "slp_scope_of",
+    "slp_scopes",
+    "slp_lpm",
+    "slp_create",
+    "slp_rules",
+    "slp_counters",
+    "slp_events",
+    "slp_lost",
+];
+
+pub fn pins() -> Pins {
+    Pins::new(COMPONENT)
+}
+
+/// The bytes of a plain C value for a map update.
+pub fn bytes<T: Plain>(v: &T) -> &[u8] {
+    // SAFETY: the skeleton's types are C structs of integers and byte arrays
+    // without implicit padding (policy.h lays them out so), any byte is valid.
+    unsafe { plain::as_bytes(v) }
+}
+
+pub fn decode<T: Plain + Default>(b: &[u8]) -> Option<T> {
+    let mut v = T::default();
+    plain::copy_from_bytes(&mut v, b).ok()?;
+    Some(v)
+}
+
+fn map_err(what: &str) -> impl Fn(libbpf_rs::Error) -> Error + '_ {
+    move |e| Error::kernel(what, format!("{} ({e})", errno_name(&e)))
+}
+
+/// Serializes concurrent `policy` commands: an advisory lock on the bpffs root.
+struct Lock(#[allow(dead_code)] File);
+
+fn lock() -> Result<Lock> {
+    system::ensure_bpffs()?;
+    let f = File::open(system::BPFFS)
+        .map_err(|e| Error::kernel(format!("opening {}", system::BPFFS), e))?;
+    // SAFETY: flock on a file descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    if rc != 0 {
+        return Err(Error::kernel(
+            "locking the policy state",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(Lock(f))
+}
+
+/// Loads the enforcing programs with every policy map pinned (re-adopting maps an
+/// earlier socklens pinned).
+fn load_enforcing<'obj>(
+    storage: &'obj mut MaybeUninit<OpenObject>,
+    pins: &Pins,
+) -> Result<PolicySkel<'obj>> {
+    let mut open = PolicySkelBuilder::default()
+        .open(storage)
+        .map_err(map_err("opening the policy programs"))?;
+    let ro = open
+        .maps
+        .rodata_data
+        .as_deref_mut()
+        .ok_or_else(|| Error::kernel("opening the policy programs", "no .rodata section"))?;
+    ro.enforce = true;
+    ro.observe = false;
+    for mut map in open.open_object_mut().maps_mut() {
+        let name = map.name().to_string_lossy().into_owned();
+        if PINNED_MAPS.contains(&name.as_str()) {
+            map.set_pin_path(pins.map(&name))
+                .map_err(map_err("setting a map pin path"))?;
+        }
+    }
+    for mut prog in open.open_object_mut().progs_mut() {
+        let keep = prog.name().to_str().is_some_and(|n| ENFORCING.contains(&n));
+        prog.set_autoload(keep);
+    }
+    open.load().map_err(|e| {
+        Error::kernel(
+            "loading the policy programs",
+            format!(
+                "{} ({e}); if maps pinned by another socklens version are in the way, run `socklens policy remove`",
+                errno_name(&e)
+            ),
+        )
+    })
+}
+
+fn read_config(map: &dyn MapCore) -> Result<slp_config> {
+    let v = map
+        .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+        .map_err(map_err("reading slp_config"))?
+        .unwrap_or_default();
+    Ok(decode(&v).unwrap_or_default())
+}
+
+/// Deletes every entry of generation `gen` from a gen-keyed map.
+fn clear_gen(map: &dyn MapCore, gen: u32, gen_of: impl Fn(&[u8]) -> Option<u32>) -> Result<()> {
+    let stale: Vec<Vec<u8>> = map.keys().filter(|k| gen_of(k) == Some(gen)).collect();
+    for k in stale {
+        map.delete(&k).map_err(map_err("clearing a policy map"))?;
+    }
+    Ok(())
+}
+
+fn write_generation(skel: &PolicySkel<'_>, t: &Tables) -> Result<()> {
+    let m = &skel.maps;
+    let gen = t.gen;
+    clear_gen(&m.slp_scope_of, gen, |k| {
+        decode::<slp_cgroup_key>(k).map(|k| k.r#gen)
+    })?;
+    clear_gen(&m.slp_lpm, gen, |k| {
+        decode::<slp_lpm_key>(k).map(|k| u32::from(k.r#gen))
+    })?;
+    clear_gen(&m.slp_create, gen, |k| {
+        decode::<slp_create_key>(k).map(|k| u32::from(k.r#gen))
+    })?;
+    let upd = |map: &dyn MapCore, k: &[u8], v: &[u8], what: &str| {
+        map.update(k, v, MapFlags::ANY).map_err(map_err(what))
+    };
+    for (k, v) in &t.scope_of {
+        upd(&m.slp_scope_of, bytes(k), bytes(v), "writing slp_scope_of")?;
+    }
+    for (k, v) in &t.lpm {
+        upd(&m.slp_lpm, bytes(k), bytes(v), "writing slp_lpm")?;
+    }
+    for (k, v) in &t.create {
+        upd(&m.slp_create, bytes(k), bytes(v), "writing slp_create")?;
+    }
+    let max_scopes = slp_limit::SLP_MAX_SCOPES.0;
+    let max_rules = slp_limit::SLP_MAX_RULES.0;
+    for (i, v) in &t.scopes {
+        let idx = gen * max_scopes + i;
+        upd(
+            &m.slp_scopes,
+            &idx.to_ne_bytes(),
+            bytes(v),
+            "writing slp_scopes",
+        )?;
+    }
+    for (i, v) in &t.rules {
+        let idx = gen * max_rules + i;
+        upd(
+            &m.slp_rules,
+            &idx.to_ne_bytes(),
+            bytes(v),
+            "writing slp_rules",
+        )?;
+    }
+    // Fresh counters for every slot this generation uses.
+    let cpus = libbpf_rs::num_possible_cpus().map_err(map_err("counting CPUs"))?;
+    let zero = vec![vec![0u8; 8]; cpus];
+    let base = gen * slp_limit::SLP_COUNTER_SLOTS.0;
+    let slots = t
+        .rules
+        .iter()
+        .map(|(i, _)| *i)
+        .chain(t.scopes.iter().map(|(i, _)| max_rules + i));
+    for s in slots {
+        m.slp_counters
+            .update_percpu(&(base + s).to_ne_bytes(), &zero, MapFlags::ANY)
+            .map_err(map_err("resetting slp_counters"))?;
+    }
+    Ok(())
+}
+
+fn realtime_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_REALTIME)
+        .map(|t| (t.tv_sec() as u64) * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// What `apply` did.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub gen: u32,
+    pub scopes: usize,
+    pub rules: usize,
+    pub cgroups: usize,
+    pub attach: String,
+    pub attached_now: bool,
+}
+
+/// Applies a validated policy: the new rule set replaces the old in one step.
+pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
+    system::check_privileges()?;
+    let _lock = lock()?;
+    let pins = pins();
+    pins.create_dirs()?;
+    let mut storage = MaybeUninit::uninit();
+    let skel = load_enforcing(&mut storage, &pins)?;
+    let mut cfg = read_config(&skel.maps.slp_config)?;
+    let next = (cfg.r#gen & 1) ^ 1;
+    let tables = compile(policy, next)
+        .map_err(|(line, msg)| Error::Usage(format!("{}:{line}: {msg}", policy.file)))?;
+    write_generation(&skel, &tables)?;
+
+    let target = CgroupTarget::open(&cgroup_root.join(policy.attach.rel.trim_start_matches('/')))?;
+    let existing = pins.pinned_links()?;
+    let keep = existing.len() == ENFORCING.len()
+        && existing
+            .iter()
+            .all(|(n, l)| ENFORCING.contains(&n.as_str()) && link_cgroup(l) == Some(target.id));
+    drop(existing);
+    let mut new_links = Vec::new();
+    if !keep {
+        for name in ENFORCING {
+            let prog = skel
+                .object()
+                .progs_mut()
+                .find(|p| p.name() == name)
+                .ok_or_else(|| Error::kernel(format!("program {name}"), "missing from object"))?;
+            new_links.push((name.to_owned(), target.attach(&prog)?));
+        }
+    }
+
+    // The switch: one update of the config element.
+    let n = next as usize;
+    cfg.r#gen = next;
+    cfg.nscopes[n] = policy.scopes.len() as u32;
+    cfg.nrules[n] = policy.rule_count() as u32;
+    cfg.attach_cgroup_id = target.id;
+    cfg.applied_ns[n] = realtime_ns();
+    skel.maps
+        .slp_config
+        .update(&0u32.to_ne_bytes(), bytes(&cfg), MapFlags::ANY)
+        .map_err(map_err("switching the policy generation"))?;
+
+    if !keep {
+        // The new links run the new generation already; drop the old ones.
+        pins.detach_links()?;
+        pins.pin_links(&mut new_links)?;
+    }
+    Ok(Applied {
+        gen: next,
+        scopes: policy.scopes.len(),
+        rules: policy.rule_count(),
+        cgroups: policy.scopes.iter().map(|s| s.governs.len()).sum(),
+        attach: policy.attach.rel.clone(),
+        attached_now: !keep,
+    })
+}
+
+/// Detaches and unpins the policy: every call is allowed again.
+pub fn remove() -> Result<bool> {
+    system::check_privileges()?;
+    let _lock = lock()?;
+    let pins = pins();
+    let existed = pins.exists();
+    pins.remove()?;
+    Ok(existed)
+}
+
+/// The pinned maps, opened by path (no programs loaded).
+pub struct PinnedMaps {
+    pub config: MapHandle,
+    pub scopes: MapHandle,
+    pub rules: MapHandle,
+    pub counters: MapHandle,
+    pub scope_of: MapHandle,
+    pub events: MapHandle,
+    pub lost: MapHandle,
+}
+
+impl PinnedMaps {
+    /// None when no policy is pinned.
+    pub fn open() -> Result<Option<Self>> {
+        let pins = pins();
+        if !pins.map("slp_config").exists() {
+            return Ok(None);
+        }
+        let open = |name: &str| {
+            MapHandle::from_pinned_path(pins.map(name)).map_err(|e| {
+                Error::kernel(
+                    format!("opening pinned map {}", pins.map(name).display()),
+                    errno_name(&e),
+                )
+            })
+        };
+        Ok(Some(Self {
+            config: open("slp_config")?,
+            scopes: open("slp_scopes")?,
+            rules: open("slp_rules")?,
+            counters: open("slp_counters")?,
+            scope_of: open("slp_scope_of")?,
+            events: open("slp_events")?,
+            lost: open("slp_lost")?,
+        }))
+    }
+
+    pub fn config(&self) -> Result<slp_config> {
+        read_config(&self.config)
+    }
+
+    pub fn counter(&self, gen: u32, slot: u32) -> u64 {
+        let idx = gen * slp_limit::SLP_COUNTER_SLOTS.0 + slot;
+        percpu_sum(&self.counters, idx)
+    }
+
+    pub fn scope(&self, gen: u32, i: u32) -> Option<slp_scope_info> {
+        let idx = gen * slp_limit::SLP_MAX_SCOPES.0 + i;
+        let v = self
+            .scopes
+            .lookup(&idx.to_ne_bytes(), MapFlags::ANY)
+            .ok()??;
+        decode(&v)
+    }
+
+    pub fn rule(&self, gen: u32, i: u32) -> Option<slp_rule_info> {
+        let idx = gen * slp_limit::SLP_MAX_RULES.0 + i;
+        let v = self
+            .rules
+            .lookup(&idx.to_ne_bytes(), MapFlags::ANY)
+            .ok()??;
+        decode(&v)
+    }
+
+    /// Records the kernel could not queue on slp_events.
+    pub fn lost(&self) -> u64 {
+        percpu_sum(&self.lost, 0)
+    }
+}
+
+pub use crate::events::percpu_sum;

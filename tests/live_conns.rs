@@ -1,0 +1,690 @@
+//! Connection accounting against ground truth from socklens-testbed: exact
+//! bytes, sendfile, UDP per peer, retransmits, failures, owners, seeding.
+//! Root only; run single-threaded (see README).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn u(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// The close record of the connection `pid` had on local port `sport`.
+fn close_of<'a>(stopped: &'a Stopped, pid: &Value, sport: u64) -> &'a Value {
+    let found: Vec<&Value> = stopped
+        .of_kind("close")
+        .into_iter()
+        .filter(|e| e["pid"] == *pid && e["sport"] == sport)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "one close for pid {pid} port {sport}: {:#?}",
+        stopped.events
+    );
+    found[0]
+}
+
+/// Server and client testbeds exchanging data over TCP while socklens traces
+/// close events; returns (server report, client report, what socklens saw).
+fn exchange(
+    server_steps: &[&str],
+    client_steps: &[String],
+    netns: Option<(&Netns, &Netns, &str)>,
+) -> (Value, Value, Stopped) {
+    let tracer = Tracer::start(&["--events", "established,accept,close"]);
+    let mut sargs: Vec<String> = vec!["--comm".into(), unique("slsrv")];
+    let mut cargs: Vec<String> = vec!["--comm".into(), unique("slcli")];
+    if let Some((a, b, _)) = netns {
+        sargs.extend(["--netns".into(), a.name.clone()]);
+        cargs.extend(["--netns".into(), b.name.clone()]);
+    }
+    sargs.extend(server_steps.iter().map(|s| (*s).to_owned()));
+    let sargs_ref: Vec<&str> = sargs.iter().map(String::as_str).collect();
+    let server = Bed::spawn(&sargs_ref);
+    let ready = server.report();
+    let port = ready["steps"][0]["port"].to_string();
+    cargs.extend(client_steps.iter().map(|s| s.replace("PORT", &port)));
+    let cargs_ref: Vec<&str> = cargs.iter().map(String::as_str).collect();
+    let client = testbed(&cargs_ref);
+    let server = server.finish();
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    (server, client, stopped)
+}
+
+/// Standard pair: a server that reads everything, a client that does `client`.
+fn check_bytes(client: &[&str], sent: u64, family: &str) {
+    require_root();
+    let (bind, addr) = if family == "inet6" {
+        ("bind,tcp6,::1,0", "::1")
+    } else {
+        ("bind,tcp4,127.0.0.1,0", "127.0.0.1")
+    };
+    let proto = if family == "inet6" { "tcp6" } else { "tcp4" };
+    let mut steps = vec![format!("connect,{proto},{addr},PORT")];
+    steps.extend(client.iter().map(|s| (*s).to_owned()));
+    steps.push("close,0".into());
+    let (server, client, stopped) = exchange(
+        &[
+            bind,
+            "listen,0,8",
+            "announce",
+            "accept,0",
+            "recvall,1,65536",
+            "close,1",
+        ],
+        &steps,
+        None,
+    );
+    assert_eq!(
+        u(&server["steps"][3]["bytes"]),
+        sent,
+        "server read everything: {server}"
+    );
+    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    assert_eq!(out["direction"], "out", "{out}");
+    assert_eq!(out["family"], family, "{out}");
+    assert_eq!(u(&out["tx_bytes"]), sent, "{out}");
+    assert_eq!(u(&out["rx_bytes"]), 0, "{out}");
+    assert_eq!(out["comm"], client["comm"], "{out}");
+    assert_eq!(out["netns"], client["netns"], "{out}");
+    let port = u(&server["steps"][0]["port"]);
+    let inn = close_of(&stopped, &server["pid"], port);
+    assert_eq!(inn["direction"], "in", "{inn}");
+    assert_eq!(u(&inn["rx_bytes"]), sent, "{inn}");
+    assert_eq!(u(&inn["tx_bytes"]), 0, "{inn}");
+    assert_eq!(inn["comm"], server["comm"], "{inn}");
+    assert_eq!(inn["dport"], out["sport"], "the two ends pair up");
+    assert!(out["duration_ms"].as_f64().unwrap() > 0.0, "{out}");
+    assert_eq!(out["failure"], Value::Null);
+    let connects: Vec<&Value> = stopped
+        .of_kind("established")
+        .into_iter()
+        .filter(|e| e["pid"] == client["pid"])
+        .collect();
+    assert_eq!(connects.len(), 1, "{:?}", stopped.events);
+    let accepts: Vec<&Value> = stopped
+        .of_kind("accept")
+        .into_iter()
+        .filter(|e| e["pid"] == server["pid"])
+        .collect();
+    assert_eq!(accepts.len(), 1, "{:?}", stopped.events);
+}
+
+#[test]
+fn many_small_writes_exact() {
+    check_bytes(&["send,0,100000,100"], 100_000, "inet");
+}
+
+#[test]
+fn one_large_write_exact() {
+    check_bytes(&["send,0,4000000,4000000"], 4_000_000, "inet");
+}
+
+#[test]
+fn ipv6_exact() {
+    check_bytes(&["send,0,250000,1000"], 250_000, "inet6");
+}
+
+#[test]
+fn trickling_sender_blocking_reader_not_overcounted() {
+    require_root();
+    // The reader blocks in recv() with a 1 MiB buffer while data trickles in:
+    // the kernel's receive path runs many times per recv (the tcp_cleanup_rbuf trap).
+    let (server, client, stopped) = exchange(
+        &[
+            "bind,tcp4,127.0.0.1,0",
+            "listen,0,8",
+            "announce",
+            "accept,0",
+            "recv,1,60000,1048576",
+            "close,1",
+        ],
+        &[
+            "connect,tcp4,127.0.0.1,PORT".into(),
+            "send,0,60000,1500,2".into(),
+            "close,0".into(),
+        ],
+        None,
+    );
+    let calls = u(&server["steps"][3]["calls"]);
+    assert!(
+        calls > 1,
+        "the reader really blocked more than once: {server}"
+    );
+    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
+    assert_eq!(u(&inn["rx_bytes"]), 60_000, "{inn}");
+    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    assert_eq!(u(&out["tx_bytes"]), 60_000, "{out}");
+}
+
+#[test]
+fn peek_is_not_counted() {
+    require_root();
+    let (server, _client, stopped) = exchange(
+        &[
+            "bind,tcp4,127.0.0.1,0",
+            "listen,0,8",
+            "announce",
+            "accept,0",
+            "sleep,300",
+            "peek,1,65536",
+            "recv,1,5000,65536",
+            "close,1",
+        ],
+        &[
+            "connect,tcp4,127.0.0.1,PORT".into(),
+            "send,0,5000,5000".into(),
+            "sleep,800".into(),
+            "close,0".into(),
+        ],
+        None,
+    );
+    assert!(
+        u(&server["steps"][4]["bytes"]) > 0,
+        "the peek saw data: {server}"
+    );
+    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
+    assert_eq!(u(&inn["rx_bytes"]), 5000, "{inn}");
+}
+
+#[test]
+fn sendfile_bytes_equal_file_size() {
+    require_root();
+    let path = std::env::temp_dir().join(format!("sl-sendfile-{}", std::process::id()));
+    let size = 300_001usize;
+    std::fs::write(&path, vec![b'f'; size]).unwrap();
+    let (server, client, stopped) = exchange(
+        &[
+            "bind,tcp4,127.0.0.1,0",
+            "listen,0,8",
+            "announce",
+            "accept,0",
+            "recvall,1,65536",
+            "close,1",
+        ],
+        &[
+            "connect,tcp4,127.0.0.1,PORT".into(),
+            format!("sendfile,0,{}", path.display()),
+            "send,0,10,10".into(),
+            "close,0".into(),
+        ],
+        None,
+    );
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(u(&client["steps"][1]["bytes"]), size as u64);
+    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    assert_eq!(u(&out["sendfile_bytes"]), size as u64, "{out}");
+    assert_eq!(
+        u(&out["tx_bytes"]),
+        size as u64 + 10,
+        "sendfile counts in tx too: {out}"
+    );
+    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
+    assert_eq!(u(&inn["rx_bytes"]), size as u64 + 10, "{inn}");
+}
+
+#[test]
+fn active_closer_reading_after_fin_keeps_one_record() {
+    require_root();
+    // The client half-closes, the server answers and closes: the client's
+    // socket reaches TCP_CLOSE (TIME_WAIT handoff) before it reads the answer.
+    let (server, client, stopped) = exchange(
+        &[
+            "bind,tcp4,127.0.0.1,0",
+            "listen,0,8",
+            "announce",
+            "accept,0",
+            "recvall,1,65536",
+            "send,1,777,777",
+            "close,1",
+        ],
+        &[
+            "connect,tcp4,127.0.0.1,PORT".into(),
+            "send,0,1000,1000".into(),
+            "shutdown,0".into(),
+            "sleep,300".into(),
+            "recvall,0,65536".into(),
+            "close,0".into(),
+        ],
+        None,
+    );
+    assert_eq!(u(&client["steps"][4]["bytes"]), 777);
+    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    assert_eq!(
+        (u(&out["tx_bytes"]), u(&out["rx_bytes"])),
+        (1000, 777),
+        "{out}"
+    );
+    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
+    assert_eq!(
+        (u(&inn["tx_bytes"]), u(&inn["rx_bytes"])),
+        (777, 1000),
+        "{inn}"
+    );
+    let client_closes = stopped
+        .of_kind("close")
+        .into_iter()
+        .filter(|e| e["pid"] == client["pid"])
+        .count();
+    assert_eq!(client_closes, 1, "{:#?}", stopped.events);
+}
+
+#[test]
+fn veth_between_two_netns_exact_with_each_sides_netns() {
+    require_root();
+    let pair = NetnsPair::new("v");
+    let bind = format!("bind,tcp4,{},0", pair.addr_a);
+    let (server, client, stopped) = exchange(
+        &[
+            &bind,
+            "listen,0,8",
+            "announce",
+            "accept,0",
+            "recvall,1,65536",
+            "close,1",
+        ],
+        &[
+            format!("connect,tcp4,{},PORT", pair.addr_a),
+            "send,0,123456,4096".into(),
+            "close,0".into(),
+        ],
+        Some((&pair.a, &pair.b, "")),
+    );
+    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    assert_eq!(u(&out["tx_bytes"]), 123_456, "{out}");
+    assert_eq!(u(&out["netns"]), netns_inode(&pair.b.name), "{out}");
+    assert_eq!(out["saddr"], pair.addr_b.as_str(), "{out}");
+    assert_eq!(out["daddr"], pair.addr_a.as_str(), "{out}");
+    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
+    assert_eq!(u(&inn["rx_bytes"]), 123_456, "{inn}");
+    assert_eq!(u(&inn["netns"]), netns_inode(&pair.a.name), "{inn}");
+}
+
+#[test]
+fn failed_connect_is_refused() {
+    require_root();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let comm = unique("slref");
+    let tracer = Tracer::start(&["--events", "close", "--comm", &comm]);
+    let tb = testbed(&["--comm", &comm, &format!("connect,tcp4,127.0.0.1,{port}")]);
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    assert_eq!(tb["steps"][0]["errno"], libc::ECONNREFUSED);
+    assert_eq!(stopped.events.len(), 1, "{:#?}", stopped.events);
+    let e = &stopped.events[0];
+    assert_eq!(e["failure"], "refused", "{e}");
+    assert_eq!(e["pid"], tb["pid"], "{e}");
+    assert_eq!(u(&e["dport"]), u64::from(port), "{e}");
+    assert_eq!(e["direction"], "out", "{e}");
+}
+
+#[test]
+fn owner_cgroup_netns_and_comm_match_the_opener() {
+    require_root();
+    let cg = Cgroup::new("o");
+    let ns = Netns::new("o");
+    let comm = unique("slown");
+    let tracer = Tracer::start(&["--events", "close", "--comm", &comm]);
+    let cgpath = cg.path.to_str().unwrap();
+    let tb = testbed(&[
+        "--comm",
+        &comm,
+        "--netns",
+        &ns.name,
+        "--cgroup",
+        cgpath,
+        "bind,tcp4,127.0.0.1,0",
+        "listen,0,4",
+        "connect,tcp4,127.0.0.1,@0",
+        "accept,0",
+        "send,1,10,10",
+        "recv,2,10,10",
+        "close,1",
+        "close,2",
+    ]);
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    let closes = stopped.of_kind("close");
+    assert_eq!(closes.len(), 2, "both ends: {:#?}", stopped.events);
+    for e in closes {
+        assert_eq!(e["pid"], tb["pid"], "{e}");
+        assert_eq!(e["comm"], comm.as_str(), "{e}");
+        assert_eq!(e["cgroup"], cg.rel.as_str(), "{e}");
+        assert_eq!(u(&e["cgroup_id"]), {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(&cg.path).unwrap().ino()
+        });
+        assert_eq!(u(&e["netns"]), netns_inode(&ns.name), "{e}");
+        assert_eq!((u(&e["tx_bytes"]) + u(&e["rx_bytes"])), 10, "{e}");
+    }
+}
+
+#[test]
+fn udp_unconnected_socket_to_three_peers_exact_per_peer() {
+    require_root();
+    let receivers = Bed::spawn(&[
+        "--comm",
+        &unique("sludpr"),
+        "bind,udp4,127.0.0.1,0",
+        "bind,udp4,127.0.0.1,0",
+        "bind,udp6,::1,0",
+        "announce",
+        "recvfrom,0,2",
+        "recvfrom,1,1",
+        "recvfrom,2,5",
+    ]);
+    let ready = receivers.report();
+    let ports: Vec<u64> = (0..3).map(|i| u(&ready["steps"][i]["port"])).collect();
+    let comm = unique("sludps");
+    let mut sender = None;
+    let (lines, _) = conns_snapshot(3.0, &["--comm", &comm], || {
+        let mut steps = vec![
+            "--comm".to_owned(),
+            comm.clone(),
+            "bind,udp6,::,0".to_owned(),
+            format!("sendto,0,::ffff:127.0.0.1,{},100", ports[0]),
+            format!("sendto,0,::ffff:127.0.0.1,{},200", ports[0]),
+            format!("sendto,0,::ffff:127.0.0.1,{},300", ports[1]),
+        ];
+        for _ in 0..5 {
+            steps.push(format!("sendto,0,::1,{},50", ports[2]));
+        }
+        steps.push("wait".into());
+        let args: Vec<&str> = steps.iter().map(String::as_str).collect();
+        let bed = Bed::spawn(&args);
+        let report = bed.report();
+        sender = Some((bed, report));
+    });
+    let (mut bed, report) = sender.unwrap();
+    bed.release();
+    bed.finish();
+    receivers.finish();
+    let flows: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "udp_flow" && l["pid"] == report["pid"])
+        .collect();
+    assert_eq!(flows.len(), 3, "one flow per peer: {lines:#?}");
+    let want = [(ports[0], 300, 2), (ports[1], 300, 1), (ports[2], 250, 5)];
+    for (port, bytes, packets) in want {
+        let f = flows
+            .iter()
+            .find(|f| u(&f["peer_port"]) == port)
+            .unwrap_or_else(|| panic!("no flow to {port}: {flows:#?}"));
+        assert_eq!(u(&f["tx_bytes"]), bytes, "{f}");
+        assert_eq!(u(&f["tx_packets"]), packets, "{f}");
+        assert_eq!(u(&f["rx_bytes"]), 0, "{f}");
+        assert_eq!(f["direction"], "out", "{f}");
+        assert_eq!(f["comm"], comm.as_str(), "{f}");
+    }
+}
+
+#[test]
+fn udp_receiver_counts_per_sender() {
+    require_root();
+    let comm = unique("sludpq");
+    let mut got = None;
+    let (lines, _) = conns_snapshot(3.0, &["--comm", &comm], || {
+        let bed = Bed::spawn(&[
+            "--comm",
+            &comm,
+            "bind,udp4,127.0.0.1,0",
+            "announce",
+            "recvfrom,0,3",
+            "wait",
+        ]);
+        let port = u(&bed.report()["steps"][0]["port"]);
+        let a = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        a.send_to(&[1; 10], ("127.0.0.1", port as u16)).unwrap();
+        a.send_to(&[1; 20], ("127.0.0.1", port as u16)).unwrap();
+        b.send_to(&[1; 7], ("127.0.0.1", port as u16)).unwrap();
+        let report = bed.report();
+        got = Some((
+            bed,
+            report,
+            a.local_addr().unwrap().port(),
+            b.local_addr().unwrap().port(),
+        ));
+    });
+    let (mut bed, report, pa, pb) = got.unwrap();
+    bed.release();
+    bed.finish();
+    let flows: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l["event"] == "udp_flow" && l["pid"] == report["pid"])
+        .collect();
+    for (port, bytes, packets) in [(pa, 30, 2), (pb, 7, 1)] {
+        let f = flows
+            .iter()
+            .find(|f| u(&f["peer_port"]) == u64::from(port))
+            .unwrap_or_else(|| panic!("{flows:#?}"));
+        assert_eq!(
+            (u(&f["rx_bytes"]), u(&f["rx_packets"])),
+            (bytes, packets),
+            "{f}"
+        );
+        assert_eq!(f["direction"], "in", "{f}");
+        assert_eq!(f["peer"], "127.0.0.1", "{f}");
+    }
+}
+
+#[test]
+fn retransmits_equal_the_kernels_own_count_under_loss() {
+    require_root();
+    let pair = NetnsPair::new("r");
+    // Drop ~10% of the TCP packets arriving at the server. (A drop on the
+    // sender's own output hook is a local send failure, which TCP retries as
+    // a first transmission, not a retransmission.)
+    pair.a.exec(&["nft", "add table inet sl"]);
+    pair.a.exec(&[
+        "nft",
+        "add chain inet sl in { type filter hook input priority 0 ; }",
+    ]);
+    pair.a.exec(&[
+        "nft",
+        "add rule inet sl in meta l4proto tcp numgen random mod 100 < 10 drop",
+    ]);
+    let bind = format!("bind,tcp4,{},0", pair.addr_a);
+    let (server, client, stopped) = {
+        let tracer = Tracer::start(&["--events", "close,retransmit"]);
+        let server = Bed::spawn(&[
+            "--netns",
+            &pair.a.name,
+            &bind,
+            "listen,0,8",
+            "announce",
+            "accept,0",
+            "recv,1,3000000,65536",
+            "send,1,1,1",
+            "sleep,1500",
+            "close,1",
+        ]);
+        let port = server.report()["steps"][0]["port"].to_string();
+        let client = testbed(&[
+            "--netns",
+            &pair.b.name,
+            "--comm",
+            &unique("slretr"),
+            &format!("connect,tcp4,{},{port}", pair.addr_a),
+            "send,0,3000000,65536",
+            "recv,0,1,16",
+            "tcpinfo,0",
+            "linger0,0",
+            "close,0",
+        ]);
+        let server = server.finish();
+        std::thread::sleep(Duration::from_millis(300));
+        let stopped = tracer.stop();
+        stopped.assert_clean();
+        (server, client, stopped)
+    };
+    let _ = server;
+    let kernel = u(&client["steps"][3]["total_retrans"]);
+    assert!(kernel > 0, "10% loss caused retransmits: {client}");
+    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    assert_eq!(u(&out["retransmits"]), kernel, "{out}");
+    let events: Vec<&Value> = stopped
+        .of_kind("retransmit")
+        .into_iter()
+        .filter(|e| e["sport"] == out["sport"] && e["pid"] == client["pid"])
+        .collect();
+    assert!(
+        !events.is_empty(),
+        "retransmit events carry the owner: {:#?}",
+        stopped.of_kind("retransmit")
+    );
+    for e in events {
+        assert_eq!(e["comm"], client["comm"], "{e}");
+        assert!(e["state"].is_string(), "{e}");
+    }
+}
+
+/// rtt:SRTT/RTTVAR in ms from `ss -tin` for this local port.
+fn ss_rtt(port: u64) -> (f64, f64) {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tin",
+            "state",
+            "established",
+            &format!("( sport = :{port} )"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rtt = text
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("rtt:"))
+        .unwrap_or_else(|| panic!("no rtt in {text}"));
+    let (srtt, var) = rtt.split_once('/').unwrap();
+    (srtt.parse().unwrap(), var.parse().unwrap())
+}
+
+#[test]
+fn rtt_matches_ss_and_existing_connections_are_seeded() {
+    require_root();
+    // Established before socklens starts, then idle: srtt no longer moves.
+    let mut bed = Bed::spawn(&[
+        "--comm",
+        &unique("slrtt"),
+        "bind,tcp4,127.0.0.1,0",
+        "listen,0,4",
+        "connect,tcp4,127.0.0.1,@0",
+        "accept,0",
+        "send,1,20000,1000",
+        "recv,2,20000,4096",
+        "send,2,5000,1000",
+        "recv,1,5000,4096",
+        "sleep,200",
+        "wait",
+    ]);
+    let report = bed.report();
+    let client_port = u(&report["steps"][2]["port"]);
+    let (ss_srtt_ms, _) = ss_rtt(client_port);
+    let (lines, _) = conns_snapshot(0.5, &[], || {});
+    bed.release();
+    bed.finish();
+    let c = lines
+        .iter()
+        .find(|l| l["event"] == "conn" && u(&l["sport"]) == client_port)
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert_eq!(c["seeded"], true, "{c}");
+    assert_eq!(c["state"], "ESTABLISHED", "{c}");
+    assert_eq!(
+        c["pid"], report["pid"],
+        "owner found for a seeded socket: {c}"
+    );
+    assert_eq!(c["comm"], report["comm"], "{c}");
+    let ours_ms = u(&c["srtt_us"]) as f64 / 1000.0;
+    assert!(ours_ms > 0.0, "{c}");
+    assert!(
+        (ours_ms - ss_srtt_ms).abs() <= 0.2 * ss_srtt_ms,
+        "srtt {ours_ms} ms vs ss {ss_srtt_ms} ms"
+    );
+    let listener = lines
+        .iter()
+        .find(|l| l["state"] == "LISTEN" && l["pid"] == report["pid"]);
+    assert!(listener.is_some(), "listeners are seeded too: {lines:#?}");
+}
+
+#[test]
+fn connection_opened_before_start_counts_from_start() {
+    require_root();
+    let mut server = Bed::spawn(&[
+        "--comm",
+        &unique("slpre"),
+        "bind,tcp4,127.0.0.1,0",
+        "listen,0,4",
+        "connect,tcp4,127.0.0.1,@0",
+        "accept,0",
+        "send,1,999,999",
+        "recv,2,999,999",
+        "wait",
+        "send,1,4321,1000",
+        "recv,2,4321,4096",
+        "close,1",
+        "close,2",
+    ]);
+    let report = server.report();
+    let client_port = u(&report["steps"][2]["port"]);
+    let tracer = Tracer::start(&["--events", "close"]);
+    server.release();
+    server.finish();
+    std::thread::sleep(Duration::from_millis(200));
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    let c = close_of(&stopped, &report["pid"], client_port);
+    assert_eq!(
+        u(&c["tx_bytes"]),
+        4321,
+        "counts from start, not the 999 before: {c}"
+    );
+    assert_eq!(c["seeded"], true, "{c}");
+}
+
+#[test]
+fn no_stale_entries_after_10000_short_connections() {
+    require_root();
+    let comm = unique("slchurn");
+    let mut result = None;
+    let (lines, stderr) = conns_snapshot(40.0, &["--comm", &comm], || {
+        let server = Bed::spawn(&[
+            "--comm",
+            &comm,
+            "bind,tcp4,127.0.0.1,0",
+            "listen,0,4096",
+            "announce",
+            "acceptloop,0,10000",
+        ]);
+        let port = server.report()["steps"][0]["port"].to_string();
+        let client = testbed(&[
+            "--comm",
+            &comm,
+            &format!("churn,tcp4,127.0.0.1,{port},10000"),
+        ]);
+        let server = server.finish();
+        result = Some((client, server));
+    });
+    let (client, server) = result.unwrap();
+    assert_eq!(u(&client["steps"][0]["connections"]), 10_000);
+    let stale: Vec<&Value> = lines
+        .iter()
+        .filter(|l| {
+            l["pid"] == client["pid"] || (l["pid"] == server["pid"] && l["state"] != "LISTEN")
+        })
+        .collect();
+    assert!(
+        stale.is_empty(),
+        "closed connections left in the map: {} e.g. {:?} ({stderr})",
+        stale.len(),
+        stale.first()
+    );
+}
