@@ -6,10 +6,10 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject};
+use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject, ProgramType};
 
 use crate::error::{Error, Result};
-use crate::plan::Plan;
+use crate::plan::{Hook, Plan};
 use crate::probe::{errno_name, KernelShape};
 use crate::skel::{SocklensSkel, SocklensSkelBuilder};
 
@@ -147,7 +147,14 @@ fn write_filters(
     ro.use_ringbuf = opts.buffer == BufferKind::Ring;
     ro.track_conns = opts.max_conns.is_some();
     ro.conn_events = opts.conn_events;
-    ro.sendfile_bypasses_sendmsg = opts.shape.sendfile_bypasses_sendmsg;
+    // The send hook misses sendfile data on tcp_sendpage kernels, and when it
+    // counts send syscalls rather than sock_sendmsg.
+    ro.sendfile_adds_tx = opts.shape.sendfile_bypasses_sendmsg
+        || opts
+            .plan
+            .hooks
+            .iter()
+            .any(|h| h.hook == Hook::Send && h.via_syscalls());
     ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
     Ok(())
 }
@@ -161,6 +168,20 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> &'static str {
         "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",
         other => other,
     }
+}
+
+/// cgroup sock_addr programs that only observe (UDP peers for the tracepoint
+/// tier) go at the cgroup v2 root, through a bpf_link: multi-attach, so they
+/// run beside whatever else is attached there and judge nothing.
+fn attach_at_cgroup_root(prog: &libbpf_rs::ProgramMut<'_>) -> libbpf_rs::Result<Link> {
+    let root = crate::system::cgroup2_root().ok_or_else(|| {
+        libbpf_rs::Error::from(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no cgroup2 mount",
+        ))
+    })?;
+    let dir = File::open(&root).map_err(libbpf_rs::Error::from)?;
+    prog.attach_cgroup(dir.as_raw_fd())
 }
 
 /// Attaches the plan's programs one by one, so a failure names its hook.
@@ -178,7 +199,12 @@ fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Ve
                         "missing from object",
                     )
                 })?;
-            let link = prog.attach().map_err(|e| {
+            let link = if prog.prog_type() == ProgramType::CgroupSockAddr {
+                attach_at_cgroup_root(&prog)
+            } else {
+                prog.attach()
+            };
+            let link = link.map_err(|e| {
                 Error::kernel(
                     format!("{}: attaching {} program {name}", hook.hook, hook.tier),
                     format!("{} ({e})", errno_name(&e)),
@@ -193,7 +219,6 @@ fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Hook;
 
     /// Names in src/plan.rs and `shaped` must match programs in the object.
     #[test]

@@ -100,6 +100,18 @@ impl TraceRequest {
         self.events.iter().any(|e| e.tracks_conns())
     }
 
+    /// Hooks left out rather than served by syscall tracepoints. The accept
+    /// hook only gives an accepted connection its owner early; without it
+    /// the owner is the task that first sends or receives on it.
+    fn optional_hooks(&self) -> Vec<Hook> {
+        let accept_events = self.conn_events && self.events.contains(&TraceEvent::Accept);
+        if accept_events {
+            Vec::new()
+        } else {
+            vec![Hook::Accept]
+        }
+    }
+
     /// The logical hooks behind the requested events.
     pub fn hooks(&self) -> Vec<Hook> {
         let mut hooks: Vec<Hook> = Vec::new();
@@ -184,6 +196,7 @@ pub fn prepare(req: &TraceRequest) -> Result<Prepared> {
         &PlanOptions {
             hooks,
             force: req.force,
+            optional: req.optional_hooks(),
         },
     )?;
     let buffer = match req.buffer {
@@ -208,6 +221,11 @@ fn describe(plan: &Plan, buffer: BufferKind) -> String {
         .hooks
         .iter()
         .map(|h| format!("{}: {}", h.hook, h.tier))
+        .chain(
+            plan.skipped
+                .iter()
+                .map(|(hook, _)| format!("{hook}: off (owner at first send/recv)")),
+        )
         .collect();
     let buf = match buffer {
         BufferKind::Ring => "ring buffer",

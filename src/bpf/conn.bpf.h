@@ -20,9 +20,11 @@
 const volatile bool track_conns = false;
 /* false for snapshot-only users (`conns`): the maps are read, no event is sent. */
 const volatile bool conn_events = true;
-/* Kernels with tcp_sendpage (before 6.5) send sendfile data without tcp_sendmsg
- * or sock_sendmsg, so sendfile bytes must be added to tx_bytes by hand. */
-const volatile bool sendfile_bypasses_sendmsg = false;
+/* Whether the send hook misses sendfile data, so the sendfile hook must add it
+ * to tx_bytes: kernels with tcp_sendpage (before 6.5) send it without
+ * tcp_sendmsg or sock_sendmsg, and the syscall variant of the tracepoint tier
+ * sees only the send syscalls. */
+const volatile bool sendfile_adds_tx = false;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -97,6 +99,17 @@ static __always_inline void set_owner(struct sl_conn *c)
 	c->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(c->comm, sizeof(c->comm));
 	c->flags |= SL_CONN_OWNER;
+}
+
+/* First process-context use of a socket tracked from softirq (an accepted
+ * connection when the accept hook is not attached): it belongs to this task. */
+static __always_inline void claim(struct sl_conn *c, struct sock *sk)
+{
+	if (c->flags & SL_CONN_OWNER)
+		return;
+	set_owner(c);
+	if (!c->ino)
+		c->ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
 }
 
 /* The entry of a socket, created if new. `in_task` says the current task owns
@@ -356,7 +369,7 @@ static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *s
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)
 		return;
-	set_owner(c);
+	claim(c, sk);
 	if (proto == IPPROTO_TCP) {
 		__sync_fetch_and_add(&c->tx_bytes, ret);
 		read_tcp_info(c, sk);
@@ -380,7 +393,7 @@ static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, co
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)
 		return;
-	set_owner(c);
+	claim(c, sk);
 	if (proto == IPPROTO_TCP) {
 		__sync_fetch_and_add(&c->rx_bytes, ret);
 		read_tcp_info(c, sk);
@@ -391,23 +404,26 @@ static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, co
 	}
 }
 
-/* sendfile(2) moved `ret` bytes into the socket behind out_fd. */
-static __always_inline void on_sendfile(struct socket *sock, long ret)
+/* sendfile(2) moved `ret` bytes into the socket. */
+static __always_inline void on_sendfile_sk(struct sock *sk, long ret)
 {
-	struct sock *sk;
 	struct sl_conn *c;
 
-	if (ret <= 0 || !sock)
-		return;
-	sk = BPF_CORE_READ(sock, sk);
-	if (!sk || sock_proto(sk) != IPPROTO_TCP)
+	if (ret <= 0 || !sk || sock_proto(sk) != IPPROTO_TCP)
 		return;
 	c = conn_track(sk, 0, SL_DIR_UNKNOWN, true);
 	if (!c)
 		return;
 	__sync_fetch_and_add(&c->sendfile_bytes, ret);
-	if (sendfile_bypasses_sendmsg)
+	if (sendfile_adds_tx)
 		__sync_fetch_and_add(&c->tx_bytes, ret);
+}
+
+/* sendfile(2) moved `ret` bytes into the socket behind out_fd. */
+static __always_inline void on_sendfile(struct socket *sock, long ret)
+{
+	if (sock)
+		on_sendfile_sk(BPF_CORE_READ(sock, sk), ret);
 }
 
 #endif
