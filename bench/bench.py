@@ -38,6 +38,8 @@ QUIET_CORES = 0.2
 CONTENDED_CORES = 0.75
 NS = f"slbench{os.getpid()}"
 ALL_EVENTS = "bind,listen,established,accept,close,retransmit"
+# What an operator streams to a log: every connection record, no per-call events.
+CONN_EVENTS = "established,close,retransmit"
 READY = "Ctrl-C to stop"
 # Per-connection byte counting in bpftrace, the same tracepoints and the
 # same rules (bytes returned, no MSG_PEEK) as socklens' tracepoint tier.
@@ -163,6 +165,7 @@ class Tracer:
         else:
             args = {
                 "socklens-trace": ["trace", "--events", ALL_EVENTS, "--json"],
+                "socklens-conn-events": ["trace", "--events", CONN_EVENTS, "--json"],
                 "socklens-conns": ["conns", "--duration", "3600"],
             }[self.name]
             self.proc = subprocess.Popen(
@@ -244,8 +247,11 @@ def workload(name):
     raise ValueError(name)
 
 
-WORKLOADS = ["rr-1B", "rr-1KiB", "iperf3", "churn"]
-CONDITIONS = ["base", "socklens-trace", "socklens-conns", "bpftrace"]
+WORKLOADS = os.environ.get("WORKLOADS", "rr-1B,rr-1KiB,iperf3,churn").split(",")
+CONDITIONS = os.environ.get(
+    "CONDITIONS", "base,socklens-trace,socklens-conn-events,socklens-conns,bpftrace").split(",")
+# Which parts run: side (the side-by-side rounds), stats (BPF run time), memory.
+PASSES = os.environ.get("PASSES", "side,stats,memory").split(",")
 
 
 def one_run(wl, cond):
@@ -575,9 +581,9 @@ def main():
         iperf = subprocess.Popen(pinned("iperf3", "-s"), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
         time.sleep(1)
-        results = side_by_side()
-        stats = bpf_stats_pass()
-        mem = memory_pass()
+        results = side_by_side() if "side" in PASSES else []
+        stats = bpf_stats_pass() if "stats" in PASSES else {}
+        mem = memory_pass() if "memory" in PASSES else {}
     finally:
         if iperf:
             iperf.terminate()

@@ -1,6 +1,6 @@
 //! The socklens command line.
 
-use std::io;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -378,7 +378,10 @@ fn run(cli: &Cli) -> Result<(), Error> {
     let mut stdout = io::stdout().lock();
     match &cli.command {
         Command::Trace(args) => {
-            let summary = socklens::trace::run(&args.request(cli.btf.clone()), &stop, &mut stdout)?;
+            // Block-buffered: stdout is line-buffered, a write(2) per event;
+            // the event loop flushes after each batch it drains.
+            let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
+            let summary = socklens::trace::run(&args.request(cli.btf.clone()), &stop, &mut out)?;
             report_losses(summary.events, &summary.losses);
             Ok(())
         }
@@ -391,7 +394,10 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 cli.btf.clone(),
             );
             req.conn_events = false; // a snapshot reads the maps only
-            let losses = socklens::conns::run(&req, duration, &stop, &mut stdout)?;
+            let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
+            let losses = socklens::conns::run(&req, duration, &stop, &mut out)?;
+            out.flush()
+                .map_err(|e| Error::kernel("writing to stdout", e))?;
             report_losses(0, &losses);
             Ok(())
         }

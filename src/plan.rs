@@ -834,6 +834,59 @@ mod tests {
     }
 
     #[test]
+    fn tracepoint_tier_prefers_tp_btf_and_cgroup_then_syscalls() {
+        let mut caps = caps_with(&[Tier::Tracepoint]);
+        let send = plan_hook(&caps, Hook::Send, None).unwrap();
+        assert!(!send.via_syscalls());
+        assert!(send.programs().contains(&"sl_cg_udp_send4"));
+        // No cgroup v2 (or, before 6.3, no sock_send_length): syscall exits.
+        caps.set(Requirement::CgroupV2, Err("no cgroup2 mount".into()));
+        let send = plan_hook(&caps, Hook::Send, None).unwrap();
+        assert_eq!(send.tier, Tier::Tracepoint);
+        assert!(send.via_syscalls());
+        assert_eq!(send.how().as_deref(), Some("syscall tracepoints"));
+        let sendfile = plan_hook(&caps, Hook::Sendfile, None).unwrap();
+        assert!(!sendfile.via_syscalls(), "sendfile needs no cgroup");
+        caps.set(
+            Requirement::BtfFunc("splice_to_socket"),
+            Err("no BTF function".into()),
+        );
+        assert!(plan_hook(&caps, Hook::Sendfile, None)
+            .unwrap()
+            .via_syscalls());
+    }
+
+    #[test]
+    fn forced_tier_without_any_variant_names_every_reason() {
+        let mut caps = caps_with(&[Tier::Tracepoint]);
+        caps.set(Requirement::CgroupV2, Err("no cgroup2 mount".into()));
+        caps.set(
+            Requirement::Tracepoint("syscalls", "sys_enter_write"),
+            Err("absent".into()),
+        );
+        let err = plan_hook(&caps, Hook::Send, Some(Tier::Tracepoint)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("cgroup v2: no cgroup2 mount"), "{msg}");
+        assert!(msg.contains("sys_enter_write: absent"), "{msg}");
+    }
+
+    #[test]
+    fn optional_hook_is_skipped_rather_than_served_by_syscall_tracepoints() {
+        let opts = PlanOptions {
+            hooks: vec![Hook::Accept, Hook::Send],
+            force: None,
+            optional: vec![Hook::Accept],
+        };
+        let tp = plan(&caps_with(&[Tier::Tracepoint]), &opts).unwrap();
+        assert_eq!(tp.tier_of(Hook::Accept), None);
+        assert_eq!(tp.skipped.len(), 1);
+        assert_eq!(tp.tier_of(Hook::Send), Some(Tier::Tracepoint));
+        let kp = plan(&caps_with(&[Tier::Kprobe, Tier::Tracepoint]), &opts).unwrap();
+        assert_eq!(kp.tier_of(Hook::Accept), Some(Tier::Kprobe));
+        assert!(kp.skipped.is_empty());
+    }
+
+    #[test]
     fn tier_parses_from_its_name() {
         for tier in Tier::ALL {
             assert_eq!(tier.name().parse::<Tier>(), Ok(tier));
