@@ -103,6 +103,9 @@ pub fn load<'obj>(
     if opts.max_conns.is_some() {
         wanted.extend(SEED_PROGRAMS);
     }
+    if sendfile_in_send_len(opts.plan) {
+        wanted.remove(SENDFILE_LEN);
+    }
     for mut prog in open.open_object_mut().progs_mut() {
         let keep = prog.name().to_str().is_some_and(|n| wanted.contains(n));
         prog.set_autoload(keep);
@@ -156,7 +159,23 @@ fn write_filters(
             .iter()
             .any(|h| h.hook == Hook::Send && h.via_syscalls());
     ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
+    ro.sendfile_in_send_len = sendfile_in_send_len(opts.plan);
     Ok(())
+}
+
+const SEND_LEN: &str = "sl_tp_send_len";
+const SENDFILE_LEN: &str = "sl_tp_sendfile_len";
+
+/// Both the send and the sendfile hook on sock:sock_send_length: the send
+/// program does the sendfile check too, and the sendfile program stays out
+/// (two programs on one tracepoint cost a second dispatch on every send).
+fn sendfile_in_send_len(plan: &Plan) -> bool {
+    let uses = |hook: Hook, prog: &str| {
+        plan.hooks
+            .iter()
+            .any(|h| h.hook == hook && h.programs().contains(&prog))
+    };
+    uses(Hook::Send, SEND_LEN) && uses(Hook::Sendfile, SENDFILE_LEN)
 }
 
 /// The variant of a program written for this kernel's function signatures.
@@ -187,8 +206,12 @@ fn attach_at_cgroup_root(prog: &libbpf_rs::ProgramMut<'_>) -> libbpf_rs::Result<
 /// Attaches the plan's programs one by one, so a failure names its hook.
 fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Vec<Link>> {
     let mut links = Vec::new();
+    let merged = sendfile_in_send_len(plan);
     for hook in &plan.hooks {
         for name in hook.programs().iter().map(|p| shaped(p, shape)) {
+            if merged && name == SENDFILE_LEN {
+                continue;
+            }
             let prog = skel
                 .object()
                 .progs_mut()

@@ -100,16 +100,21 @@ impl TraceRequest {
         self.events.iter().any(|e| e.tracks_conns())
     }
 
-    /// Hooks left out rather than served by syscall tracepoints. The accept
-    /// hook only gives an accepted connection its owner early; without it
-    /// the owner is the task that first sends or receives on it.
+    /// Hooks left out rather than served by syscall tracepoints, unless
+    /// their events are asked for. The accept hook gives an accepted
+    /// connection its owner early; without it the owner is the task that
+    /// first sends or receives on it. The listen hook adds listeners to the
+    /// map; without it snapshots find them with the socket iterator.
     fn optional_hooks(&self) -> Vec<Hook> {
-        let accept_events = self.conn_events && self.events.contains(&TraceEvent::Accept);
-        if accept_events {
-            Vec::new()
-        } else {
-            vec![Hook::Accept]
+        let wants = |e: TraceEvent| self.events.contains(&e);
+        let mut optional = Vec::new();
+        if !(self.conn_events && wants(TraceEvent::Accept)) {
+            optional.push(Hook::Accept);
         }
+        if !wants(TraceEvent::Listen) {
+            optional.push(Hook::Listen);
+        }
+        optional
     }
 
     /// The logical hooks behind the requested events.
@@ -221,11 +226,7 @@ fn describe(plan: &Plan, buffer: BufferKind) -> String {
         .hooks
         .iter()
         .map(|h| format!("{}: {}", h.hook, h.tier))
-        .chain(
-            plan.skipped
-                .iter()
-                .map(|(hook, _)| format!("{hook}: off (owner at first send/recv)")),
-        )
+        .chain(plan.skipped.iter().map(|(hook, _)| format!("{hook}: off")))
         .collect();
     let buf = match buffer {
         BufferKind::Ring => "ring buffer",

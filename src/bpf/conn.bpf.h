@@ -355,40 +355,46 @@ static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long by
 	}
 }
 
-/* sendmsg returned `ret` (bytes accepted, or -errno). */
-static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *sa, long ret)
+/* The byte hooks run on every send and receive: they leave RTT and the
+ * retransmission count alone (state changes, retransmits and snapshots read
+ * those), as each kernel read is a helper call here. */
+
+/* sendmsg on a TCP/UDP socket (`proto`) returned `ret` (bytes accepted, or -errno). */
+static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 cookie,
+					  const __u8 *sa, long ret)
 {
 	struct sl_conn *c;
-	__u16 proto;
 
-	if (ret <= 0 || !sk)
-		return;
-	proto = sock_proto(sk);
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+	if (ret <= 0)
 		return;
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)
 		return;
 	claim(c, sk);
-	if (proto == IPPROTO_TCP) {
+	if (proto == IPPROTO_TCP)
 		__sync_fetch_and_add(&c->tx_bytes, ret);
-		read_tcp_info(c, sk);
-	} else {
+	else
 		udp_account(sk, sa, ret, true);
-	}
+}
+
+static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *sa, long ret)
+{
+	__u16 proto;
+
+	if (ret <= 0 || !sk)
+		return;
+	proto = sock_proto(sk);
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+		on_send_proto(sk, proto, cookie, sa, ret);
 }
 
 /* recvmsg returned `ret` bytes to the application; peeks leave data queued. */
-static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, const __u8 *sa,
-				    long ret, int flags, __u32 tier)
+static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 proto, __u64 cookie,
+					  const __u8 *sa, long ret, int flags, __u32 tier)
 {
 	struct sl_conn *c;
-	__u16 proto;
 
-	if (ret <= 0 || !sk || (flags & MSG_PEEK))
-		return;
-	proto = sock_proto(sk);
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+	if (ret <= 0 || (flags & MSG_PEEK))
 		return;
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)
@@ -396,12 +402,23 @@ static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, co
 	claim(c, sk);
 	if (proto == IPPROTO_TCP) {
 		__sync_fetch_and_add(&c->rx_bytes, ret);
-		read_tcp_info(c, sk);
 		if ((c->flags & SL_CONN_DRAINING) && !BPF_CORE_READ(sk, sk_receive_queue.qlen))
 			finish(ctx, sk, c, tier);
 	} else {
 		udp_account(sk, sa, ret, false);
 	}
+}
+
+static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, const __u8 *sa,
+				    long ret, int flags, __u32 tier)
+{
+	__u16 proto;
+
+	if (ret <= 0 || !sk || (flags & MSG_PEEK))
+		return;
+	proto = sock_proto(sk);
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+		on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, tier);
 }
 
 /* sendfile(2) moved `ret` bytes into the socket. */

@@ -745,6 +745,28 @@ static __always_inline __u16 inet_proto(struct sock *sk)
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP ? proto : 0;
 }
 
+/* sendfile(2) on kernels where it reaches the socket through sock_sendmsg
+ * (splice_to_socket, 6.5+): its bytes pass sock_send_length like any send and
+ * are in tx already; the syscall the task is in tells sendfile from write or
+ * splice. The loader sets this when both hooks use sock_send_length, so one
+ * program does both (a second program on the tracepoint cost as much again
+ * as the check). */
+const volatile bool sendfile_in_send_len = false;
+
+#if defined(__TARGET_ARCH_x86)
+#define SL_NR_SENDFILE 40
+#define SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
+#else
+#error "socklens: syscall numbers for this architecture are missing"
+#endif
+
+static __always_inline bool in_sendfile(void)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+
+	return SYSCALL_NR(regs) == SL_NR_SENDFILE;
+}
+
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 {
@@ -757,7 +779,9 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 	cookie = bpf_get_socket_cookie(sk);
 	if (proto == IPPROTO_UDP)
 		take_udp_peer(&udp_send_peer, cookie, sa);
-	on_send(sk, cookie, sa, ret);
+	on_send_proto(sk, proto, cookie, sa, ret);
+	if (sendfile_in_send_len && proto == IPPROTO_TCP && ret > 0 && in_sendfile())
+		on_sendfile_sk(sk, ret);
 	return 0;
 }
 
@@ -773,7 +797,7 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 	cookie = bpf_get_socket_cookie(sk);
 	if (proto == IPPROTO_UDP)
 		take_udp_peer(&udp_recv_peer, cookie, sa);
-	on_recv(ctx, sk, cookie, sa, ret, flags, SL_TIER_TRACEPOINT);
+	on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, SL_TIER_TRACEPOINT);
 	return 0;
 }
 
@@ -913,27 +937,12 @@ static __always_inline int sendfile_exit(long ret)
 	return 0;
 }
 
-/* 6.5+ (splice_to_socket): sendfile data reaches the socket through
- * sock_sendmsg, so it passes sock_send_length like any send and is in tx
- * already; the syscall the task is in tells sendfile from write or splice. */
-#if defined(__TARGET_ARCH_x86)
-#define SL_NR_SENDFILE 40
-#define SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
-#else
-#error "socklens: syscall numbers for this architecture are missing"
-#endif
-
+/* The same on its own, when the send hook is on another tier. */
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(sl_tp_sendfile_len, struct sock *sk, int ret, int flags)
 {
-	struct pt_regs *regs;
-
-	if (ret <= 0)
-		return 0;
-	regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-	if (SYSCALL_NR(regs) != SL_NR_SENDFILE)
-		return 0;
-	on_sendfile_sk(sk, ret);
+	if (ret > 0 && in_sendfile())
+		on_sendfile_sk(sk, ret);
 	return 0;
 }
 
@@ -1011,7 +1020,10 @@ static __always_inline void seed(struct sock *sk)
 		read_tcp_info(c, sk);
 		return;
 	}
-	if (!seeding || !*seeding)
+	/* A refresh adopts new listeners too: without bind/listen events the
+	 * listen hook stays off on the tracepoint tier (syscall tracepoints). */
+	if ((!seeding || !*seeding) &&
+	    BPF_CORE_READ(sk, __sk_common.skc_state) != SL_TCP_LISTEN)
 		return;
 	c = conn_track(sk, bpf_get_socket_cookie(sk), SL_DIR_UNKNOWN, false);
 	if (!c)
