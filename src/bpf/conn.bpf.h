@@ -120,6 +120,7 @@ static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie,
 	__u64 key = (__u64)sk;
 	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
 	struct sl_conn_event *tmp;
+	struct socket *sock;
 	long err;
 
 	if (c)
@@ -136,7 +137,9 @@ static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie,
 	tmp->conn.proto = sock_proto(sk);
 	tmp->conn.state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	tmp->conn.direction = direction;
-	tmp->conn.ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	sock = BPF_CORE_READ(sk, sk_socket); /* none yet for a passive open */
+	if (sock)
+		tmp->conn.ino = BPF_CORE_READ(sock, file, f_inode, i_ino);
 	read_tuple(&tmp->conn, sk);
 	if (in_task)
 		set_owner(&tmp->conn);
@@ -239,13 +242,17 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 	if (!c)
 		return;
 	c->state = new;
-	read_tcp_info(c, sk);
+	/* Ten state changes per short connection: only the ones that report
+	 * read RTT and retransmissions. */
 	if (new == SL_TCP_ESTABLISHED) {
 		c->flags |= SL_CONN_ESTABLISHED;
-		read_tuple(c, sk); /* the local port of a connect is bound after SYN_SENT */
-		if (old == SL_TCP_SYN_SENT)
+		read_tcp_info(c, sk);
+		if (old == SL_TCP_SYN_SENT) {
+			read_tuple(c, sk); /* the local port of a connect is bound after SYN_SENT */
 			emit_conn(ctx, SL_EV_CONNECT, tier, sk, c);
+		}
 	} else if (new == SL_TCP_CLOSE) {
+		read_tcp_info(c, sk);
 		on_closed(ctx, sk, c, old, tier);
 	}
 }
