@@ -159,6 +159,9 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> &'static str {
         "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
         "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
         "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",
+        "sl_fx_tcp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_tcp_recvmsg_na",
+        "sl_fx_udp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_udp_recvmsg_na",
+        "sl_fx_udp6_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_udp6_recvmsg_na",
         other => other,
     }
 }
@@ -211,6 +214,11 @@ mod tests {
                 recvmsg_has_nonblock: true,
                 accept_has_flags: true,
                 sendfile_bypasses_sendmsg: true,
+                recvmsg_lacks_addr_len: false,
+            },
+            KernelShape {
+                recvmsg_lacks_addr_len: true,
+                ..KernelShape::default()
             },
         ];
         for hook in Hook::ALL {

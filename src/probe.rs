@@ -35,6 +35,7 @@ pub struct KernelShape {
     pub recvmsg_has_nonblock: bool,
     pub accept_has_flags: bool,
     pub sendfile_bypasses_sendmsg: bool,
+    pub recvmsg_lacks_addr_len: bool,
 }
 
 pub struct Prober {
@@ -103,6 +104,8 @@ impl Prober {
             accept_has_flags: self.param_count("inet_csk_accept") == Some(4),
             // 6.5 removed tcp_sendpage; before it sendfile bypassed tcp_sendmsg.
             sendfile_bypasses_sendmsg: self.btf_has_func("tcp_sendpage").is_ok(),
+            // Newer kernels (Debian's 7.x) also dropped `addr_len` (5 -> 4).
+            recvmsg_lacks_addr_len: self.param_count("tcp_recvmsg") == Some(4),
         }
     }
 

@@ -453,8 +453,10 @@ static __always_inline int recv_fexit(void *ctx, struct sock *sk, struct msghdr 
 	return 0;
 }
 
-/* One program per signature: 5.19 dropped recvmsg's `nonblock` parameter, and
- * an fexit may read only the argument slots its function has. */
+/* One program per signature: 5.19 dropped recvmsg's `nonblock` parameter, later
+ * kernels (Debian's 7.x) also `addr_len` (4 parameters: the `_na` variant), and
+ * an fexit may read only the argument slots its function has. The loader picks
+ * the variant from the parameter count in BTF (src/probe.rs, kernel_shape). */
 #define RECV_FEXIT(name, func)                                                                    \
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name, struct sock *sk, struct msghdr *msg, size_t len, int flags,            \
@@ -465,6 +467,12 @@ static __always_inline int recv_fexit(void *ctx, struct sock *sk, struct msghdr 
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name##_nb, struct sock *sk, struct msghdr *msg, size_t len, int nonblock,    \
 		     int flags, int *addr_len, int ret)                                           \
+	{                                                                                         \
+		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
+	}                                                                                         \
+	SEC("fexit/" #func)                                                                       \
+	int BPF_PROG(name##_na, struct sock *sk, struct msghdr *msg, size_t len, int flags,       \
+		     int ret)                                                                     \
 	{                                                                                         \
 		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
 	}
