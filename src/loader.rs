@@ -149,6 +149,7 @@ fn write_filters(
     ro.conn_events = opts.conn_events;
     ro.sendfile_bypasses_sendmsg = opts.shape.sendfile_bypasses_sendmsg;
     ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
+    ro.tracing_has_cookie_helper = opts.shape.tracing_cookie_helper;
     Ok(())
 }
 
@@ -215,6 +216,7 @@ mod tests {
                 accept_has_flags: true,
                 sendfile_bypasses_sendmsg: true,
                 recvmsg_lacks_addr_len: false,
+                tracing_cookie_helper: true,
             },
             KernelShape {
                 recvmsg_lacks_addr_len: true,

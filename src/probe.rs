@@ -36,6 +36,8 @@ pub struct KernelShape {
     pub accept_has_flags: bool,
     pub sendfile_bypasses_sendmsg: bool,
     pub recvmsg_lacks_addr_len: bool,
+    /// Tracing programs may call bpf_get_socket_cookie (a trial load).
+    pub tracing_cookie_helper: bool,
 }
 
 pub struct Prober {
@@ -106,7 +108,21 @@ impl Prober {
             sendfile_bypasses_sendmsg: self.btf_has_func("tcp_sendpage").is_ok(),
             // Newer kernels (Debian's 7.x) also dropped `addr_len` (5 -> 4).
             recvmsg_lacks_addr_len: self.param_count("tcp_recvmsg") == Some(4),
+            tracing_cookie_helper: self.tracing_cookie_helper().is_ok(),
         }
+    }
+
+    /// A trial load of a tp_btf program that calls bpf_get_socket_cookie.
+    fn tracing_cookie_helper(&self) -> Result<(), String> {
+        let mut storage = MaybeUninit::uninit();
+        let mut open = ProbeSkelBuilder::default()
+            .open(&mut storage)
+            .map_err(|e| format!("opening probe object: {e}"))?;
+        open.progs.sl_probe_fentry.set_autoload(false);
+        open.progs.sl_probe_kprobe.set_autoload(false);
+        open.load()
+            .map(drop)
+            .map_err(|e| format!("{} on trial load", errno_name(&e)))
     }
 
     fn btf_has_func(&self, func: &str) -> Result<(), String> {
@@ -124,6 +140,7 @@ impl Prober {
             .open(&mut storage)
             .map_err(|e| format!("opening probe object: {e}"))?;
         open.progs.sl_probe_kprobe.set_autoload(false);
+        open.progs.sl_probe_cookie.set_autoload(false);
         open.progs
             .sl_probe_fentry
             .set_attach_target(0, Some(func.to_owned()))
@@ -145,6 +162,7 @@ impl Prober {
             .open(&mut storage)
             .map_err(|e| format!("opening probe object: {e}"))?;
         open.progs.sl_probe_fentry.set_autoload(false);
+        open.progs.sl_probe_cookie.set_autoload(false);
         let skel = open
             .load()
             .map_err(|e| format!("{} on trial load", errno_name(&e)))?;

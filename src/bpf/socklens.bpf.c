@@ -319,12 +319,27 @@ static __always_inline __u64 kprobe_cookie(struct sock *sk)
 	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
 }
 
+/* Tracing programs (fentry/fexit, tp_btf, iter) may call the cookie helper only
+ * on kernels that offer it to them (5.12+; on 5.10 the verifier refuses the
+ * whole object with "unknown func bpf_get_socket_cookie"). The loader sets this
+ * from a trial load (src/probe.rs, kernel_shape); without it they read the
+ * cookie like kprobes do. The branch is on read-only data: the verifier drops
+ * the dead call. */
+const volatile bool tracing_has_cookie_helper = false;
+
+static __always_inline __u64 tracing_cookie(struct sock *sk)
+{
+	if (tracing_has_cookie_helper)
+		return bpf_get_socket_cookie(sk);
+	return kprobe_cookie(sk);
+}
+
 /* ---- state ---- */
 
 SEC("fentry/tcp_set_state")
 int BPF_PROG(sl_fe_tcp_set_state, struct sock *sk, int state)
 {
-	on_state(ctx, sk, bpf_get_socket_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
+	on_state(ctx, sk, tracing_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
 		 SL_TIER_FENTRY);
 	return 0;
 }
@@ -340,7 +355,7 @@ int BPF_KPROBE(sl_kp_tcp_set_state, struct sock *sk, int state)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 {
-	on_state(ctx, sk, bpf_get_socket_cookie(sk), oldstate, newstate, SL_TIER_TRACEPOINT);
+	on_state(ctx, sk, tracing_cookie(sk), oldstate, newstate, SL_TIER_TRACEPOINT);
 	return 0;
 }
 
@@ -351,7 +366,7 @@ SEC("fexit/inet_csk_accept")
 int BPF_PROG(sl_fx_accept, struct sock *lsk, void *arg, struct sock *sk)
 {
 	if (sk)
-		on_accept(ctx, sk, bpf_get_socket_cookie(sk), SL_TIER_FENTRY);
+		on_accept(ctx, sk, tracing_cookie(sk), SL_TIER_FENTRY);
 	return 0;
 }
 
@@ -360,7 +375,7 @@ SEC("fexit/inet_csk_accept")
 int BPF_PROG(sl_fx_accept_old, struct sock *lsk, int flags, int *err, bool kern, struct sock *sk)
 {
 	if (sk)
-		on_accept(ctx, sk, bpf_get_socket_cookie(sk), SL_TIER_FENTRY);
+		on_accept(ctx, sk, tracing_cookie(sk), SL_TIER_FENTRY);
 	return 0;
 }
 
@@ -410,7 +425,7 @@ static __always_inline int send_fexit(void *ctx, struct sock *sk, struct msghdr 
 	if (ret <= 0)
 		return 0;
 	read_msg_name(sa, msg);
-	on_send(sk, bpf_get_socket_cookie(sk), sa, ret);
+	on_send(sk, tracing_cookie(sk), sa, ret);
 	return 0;
 }
 
@@ -449,7 +464,7 @@ static __always_inline int recv_fexit(void *ctx, struct sock *sk, struct msghdr 
 	if (ret <= 0 || (flags & MSG_PEEK))
 		return 0;
 	read_msg_name(sa, msg);
-	on_recv(ctx, sk, bpf_get_socket_cookie(sk), sa, ret, flags, SL_TIER_FENTRY);
+	on_recv(ctx, sk, tracing_cookie(sk), sa, ret, flags, SL_TIER_FENTRY);
 	return 0;
 }
 
@@ -720,7 +735,7 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 	st = bpf_map_lookup_elem(&send_stash, &id);
 	if (st)
 		read_user_sa(sa, st->uaddr);
-	on_send(sk, bpf_get_socket_cookie(sk), sa, ret);
+	on_send(sk, tracing_cookie(sk), sa, ret);
 	return 0;
 }
 
@@ -752,11 +767,11 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 		st->sk = (__u64)sk;
 		st->ret = ret;
 		st->flags = flags;
-		st->cookie = bpf_get_socket_cookie(sk);
+		st->cookie = tracing_cookie(sk);
 		st->pending = 1;
 		return 0;
 	}
-	on_recv(ctx, sk, bpf_get_socket_cookie(sk), NULL, ret, flags, SL_TIER_TRACEPOINT);
+	on_recv(ctx, sk, tracing_cookie(sk), NULL, ret, flags, SL_TIER_TRACEPOINT);
 	return 0;
 }
 
@@ -901,7 +916,7 @@ static __always_inline void seed(struct sock *sk)
 	}
 	if (!seeding || !*seeding)
 		return;
-	c = conn_track(sk, bpf_get_socket_cookie(sk), SL_DIR_UNKNOWN, false);
+	c = conn_track(sk, tracing_cookie(sk), SL_DIR_UNKNOWN, false);
 	if (!c)
 		return;
 	c->flags |= SL_CONN_SEEDED;
