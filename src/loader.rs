@@ -160,6 +160,7 @@ fn write_filters(
             .any(|h| h.hook == Hook::Send && h.via_syscalls());
     ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
     ro.sendfile_in_send_len = sendfile_in_send_len(opts.plan);
+    ro.tracing_has_cookie_helper = opts.shape.tracing_cookie_helper;
     Ok(())
 }
 
@@ -185,6 +186,9 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> &'static str {
         "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
         "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
         "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",
+        "sl_fx_tcp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_tcp_recvmsg_na",
+        "sl_fx_udp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_udp_recvmsg_na",
+        "sl_fx_udp6_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_udp6_recvmsg_na",
         other => other,
     }
 }
@@ -259,6 +263,12 @@ mod tests {
                 recvmsg_has_nonblock: true,
                 accept_has_flags: true,
                 sendfile_bypasses_sendmsg: true,
+                recvmsg_lacks_addr_len: false,
+                tracing_cookie_helper: true,
+            },
+            KernelShape {
+                recvmsg_lacks_addr_len: true,
+                ..KernelShape::default()
             },
         ];
         for hook in Hook::ALL {

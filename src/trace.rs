@@ -195,7 +195,19 @@ pub fn prepare(req: &TraceRequest) -> Result<Prepared> {
     let tracefs = system::ensure_tracefs()?;
     let prober = Prober::new(&tracefs.path, &req.btf);
     let hooks = req.hooks();
-    let caps = prober.probe(&plan::requirements(&hooks));
+    // A forced tier is planned from its own requirements alone: probing the
+    // others (trial loads and attaches) would only cost time, seconds per
+    // start under QEMU TCG (the kernel matrix starts socklens ~30 times a cell).
+    let reqs: std::collections::BTreeSet<_> = match req.force {
+        None => plan::requirements(&hooks),
+        Some(tier) => hooks
+            .iter()
+            .flat_map(|h| h.tiers())
+            .filter(|spec| spec.tier == tier)
+            .flat_map(|spec| spec.requires.iter().copied())
+            .collect(),
+    };
+    let caps = prober.probe(&reqs);
     let plan = plan::plan(
         &caps,
         &PlanOptions {

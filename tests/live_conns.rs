@@ -650,31 +650,68 @@ fn connection_opened_before_start_counts_from_start() {
     assert_eq!(c["seeded"], true, "{c}");
 }
 
+/// Waits until `ss` lists no socket on local or remote `port` other than
+/// TIME-WAIT ones; panics after `limit`.
+fn wait_until_no_connections_on(port: &str, limit: Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let out = std::process::Command::new("ss")
+            .args(["-Htan", &format!("( sport = :{port} or dport = :{port} )")])
+            .output()
+            .expect("run ss");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let live: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("TIME-WAIT"))
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the kernel still has {} connections on port {port} after {limit:?}: {:?}",
+            live.len(),
+            live.first()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// 10,000 on the host; SOCKLENS_TEST_SCALE shrinks it in the VMs (1,000 at 0.1).
 #[test]
 fn no_stale_entries_after_10000_short_connections() {
     require_root();
     let comm = unique("slchurn");
+    let n = scaled(10_000);
+    let count = n.to_string();
     let mut result = None;
-    let (lines, stderr) = conns_snapshot(40.0, &["--comm", &comm], || {
+    // The snapshot comes once the kernel itself holds no connection on the
+    // port any more (TIME_WAIT aside: no full socket, nothing to track), plus
+    // 1 s; the cap only bounds a hung run. A leaked entry stays in the map, it
+    // does not age out. (Under TCG an orphaned FIN_WAIT1 socket was seen to
+    // outlive its process by seconds: that is a live connection, not a leak.)
+    let settle = Duration::from_secs(1);
+    let (lines, stderr) = conns_snapshot_after(300.0, settle, &["--comm", &comm], || {
         let server = Bed::spawn(&[
             "--comm",
             &comm,
             "bind,tcp4,127.0.0.1,0",
             "listen,0,4096",
             "announce",
-            "acceptloop,0,10000",
+            &format!("acceptloop,0,{count}"),
         ]);
         let port = server.report()["steps"][0]["port"].to_string();
         let client = testbed(&[
             "--comm",
             &comm,
-            &format!("churn,tcp4,127.0.0.1,{port},10000"),
+            &format!("churn,tcp4,127.0.0.1,{port},{count}"),
         ]);
         let server = server.finish();
+        wait_until_no_connections_on(&port, Duration::from_secs(60));
         result = Some((client, server));
     });
     let (client, server) = result.unwrap();
-    assert_eq!(u(&client["steps"][0]["connections"]), 10_000);
+    assert_eq!(u(&client["steps"][0]["connections"]), n);
     let stale: Vec<&Value> = lines
         .iter()
         .filter(|l| {

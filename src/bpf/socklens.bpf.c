@@ -319,12 +319,27 @@ static __always_inline __u64 kprobe_cookie(struct sock *sk)
 	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
 }
 
+/* Tracing programs (fentry/fexit, tp_btf, iter) may call the cookie helper only
+ * on kernels that offer it to them (5.12+; on 5.10 the verifier refuses the
+ * whole object with "unknown func bpf_get_socket_cookie"). The loader sets this
+ * from a trial load (src/probe.rs, kernel_shape); without it they read the
+ * cookie like kprobes do. The branch is on read-only data: the verifier drops
+ * the dead call. */
+const volatile bool tracing_has_cookie_helper = false;
+
+static __always_inline __u64 tracing_cookie(struct sock *sk)
+{
+	if (tracing_has_cookie_helper)
+		return bpf_get_socket_cookie(sk);
+	return kprobe_cookie(sk);
+}
+
 /* ---- state ---- */
 
 SEC("fentry/tcp_set_state")
 int BPF_PROG(sl_fe_tcp_set_state, struct sock *sk, int state)
 {
-	on_state(ctx, sk, bpf_get_socket_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
+	on_state(ctx, sk, tracing_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
 		 SL_TIER_FENTRY);
 	return 0;
 }
@@ -340,7 +355,7 @@ int BPF_KPROBE(sl_kp_tcp_set_state, struct sock *sk, int state)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 {
-	on_state(ctx, sk, bpf_get_socket_cookie(sk), oldstate, newstate, SL_TIER_TRACEPOINT);
+	on_state(ctx, sk, tracing_cookie(sk), oldstate, newstate, SL_TIER_TRACEPOINT);
 	return 0;
 }
 
@@ -351,7 +366,7 @@ SEC("fexit/inet_csk_accept")
 int BPF_PROG(sl_fx_accept, struct sock *lsk, void *arg, struct sock *sk)
 {
 	if (sk)
-		on_accept(ctx, sk, bpf_get_socket_cookie(sk), SL_TIER_FENTRY);
+		on_accept(ctx, sk, tracing_cookie(sk), SL_TIER_FENTRY);
 	return 0;
 }
 
@@ -360,7 +375,7 @@ SEC("fexit/inet_csk_accept")
 int BPF_PROG(sl_fx_accept_old, struct sock *lsk, int flags, int *err, bool kern, struct sock *sk)
 {
 	if (sk)
-		on_accept(ctx, sk, bpf_get_socket_cookie(sk), SL_TIER_FENTRY);
+		on_accept(ctx, sk, tracing_cookie(sk), SL_TIER_FENTRY);
 	return 0;
 }
 
@@ -410,7 +425,7 @@ static __always_inline int send_fexit(void *ctx, struct sock *sk, struct msghdr 
 	if (ret <= 0)
 		return 0;
 	read_msg_name(sa, msg);
-	on_send(sk, bpf_get_socket_cookie(sk), sa, ret);
+	on_send(sk, tracing_cookie(sk), sa, ret);
 	return 0;
 }
 
@@ -449,12 +464,14 @@ static __always_inline int recv_fexit(void *ctx, struct sock *sk, struct msghdr 
 	if (ret <= 0 || (flags & MSG_PEEK))
 		return 0;
 	read_msg_name(sa, msg);
-	on_recv(ctx, sk, bpf_get_socket_cookie(sk), sa, ret, flags, SL_TIER_FENTRY);
+	on_recv(ctx, sk, tracing_cookie(sk), sa, ret, flags, SL_TIER_FENTRY);
 	return 0;
 }
 
-/* One program per signature: 5.19 dropped recvmsg's `nonblock` parameter, and
- * an fexit may read only the argument slots its function has. */
+/* One program per signature: 5.19 dropped recvmsg's `nonblock` parameter, later
+ * kernels (Debian's 7.x) also `addr_len` (4 parameters: the `_na` variant), and
+ * an fexit may read only the argument slots its function has. The loader picks
+ * the variant from the parameter count in BTF (src/probe.rs, kernel_shape). */
 #define RECV_FEXIT(name, func)                                                                    \
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name, struct sock *sk, struct msghdr *msg, size_t len, int flags,            \
@@ -465,6 +482,12 @@ static __always_inline int recv_fexit(void *ctx, struct sock *sk, struct msghdr 
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name##_nb, struct sock *sk, struct msghdr *msg, size_t len, int nonblock,    \
 		     int flags, int *addr_len, int ret)                                           \
+	{                                                                                         \
+		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
+	}                                                                                         \
+	SEC("fexit/" #func)                                                                       \
+	int BPF_PROG(name##_na, struct sock *sk, struct msghdr *msg, size_t len, int flags,       \
+		     int ret)                                                                     \
 	{                                                                                         \
 		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
 	}
@@ -776,7 +799,7 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 
 	if (!proto)
 		return 0;
-	cookie = bpf_get_socket_cookie(sk);
+	cookie = tracing_cookie(sk);
 	if (proto == IPPROTO_UDP)
 		take_udp_peer(&udp_send_peer, cookie, sa);
 	on_send_proto(sk, proto, cookie, sa, ret);
@@ -794,7 +817,7 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 
 	if (!proto)
 		return 0;
-	cookie = bpf_get_socket_cookie(sk);
+	cookie = tracing_cookie(sk);
 	if (proto == IPPROTO_UDP)
 		take_udp_peer(&udp_recv_peer, cookie, sa);
 	on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, SL_TIER_TRACEPOINT);
@@ -1025,7 +1048,7 @@ static __always_inline void seed(struct sock *sk)
 	if ((!seeding || !*seeding) &&
 	    BPF_CORE_READ(sk, __sk_common.skc_state) != SL_TCP_LISTEN)
 		return;
-	c = conn_track(sk, bpf_get_socket_cookie(sk), SL_DIR_UNKNOWN, false);
+	c = conn_track(sk, tracing_cookie(sk), SL_DIR_UNKNOWN, false);
 	if (!c)
 		return;
 	c->flags |= SL_CONN_SEEDED;

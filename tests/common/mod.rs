@@ -37,6 +37,31 @@ pub fn expected_tier() -> Option<String> {
         .or_else(|| Some(attach_arg()).filter(|a| a != "auto"))
 }
 
+/// How much of the repetition-heavy work (e.g. thousands of short connections)
+/// a test does: `SOCKLENS_TEST_SCALE`, a fraction in (0, 1], default 1. The
+/// kernel matrix sets 0.1: its VMs run under TCG, about 20 times slower than the
+/// host. What a test checks never changes with the scale, only how many times.
+pub fn scale() -> f64 {
+    match std::env::var("SOCKLENS_TEST_SCALE") {
+        Ok(s) if !s.is_empty() => {
+            let f: f64 = s
+                .parse()
+                .unwrap_or_else(|e| panic!("SOCKLENS_TEST_SCALE={s:?}: {e}"));
+            assert!(
+                f > 0.0 && f <= 1.0,
+                "SOCKLENS_TEST_SCALE={s:?} not in (0, 1]"
+            );
+            f
+        }
+        _ => 1.0,
+    }
+}
+
+/// `n` scaled by [`scale`], at least 1.
+pub fn scaled(n: u64) -> u64 {
+    ((n as f64 * scale()).round() as u64).max(1)
+}
+
 /// A name unique to this test run, usable as a comm (at most 15 bytes).
 pub fn unique(tag: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -447,6 +472,27 @@ impl NetnsPair {
 /// Runs `socklens conns --json --duration SECS ARGS`, calls `during` once it
 /// is attached, and returns the snapshot lines and its stderr.
 pub fn conns_snapshot(secs: f64, args: &[&str], during: impl FnOnce()) -> (Vec<Value>, String) {
+    conns_snapshot_inner(secs, args, during, None)
+}
+
+/// Like [`conns_snapshot`], but the snapshot is taken `settle` after `during`
+/// returns (socklens gets SIGTERM, which prints the snapshot), with `cap_secs`
+/// only as the upper bound: the test lasts as long as its workload.
+pub fn conns_snapshot_after(
+    cap_secs: f64,
+    settle: Duration,
+    args: &[&str],
+    during: impl FnOnce(),
+) -> (Vec<Value>, String) {
+    conns_snapshot_inner(cap_secs, args, during, Some(settle))
+}
+
+fn conns_snapshot_inner(
+    secs: f64,
+    args: &[&str],
+    during: impl FnOnce(),
+    stop_after: Option<Duration>,
+) -> (Vec<Value>, String) {
     let attach = attach_arg();
     let duration = secs.to_string();
     let mut child = Command::new(SOCKLENS)
@@ -481,6 +527,11 @@ pub fn conns_snapshot(secs: f64, args: &[&str], during: impl FnOnce()) -> (Vec<V
         .recv_timeout(Duration::from_secs(30))
         .unwrap_or_else(|_| panic!("conns not ready: {}", stderr.lock().unwrap()));
     during();
+    if let Some(settle) = stop_after {
+        thread::sleep(settle);
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("kill conns");
+    }
     let out = child.wait_with_output().expect("wait conns");
     thread::sleep(Duration::from_millis(100));
     let stderr = stderr.lock().unwrap().clone();

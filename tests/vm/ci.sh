@@ -1,14 +1,30 @@
 #!/usr/bin/env bash
-# The kernel matrix as CI runs it: build the root test binaries on the host,
-# then run them in a VM per kernel and attach tier. Extra arguments go to
-# matrix.sh (e.g. --kernels "6.12"). Only the suites whose hooks have attach tiers
-# run in the VMs; the cgroup policy tests do not depend on the tier.
+# The kernel matrix as CI runs it (./test.sh calls it after the host suite):
+# build the root test binaries on the host, then run them in a VM per kernel
+# and attach tier. Extra arguments go to matrix.sh (e.g. --kernels "6.12").
+#
+# Only the suites whose hooks have attach tiers run in the VMs (live_bind_listen,
+# live_conns: every tier); cli does not read SOCKLENS_ATTACH (it forces each tier
+# itself), so it runs once per kernel, in the auto cell. The cgroup policy tests
+# do not depend on the tier.
+#
+# Environment: SOCKLENS_VM_TIERS (default "auto:fentry fentry kprobe tracepoint"),
+# SOCKLENS_VM_KERNELS (default "6.1 6.12 5.10 7"), SOCKLENS_TEST_SCALE for the
+# guests (default 0.1, see tests/common/mod.rs).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$HOME/.cargo/bin:$PATH"
 list=target/vm-tests.txt
-cargo test --locked --no-run 2>&1 \
-    | grep -oE 'target/debug/deps/(cli|live_bind_listen|live_conns)-[0-9a-f]+' | sort -u > "$list"
-[ -s "$list" ] || { echo "vm/ci: no test binaries found" >&2; exit 1; }
-exec tests/vm/matrix.sh --tiers "${SOCKLENS_VM_TIERS:-auto:fentry fentry kprobe tracepoint}" "$@" \
+bins=$(cargo test --locked --no-run 2>&1 \
+    | grep -oE 'target/debug/deps/(cli|live_bind_listen|live_conns)-[0-9a-f]+' | sort -u)
+[ -n "$bins" ] || { echo "vm/ci: no test binaries found" >&2; exit 1; }
+for b in $bins; do
+    case $b in
+        */cli-*) echo "$b auto" ;;
+        *) echo "$b" ;;
+    esac
+done > "$list"
+exec tests/vm/matrix.sh --tiers "${SOCKLENS_VM_TIERS:-auto:fentry fentry kprobe tracepoint}" \
+    --kernels "${SOCKLENS_VM_KERNELS:-6.1 6.12 5.10 7}" \
+    --env "SOCKLENS_TEST_SCALE=${SOCKLENS_TEST_SCALE:-0.1}" "$@" \
     -- tests/vm/suite.sh "$list"

@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Runs socklens' root test binaries, built on the host, one after the other:
 # the command the kernel matrix runs inside each VM. $1 is a file listing the
-# binaries (written by tests/vm/ci.sh); extra arguments go to every binary.
+# binaries (written by tests/vm/ci.sh), one per line: "PATH" runs in every cell,
+# "PATH auto" only where SOCKLENS_ATTACH=auto (for suites that do not read
+# SOCKLENS_ATTACH, e.g. cli: they would repeat the same checks in every tier's
+# cell). Extra arguments go to every binary. Prints each binary's wall time.
 set -euo pipefail
 list=$1
 shift
 rc=0
-while read -r bin; do
+while read -r bin only; do
     [ -n "$bin" ] || continue
+    if [ -n "$only" ] && [ "${SOCKLENS_ATTACH:-auto}" != "$only" ]; then
+        echo "=== $bin: not in this cell (tier-independent, runs with SOCKLENS_ATTACH=$only)"
+        continue
+    fi
     echo "=== $bin"
+    start=$(date +%s)
     "$bin" --test-threads=1 "$@" || rc=1
+    echo "=== $bin: $(($(date +%s) - start)) s"
 done < "$list"
 exit "$rc"
