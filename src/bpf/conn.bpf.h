@@ -222,6 +222,15 @@ static __always_inline void on_closed(void *ctx, struct sock *sk, struct sl_conn
 	finish(ctx, sk, c, tier);
 }
 
+/* Only these transitions change what socklens records; the others (FIN_WAIT1,
+ * FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING) are six of a short connection's ten
+ * state changes, so the wrappers return before any kernel read. Snapshots take
+ * the current state from the socket iterator. */
+static __always_inline bool state_matters(int new)
+{
+	return new == SL_TCP_SYN_SENT || new == SL_TCP_ESTABLISHED || new == SL_TCP_CLOSE;
+}
+
 static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, int old, int new,
 				     __u32 tier)
 {

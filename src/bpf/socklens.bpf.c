@@ -339,6 +339,8 @@ static __always_inline __u64 tracing_cookie(struct sock *sk)
 SEC("fentry/tcp_set_state")
 int BPF_PROG(sl_fe_tcp_set_state, struct sock *sk, int state)
 {
+	if (!state_matters(state))
+		return 0;
 	on_state(ctx, sk, tracing_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
 		 SL_TIER_FENTRY);
 	return 0;
@@ -347,6 +349,8 @@ int BPF_PROG(sl_fe_tcp_set_state, struct sock *sk, int state)
 SEC("kprobe/tcp_set_state")
 int BPF_KPROBE(sl_kp_tcp_set_state, struct sock *sk, int state)
 {
+	if (!state_matters(state))
+		return 0;
 	on_state(ctx, sk, kprobe_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
 		 SL_TIER_KPROBE);
 	return 0;
@@ -355,6 +359,8 @@ int BPF_KPROBE(sl_kp_tcp_set_state, struct sock *sk, int state)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 {
+	if (!state_matters(newstate))
+		return 0;
 	on_state(ctx, sk, tracing_cookie(sk), oldstate, newstate, SL_TIER_TRACEPOINT);
 	return 0;
 }
@@ -1040,6 +1046,8 @@ static __always_inline void seed(struct sock *sk)
 	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
 
 	if (c) {
+		/* the state hook skips the transitions in between (state_matters) */
+		c->state = BPF_CORE_READ(sk, __sk_common.skc_state);
 		read_tcp_info(c, sk);
 		return;
 	}
