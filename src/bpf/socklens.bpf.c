@@ -774,6 +774,20 @@ static __always_inline __u16 inet_proto(struct sock *sk)
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP ? proto : 0;
 }
 
+/* The same for tp_btf programs, whose `sk` is a BTF pointer: plain loads
+ * (CO-RE relocated) instead of two probe-read helper calls on every send and
+ * receive. Only programs of kernels with sock_send_length (6.3+) use it. */
+static __always_inline __u16 inet_proto_btf(struct sock *sk)
+{
+	__u16 family = sk->__sk_common.skc_family;
+	__u16 proto;
+
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	proto = sk->sk_protocol;
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP ? proto : 0;
+}
+
 /* sendfile(2) on kernels where it reaches the socket through sock_sendmsg
  * (splice_to_socket, 6.5+): its bytes pass sock_send_length like any send and
  * are in tx already; the syscall the task is in tells sendfile from write or
@@ -800,7 +814,7 @@ SEC("tp_btf/sock_send_length")
 int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 {
 	__u8 sa[SOCKADDR_COPY] = {};
-	__u16 proto = inet_proto(sk);
+	__u16 proto = inet_proto_btf(sk);
 	__u64 cookie;
 
 	if (!proto)
@@ -818,7 +832,7 @@ SEC("tp_btf/sock_recv_length")
 int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 {
 	__u8 sa[SOCKADDR_COPY] = {};
-	__u16 proto = inet_proto(sk);
+	__u16 proto = inet_proto_btf(sk);
 	__u64 cookie;
 
 	if (!proto)
