@@ -328,7 +328,7 @@ impl Agent {
                             }
                             None => {
                                 self.metrics.closed.get_or_create(&labels).inc();
-                                if c.established && c.srtt_us > 0 {
+                                if c.established {
                                     self.metrics
                                         .rtt
                                         .get_or_create(&labels)
