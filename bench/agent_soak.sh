@@ -117,7 +117,7 @@ peak = max(r[2] for r in after)
 print(f"duration {duration} s (warm-up {warmup} s), target churn {rate}/s, "
       f"{len(rows)} samples, {scrapes} prometheus scrapes, {lost} events lost")
 print(f"RSS after warm-up {m0/1024:.1f} MiB, at end {m1/1024:.1f} MiB, peak {peak/1024:.1f} MiB, "
-      f"growth {(m1 - m0)/1024:+.1f} MiB")
+      f"growth {m1 - m0:+d} KiB")
 print(f"agent CPU {cores*100:.1f} % of one core; connections {conn_rate:.0f}/s (outgoing, "
       f"from socklens_connections_opened_total); CPU per 1,000 conn/s "
       f"{cores*100/(conn_rate/1000) if conn_rate > 0 else float('nan'):.1f} % of a core")
