@@ -350,16 +350,19 @@ fn steps_of<'a>(report: &'a Value, kind: &str) -> Vec<&'a Value> {
 }
 
 /// The workload: a listener on 127.0.0.1:7000 in its own netns, N closed
-/// connections and one left open with known byte counts each way, one
-/// refused connect, one connect the policy denies; then it waits.
+/// connections and one left open with known byte counts each way (the open
+/// one also sendfile()s `file`), one refused connect, one connect the policy
+/// denies; then it waits.
 struct Workload {
     steps: Vec<String>,
     /// Step indices of client sends / server sends (the report's "steps").
     client_sends: Vec<usize>,
     server_sends: Vec<usize>,
+    /// Step index of the client's sendfile (its bytes are in client_sends too).
+    sendfile: usize,
 }
 
-fn workload(n: usize) -> Workload {
+fn workload(n: usize, file: &Path, file_len: usize) -> Workload {
     let mut steps = vec!["bind,tcp4,127.0.0.1,7000".to_owned(), "listen,0,64".into()];
     let (mut client_sends, mut server_sends) = (Vec::new(), Vec::new());
     let mut next_socket = 1;
@@ -375,6 +378,11 @@ fn workload(n: usize) -> Workload {
         server_sends.push(steps.len());
         steps.push(format!("send,{a},{down},4096"));
         steps.push(format!("recv,{c},{down},65536"));
+        if i == n {
+            client_sends.push(steps.len());
+            steps.push(format!("sendfile,{c},{}", file.display()));
+            steps.push(format!("recv,{a},{file_len},65536"));
+        }
         if i < n {
             // The last connection stays open: its bytes come from map reads.
             steps.push(format!("close,{c}"));
@@ -386,6 +394,7 @@ fn workload(n: usize) -> Workload {
     steps.push("wait".into());
     Workload {
         steps,
+        sendfile: client_sends.last().copied().unwrap_or_default(),
         client_sends,
         server_sends,
     }
@@ -424,7 +433,10 @@ fn prometheus_stores_exact_counters_of_a_known_workload_and_promtool_accepts_the
     let prom = Prometheus::start(&dir, addr);
 
     const N: usize = 4;
-    let w = workload(N);
+    const FILE_LEN: usize = 123_457;
+    let file = dir.join("sendfile.bin");
+    fs::write(&file, vec![b'f'; FILE_LEN]).unwrap();
+    let w = workload(N, &file, FILE_LEN);
     let mut args = vec![
         "--netns".to_owned(),
         ns.name.clone(),
@@ -442,6 +454,8 @@ fn prometheus_stores_exact_counters_of_a_known_workload_and_promtool_accepts_the
     assert_eq!(connects[N + 2]["errno"], libc::EACCES, "{report}");
     let up = sum_bytes(&report, &w.client_sends);
     let down = sum_bytes(&report, &w.server_sends);
+    let sent_by_sendfile = sum_bytes(&report, &[w.sendfile]);
+    assert_eq!(sent_by_sendfile, FILE_LEN as f64, "{report}");
     let pid = report["pid"].as_u64().unwrap();
     let netns = report["netns"].as_u64().unwrap();
 
@@ -456,6 +470,10 @@ fn prometheus_stores_exact_counters_of_a_known_workload_and_promtool_accepts_the
         up,
     );
     prom.assert_settles(&sum_dir("socklens_sent_bytes_total", "in"), down);
+    prom.assert_settles(
+        &sum_dir("socklens_sendfile_bytes_total", "out"),
+        sent_by_sendfile,
+    );
     prom.assert_settles(&sum_dir("socklens_received_bytes_total", "out"), down);
     prom.assert_settles(&sum_dir("socklens_received_bytes_total", "in"), up);
     prom.assert_settles(

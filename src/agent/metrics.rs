@@ -286,6 +286,63 @@ mod tests {
     }
 
     #[test]
+    fn remote_address_label_only_when_switched_on() {
+        let c = crate::model::Conn {
+            sk: 1,
+            cookie: 1,
+            start_ns: 1,
+            end_ns: 0,
+            tx_bytes: 0,
+            rx_bytes: 0,
+            sendfile_bytes: 0,
+            cgroup_id: 7,
+            ino: 0,
+            pid: 100,
+            uid: 0,
+            comm: "curl".into(),
+            netns: 1,
+            retransmits: 0,
+            srtt_us: 0,
+            rttvar_us: 0,
+            error: 0,
+            family: libc::AF_INET as u16,
+            proto: libc::IPPROTO_TCP as u16,
+            saddr: IpAddr::from([10, 0, 0, 1]),
+            sport: 40_000,
+            daddr: IpAddr::from([10, 0, 0, 2]),
+            dport: 5432,
+            state: 1,
+            direction: Direction::Out,
+            owner_known: true,
+            seeded: false,
+            established: true,
+        };
+        let mut rules = LabelRules {
+            remote_ports: vec![5432],
+            remote_address: false,
+        };
+        let keys = |l: &Labels| l.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>();
+        let l = rules.conn(&c, "/db", None);
+        assert_eq!(
+            keys(&l),
+            [
+                "cgroup",
+                "comm",
+                "direction",
+                "family",
+                "proto",
+                "remote_port"
+            ]
+        );
+        assert!(l.contains(&("remote_port".into(), "5432".into())));
+        assert!(l.contains(&("direction".into(), "out".into())));
+        rules.remote_address = true;
+        let l = rules.conn(&c, "/db", Some((IpAddr::from([10, 0, 0, 9]), 53)));
+        assert!(l.contains(&("remote_address".into(), "10.0.0.9".into())));
+        assert!(l.contains(&("remote_port".into(), "53".into())));
+    }
+
+    #[test]
     fn prometheus_text_names_counters_with_total_and_drops_unit_and_eof() {
         let m = Metrics::new();
         m.sent_bytes
