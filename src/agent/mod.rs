@@ -39,6 +39,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
 const TCP_LISTEN: u8 = 10;
+/// Map reads a listen()'s backlog is kept for while its socket is not in the map.
+const LISTENER_READS_KEPT: u8 = 3;
 const IPPROTO_TCP: u16 = libc::IPPROTO_TCP as u16;
 const IPPROTO_UDP: u16 = libc::IPPROTO_UDP as u16;
 
@@ -166,8 +168,9 @@ struct Agent {
     rules: LabelRules,
     acct: Accountant,
     log: Option<Box<dyn Write>>,
-    /// Effective backlog of listen() calls seen, by (netns, address, port).
-    backlogs: HashMap<(u32, IpAddr, u16), u32>,
+    /// Effective backlog of listen() calls seen, by (netns, address, port),
+    /// with the number of map reads since that listener was last in the map.
+    backlogs: HashMap<(u32, IpAddr, u16), (u32, u8)>,
     /// Listener series exported now, to remove those that went away.
     listening: HashSet<Labels>,
     losses: Losses,
@@ -303,7 +306,8 @@ impl Agent {
                             .inc();
                     }
                     SockEventKind::Listen if s.ret == 0 => {
-                        self.backlogs.insert((s.netns, s.addr, s.port), s.backlog);
+                        self.backlogs
+                            .insert((s.netns, s.addr, s.port), (s.backlog, 0));
                     }
                     SockEventKind::Listen => {}
                 }
@@ -394,12 +398,20 @@ impl Agent {
 
     fn export_listeners(&mut self, conns: &BTreeMap<u64, Conn>) {
         let mut now = HashSet::new();
+        // Forget backlogs of listeners gone for a few reads, so a host that
+        // opens many short-lived listeners does not grow this map; a few,
+        // not one, since a listen event can come before its socket's first read.
+        for (_, missed) in self.backlogs.values_mut() {
+            *missed = missed.saturating_add(1);
+        }
         for c in conns.values().filter(|c| c.state == TCP_LISTEN) {
-            let backlog = self
-                .backlogs
-                .get(&(c.netns, c.saddr, c.sport))
-                .map(u32::to_string)
-                .unwrap_or_default();
+            let backlog = match self.backlogs.get_mut(&(c.netns, c.saddr, c.sport)) {
+                Some((b, missed)) => {
+                    *missed = 0;
+                    b.to_string()
+                }
+                None => String::new(),
+            };
             let comm = if c.owner_known { c.comm.as_str() } else { "" };
             let l = vec![
                 label("comm", comm),
@@ -412,6 +424,8 @@ impl Agent {
             self.metrics.listening.get_or_create(&l).set(1);
             now.insert(l);
         }
+        self.backlogs
+            .retain(|_, (_, missed)| *missed <= LISTENER_READS_KEPT);
         for gone in self.listening.difference(&now) {
             self.metrics.listening.remove(gone);
         }
