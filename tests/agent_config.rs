@@ -61,6 +61,22 @@ fn bad_listen_address_names_file_line_and_value() {
 }
 
 #[test]
+fn missing_cgroup_names_file_line_and_value() {
+    let (code, err, path) = agent_with(
+        "cg",
+        "interval = 1.0\ncgroup = \"/slagent-no-such-cgroup\"\n",
+    );
+    assert_eq!(code, 2, "{err}");
+    assert_one_line(
+        &err,
+        &format!(
+            "{}:2: cgroup '/slagent-no-such-cgroup': no such cgroup",
+            path.display()
+        ),
+    );
+}
+
+#[test]
 fn unreadable_config_is_one_line_exit_2() {
     let missing = dir("missing").join("nope.toml");
     let (code, _, err) = socklens(&["agent", "--config", missing.to_str().unwrap()]);

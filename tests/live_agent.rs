@@ -422,11 +422,15 @@ fn prometheus_stores_exact_counters_of_a_known_workload_and_promtool_accepts_the
     let log = dir.join("events.jsonl");
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let before = socklens_programs();
+    // The agent traces the test's cgroup only (the kernel filter): connection
+    // churn of other tests on the host must not fill the ring buffer whose
+    // losses this test requires to be 0.
     let agent = Agent::start(
         &dir,
         &format!(
-            "listen = \"{addr}\"\npolicy = \"policy.toml\"\nevent_log = \"{}\"\ninterval = 0.5\nremote_ports = [7000]\n",
-            log.display()
+            "listen = \"{addr}\"\npolicy = \"policy.toml\"\nevent_log = \"{}\"\ninterval = 0.5\nremote_ports = [7000]\ncgroup = \"{}\"\n",
+            log.display(),
+            cg.rel
         ),
         addr,
     );
@@ -621,7 +625,12 @@ fn sighup_switches_policy_without_a_gap_and_bad_reloads_keep_the_old_config() {
     let policy = dir.join("policy.toml");
     fs::write(&policy, &a).unwrap();
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = format!("listen = \"{addr}\"\npolicy = \"policy.toml\"\ninterval = 0.5\n");
+    // Only the test's cgroup is traced: other tests on the host (connection
+    // churn) must not fill the ring buffer this test checks for losses.
+    let config = format!(
+        "listen = \"{addr}\"\npolicy = \"policy.toml\"\ninterval = 0.5\ncgroup = \"{}\"\n",
+        cg.rel
+    );
     let agent = Agent::start(&dir, &config, addr);
 
     let looper = Command::new(TESTBED)
@@ -712,7 +721,7 @@ fn sighup_switches_policy_without_a_gap_and_bad_reloads_keep_the_old_config() {
     let bad_reloads: [(&dyn Fn(), String); 2] = [
         (
             &|| fs::write(&cfg_path, format!("{config}scrape_me = true\n")).unwrap(),
-            format!("{}:4: ", cfg_path.display()),
+            format!("{}:5: ", cfg_path.display()),
         ),
         (
             &|| {
@@ -739,6 +748,13 @@ fn sighup_switches_policy_without_a_gap_and_bad_reloads_keep_the_old_config() {
             agent.sample("socklens_config_last_reload_success"),
             Some(0.0)
         );
+        // The agent prints the line before counting; our reader thread may
+        // still be on its way with it.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while agent.stderr().lines().count() == lines_before && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(20));
+        }
+        thread::sleep(Duration::from_millis(200)); // a second line would show by now
         let err = agent.stderr();
         let new: Vec<&str> = err.lines().skip(lines_before).collect();
         assert_eq!(new.len(), 1, "one line per failed reload: {new:?}");

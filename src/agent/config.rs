@@ -51,6 +51,7 @@ struct RawConfig {
     remote_address_label: Option<bool>,
     remote_ports: Option<Spanned<Vec<Spanned<i64>>>>,
     max_conns: Option<Spanned<i64>>,
+    cgroup: Option<Spanned<String>>,
 }
 
 /// Where events go as JSON lines.
@@ -76,6 +77,9 @@ pub struct Config {
     /// Remote ports shown as themselves; others fall in a range bucket.
     pub remote_ports: Vec<u16>,
     pub max_conns: u32,
+    /// Only tasks in this cgroup v2 (path under the root) and below: the
+    /// kernel-side filter of `trace --cgroup`. With the line it came from.
+    pub cgroup: Option<(String, usize)>,
 }
 
 impl Default for Config {
@@ -91,6 +95,7 @@ impl Default for Config {
             remote_address_label: false,
             remote_ports: Vec::new(),
             max_conns: crate::trace::DEFAULT_MAX_CONNS,
+            cgroup: None,
         }
     }
 }
@@ -209,7 +214,40 @@ pub fn parse(file: &str, text: &str, dir: &Path) -> Result<Config, ConfigError> 
                 )
             })?;
     }
+    if let Some(g) = &raw.cgroup {
+        if g.get_ref().trim().is_empty() {
+            return Err(src.err(g.span(), "cgroup '': names no cgroup"));
+        }
+        c.cgroup = Some((g.get_ref().clone(), src.line(g.span().start)));
+    }
     Ok(c)
+}
+
+impl Config {
+    /// Checks `cgroup` against the cgroup v2 tree (it must exist now).
+    pub fn check_cgroup(&self) -> Result<(), ConfigError> {
+        let Some((given, line)) = &self.cgroup else {
+            return Ok(());
+        };
+        let err = |msg: String| ConfigError {
+            file: self
+                .file
+                .as_ref()
+                .map_or_else(String::new, |f| f.display().to_string()),
+            line: *line,
+            msg,
+        };
+        let root = crate::system::cgroup2_root()
+            .ok_or_else(|| err(format!("cgroup '{given}': cgroup v2 is not mounted")))?;
+        crate::cgroup::resolve(&root, given)
+            .map(|_| ())
+            .ok_or_else(|| {
+                err(format!(
+                    "cgroup '{given}': no such cgroup under {}",
+                    root.display()
+                ))
+            })
+    }
 }
 
 fn non_empty_path(src: &Src<'_>, v: &Spanned<String>, key: &str) -> Result<PathBuf, ConfigError> {

@@ -86,7 +86,7 @@ fn request(config: &Config, args: &AgentArgs, policy_events: bool) -> TraceReque
         policy_events,
         pid: None,
         comm: None,
-        cgroup: None,
+        cgroup: config.cgroup.as_ref().map(|(c, _)| c.clone()),
         netns: None,
         family: None,
         json: true,
@@ -136,6 +136,7 @@ fn open_log(target: Option<&EventLog>) -> Result<Option<Box<dyn Write>>> {
 /// `socklens agent`: runs until `stop`; `hup` asks for a reload.
 pub fn run(args: &AgentArgs, stop: &AtomicBool, hup: &AtomicBool) -> Result<()> {
     let config = config::load(&args.config, args.explicit)?;
+    config.check_cgroup()?;
     let policy = load_policy(&config)?;
     let log = open_log(config.event_log.as_ref())?;
     crate::system::check_privileges()?;
@@ -457,9 +458,10 @@ impl Agent {
                 eprintln!("socklens: reloaded {msg}");
             }
             Err(e) => {
+                // The line first: whoever sees the metric can find the reason.
+                eprintln!("socklens: reload failed, the old config stays in force: {e}");
                 self.metrics.reload_failures.inc();
                 self.metrics.last_reload_success.set(0);
-                eprintln!("socklens: reload failed, the old config stays in force: {e}");
             }
         }
     }
@@ -479,6 +481,10 @@ impl Agent {
         for (what, changed) in [
             ("listen", config.listen != self.config.listen),
             ("max_conns", config.max_conns != self.config.max_conns),
+            (
+                "cgroup",
+                config.cgroup.as_ref().map(|c| &c.0) != self.config.cgroup.as_ref().map(|c| &c.0),
+            ),
         ] {
             if changed {
                 notes.push(format!("{what} takes effect at the next restart"));
@@ -486,11 +492,13 @@ impl Agent {
         }
         let keep_listen = self.config.listen;
         let keep_max = self.config.max_conns;
+        let keep_cgroup = self.config.cgroup.clone();
         self.rules = rules_of(&config);
         self.log = log;
         self.config = Config {
             listen: keep_listen,
             max_conns: keep_max,
+            cgroup: keep_cgroup,
             ..config
         };
         let file = self
