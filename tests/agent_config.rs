@@ -8,10 +8,25 @@ use std::path::PathBuf;
 
 use common::*;
 
-fn dir(tag: &str) -> PathBuf {
+/// A temp directory, removed on drop.
+struct Dir(PathBuf);
+
+impl Dir {
+    fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for Dir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn dir(tag: &str) -> Dir {
     let d = std::env::temp_dir().join(format!("slagent-cfg-{tag}-{}", std::process::id()));
     fs::create_dir_all(&d).unwrap();
-    d
+    Dir(d)
 }
 
 /// Runs the agent with `text` as its config: (exit code, stderr, config path).
@@ -78,7 +93,8 @@ fn missing_cgroup_names_file_line_and_value() {
 
 #[test]
 fn unreadable_config_is_one_line_exit_2() {
-    let missing = dir("missing").join("nope.toml");
+    let gone = dir("missing");
+    let missing = gone.join("nope.toml");
     let (code, _, err) = socklens(&["agent", "--config", missing.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
     assert_one_line(
@@ -87,9 +103,9 @@ fn unreadable_config_is_one_line_exit_2() {
     );
     // A directory cannot be read as a file either.
     let d = dir("isdir");
-    let (code, _, err) = socklens(&["agent", "--config", d.to_str().unwrap()]);
+    let (code, _, err) = socklens(&["agent", "--config", d.0.to_str().unwrap()]);
     assert_eq!(code, 2, "{err}");
-    assert_one_line(&err, &format!("{}: cannot read the config", d.display()));
+    assert_one_line(&err, &format!("{}: cannot read the config", d.0.display()));
 }
 
 #[test]
