@@ -17,10 +17,11 @@ use crate::events::Losses;
 use crate::loader::{Session, SEED_PROGRAMS};
 use crate::model::{Conn, UdpFlow};
 use crate::output::Renderer;
-use crate::skel::types::{sl_conn, sl_udp_flow, sl_udp_key};
+use crate::skel::types::{sl_conn, sl_conn_flag, sl_udp_flow, sl_udp_key};
 use crate::trace::{with_session, Live, TraceEvent, TraceRequest, POLL};
 
 const IPPROTO_UDP: u16 = libc::IPPROTO_UDP as u16;
+const IPPROTO_TCP: u16 = libc::IPPROTO_TCP as u16;
 
 /// One path per distinct network namespace: every process's, and the named ones.
 fn netns_paths() -> Vec<PathBuf> {
@@ -65,17 +66,25 @@ fn run_iterators(links: &[Link]) -> io::Result<()> {
 /// RTT and retransmits of tracked ones, by running the socket iterators in
 /// every network namespace. An iterator walks the netns of the thread that
 /// opens it, so this thread visits each in turn.
+///
+/// A refresh also sweeps out TCP entries of sockets the kernel no longer has
+/// (see `sweep`).
 pub fn seed(session: &Session<'_>, adopt_new: bool) -> Result<usize> {
-    session
-        .skel
-        .maps
-        .seed_mode
-        .update(
-            &0u32.to_ne_bytes(),
-            &u32::from(adopt_new).to_ne_bytes(),
-            MapFlags::ANY,
-        )
-        .map_err(|e| Error::kernel("setting seed mode", e))?;
+    let mode = &session.skel.maps.seed_mode;
+    let set = |slot: u32, value: u32| {
+        mode.update(&slot.to_ne_bytes(), &value.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| Error::kernel("setting seed mode", e))
+    };
+    let gen = mode
+        .lookup(&1u32.to_ne_bytes(), MapFlags::ANY)
+        .ok()
+        .flatten()
+        .and_then(|v| v.try_into().ok())
+        .map_or(0, u32::from_ne_bytes)
+        .wrapping_add(1);
+    let started = monotonic_ns();
+    set(0, u32::from(adopt_new))?;
+    set(1, gen)?;
     let obj = libbpf_rs::skel::Skel::object(&session.skel);
     let mut links = Vec::new();
     for prog in obj.progs_mut() {
@@ -88,11 +97,12 @@ pub fn seed(session: &Session<'_>, adopt_new: bool) -> Result<usize> {
     }
     let home = fs::File::open("/proc/thread-self/ns/net")
         .map_err(|e| Error::kernel("opening own netns", e))?;
-    let mut visited = 0;
+    let mut walked_netns = BTreeSet::new();
     for path in netns_paths() {
         let Ok(ns) = fs::File::open(&path) else {
             continue;
         };
+        let Ok(meta) = ns.metadata() else { continue };
         if setns(&ns, CloneFlags::CLONE_NEWNET).is_err() {
             continue;
         }
@@ -100,10 +110,53 @@ pub fn seed(session: &Session<'_>, adopt_new: bool) -> Result<usize> {
         setns(&home, CloneFlags::CLONE_NEWNET)
             .map_err(|e| Error::kernel("returning to own netns", e.desc()))?;
         if walked.is_ok() {
-            visited += 1;
+            walked_netns.insert(meta.ino());
         }
     }
-    Ok(visited)
+    if !adopt_new {
+        sweep(session, gen, started, &walked_netns);
+    }
+    Ok(walked_netns.len())
+}
+
+fn monotonic_ns() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        u64::try_from(t.tv_sec()).unwrap_or(0) * 1_000_000_000
+            + u64::try_from(t.tv_nsec()).unwrap_or(0)
+    })
+}
+
+/// Drops TCP entries whose socket the iterator pass `gen` did not find in a
+/// netns it walked. The state hook can miss a socket's close: the kernel
+/// skips a tracing program that is already running on the same CPU (a state
+/// change in softirq interrupting its run in process context; counted as
+/// `missed`). Entries younger than a second are left alone (a connect is
+/// tracked just before the kernel hashes it), and so are closed sockets still
+/// holding unread data (unhashed, but their record waits for the read).
+fn sweep(session: &Session<'_>, gen: u32, started_ns: u64, walked_netns: &BTreeSet<u64>) {
+    const GRACE_NS: u64 = 1_000_000_000;
+    let map = &session.skel.maps.conns;
+    let stale: Vec<Vec<u8>> = map
+        .keys()
+        .filter(|k| {
+            let Some(v) = map.lookup(k, MapFlags::ANY).ok().flatten() else {
+                return false;
+            };
+            let mut raw = sl_conn::default();
+            if plain::copy_from_bytes(&mut raw, &v).is_err() {
+                return false;
+            }
+            let draining = u32::from(raw.flags) & sl_conn_flag::SL_CONN_DRAINING.0 != 0;
+            raw.proto == IPPROTO_TCP
+                && raw.seen_gen != gen
+                && !draining
+                && raw.start_ns + GRACE_NS < started_ns
+                && walked_netns.contains(&u64::from(raw.netns))
+        })
+        .collect();
+    for k in stale {
+        let _ = map.delete(&k);
+    }
 }
 
 /// Who owns a socket, found from /proc for sockets seeded without one.

@@ -2,6 +2,7 @@
 //! decoded into typed events, with every loss counted.
 
 use std::cell::{Cell, RefCell};
+use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -39,6 +40,10 @@ pub struct Losses {
     pub malformed: u64,
     /// Connections not tracked because the conns map was full.
     pub untracked: u64,
+    /// Hook runs the kernel skipped: a BPF tracing program does not run
+    /// while it is already running on the same CPU (say, a TCP state change
+    /// in softirq that interrupts its own run in process context).
+    pub missed: u64,
     /// UDP flows not tracked because the udp_flows map was full.
     pub udp_untracked: u64,
 }
@@ -152,9 +157,24 @@ impl<'a> EventStream<'a> {
                 + self.extra_lost.iter().map(|f| f()).sum::<u64>(),
             malformed: self.malformed.get(),
             untracked: kernel_stat(self.session, sl_stat::SL_STAT_UNTRACKED),
+            missed: recursion_misses(self.session),
             udp_untracked: kernel_stat(self.session, sl_stat::SL_STAT_UDP_UNTRACKED),
         }
     }
+}
+
+/// The kernel's own count of skipped runs (bpf_prog_info.recursion_misses)
+/// over this session's programs.
+fn recursion_misses(session: &Session<'_>) -> u64 {
+    let ids: std::collections::HashSet<u32> = libbpf_rs::skel::Skel::object(&session.skel)
+        .progs()
+        .filter(|p| p.autoload()) // the others were never loaded: no fd
+        .filter_map(|p| libbpf_rs::Program::id_from_fd(p.as_fd()).ok())
+        .collect();
+    libbpf_rs::query::ProgInfoIter::default()
+        .filter(|info| ids.contains(&info.id))
+        .map(|info| info.recursion_misses)
+        .sum()
 }
 
 /// Sum over CPUs of one slot of the BPF side's `stats` counters.

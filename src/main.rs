@@ -376,8 +376,8 @@ fn parse_cli() -> Result<Cli, ExitCode> {
 
 fn report_losses(events: u64, l: &socklens::events::Losses) {
     eprintln!(
-        "socklens: {events} events, {} lost, {} malformed, {} untracked connections, {} untracked UDP flows",
-        l.lost, l.malformed, l.untracked, l.udp_untracked
+        "socklens: {events} events, {} lost, {} malformed, {} untracked connections, {} untracked UDP flows, {} missed hook runs",
+        l.lost, l.malformed, l.untracked, l.udp_untracked, l.missed
     );
 }
 

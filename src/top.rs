@@ -653,7 +653,7 @@ struct Sheet {
 fn summary_line(t: &Totals, elapsed: Duration) -> String {
     let l = &t.losses;
     format!(
-        "conns {} tracked ({} listening), {} closed, {} UDP flows | TX {}/s RX {}/s, {} retransmits | lost {}, malformed {}, untracked {} (UDP {})",
+        "conns {} tracked ({} listening), {} closed, {} UDP flows | TX {}/s RX {}/s, {} retransmits | lost {}, malformed {}, untracked {} (UDP {}), missed {}",
         t.tracked,
         t.listening,
         t.closed,
@@ -665,6 +665,7 @@ fn summary_line(t: &Totals, elapsed: Duration) -> String {
         l.malformed,
         l.untracked,
         l.udp_untracked,
+        l.missed,
     )
 }
 
@@ -816,6 +817,7 @@ fn json_totals(report: &Report, view: View, rows: usize) -> Value {
         "malformed": t.losses.malformed,
         "untracked": t.losses.untracked,
         "udp_untracked": t.losses.udp_untracked,
+        "missed": t.losses.missed,
     })
 }
 

@@ -490,6 +490,7 @@ fn write_summary(
         "malformed": summary.losses.malformed,
         "untracked": summary.losses.untracked,
         "udp_untracked": summary.losses.udp_untracked,
+        "missed": summary.losses.missed,
         "attach": attach,
     });
     match writeln!(out, "{line}").and_then(|()| out.flush()) {

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub policy_audits: Family<Labels, Counter>,
     pub events_lost: Counter,
     pub events_malformed: Counter,
+    pub hook_runs_missed: Counter,
     pub untracked: Family<Labels, Counter>,
     pub map_fill: Family<Labels, Gauge<f64, AtomicU64>>,
     pub hook_attach: Family<Labels, Gauge>,
@@ -66,6 +67,7 @@ impl Metrics {
             policy_audits: Family::default(),
             events_lost: Counter::default(),
             events_malformed: Counter::default(),
+            hook_runs_missed: Counter::default(),
             untracked: Family::default(),
             map_fill: Family::default(),
             hook_attach: Family::default(),
@@ -144,6 +146,11 @@ impl Metrics {
             "socklens_events_malformed",
             "Event records that did not decode",
             m.events_malformed.clone(),
+        );
+        r.register(
+            "socklens_hook_runs_missed",
+            "Hook runs the kernel skipped because the program was already running on that CPU",
+            m.hook_runs_missed.clone(),
         );
         r.register(
             "socklens_untracked",

@@ -439,6 +439,8 @@ impl Agent {
         m.events_lost.inc_by(now.lost.saturating_sub(before.lost));
         m.events_malformed
             .inc_by(now.malformed.saturating_sub(before.malformed));
+        m.hook_runs_missed
+            .inc_by(now.missed.saturating_sub(before.missed));
         // get_or_create even for 0: the series exist from the first scrape.
         m.untracked
             .get_or_create(&vec![label("map", "conns")])

@@ -1045,9 +1045,11 @@ int BPF_PROG(sl_tp_retransmit, struct sock *sk)
 
 /* Slot 0: 1 while seeding at start; 0 when only refreshing tracked entries
  * (RTT and retransmits move on ACKs, which no hook here sees). */
+/* seed_mode[0]: adopt new sockets (1) or refresh only (0); [1]: the pass's
+ * generation, stamped on every entry the pass sees. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
 } seed_mode SEC(".maps");
@@ -1055,10 +1057,13 @@ struct {
 static __always_inline void seed(struct sock *sk)
 {
 	__u64 key = (__u64)sk;
-	__u32 zero = 0;
+	__u32 zero = 0, one = 1;
 	__u32 *seeding = bpf_map_lookup_elem(&seed_mode, &zero);
+	__u32 *gen = bpf_map_lookup_elem(&seed_mode, &one);
 	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
 
+	if (c && gen)
+		c->seen_gen = *gen;
 	if (c) {
 		/* the state hook skips the transitions in between (state_matters) */
 		c->state = BPF_CORE_READ(sk, __sk_common.skc_state);
@@ -1074,6 +1079,8 @@ static __always_inline void seed(struct sock *sk)
 	if (!c)
 		return;
 	c->flags |= SL_CONN_SEEDED;
+	if (gen)
+		c->seen_gen = *gen;
 	if (c->state == SL_TCP_ESTABLISHED)
 		c->flags |= SL_CONN_ESTABLISHED;
 	read_tcp_info(c, sk);

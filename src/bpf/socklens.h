@@ -92,6 +92,7 @@ struct sl_conn {
 	__u32 srtt_us;
 	__u32 rttvar_us;
 	__s32 error;       /* sk_err when it closed: why a connect failed */
+	__u32 seen_gen;    /* last socket-iterator pass that saw it (src/conns.rs sweep) */
 	__u16 family;
 	__u16 proto;
 	__u16 sport;
