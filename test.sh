@@ -15,6 +15,10 @@ cargo clippy --locked --all-targets -- -D warnings
 # Live tests share the kernel's tracing state (tracefs, loaded programs):
 # one at a time.
 cargo test --locked -- --test-threads=1
+# The tracepoint tier's variant for kernels without sock:sock_send_length /
+# sock_recv_length (before 6.3): byte counts from the socket syscalls' exits.
+SOCKLENS_DISABLE=sock_send_length,sock_recv_length \
+    cargo test --locked --test live_conns -- --test-threads=1
 
 if [ "${SOCKLENS_VM:-1}" = 0 ] && [ "${CI:-}" != true ]; then
     echo "test.sh: kernel matrix skipped (SOCKLENS_VM=0); CI always runs it" >&2

@@ -38,6 +38,8 @@ QUIET_CORES = 0.2
 CONTENDED_CORES = 0.75
 NS = f"slbench{os.getpid()}"
 ALL_EVENTS = "bind,listen,established,accept,close,retransmit"
+# What an operator streams to a log: every connection record, no per-call events.
+CONN_EVENTS = "established,close,retransmit"
 READY = "Ctrl-C to stop"
 # Per-connection byte counting in bpftrace, the same tracepoints and the
 # same rules (bytes returned, no MSG_PEEK) as socklens' tracepoint tier.
@@ -163,6 +165,7 @@ class Tracer:
         else:
             args = {
                 "socklens-trace": ["trace", "--events", ALL_EVENTS, "--json"],
+                "socklens-conn-events": ["trace", "--events", CONN_EVENTS, "--json"],
                 "socklens-conns": ["conns", "--duration", "3600"],
             }[self.name]
             self.proc = subprocess.Popen(
@@ -244,8 +247,11 @@ def workload(name):
     raise ValueError(name)
 
 
-WORKLOADS = ["rr-1B", "rr-1KiB", "iperf3", "churn"]
-CONDITIONS = ["base", "socklens-trace", "socklens-conns", "bpftrace"]
+WORKLOADS = os.environ.get("WORKLOADS", "rr-1B,rr-1KiB,iperf3,churn").split(",")
+CONDITIONS = os.environ.get(
+    "CONDITIONS", "base,socklens-trace,socklens-conn-events,socklens-conns,bpftrace").split(",")
+# Which parts run: side (the side-by-side rounds), stats (BPF run time), memory.
+PASSES = os.environ.get("PASSES", "side,stats,memory").split(",")
 
 
 def one_run(wl, cond):
@@ -317,9 +323,10 @@ def bpf_stats_pass():
     try:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
             f.write("1")
-        for wl in ["churn", "rr-1B"]:
+        for wl, cond in [(w, c) for w in ["churn", "rr-1B"]
+                         for c in ["socklens-conns", "socklens-trace"]]:
             for _ in range(max(1, ROUNDS // 2)):
-                tracer = Tracer("socklens-trace")
+                tracer = Tracer(cond)
                 tracer.start()
                 before = bpf_run_stats(tracer.proc.pid)
                 t0 = tracer.cpu()
@@ -331,10 +338,10 @@ def bpf_stats_pass():
                 ns = sum(after[n][1] - before.get(n, (0, 0))[1] for n in after)
                 per_prog = {n: [after[n][0] - before.get(n, (0, 0))[0],
                                 after[n][1] - before.get(n, (0, 0))[1]] for n in after}
-                out.append({"workload": wl, "rate": rate, "ops": ops, "events": events,
+                out.append({"workload": wl, "condition": cond, "rate": rate, "ops": ops, "events": events,
                             "lost": lost, "bpf_runs": runs, "bpf_ns": ns,
                             "agent_cpu_s": t1 - t0, "per_prog": per_prog})
-                log(f"bpf_stats {wl}: {runs} runs, {ns / max(runs, 1):.0f} ns/run, "
+                log(f"bpf_stats {wl} {cond}: {runs} runs, {ns / max(runs, 1):.0f} ns/run, "
                     f"agent {t1 - t0:.2f} s, events {events} lost {lost}")
     finally:
         with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
@@ -539,7 +546,7 @@ def markdown(info, rows, stats, mem):
             f"{fmt(r['events'], '.0f')} | {fmt(r['lost_total'], 'd')} |")
     churn = {r["condition"]: r for r in rows if r["workload"] == "churn"}
     base = churn.get("base")
-    for cond in ("socklens-trace",):
+    for cond in ("socklens-trace", "socklens-conn-events"):
         r = churn.get(cond)
         if base and r and r["events"]:
             events_per_op = r["events"] / (r["median_rate"] * info["secs"])
@@ -549,14 +556,14 @@ def markdown(info, rows, stats, mem):
                        f"connection over base; at {events_per_op:.2f} events per connection that is "
                        f"{extra / events_per_op:.0f} ns per event (all CPUs, /proc/stat).")
     out += ["", "BPF run time (kernel.bpf_stats_enabled=1, separate runs under `socklens trace`):", "",
-            "| workload | rate | hook runs | ns per hook run | agent CPU (s) | events | lost | "
+            "| workload | condition | rate | hook runs | ns per hook run | agent CPU (s) | events | lost | "
             "(kernel + agent) ns per emitted event (delivered + lost) |",
-            "|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|"]
     for s in stats:
         # Only churn emits events in bulk; rr has a handful (its connect).
         emitted = (s["events"] or 0) + (s["lost"] or 0)
         per_event = (s["bpf_ns"] + s["agent_cpu_s"] * 1e9) / emitted if emitted > 1000 else None
-        out.append(f"| {s['workload']} | {s['rate']:.0f} | {s['bpf_runs']} | "
+        out.append(f"| {s['workload']} | {s['condition']} | {s['rate']:.0f} | {s['bpf_runs']} | "
                    f"{s['bpf_ns'] / max(s['bpf_runs'], 1):.0f} | {s['agent_cpu_s']:.2f} | {s['events']} | "
                    f"{s['lost']} | {fmt(per_event, '.0f')} |")
     out += ["", "Memory and start-up:", "", "```", json.dumps(mem, indent=1), "```"]
@@ -575,9 +582,9 @@ def main():
         iperf = subprocess.Popen(pinned("iperf3", "-s"), stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
         time.sleep(1)
-        results = side_by_side()
-        stats = bpf_stats_pass()
-        mem = memory_pass()
+        results = side_by_side() if "side" in PASSES else []
+        stats = bpf_stats_pass() if "stats" in PASSES else {}
+        mem = memory_pass() if "memory" in PASSES else {}
     finally:
         if iperf:
             iperf.terminate()

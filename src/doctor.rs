@@ -54,7 +54,11 @@ pub fn run(btf: &Path, force: Option<Tier>, out: &mut dyn Write) -> Result<()> {
     for hook in Hook::ALL {
         match plan::plan_hook(&caps, hook, force) {
             Ok(hp) => {
-                writeln!(out, "  {:<8} {}", hook.name(), hp.tier).map_err(io)?;
+                match hp.how() {
+                    Some(how) => writeln!(out, "  {:<8} {} ({how})", hook.name(), hp.tier),
+                    None => writeln!(out, "  {:<8} {}", hook.name(), hp.tier),
+                }
+                .map_err(io)?;
                 for (tier, why) in &hp.rejected {
                     writeln!(out, "           rejected {tier}: {why}").map_err(io)?;
                 }

@@ -128,7 +128,9 @@ impl<'a> EventStream<'a> {
     /// Waits up to `timeout` for records and returns the decoded events.
     pub fn poll(&self, timeout: Duration) -> Result<Vec<Event>> {
         let polled = match &self.source {
-            Source::Ring(rb) => rb.poll(timeout),
+            // Records come without a wakeup until a batch is waiting
+            // (src/bpf/common.bpf.h): drain whatever is there after the wait.
+            Source::Ring(rb) => rb.poll(timeout).and_then(|()| rb.consume()),
             Source::Perf(pb, extra) => pb.poll(timeout).and_then(|()| match extra {
                 Some(rb) => rb.consume(),
                 None => Ok(()),

@@ -4,6 +4,7 @@
 //! `plan` (pure: capabilities + options → attach tier per hook) → `loader` →
 //! `events` (ring/perf buffer) → `model` (typed events) → `output`.
 
+pub mod agent;
 pub mod cgevents;
 pub mod cgroup;
 pub mod cgroup_attach;

@@ -6,10 +6,10 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject};
+use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject, ProgramType};
 
 use crate::error::{Error, Result};
-use crate::plan::Plan;
+use crate::plan::{Hook, Plan};
 use crate::probe::{errno_name, KernelShape};
 use crate::skel::{SocklensSkel, SocklensSkelBuilder};
 
@@ -103,6 +103,9 @@ pub fn load<'obj>(
     if opts.max_conns.is_some() {
         wanted.extend(SEED_PROGRAMS);
     }
+    if sendfile_in_send_len(opts.plan) {
+        wanted.remove(SENDFILE_LEN);
+    }
     for mut prog in open.open_object_mut().progs_mut() {
         let keep = prog.name().to_str().is_some_and(|n| wanted.contains(n));
         prog.set_autoload(keep);
@@ -147,10 +150,33 @@ fn write_filters(
     ro.use_ringbuf = opts.buffer == BufferKind::Ring;
     ro.track_conns = opts.max_conns.is_some();
     ro.conn_events = opts.conn_events;
-    ro.sendfile_bypasses_sendmsg = opts.shape.sendfile_bypasses_sendmsg;
+    // The send hook misses sendfile data on tcp_sendpage kernels, and when it
+    // counts send syscalls rather than sock_sendmsg.
+    ro.sendfile_adds_tx = opts.shape.sendfile_bypasses_sendmsg
+        || opts
+            .plan
+            .hooks
+            .iter()
+            .any(|h| h.hook == Hook::Send && h.via_syscalls());
     ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
+    ro.sendfile_in_send_len = sendfile_in_send_len(opts.plan);
     ro.tracing_has_cookie_helper = opts.shape.tracing_cookie_helper;
     Ok(())
+}
+
+const SEND_LEN: &str = "sl_tp_send_len";
+const SENDFILE_LEN: &str = "sl_tp_sendfile_len";
+
+/// Both the send and the sendfile hook on sock:sock_send_length: the send
+/// program does the sendfile check too, and the sendfile program stays out
+/// (two programs on one tracepoint cost a second dispatch on every send).
+fn sendfile_in_send_len(plan: &Plan) -> bool {
+    let uses = |hook: Hook, prog: &str| {
+        plan.hooks
+            .iter()
+            .any(|h| h.hook == hook && h.programs().contains(&prog))
+    };
+    uses(Hook::Send, SEND_LEN) && uses(Hook::Sendfile, SENDFILE_LEN)
 }
 
 /// The variant of a program written for this kernel's function signatures.
@@ -167,11 +193,29 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> &'static str {
     }
 }
 
+/// cgroup sock_addr programs that only observe (UDP peers for the tracepoint
+/// tier) go at the cgroup v2 root, through a bpf_link: multi-attach, so they
+/// run beside whatever else is attached there and judge nothing.
+fn attach_at_cgroup_root(prog: &libbpf_rs::ProgramMut<'_>) -> libbpf_rs::Result<Link> {
+    let root = crate::system::cgroup2_root().ok_or_else(|| {
+        libbpf_rs::Error::from(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "no cgroup2 mount",
+        ))
+    })?;
+    let dir = File::open(&root).map_err(libbpf_rs::Error::from)?;
+    prog.attach_cgroup(dir.as_raw_fd())
+}
+
 /// Attaches the plan's programs one by one, so a failure names its hook.
 fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Vec<Link>> {
     let mut links = Vec::new();
+    let merged = sendfile_in_send_len(plan);
     for hook in &plan.hooks {
         for name in hook.programs().iter().map(|p| shaped(p, shape)) {
+            if merged && name == SENDFILE_LEN {
+                continue;
+            }
             let prog = skel
                 .object()
                 .progs_mut()
@@ -182,7 +226,12 @@ fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Ve
                         "missing from object",
                     )
                 })?;
-            let link = prog.attach().map_err(|e| {
+            let link = if prog.prog_type() == ProgramType::CgroupSockAddr {
+                attach_at_cgroup_root(&prog)
+            } else {
+                prog.attach()
+            };
+            let link = link.map_err(|e| {
                 Error::kernel(
                     format!("{}: attaching {} program {name}", hook.hook, hook.tier),
                     format!("{} ({e})", errno_name(&e)),
@@ -197,7 +246,6 @@ fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Hook;
 
     /// Names in src/plan.rs and `shaped` must match programs in the object.
     #[test]

@@ -1,6 +1,6 @@
 //! The socklens command line.
 
-use std::io;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -46,6 +46,18 @@ enum Command {
     Policy(PolicyCommand),
     /// Detach and unpin everything socklens ever pinned (policy included).
     Down,
+    /// Run as a daemon: tracing and the configured policy, served as
+    /// Prometheus metrics (SIGHUP reloads the config, SIGTERM stops).
+    Agent(AgentArgs),
+}
+
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// The agent's config (TOML); without this option, a missing default file means defaults.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    attach: AttachArg,
 }
 
 #[derive(Debug, Subcommand)]
@@ -378,7 +390,10 @@ fn run(cli: &Cli) -> Result<(), Error> {
     let mut stdout = io::stdout().lock();
     match &cli.command {
         Command::Trace(args) => {
-            let summary = socklens::trace::run(&args.request(cli.btf.clone()), &stop, &mut stdout)?;
+            // Block-buffered: stdout is line-buffered, a write(2) per event;
+            // the event loop flushes after each batch it drains.
+            let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
+            let summary = socklens::trace::run(&args.request(cli.btf.clone()), &stop, &mut out)?;
             report_losses(summary.events, &summary.losses);
             Ok(())
         }
@@ -391,7 +406,10 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 cli.btf.clone(),
             );
             req.conn_events = false; // a snapshot reads the maps only
-            let losses = socklens::conns::run(&req, duration, &stop, &mut stdout)?;
+            let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
+            let losses = socklens::conns::run(&req, duration, &stop, &mut out)?;
+            out.flush()
+                .map_err(|e| Error::kernel("writing to stdout", e))?;
             report_losses(0, &losses);
             Ok(())
         }
@@ -409,6 +427,22 @@ fn run(cli: &Cli) -> Result<(), Error> {
         Command::Doctor { attach } => socklens::doctor::run(&cli.btf, attach.forced(), &mut stdout),
         Command::Policy(cmd) => run_policy(cmd, &stop, &mut stdout),
         Command::Down => socklens::policy::down(&mut stdout),
+        Command::Agent(args) => {
+            drop(stdout); // the event log may write to stdout from here
+            let hup = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
+                .map_err(|e| Error::kernel("installing signal handlers", e))?;
+            let agent_args = socklens::agent::AgentArgs {
+                explicit: args.config.is_some(),
+                config: args
+                    .config
+                    .clone()
+                    .unwrap_or_else(|| socklens::agent::config::DEFAULT_PATH.into()),
+                btf: cli.btf.clone(),
+                force: args.attach.forced(),
+            };
+            socklens::agent::run(&agent_args, &stop, &hup)
+        }
     }
 }
 

@@ -1,14 +1,16 @@
 //! Rendering events: bindsnoop/solisten-style columns and JSON lines.
 
+use serde::Serialize;
 use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::cgroup::CgroupPaths;
 use crate::model::{
-    errno_name, family_name, proto_name, tcp_state_name, Conn, ConnEvent, Event, SockEvent,
-    SockEventKind, UdpFlow,
+    errno_name, family_name, proto_name, tcp_state_name, Conn, ConnEvent, Direction, Event,
+    SockEvent, SockEventKind, UdpFlow,
 };
+use crate::plan::Tier;
 
 /// Converts CLOCK_MONOTONIC stamps (bpf_ktime_get_ns) to wall-clock time.
 #[derive(Debug, Clone, Copy)]
@@ -39,6 +41,48 @@ impl Clock {
     pub fn iso(&self, mono_ns: u64) -> String {
         self.wall(mono_ns).format(&Rfc3339).unwrap_or_default()
     }
+}
+
+/// The JSON form of a tracked connection (field names are the interface).
+#[derive(Serialize)]
+struct ConnRecord<'c> {
+    sk: String,
+    cookie: u64,
+    family: &'static str,
+    proto: String,
+    saddr: String,
+    sport: u16,
+    daddr: String,
+    dport: u16,
+    netns: u32,
+    direction: Direction,
+    state: &'static str,
+    pid: Option<u32>,
+    comm: Option<&'c str>,
+    uid: Option<u32>,
+    cgroup_id: Option<u64>,
+    cgroup: Option<String>,
+    tx_bytes: u64,
+    rx_bytes: u64,
+    sendfile_bytes: u64,
+    retransmits: u32,
+    srtt_us: u32,
+    rttvar_us: u32,
+    start: Option<String>,
+    end: Option<String>,
+    duration_ms: Option<f64>,
+    failure: Option<String>,
+    seeded: bool,
+}
+
+#[derive(Serialize)]
+struct ConnEventRecord<'c> {
+    event: &'static str,
+    time: String,
+    time_ns: u64,
+    attach: Tier,
+    #[serde(flatten)]
+    conn: ConnRecord<'c>,
 }
 
 /// Everything needed to turn events into text.
@@ -73,7 +117,7 @@ impl Renderer {
         match event {
             Event::Sock(e) if self.json => self.sock_json(e).to_string(),
             Event::Sock(e) => self.sock_columns(e),
-            Event::Conn(e) if self.json => self.conn_event_json(e).to_string(),
+            Event::Conn(e) if self.json => self.conn_event_line(e),
             Event::Conn(e) => self.conn_event_columns(e),
             Event::Cg(e) if self.json => crate::cgevents::json(self, e).to_string(),
             Event::Cg(e) => crate::cgevents::columns(self, e),
@@ -120,44 +164,62 @@ impl Renderer {
 
     /// Every field of a tracked connection, shared by events and snapshots.
     pub fn conn_json(&mut self, c: &Conn) -> Value {
-        json!({
-            "sk": format!("{:#x}", c.sk),
-            "cookie": c.cookie,
-            "family": family_name(c.family),
-            "proto": proto_name(c.proto),
-            "saddr": c.saddr.to_string(),
-            "sport": c.sport,
-            "daddr": c.daddr.to_string(),
-            "dport": c.dport,
-            "netns": c.netns,
-            "direction": c.direction,
-            "state": tcp_state_name(c.state),
-            "pid": c.owner_known.then_some(c.pid),
-            "comm": c.owner_known.then(|| c.comm.clone()),
-            "uid": c.owner_known.then_some(c.uid),
-            "cgroup_id": c.owner_known.then_some(c.cgroup_id),
-            "cgroup": if c.owner_known { self.cgroup_path(c.cgroup_id) } else { None },
-            "tx_bytes": c.tx_bytes,
-            "rx_bytes": c.rx_bytes,
-            "sendfile_bytes": c.sendfile_bytes,
-            "retransmits": c.retransmits,
-            "srtt_us": c.srtt_us,
-            "rttvar_us": c.rttvar_us,
-            "start": (c.start_ns > 0).then(|| self.clock.iso(c.start_ns)),
-            "end": (c.end_ns > 0).then(|| self.clock.iso(c.end_ns)),
-            "duration_ms": c.duration_ms(),
-            "failure": c.failure(),
-            "seeded": c.seeded,
-        })
+        serde_json::to_value(self.conn_record(c)).unwrap_or(Value::Null)
+    }
+
+    fn conn_record<'c>(&mut self, c: &'c Conn) -> ConnRecord<'c> {
+        let owner = c.owner_known;
+        ConnRecord {
+            sk: format!("{:#x}", c.sk),
+            cookie: c.cookie,
+            family: family_name(c.family),
+            proto: proto_name(c.proto),
+            saddr: c.saddr.to_string(),
+            sport: c.sport,
+            daddr: c.daddr.to_string(),
+            dport: c.dport,
+            netns: c.netns,
+            direction: c.direction,
+            state: tcp_state_name(c.state),
+            pid: owner.then_some(c.pid),
+            comm: owner.then_some(c.comm.as_str()),
+            uid: owner.then_some(c.uid),
+            cgroup_id: owner.then_some(c.cgroup_id),
+            cgroup: if owner {
+                self.cgroup_path(c.cgroup_id)
+            } else {
+                None
+            },
+            tx_bytes: c.tx_bytes,
+            rx_bytes: c.rx_bytes,
+            sendfile_bytes: c.sendfile_bytes,
+            retransmits: c.retransmits,
+            srtt_us: c.srtt_us,
+            rttvar_us: c.rttvar_us,
+            start: (c.start_ns > 0).then(|| self.clock.iso(c.start_ns)),
+            end: (c.end_ns > 0).then(|| self.clock.iso(c.end_ns)),
+            duration_ms: c.duration_ms(),
+            failure: c.failure(),
+            seeded: c.seeded,
+        }
+    }
+
+    /// A connection event as one JSON line. Serialized straight from a
+    /// struct: building a `Value` first cost most of the agent's time per
+    /// event under connection churn.
+    pub fn conn_event_line(&mut self, e: &ConnEvent) -> String {
+        let record = ConnEventRecord {
+            event: e.kind.name(),
+            time: self.clock.iso(e.ts_ns),
+            time_ns: e.ts_ns,
+            attach: e.tier,
+            conn: self.conn_record(&e.conn),
+        };
+        serde_json::to_string(&record).unwrap_or_default()
     }
 
     pub fn conn_event_json(&mut self, e: &ConnEvent) -> Value {
-        let mut v = self.conn_json(&e.conn);
-        v["event"] = json!(e.kind.name());
-        v["time"] = json!(self.clock.iso(e.ts_ns));
-        v["time_ns"] = json!(e.ts_ns);
-        v["attach"] = json!(e.tier);
-        v
+        serde_json::from_str(&self.conn_event_line(e)).unwrap_or(Value::Null)
     }
 
     pub fn udp_flow_json(&mut self, owner: Option<&Conn>, f: &UdpFlow) -> Value {

@@ -135,6 +135,10 @@ pub enum Requirement {
     Tracepoint(&'static str, &'static str),
     /// A BTF-typed tracepoint (tp_btf), as (category, name).
     TpBtf(&'static str, &'static str),
+    /// A mounted cgroup v2 hierarchy, for cgroup sock_addr programs at its root.
+    CgroupV2,
+    /// A kernel function that exists (in BTF), for the way the kernel works.
+    BtfFunc(&'static str),
 }
 
 impl fmt::Display for Requirement {
@@ -144,17 +148,30 @@ impl fmt::Display for Requirement {
             Self::Kprobe(func) => write!(f, "kprobe/{func}"),
             Self::Tracepoint(cat, name) => write!(f, "tracepoint {cat}:{name}"),
             Self::TpBtf(cat, name) => write!(f, "tp_btf {cat}:{name}"),
+            Self::CgroupV2 => f.write_str("cgroup v2"),
+            Self::BtfFunc(func) => write!(f, "kernel function {func}"),
         }
     }
 }
 
-/// One way to serve a hook.
+/// One way to serve a hook. A hook may list several specs of one tier, best
+/// first: the first whose requirements hold serves it.
 #[derive(Debug)]
 pub struct TierSpec {
     pub tier: Tier,
     pub requires: &'static [Requirement],
     /// Program names in src/bpf/socklens.bpf.c.
     pub programs: &'static [&'static str],
+}
+
+impl TierSpec {
+    /// Enabling any syscall tracepoint puts every syscall of every task on
+    /// the kernel's slow path, traced or not: a cost worth avoiding.
+    pub fn slows_all_syscalls(&self) -> bool {
+        self.requires
+            .iter()
+            .any(|r| matches!(r, Requirement::Tracepoint("syscalls", _)))
+    }
 }
 
 const BIND_TIERS: &[TierSpec] = &[
@@ -289,17 +306,31 @@ const SEND_TIERS: &[TierSpec] = &[
         tier: Tier::Tracepoint,
         requires: &[
             Requirement::TpBtf("sock", "sock_send_length"),
+            Requirement::CgroupV2,
+        ],
+        programs: &["sl_tp_send_len", "sl_cg_udp_send4", "sl_cg_udp_send6"],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[
+            Requirement::Tracepoint("syscalls", "sys_enter_write"),
+            Requirement::Tracepoint("syscalls", "sys_exit_write"),
+            Requirement::Tracepoint("syscalls", "sys_enter_writev"),
+            Requirement::Tracepoint("syscalls", "sys_exit_writev"),
             Requirement::Tracepoint("syscalls", "sys_enter_sendto"),
-            Requirement::Tracepoint("syscalls", "sys_enter_sendmsg"),
             Requirement::Tracepoint("syscalls", "sys_exit_sendto"),
+            Requirement::Tracepoint("syscalls", "sys_enter_sendmsg"),
             Requirement::Tracepoint("syscalls", "sys_exit_sendmsg"),
         ],
         programs: &[
-            "sl_tp_send_len",
-            "sl_tp_sendto_enter",
-            "sl_tp_sendmsg_enter",
-            "sl_tp_sendto_exit",
-            "sl_tp_sendmsg_exit",
+            "sl_sys_write_enter",
+            "sl_sys_write_exit",
+            "sl_sys_writev_enter",
+            "sl_sys_writev_exit",
+            "sl_sys_sendto_enter",
+            "sl_sys_sendto_exit",
+            "sl_sys_sendmsg_enter",
+            "sl_sys_sendmsg_exit",
         ],
     },
 ];
@@ -338,17 +369,31 @@ const RECV_TIERS: &[TierSpec] = &[
         tier: Tier::Tracepoint,
         requires: &[
             Requirement::TpBtf("sock", "sock_recv_length"),
+            Requirement::CgroupV2,
+        ],
+        programs: &["sl_tp_recv_len", "sl_cg_udp_recv4", "sl_cg_udp_recv6"],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[
+            Requirement::Tracepoint("syscalls", "sys_enter_read"),
+            Requirement::Tracepoint("syscalls", "sys_exit_read"),
+            Requirement::Tracepoint("syscalls", "sys_enter_readv"),
+            Requirement::Tracepoint("syscalls", "sys_exit_readv"),
             Requirement::Tracepoint("syscalls", "sys_enter_recvfrom"),
-            Requirement::Tracepoint("syscalls", "sys_enter_recvmsg"),
             Requirement::Tracepoint("syscalls", "sys_exit_recvfrom"),
+            Requirement::Tracepoint("syscalls", "sys_enter_recvmsg"),
             Requirement::Tracepoint("syscalls", "sys_exit_recvmsg"),
         ],
         programs: &[
-            "sl_tp_recv_len",
-            "sl_tp_recvfrom_enter",
-            "sl_tp_recvmsg_enter",
-            "sl_tp_recvfrom_exit",
-            "sl_tp_recvmsg_exit",
+            "sl_sys_read_enter",
+            "sl_sys_read_exit",
+            "sl_sys_readv_enter",
+            "sl_sys_readv_exit",
+            "sl_sys_recvfrom_enter",
+            "sl_sys_recvfrom_exit",
+            "sl_sys_recvmsg_enter",
+            "sl_sys_recvmsg_exit",
         ],
     },
 ];
@@ -363,6 +408,14 @@ const SENDFILE_TIERS: &[TierSpec] = &[
         tier: Tier::Kprobe,
         requires: &[Requirement::Kprobe("do_sendfile")],
         programs: &["sl_kp_sendfile", "sl_kr_sendfile"],
+    },
+    TierSpec {
+        tier: Tier::Tracepoint,
+        requires: &[
+            Requirement::TpBtf("sock", "sock_send_length"),
+            Requirement::BtfFunc("splice_to_socket"),
+        ],
+        programs: &["sl_tp_sendfile_len"],
     },
     TierSpec {
         tier: Tier::Tracepoint,
@@ -418,6 +471,9 @@ pub struct PlanOptions {
     pub hooks: Vec<Hook>,
     /// Use this tier for every hook, or fail; `None` picks the best available.
     pub force: Option<Tier>,
+    /// Hooks worth having only when cheap: left out (see `Plan::skipped`)
+    /// when the way chosen for them would slow every syscall on the host.
+    pub optional: Vec<Hook>,
 }
 
 /// The chosen tier of one hook and why each better tier lost.
@@ -425,18 +481,49 @@ pub struct PlanOptions {
 pub struct HookPlan {
     pub hook: Hook,
     pub tier: Tier,
+    /// Index of the chosen spec in `hook.tiers()`.
+    pub variant: usize,
     pub rejected: Vec<(Tier, String)>,
 }
 
 impl HookPlan {
+    pub fn spec(&self) -> &'static TierSpec {
+        &self.hook.tiers()[self.variant]
+    }
+
     pub fn programs(&self) -> &'static [&'static str] {
-        spec(self.hook, self.tier).programs
+        self.spec().programs
+    }
+
+    /// The chosen way in a few words, when a tier has more than one.
+    pub fn how(&self) -> Option<String> {
+        let variants = self
+            .hook
+            .tiers()
+            .iter()
+            .filter(|s| s.tier == self.tier)
+            .count();
+        if variants < 2 {
+            return None;
+        }
+        if self.via_syscalls() {
+            return Some("syscall tracepoints".to_owned());
+        }
+        let reqs: Vec<String> = self.spec().requires.iter().map(|r| r.to_string()).collect();
+        Some(reqs.join(" + "))
+    }
+
+    /// Whether the chosen way is the syscall-tracepoint one.
+    pub fn via_syscalls(&self) -> bool {
+        self.spec().slows_all_syscalls()
     }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub hooks: Vec<HookPlan>,
+    /// Optional hooks left out, and why.
+    pub skipped: Vec<(Hook, String)>,
 }
 
 impl Plan {
@@ -476,18 +563,26 @@ fn join_reasons(reasons: &[(Tier, String)]) -> String {
         .join("; ")
 }
 
-fn spec(hook: Hook, tier: Tier) -> &'static TierSpec {
-    hook.tiers()
-        .iter()
-        .find(|s| s.tier == tier)
-        .unwrap_or_else(|| unreachable!("every hook lists every tier"))
-}
-
 /// Why a tier cannot serve its hook: the first unmet requirement.
 fn tier_verdict(caps: &Capabilities, spec: &TierSpec) -> Result<(), String> {
     spec.requires
         .iter()
         .try_for_each(|&req| caps.check(req).map_err(|why| format!("{req}: {why}")))
+}
+
+/// The first spec of `tier` that works, or why none does (every variant's reason).
+fn pick_variant(caps: &Capabilities, hook: Hook, tier: Tier) -> Result<usize, String> {
+    let mut reasons = Vec::new();
+    for (i, spec) in hook.tiers().iter().enumerate() {
+        if spec.tier != tier {
+            continue;
+        }
+        match tier_verdict(caps, spec) {
+            Ok(()) => return Ok(i),
+            Err(why) => reasons.push(why),
+        }
+    }
+    Err(reasons.join(", or "))
 }
 
 /// Chooses the tier of one hook.
@@ -497,26 +592,28 @@ pub fn plan_hook(
     force: Option<Tier>,
 ) -> Result<HookPlan, PlanError> {
     if let Some(tier) = force {
-        return match tier_verdict(caps, spec(hook, tier)) {
-            Ok(()) => Ok(HookPlan {
+        return match pick_variant(caps, hook, tier) {
+            Ok(variant) => Ok(HookPlan {
                 hook,
                 tier,
+                variant,
                 rejected: Vec::new(),
             }),
             Err(reason) => Err(PlanError::ForcedUnavailable { hook, tier, reason }),
         };
     }
     let mut rejected = Vec::new();
-    for spec in hook.tiers() {
-        match tier_verdict(caps, spec) {
-            Ok(()) => {
+    for tier in Tier::ALL {
+        match pick_variant(caps, hook, tier) {
+            Ok(variant) => {
                 return Ok(HookPlan {
                     hook,
-                    tier: spec.tier,
+                    tier,
+                    variant,
                     rejected,
                 })
             }
-            Err(reason) => rejected.push((spec.tier, reason)),
+            Err(reason) => rejected.push((tier, reason)),
         }
     }
     Err(PlanError::NoTier {
@@ -526,14 +623,28 @@ pub fn plan_hook(
 }
 
 /// Chooses a tier for every requested hook; the first hook that cannot be
-/// served fails the whole plan.
+/// served fails the whole plan, unless it is optional.
 pub fn plan(caps: &Capabilities, opts: &PlanOptions) -> Result<Plan, PlanError> {
-    let hooks = opts
-        .hooks
-        .iter()
-        .map(|&hook| plan_hook(caps, hook, opts.force))
-        .collect::<Result<_, _>>()?;
-    Ok(Plan { hooks })
+    let mut plan = Plan {
+        hooks: Vec::new(),
+        skipped: Vec::new(),
+    };
+    for &hook in &opts.hooks {
+        let optional = opts.optional.contains(&hook);
+        match plan_hook(caps, hook, opts.force) {
+            Ok(hp) if optional && hp.via_syscalls() => plan.skipped.push((
+                hook,
+                format!(
+                    "{} would need syscall tracepoints, which slow every syscall",
+                    hp.tier
+                ),
+            )),
+            Ok(hp) => plan.hooks.push(hp),
+            Err(e) if optional => plan.skipped.push((hook, e.to_string())),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(plan)
 }
 
 /// Every requirement any tier of these hooks has, for the prober.
@@ -556,7 +667,10 @@ mod tests {
             let tier = match req {
                 Requirement::Fentry(_) => Tier::Fentry,
                 Requirement::Kprobe(_) => Tier::Kprobe,
-                Requirement::Tracepoint(..) | Requirement::TpBtf(..) => Tier::Tracepoint,
+                Requirement::Tracepoint(..)
+                | Requirement::TpBtf(..)
+                | Requirement::CgroupV2
+                | Requirement::BtfFunc(_) => Tier::Tracepoint,
             };
             let verdict = if working.contains(&tier) {
                 Ok(())
@@ -572,6 +686,7 @@ mod tests {
         PlanOptions {
             hooks: Hook::ALL.to_vec(),
             force,
+            optional: Vec::new(),
         }
     }
 
@@ -611,6 +726,7 @@ mod tests {
             &PlanOptions {
                 hooks: vec![Hook::Bind, Hook::Listen],
                 force: None,
+                optional: Vec::new(),
             },
         )
         .unwrap();
@@ -696,6 +812,7 @@ mod tests {
         let opts = PlanOptions {
             hooks: vec![Hook::Listen],
             force: None,
+            optional: Vec::new(),
         };
         let plan = plan(&caps_with(&[Tier::Tracepoint]), &opts).unwrap();
         assert_eq!(plan.hooks.len(), 1);
@@ -706,12 +823,67 @@ mod tests {
     #[test]
     fn every_tier_names_programs_and_requirements() {
         for hook in Hook::ALL {
-            let listed: Vec<Tier> = hook.tiers().iter().map(|s| s.tier).collect();
-            assert_eq!(listed, Tier::ALL, "{hook} lists tiers best first");
+            let mut listed: Vec<Tier> = hook.tiers().iter().map(|s| s.tier).collect();
+            assert!(listed.is_sorted(), "{hook} lists tiers best first");
+            listed.dedup();
+            assert_eq!(listed, Tier::ALL, "{hook} lists every tier");
             for spec in hook.tiers() {
                 assert!(!spec.programs.is_empty() && !spec.requires.is_empty());
             }
         }
+    }
+
+    #[test]
+    fn tracepoint_tier_prefers_tp_btf_and_cgroup_then_syscalls() {
+        let mut caps = caps_with(&[Tier::Tracepoint]);
+        let send = plan_hook(&caps, Hook::Send, None).unwrap();
+        assert!(!send.via_syscalls());
+        assert!(send.programs().contains(&"sl_cg_udp_send4"));
+        // No cgroup v2 (or, before 6.3, no sock_send_length): syscall exits.
+        caps.set(Requirement::CgroupV2, Err("no cgroup2 mount".into()));
+        let send = plan_hook(&caps, Hook::Send, None).unwrap();
+        assert_eq!(send.tier, Tier::Tracepoint);
+        assert!(send.via_syscalls());
+        assert_eq!(send.how().as_deref(), Some("syscall tracepoints"));
+        let sendfile = plan_hook(&caps, Hook::Sendfile, None).unwrap();
+        assert!(!sendfile.via_syscalls(), "sendfile needs no cgroup");
+        caps.set(
+            Requirement::BtfFunc("splice_to_socket"),
+            Err("no BTF function".into()),
+        );
+        assert!(plan_hook(&caps, Hook::Sendfile, None)
+            .unwrap()
+            .via_syscalls());
+    }
+
+    #[test]
+    fn forced_tier_without_any_variant_names_every_reason() {
+        let mut caps = caps_with(&[Tier::Tracepoint]);
+        caps.set(Requirement::CgroupV2, Err("no cgroup2 mount".into()));
+        caps.set(
+            Requirement::Tracepoint("syscalls", "sys_enter_write"),
+            Err("absent".into()),
+        );
+        let err = plan_hook(&caps, Hook::Send, Some(Tier::Tracepoint)).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("cgroup v2: no cgroup2 mount"), "{msg}");
+        assert!(msg.contains("sys_enter_write: absent"), "{msg}");
+    }
+
+    #[test]
+    fn optional_hook_is_skipped_rather_than_served_by_syscall_tracepoints() {
+        let opts = PlanOptions {
+            hooks: vec![Hook::Accept, Hook::Send],
+            force: None,
+            optional: vec![Hook::Accept],
+        };
+        let tp = plan(&caps_with(&[Tier::Tracepoint]), &opts).unwrap();
+        assert_eq!(tp.tier_of(Hook::Accept), None);
+        assert_eq!(tp.skipped.len(), 1);
+        assert_eq!(tp.tier_of(Hook::Send), Some(Tier::Tracepoint));
+        let kp = plan(&caps_with(&[Tier::Kprobe, Tier::Tracepoint]), &opts).unwrap();
+        assert_eq!(kp.tier_of(Hook::Accept), Some(Tier::Kprobe));
+        assert!(kp.skipped.is_empty());
     }
 
     #[test]

@@ -88,6 +88,9 @@ impl Prober {
     }
 
     fn probe_one(&self, req: Requirement) -> Result<(), String> {
+        if disabled_by_env(req) {
+            return Err(format!("turned off by {DISABLE_ENV}"));
+        }
         match req {
             Requirement::Fentry(func) => self.fentry(func),
             Requirement::Kprobe(func) => self.kprobe(func),
@@ -95,6 +98,10 @@ impl Prober {
             Requirement::TpBtf(cat, name) => self
                 .tracepoint(cat, name)
                 .and_then(|()| self.btf_has_tp(name)),
+            Requirement::CgroupV2 => crate::system::cgroup2_root()
+                .map(drop)
+                .ok_or_else(|| "no cgroup2 mount in /proc/mounts".to_owned()),
+            Requirement::BtfFunc(func) => self.btf_has_func(func),
         }
     }
 
@@ -224,6 +231,24 @@ impl Prober {
             Err(format!("not in {}", self.tracefs.join("events").display()))
         }
     }
+}
+
+/// Test knob: a comma-separated list of BTF tracepoint names (say
+/// `sock_send_length`) and `cgroup` to treat as missing, so the suite can run
+/// the fallback variants of the tracepoint tier on a kernel that has the
+/// better ones (as on kernels before 6.3).
+const DISABLE_ENV: &str = "SOCKLENS_DISABLE";
+
+fn disabled_by_env(req: Requirement) -> bool {
+    let Ok(list) = std::env::var(DISABLE_ENV) else {
+        return false;
+    };
+    let name = match req {
+        Requirement::TpBtf(_, name) => name,
+        Requirement::CgroupV2 => "cgroup",
+        _ => return false,
+    };
+    list.split(',').any(|k| k.trim() == name)
 }
 
 /// Programs in one batched fentry trial load (copies in src/bpf/probe.bpf.c).

@@ -111,6 +111,8 @@ pub struct Counters {
     pub tx: u64,
     pub rx: u64,
     pub retrans: u64,
+    /// Part of `tx` that sendfile moved (the agent exports it apart).
+    pub sendfile: u64,
 }
 
 impl Counters {
@@ -119,6 +121,7 @@ impl Counters {
             tx: c.tx_bytes,
             rx: c.rx_bytes,
             retrans: u64::from(c.retransmits),
+            sendfile: c.sendfile_bytes,
         }
     }
 
@@ -127,6 +130,7 @@ impl Counters {
             tx: f.tx_bytes,
             rx: f.rx_bytes,
             retrans: 0,
+            sendfile: 0,
         }
     }
 
@@ -137,6 +141,7 @@ impl Counters {
             tx: self.tx.saturating_sub(before.tx),
             rx: self.rx.saturating_sub(before.rx),
             retrans: self.retrans.saturating_sub(before.retrans),
+            sendfile: self.sendfile.saturating_sub(before.sendfile),
         }
     }
 
@@ -144,6 +149,7 @@ impl Counters {
         self.tx += other.tx;
         self.rx += other.rx;
         self.retrans += other.retrans;
+        self.sendfile += other.sendfile;
     }
 
     fn is_zero(self) -> bool {
@@ -1261,7 +1267,8 @@ mod tests {
             Counters {
                 tx: 5,
                 rx: 0,
-                retrans: 3
+                retrans: 3,
+                sendfile: 0,
             }
         );
     }

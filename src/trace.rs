@@ -100,6 +100,23 @@ impl TraceRequest {
         self.events.iter().any(|e| e.tracks_conns())
     }
 
+    /// Hooks left out rather than served by syscall tracepoints, unless
+    /// their events are asked for. The accept hook gives an accepted
+    /// connection its owner early; without it the owner is the task that
+    /// first sends or receives on it. The listen hook adds listeners to the
+    /// map; without it snapshots find them with the socket iterator.
+    fn optional_hooks(&self) -> Vec<Hook> {
+        let wants = |e: TraceEvent| self.events.contains(&e);
+        let mut optional = Vec::new();
+        if !(self.conn_events && wants(TraceEvent::Accept)) {
+            optional.push(Hook::Accept);
+        }
+        if !wants(TraceEvent::Listen) {
+            optional.push(Hook::Listen);
+        }
+        optional
+    }
+
     /// The logical hooks behind the requested events.
     pub fn hooks(&self) -> Vec<Hook> {
         let mut hooks: Vec<Hook> = Vec::new();
@@ -196,6 +213,7 @@ pub fn prepare(req: &TraceRequest) -> Result<Prepared> {
         &PlanOptions {
             hooks,
             force: req.force,
+            optional: req.optional_hooks(),
         },
     )?;
     let buffer = match req.buffer {
@@ -220,6 +238,7 @@ fn describe(plan: &Plan, buffer: BufferKind) -> String {
         .hooks
         .iter()
         .map(|h| format!("{}: {}", h.hook, h.tier))
+        .chain(plan.skipped.iter().map(|(hook, _)| format!("{hook}: off")))
         .collect();
     let buf = match buffer {
         BufferKind::Ring => "ring buffer",

@@ -211,3 +211,48 @@ fn forced_tier_the_kernel_has_is_used() {
         assert!(h.2.is_empty(), "a forced tier lists no rejections: {out}");
     }
 }
+
+/// `doctor --attach tracepoint` with some capabilities turned off.
+fn doctor_tracepoint_lines(disable: &str) -> String {
+    let out = Command::new(SOCKLENS)
+        .args(["doctor", "--attach", "tracepoint"])
+        .env("SOCKLENS_DISABLE", disable)
+        .output()
+        .expect("spawn socklens");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn hook_line<'a>(doctor: &'a str, hook: &str) -> &'a str {
+    doctor
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(hook))
+        .unwrap_or_else(|| panic!("no {hook} line: {doctor}"))
+}
+
+#[test]
+fn tracepoint_tier_uses_syscall_exits_only_without_the_socket_tracepoints() {
+    require_root();
+    let has = |cat: &str, name: &str| {
+        let tracefs = std::path::Path::new("/sys/kernel/tracing/events");
+        tracefs.join(cat).join(name).join("id").exists()
+    };
+    let full = doctor_tracepoint_lines("");
+    let modern = has("sock", "sock_send_length") && has("sock", "sock_recv_length");
+    for hook in ["send", "recv"] {
+        let line = hook_line(&full, hook);
+        assert_eq!(
+            line.contains("syscall tracepoints"),
+            !modern,
+            "sock_*_length present: {modern}: {line}"
+        );
+    }
+    // What a kernel before 6.3 offers: the syscall exits, same tier.
+    let old = doctor_tracepoint_lines("sock_send_length,sock_recv_length");
+    for hook in ["send", "recv"] {
+        let line = hook_line(&old, hook);
+        assert!(line.contains("tracepoint (syscall tracepoints)"), "{line}");
+    }
+    let no_cgroup = doctor_tracepoint_lines("cgroup");
+    assert!(hook_line(&no_cgroup, "send").contains("syscall tracepoints"));
+}

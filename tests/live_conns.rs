@@ -725,3 +725,31 @@ fn no_stale_entries_after_10000_short_connections() {
         stale.first()
     );
 }
+
+#[test]
+fn listener_opened_after_start_is_listed_with_its_owner() {
+    require_root();
+    let comm = unique("sllisten");
+    let mut bed = None;
+    let (lines, stderr) = conns_snapshot(2.0, &["--comm", &comm], || {
+        let b = Bed::spawn(&[
+            "--comm",
+            &comm,
+            "bind,tcp4,127.0.0.1,0",
+            "listen,0,77",
+            "announce",
+            "wait",
+        ]);
+        bed = Some((b.report(), b));
+    });
+    let (report, mut bed) = bed.unwrap();
+    bed.release();
+    bed.finish();
+    let port = u(&report["steps"][0]["port"]);
+    let listener = lines
+        .iter()
+        .find(|l| l["state"] == "LISTEN" && u(&l["sport"]) == port)
+        .unwrap_or_else(|| panic!("no listener on {port}: {lines:?} ({stderr})"));
+    assert_eq!(listener["pid"], report["pid"], "{listener}");
+    assert_eq!(listener["comm"], comm.as_str(), "{listener}");
+}

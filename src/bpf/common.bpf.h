@@ -132,15 +132,31 @@ static __always_inline void fill_requested(struct sl_sock_event *e, const __u8 *
 		__builtin_memcpy(e->addr, sa + 4, 4);
 }
 
+/* Waking the reader for each record costs the producer an irq_work and the
+ * reader a context switch per record. Wake it when the backlog crosses a
+ * multiple of this many bytes (once per batch, not once per record while it
+ * stays above); the reader also drains on its poll timeout, so a lone record
+ * waits at most that long (src/events.rs). */
+#define SL_WAKEUP_BYTES (64 * 1024)
+
+static __always_inline __u64 ringbuf_wakeup(__u64 size)
+{
+	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+
+	return avail / SL_WAKEUP_BYTES != (avail + size) / SL_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
+									    : BPF_RB_NO_WAKEUP;
+}
+
 /* One record to user space, through whichever buffer the loader chose. */
 static __always_inline void output(void *ctx, void *data, __u64 size)
 {
 	long err;
 
-	if (use_ringbuf)
-		err = bpf_ringbuf_output(&events, data, size, 0);
-	else
+	if (use_ringbuf) {
+		err = bpf_ringbuf_output(&events, data, size, ringbuf_wakeup(size));
+	} else {
 		err = bpf_perf_event_output(ctx, &events, BPF_F_CURRENT_CPU, data, size);
+	}
 	if (err)
 		stat_inc(SL_STAT_EVENTS_LOST);
 }

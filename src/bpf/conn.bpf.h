@@ -20,9 +20,11 @@
 const volatile bool track_conns = false;
 /* false for snapshot-only users (`conns`): the maps are read, no event is sent. */
 const volatile bool conn_events = true;
-/* Kernels with tcp_sendpage (before 6.5) send sendfile data without tcp_sendmsg
- * or sock_sendmsg, so sendfile bytes must be added to tx_bytes by hand. */
-const volatile bool sendfile_bypasses_sendmsg = false;
+/* Whether the send hook misses sendfile data, so the sendfile hook must add it
+ * to tx_bytes: kernels with tcp_sendpage (before 6.5) send it without
+ * tcp_sendmsg or sock_sendmsg, and the syscall variant of the tracepoint tier
+ * sees only the send syscalls. */
+const volatile bool sendfile_adds_tx = false;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -99,6 +101,17 @@ static __always_inline void set_owner(struct sl_conn *c)
 	c->flags |= SL_CONN_OWNER;
 }
 
+/* First process-context use of a socket tracked from softirq (an accepted
+ * connection when the accept hook is not attached): it belongs to this task. */
+static __always_inline void claim(struct sl_conn *c, struct sock *sk)
+{
+	if (c->flags & SL_CONN_OWNER)
+		return;
+	set_owner(c);
+	if (!c->ino)
+		c->ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+}
+
 /* The entry of a socket, created if new. `in_task` says the current task owns
  * the socket (process context), so task filters apply and the owner is known. */
 static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie, __u8 direction,
@@ -107,6 +120,7 @@ static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie,
 	__u64 key = (__u64)sk;
 	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
 	struct sl_conn_event *tmp;
+	struct socket *sock;
 	long err;
 
 	if (c)
@@ -123,7 +137,9 @@ static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie,
 	tmp->conn.proto = sock_proto(sk);
 	tmp->conn.state = BPF_CORE_READ(sk, __sk_common.skc_state);
 	tmp->conn.direction = direction;
-	tmp->conn.ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	sock = BPF_CORE_READ(sk, sk_socket); /* none yet for a passive open */
+	if (sock)
+		tmp->conn.ino = BPF_CORE_READ(sock, file, f_inode, i_ino);
 	read_tuple(&tmp->conn, sk);
 	if (in_task)
 		set_owner(&tmp->conn);
@@ -206,6 +222,15 @@ static __always_inline void on_closed(void *ctx, struct sock *sk, struct sl_conn
 	finish(ctx, sk, c, tier);
 }
 
+/* Only these transitions change what socklens records; the others (FIN_WAIT1,
+ * FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING) are six of a short connection's ten
+ * state changes, so the wrappers return before any kernel read. Snapshots take
+ * the current state from the socket iterator. */
+static __always_inline bool state_matters(int new)
+{
+	return new == SL_TCP_SYN_SENT || new == SL_TCP_ESTABLISHED || new == SL_TCP_CLOSE;
+}
+
 static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, int old, int new,
 				     __u32 tier)
 {
@@ -226,13 +251,17 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 	if (!c)
 		return;
 	c->state = new;
-	read_tcp_info(c, sk);
+	/* Ten state changes per short connection: only the ones that report
+	 * read RTT and retransmissions. */
 	if (new == SL_TCP_ESTABLISHED) {
 		c->flags |= SL_CONN_ESTABLISHED;
-		read_tuple(c, sk); /* the local port of a connect is bound after SYN_SENT */
-		if (old == SL_TCP_SYN_SENT)
+		read_tcp_info(c, sk);
+		if (old == SL_TCP_SYN_SENT) {
+			read_tuple(c, sk); /* the local port of a connect is bound after SYN_SENT */
 			emit_conn(ctx, SL_EV_CONNECT, tier, sk, c);
+		}
 	} else if (new == SL_TCP_CLOSE) {
+		read_tcp_info(c, sk);
 		on_closed(ctx, sk, c, old, tier);
 	}
 }
@@ -342,48 +371,53 @@ static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long by
 	}
 }
 
-/* sendmsg returned `ret` (bytes accepted, or -errno). */
-static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *sa, long ret)
+/* The byte hooks run on every send and receive: they leave RTT and the
+ * retransmission count alone (state changes, retransmits and snapshots read
+ * those), as each kernel read is a helper call here. */
+
+/* sendmsg on a TCP/UDP socket (`proto`) returned `ret` (bytes accepted, or -errno). */
+static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 cookie,
+					  const __u8 *sa, long ret)
 {
 	struct sl_conn *c;
+
+	if (ret <= 0)
+		return;
+	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
+	if (!c)
+		return;
+	claim(c, sk);
+	if (proto == IPPROTO_TCP)
+		__sync_fetch_and_add(&c->tx_bytes, ret);
+	else
+		udp_account(sk, sa, ret, true);
+}
+
+static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *sa, long ret)
+{
 	__u16 proto;
 
 	if (ret <= 0 || !sk)
 		return;
 	proto = sock_proto(sk);
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
-		return;
-	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
-	if (!c)
-		return;
-	set_owner(c);
-	if (proto == IPPROTO_TCP) {
-		__sync_fetch_and_add(&c->tx_bytes, ret);
-		read_tcp_info(c, sk);
-	} else {
-		udp_account(sk, sa, ret, true);
-	}
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+		on_send_proto(sk, proto, cookie, sa, ret);
 }
 
 /* recvmsg returned `ret` bytes to the application; peeks leave data queued. */
-static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, const __u8 *sa,
-				    long ret, int flags, __u32 tier)
+static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 proto, __u64 cookie,
+					  const __u8 *sa, long ret, int flags, __u32 tier)
 {
 	struct sl_conn *c;
-	__u16 proto;
 
-	if (ret <= 0 || !sk || (flags & MSG_PEEK))
-		return;
-	proto = sock_proto(sk);
-	if (proto != IPPROTO_TCP && proto != IPPROTO_UDP)
+	if (ret <= 0 || (flags & MSG_PEEK))
 		return;
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)
 		return;
-	set_owner(c);
+	claim(c, sk);
 	if (proto == IPPROTO_TCP) {
 		__sync_fetch_and_add(&c->rx_bytes, ret);
-		read_tcp_info(c, sk);
 		if ((c->flags & SL_CONN_DRAINING) && !BPF_CORE_READ(sk, sk_receive_queue.qlen))
 			finish(ctx, sk, c, tier);
 	} else {
@@ -391,23 +425,38 @@ static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, co
 	}
 }
 
-/* sendfile(2) moved `ret` bytes into the socket behind out_fd. */
-static __always_inline void on_sendfile(struct socket *sock, long ret)
+static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, const __u8 *sa,
+				    long ret, int flags, __u32 tier)
 {
-	struct sock *sk;
+	__u16 proto;
+
+	if (ret <= 0 || !sk || (flags & MSG_PEEK))
+		return;
+	proto = sock_proto(sk);
+	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+		on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, tier);
+}
+
+/* sendfile(2) moved `ret` bytes into the socket. */
+static __always_inline void on_sendfile_sk(struct sock *sk, long ret)
+{
 	struct sl_conn *c;
 
-	if (ret <= 0 || !sock)
-		return;
-	sk = BPF_CORE_READ(sock, sk);
-	if (!sk || sock_proto(sk) != IPPROTO_TCP)
+	if (ret <= 0 || !sk || sock_proto(sk) != IPPROTO_TCP)
 		return;
 	c = conn_track(sk, 0, SL_DIR_UNKNOWN, true);
 	if (!c)
 		return;
 	__sync_fetch_and_add(&c->sendfile_bytes, ret);
-	if (sendfile_bypasses_sendmsg)
+	if (sendfile_adds_tx)
 		__sync_fetch_and_add(&c->tx_bytes, ret);
+}
+
+/* sendfile(2) moved `ret` bytes into the socket behind out_fd. */
+static __always_inline void on_sendfile(struct socket *sock, long ret)
+{
+	if (sock)
+		on_sendfile_sk(BPF_CORE_READ(sock, sk), ret);
 }
 
 #endif

@@ -339,6 +339,8 @@ static __always_inline __u64 tracing_cookie(struct sock *sk)
 SEC("fentry/tcp_set_state")
 int BPF_PROG(sl_fe_tcp_set_state, struct sock *sk, int state)
 {
+	if (!state_matters(state))
+		return 0;
 	on_state(ctx, sk, tracing_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
 		 SL_TIER_FENTRY);
 	return 0;
@@ -347,6 +349,8 @@ int BPF_PROG(sl_fe_tcp_set_state, struct sock *sk, int state)
 SEC("kprobe/tcp_set_state")
 int BPF_KPROBE(sl_kp_tcp_set_state, struct sock *sk, int state)
 {
+	if (!state_matters(state))
+		return 0;
 	on_state(ctx, sk, kprobe_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
 		 SL_TIER_KPROBE);
 	return 0;
@@ -355,6 +359,8 @@ int BPF_KPROBE(sl_kp_tcp_set_state, struct sock *sk, int state)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 {
+	if (!state_matters(newstate))
+		return 0;
 	on_state(ctx, sk, tracing_cookie(sk), oldstate, newstate, SL_TIER_TRACEPOINT);
 	return 0;
 }
@@ -663,10 +669,215 @@ int BPF_KRETPROBE(sl_kr_udp6_recvmsg, int ret)
 	return recv_kretprobe(ctx, ret);
 }
 
-/* ---- send / recv: tracepoint tier ----
- * sock_send_length/sock_recv_length carry the socket and the return value of
- * every sendmsg/recvmsg. An unconnected UDP socket's peer is not among them:
- * the syscall tracepoints stash where the caller's sockaddr lives. */
+/* ---- send / recv: tracepoint tier, tp_btf variant ----
+ * sock:sock_send_length / sock_recv_length carry the socket and the return
+ * value of every sendmsg/recvmsg, but not the peer of an unconnected UDP
+ * socket. The cgroup sendmsg/recvmsg hooks run inside udp(v6)_sendmsg and
+ * udp(v6)_recvmsg, on the same thread and just before those tracepoints, with
+ * that peer: they stash it for the tracepoint. Syscall tracepoints could do it
+ * too, but enabling any of them puts every syscall of every task on the slow
+ * path (see BENCHMARKS.md). */
+
+struct udp_peer {
+	__u64 cookie;
+	__u8 sa[SOCKADDR_COPY]; /* sockaddr_in / sockaddr_in6 layout */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct udp_peer);
+} udp_send_peer SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct udp_peer);
+} udp_recv_peer SEC(".maps");
+
+/* Cgroup sock_addr programs: always 1, they observe and never judge. A v4
+ * program may not read user_ip6 at all, hence one body per family. */
+static __always_inline int stash_udp_peer(void *map, struct bpf_sock_addr *ctx, bool v6)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct udp_peer p = {};
+	__u16 family = v6 ? AF_INET6 : AF_INET;
+	__u16 port = ctx->user_port; /* network order, low 16 bits */
+
+	p.cookie = bpf_get_socket_cookie(ctx);
+	p.sa[0] = family & 0xff;
+	p.sa[1] = family >> 8;
+	__builtin_memcpy(&p.sa[2], &port, 2);
+	if (v6) {
+		__u32 a[4] = { ctx->user_ip6[0], ctx->user_ip6[1], ctx->user_ip6[2],
+			       ctx->user_ip6[3] };
+
+		__builtin_memcpy(&p.sa[8], a, 16);
+	} else {
+		__u32 a = ctx->user_ip4;
+
+		__builtin_memcpy(&p.sa[4], &a, 4);
+	}
+	bpf_map_update_elem(map, &id, &p, BPF_ANY);
+	return 1;
+}
+
+SEC("cgroup/sendmsg4")
+int sl_cg_udp_send4(struct bpf_sock_addr *ctx)
+{
+	return stash_udp_peer(&udp_send_peer, ctx, false);
+}
+
+SEC("cgroup/sendmsg6")
+int sl_cg_udp_send6(struct bpf_sock_addr *ctx)
+{
+	return stash_udp_peer(&udp_send_peer, ctx, true);
+}
+
+SEC("cgroup/recvmsg4")
+int sl_cg_udp_recv4(struct bpf_sock_addr *ctx)
+{
+	return stash_udp_peer(&udp_recv_peer, ctx, false);
+}
+
+SEC("cgroup/recvmsg6")
+int sl_cg_udp_recv6(struct bpf_sock_addr *ctx)
+{
+	return stash_udp_peer(&udp_recv_peer, ctx, true);
+}
+
+/* This thread's stashed peer, if it was for this socket; always consumed. */
+static __always_inline void take_udp_peer(void *map, __u64 cookie, __u8 *sa)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct udp_peer *p = bpf_map_lookup_elem(map, &id);
+
+	if (!p)
+		return;
+	if (p->cookie == cookie)
+		__builtin_memcpy(sa, p->sa, SOCKADDR_COPY);
+	bpf_map_delete_elem(map, &id);
+}
+
+/* TCP or UDP over IPv4/IPv6: the only sockets accounted. The tracepoints fire
+ * for every socket (unix, netlink, ...), so this comes before anything else. */
+static __always_inline __u16 inet_proto(struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 proto;
+
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	proto = sock_proto(sk);
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP ? proto : 0;
+}
+
+/* The same for tp_btf programs, whose `sk` is a BTF pointer: plain loads
+ * (CO-RE relocated) instead of two probe-read helper calls on every send and
+ * receive. Only programs of kernels with sock_send_length (6.3+) use it. */
+static __always_inline __u16 inet_proto_btf(struct sock *sk)
+{
+	__u16 family = sk->__sk_common.skc_family;
+	__u16 proto;
+
+	if (family != AF_INET && family != AF_INET6)
+		return 0;
+	proto = sk->sk_protocol;
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP ? proto : 0;
+}
+
+/* sendfile(2) on kernels where it reaches the socket through sock_sendmsg
+ * (splice_to_socket, 6.5+): its bytes pass sock_send_length like any send and
+ * are in tx already; the syscall the task is in tells sendfile from write or
+ * splice. The loader sets this when both hooks use sock_send_length, so one
+ * program does both (a second program on the tracepoint cost as much again
+ * as the check). */
+const volatile bool sendfile_in_send_len = false;
+
+#if defined(__TARGET_ARCH_x86)
+#define SL_NR_SENDFILE 40
+#define SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
+#else
+#error "socklens: syscall numbers for this architecture are missing"
+#endif
+
+static __always_inline bool in_sendfile(void)
+{
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+
+	return SYSCALL_NR(regs) == SL_NR_SENDFILE;
+}
+
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
+{
+	__u8 sa[SOCKADDR_COPY] = {};
+	__u16 proto = inet_proto_btf(sk);
+	__u64 cookie;
+
+	if (!proto)
+		return 0;
+	cookie = tracing_cookie(sk);
+	if (proto == IPPROTO_UDP)
+		take_udp_peer(&udp_send_peer, cookie, sa);
+	on_send_proto(sk, proto, cookie, sa, ret);
+	if (sendfile_in_send_len && proto == IPPROTO_TCP && ret > 0 && in_sendfile())
+		on_sendfile_sk(sk, ret);
+	return 0;
+}
+
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
+{
+	__u8 sa[SOCKADDR_COPY] = {};
+	__u16 proto = inet_proto_btf(sk);
+	__u64 cookie;
+
+	if (!proto)
+		return 0;
+	cookie = tracing_cookie(sk);
+	if (proto == IPPROTO_UDP)
+		take_udp_peer(&udp_recv_peer, cookie, sa);
+	on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, SL_TIER_TRACEPOINT);
+	return 0;
+}
+
+/* ---- send / recv: tracepoint tier, syscall variant ----
+ * For kernels without sock_send_length/sock_recv_length (before 6.3) or
+ * without cgroup v2: the byte counts are the return values of the socket
+ * syscalls (write, writev, sendto, sendmsg / read, readv, recvfrom, recvmsg)
+ * on socket fds. The entry stashes the socket, the caller's sockaddr and the
+ * flags; the exit accounts. sendmmsg/recvmmsg and splice are not seen here. */
+
+struct sys_msg {
+	__u64 sk;
+	__u64 uaddr; /* the caller's sockaddr (user memory), or 0 */
+	__s32 flags;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct sys_msg);
+} sys_msg_stash SEC(".maps");
+
+static __always_inline int sys_msg_enter(long fd, __u64 uaddr, long flags)
+{
+	__u64 id = bpf_get_current_pid_tgid();
+	struct socket *sock = socket_from_fd(fd);
+	struct sys_msg m = { .uaddr = uaddr, .flags = flags };
+
+	if (!sock)
+		return 0;
+	m.sk = (__u64)BPF_CORE_READ(sock, sk);
+	if (!m.sk || !inet_proto((struct sock *)m.sk))
+		return 0;
+	bpf_map_update_elem(&sys_msg_stash, &id, &m, BPF_ANY);
+	return 0;
+}
 
 static __always_inline __u64 user_msg_name(unsigned long umsg)
 {
@@ -676,128 +887,57 @@ static __always_inline __u64 user_msg_name(unsigned long umsg)
 	return (__u64)name;
 }
 
-static __always_inline int stash_uaddr(void *map, __u64 uaddr)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct msg_stash st = { .uaddr = uaddr };
-
-	bpf_map_update_elem(map, &id, &st, BPF_ANY);
-	return 0;
-}
-
 static __always_inline void read_user_sa(__u8 *sa, __u64 uaddr)
 {
 	if (uaddr && bpf_probe_read_user(sa, SOCKADDR_COPY, (void *)uaddr))
 		bpf_probe_read_user(sa, 16, (void *)uaddr);
 }
 
-static __always_inline int drop_stash(void *map)
+static __always_inline int sys_msg_exit(void *ctx, long ret, bool tx)
 {
 	__u64 id = bpf_get_current_pid_tgid();
-
-	bpf_map_delete_elem(map, &id);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_enter_sendto")
-int sl_tp_sendto_enter(struct trace_event_raw_sys_enter *ctx)
-{
-	return stash_uaddr(&send_stash, ctx->args[4]);
-}
-
-SEC("tracepoint/syscalls/sys_enter_sendmsg")
-int sl_tp_sendmsg_enter(struct trace_event_raw_sys_enter *ctx)
-{
-	return stash_uaddr(&send_stash, user_msg_name(ctx->args[1]));
-}
-
-SEC("tracepoint/syscalls/sys_exit_sendto")
-int sl_tp_sendto_exit(void *ctx)
-{
-	return drop_stash(&send_stash);
-}
-
-SEC("tracepoint/syscalls/sys_exit_sendmsg")
-int sl_tp_sendmsg_exit(void *ctx)
-{
-	return drop_stash(&send_stash);
-}
-
-SEC("tp_btf/sock_send_length")
-int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct msg_stash *st;
+	struct sys_msg *m = bpf_map_lookup_elem(&sys_msg_stash, &id);
 	__u8 sa[SOCKADDR_COPY] = {};
+	struct sock *sk;
+	__s32 flags;
 
-	if (ret <= 0)
+	if (!m)
 		return 0;
-	st = bpf_map_lookup_elem(&send_stash, &id);
-	if (st)
-		read_user_sa(sa, st->uaddr);
-	on_send(sk, tracing_cookie(sk), sa, ret);
+	sk = (struct sock *)m->sk;
+	flags = m->flags;
+	/* A recvfrom/recvmsg peer is in the caller's buffer only now, at the exit. */
+	if (ret > 0)
+		read_user_sa(sa, m->uaddr);
+	bpf_map_delete_elem(&sys_msg_stash, &id);
+	if (tx)
+		on_send(sk, kprobe_cookie(sk), sa, ret);
+	else
+		on_recv(ctx, sk, kprobe_cookie(sk), sa, ret, flags, SL_TIER_TRACEPOINT);
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_enter_recvfrom")
-int sl_tp_recvfrom_enter(struct trace_event_raw_sys_enter *ctx)
-{
-	return stash_uaddr(&recv_stash, ctx->args[4]);
-}
-
-SEC("tracepoint/syscalls/sys_enter_recvmsg")
-int sl_tp_recvmsg_enter(struct trace_event_raw_sys_enter *ctx)
-{
-	return stash_uaddr(&recv_stash, user_msg_name(ctx->args[1]));
-}
-
-SEC("tp_btf/sock_recv_length")
-int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
-{
-	__u64 id = bpf_get_current_pid_tgid();
-	struct msg_stash *st;
-
-	if (ret <= 0 || (flags & MSG_PEEK))
-		return 0;
-	st = bpf_map_lookup_elem(&recv_stash, &id);
-	/* The kernel writes an unconnected UDP peer's address to the caller only
-	 * after this point: finish at the syscall exit. */
-	if (st && st->uaddr && sock_proto(sk) == IPPROTO_UDP &&
-	    !BPF_CORE_READ(sk, __sk_common.skc_dport)) {
-		st->sk = (__u64)sk;
-		st->ret = ret;
-		st->flags = flags;
-		st->cookie = tracing_cookie(sk);
-		st->pending = 1;
-		return 0;
+#define SYS_MSG(name, enter_expr, tx)                                                              \
+	SEC("tracepoint/syscalls/sys_enter_" #name)                                                \
+	int sl_sys_##name##_enter(struct trace_event_raw_sys_enter *ctx)                           \
+	{                                                                                          \
+		return enter_expr;                                                                 \
+	}                                                                                          \
+	SEC("tracepoint/syscalls/sys_exit_" #name)                                                 \
+	int sl_sys_##name##_exit(struct trace_event_raw_sys_exit *ctx)                             \
+	{                                                                                          \
+		return sys_msg_exit(ctx, ctx->ret, tx);                                            \
 	}
-	on_recv(ctx, sk, tracing_cookie(sk), NULL, ret, flags, SL_TIER_TRACEPOINT);
-	return 0;
-}
 
-static __always_inline int recv_syscall_exit(void *ctx)
-{
-	struct msg_stash st;
-	__u8 sa[SOCKADDR_COPY] = {};
-
-	if (!take_msg(&recv_stash, &st) || !st.pending)
-		return 0;
-	read_user_sa(sa, st.uaddr);
-	on_recv(ctx, (struct sock *)st.sk, st.cookie, sa, st.ret, st.flags, SL_TIER_TRACEPOINT);
-	return 0;
-}
-
-SEC("tracepoint/syscalls/sys_exit_recvfrom")
-int sl_tp_recvfrom_exit(void *ctx)
-{
-	return recv_syscall_exit(ctx);
-}
-
-SEC("tracepoint/syscalls/sys_exit_recvmsg")
-int sl_tp_recvmsg_exit(void *ctx)
-{
-	return recv_syscall_exit(ctx);
-}
+/* args: write/read(fd, buf, n), sendto/recvfrom(fd, buf, n, flags, addr, len),
+ * sendmsg/recvmsg(fd, msg, flags) */
+SYS_MSG(write, sys_msg_enter(ctx->args[0], 0, 0), true)
+SYS_MSG(writev, sys_msg_enter(ctx->args[0], 0, 0), true)
+SYS_MSG(sendto, sys_msg_enter(ctx->args[0], ctx->args[4], ctx->args[3]), true)
+SYS_MSG(sendmsg, sys_msg_enter(ctx->args[0], user_msg_name(ctx->args[1]), ctx->args[2]), true)
+SYS_MSG(read, sys_msg_enter(ctx->args[0], 0, 0), false)
+SYS_MSG(readv, sys_msg_enter(ctx->args[0], 0, 0), false)
+SYS_MSG(recvfrom, sys_msg_enter(ctx->args[0], ctx->args[4], ctx->args[3]), false)
+SYS_MSG(recvmsg, sys_msg_enter(ctx->args[0], user_msg_name(ctx->args[1]), ctx->args[2]), false)
 
 /* ---- sendfile ---- */
 
@@ -837,6 +977,15 @@ static __always_inline int sendfile_exit(long ret)
 	bpf_map_delete_elem(&sendfile_stash, &id);
 	if (ret > 0)
 		on_sendfile(socket_from_fd(out_fd), ret);
+	return 0;
+}
+
+/* The same on its own, when the send hook is on another tier. */
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(sl_tp_sendfile_len, struct sock *sk, int ret, int flags)
+{
+	if (ret > 0 && in_sendfile())
+		on_sendfile_sk(sk, ret);
 	return 0;
 }
 
@@ -911,10 +1060,15 @@ static __always_inline void seed(struct sock *sk)
 	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
 
 	if (c) {
+		/* the state hook skips the transitions in between (state_matters) */
+		c->state = BPF_CORE_READ(sk, __sk_common.skc_state);
 		read_tcp_info(c, sk);
 		return;
 	}
-	if (!seeding || !*seeding)
+	/* A refresh adopts new listeners too: without bind/listen events the
+	 * listen hook stays off on the tracepoint tier (syscall tracepoints). */
+	if ((!seeding || !*seeding) &&
+	    BPF_CORE_READ(sk, __sk_common.skc_state) != SL_TCP_LISTEN)
 		return;
 	c = conn_track(sk, tracing_cookie(sk), SL_DIR_UNKNOWN, false);
 	if (!c)
