@@ -421,6 +421,43 @@ pub fn errno_name(ret: i32) -> String {
 }
 
 #[cfg(test)]
+impl Conn {
+    /// A loopback TCP connection owned by pid 100 ("curl"), for unit tests.
+    pub fn sample(sk: u64, start_ns: u64, tx: u64, rx: u64) -> Self {
+        Self {
+            sk,
+            cookie: sk,
+            start_ns,
+            end_ns: 0,
+            tx_bytes: tx,
+            rx_bytes: rx,
+            sendfile_bytes: 0,
+            cgroup_id: 7,
+            ino: 0,
+            pid: 100,
+            uid: 0,
+            comm: "curl".into(),
+            netns: 1,
+            retransmits: 0,
+            srtt_us: 0,
+            rttvar_us: 0,
+            error: 0,
+            family: libc::AF_INET as u16,
+            proto: 6,
+            saddr: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            sport: 40_000,
+            daddr: IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            dport: 80,
+            state: 1,
+            direction: Direction::Out,
+            owner_known: true,
+            seeded: false,
+            established: true,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

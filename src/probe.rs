@@ -75,6 +75,21 @@ impl Prober {
                         .into_iter()
                         .map(|(func, v)| (Requirement::Fentry(func), v)),
                 );
+            } else if let Some((&first, rest)) = chunk.split_first() {
+                // Where the kernel refuses fentry programs as such (EPERM on
+                // load: ftrace hooks locked down), every function shares the
+                // first one's reason; no need for a failed load each.
+                let verdict = self.fentry(first);
+                if verdict
+                    .as_ref()
+                    .is_err_and(|e| e.starts_with("EPERM on trial load"))
+                {
+                    seen.extend(
+                        rest.iter()
+                            .map(|&f| (Requirement::Fentry(f), verdict.clone())),
+                    );
+                }
+                seen.insert(Requirement::Fentry(first), verdict);
             }
         }
         for req in reqs {

@@ -295,34 +295,10 @@ mod tests {
     #[test]
     fn remote_address_label_only_when_switched_on() {
         let c = crate::model::Conn {
-            sk: 1,
-            cookie: 1,
-            start_ns: 1,
-            end_ns: 0,
-            tx_bytes: 0,
-            rx_bytes: 0,
-            sendfile_bytes: 0,
-            cgroup_id: 7,
-            ino: 0,
-            pid: 100,
-            uid: 0,
-            comm: "curl".into(),
-            netns: 1,
-            retransmits: 0,
-            srtt_us: 0,
-            rttvar_us: 0,
-            error: 0,
-            family: libc::AF_INET as u16,
-            proto: libc::IPPROTO_TCP as u16,
             saddr: IpAddr::from([10, 0, 0, 1]),
-            sport: 40_000,
             daddr: IpAddr::from([10, 0, 0, 2]),
             dport: 5432,
-            state: 1,
-            direction: Direction::Out,
-            owner_known: true,
-            seeded: false,
-            established: true,
+            ..crate::model::Conn::sample(1, 1, 0, 0)
         };
         let mut rules = LabelRules {
             remote_ports: vec![5432],
