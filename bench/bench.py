@@ -490,6 +490,8 @@ def summarize(results):
         for cond in CONDITIONS:
             every = [r for r in results if r["workload"] == wl and r["condition"] == cond]
             runs = [r for r in every if r["round"] in clean]
+            if not runs:  # PASSES without "side"
+                continue
             ratios = [r["rate"] / base[r["round"]]["rate"] for r in runs if r["round"] in base]
             rows.append({
                 "workload": wl, "condition": cond, "unit": runs[0]["unit"],
