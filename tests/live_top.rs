@@ -59,6 +59,10 @@ fn assert_tier(stderr: &str) {
         .next()
         .unwrap();
     for hook in hooks.split(", ") {
+        // Optional hooks left off rather than served by syscall tracepoints.
+        if hook.ends_with(": off") {
+            continue;
+        }
         assert!(hook.ends_with(&format!(": {tier}")), "{hook} in {line}");
     }
 }
