@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::process::{Child, ChildStdin, ChildStdout, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{channel, Receiver};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -77,47 +77,13 @@ impl Top {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn socklens top");
-        let (tx, lines) = channel();
-        let out = child.stdout.take().unwrap();
-        thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, ready) = channel();
-        {
-            let stderr = Arc::clone(&stderr);
-            let err = child.stderr.take().unwrap();
-            thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    // Record the line before saying ready: callers read it.
-                    {
-                        let mut s = stderr.lock().unwrap();
-                        s.push_str(&line);
-                        s.push('\n');
-                    }
-                    if line.contains("Ctrl-C to stop") {
-                        let _ = ready_tx.send(());
-                    }
-                }
-            });
-        }
-        let mut top = Self {
+        let (lines, stderr) = watch_output(&mut child);
+        wait_ready(&mut child, &stderr, WAIT);
+        let top = Self {
             child,
             lines,
             stderr,
         };
-        let deadline = Instant::now() + WAIT;
-        while ready.recv_timeout(Duration::from_millis(100)).is_err() {
-            if let Ok(Some(status)) = top.child.try_wait() {
-                thread::sleep(Duration::from_millis(100));
-                panic!("socklens top exited early ({status}): {}", top.stderr());
-            }
-            assert!(Instant::now() < deadline, "top not ready: {}", top.stderr());
-        }
         assert_tier(&top.stderr());
         top
     }

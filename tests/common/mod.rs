@@ -70,6 +70,48 @@ pub fn unique(tag: &str) -> String {
     s.chars().take(15).collect()
 }
 
+/// Reads a socklens child's stdout into a channel of lines and its stderr into
+/// a shared string, each on its own thread, so neither pipe ever fills.
+pub fn watch_output(child: &mut Child) -> (Receiver<String>, Arc<Mutex<String>>) {
+    let (tx, lines) = channel();
+    let stdout = child.stdout.take().expect("stdout");
+    thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stderr = Arc::new(Mutex::new(String::new()));
+    {
+        let stderr = Arc::clone(&stderr);
+        let err = child.stderr.take().expect("stderr");
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                let mut s = stderr.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+    }
+    (lines, stderr)
+}
+
+/// Waits until socklens printed its ready line ("Ctrl-C to stop"), failing
+/// with its stderr if it exits first or takes longer than `wait`.
+pub fn wait_ready(child: &mut Child, stderr: &Mutex<String>, wait: Duration) {
+    let text = || stderr.lock().unwrap().clone();
+    let deadline = Instant::now() + wait;
+    while !text().contains("Ctrl-C to stop") {
+        if let Ok(Some(status)) = child.try_wait() {
+            thread::sleep(Duration::from_millis(100));
+            panic!("socklens exited early ({status}): {}", text());
+        }
+        assert!(Instant::now() < deadline, "socklens not ready: {}", text());
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 pub struct Tracer {
     child: Child,
     lines: Receiver<String>,
@@ -94,52 +136,13 @@ impl Tracer {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn socklens");
-        let (tx, lines) = channel();
-        let stdout = child.stdout.take().expect("stdout");
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (ready_tx, ready_rx) = channel();
-        {
-            let stderr = Arc::clone(&stderr);
-            let err = child.stderr.take().expect("stderr");
-            thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    // Record the line before saying ready: callers read it.
-                    {
-                        let mut s = stderr.lock().unwrap();
-                        s.push_str(&line);
-                        s.push('\n');
-                    }
-                    if line.contains("Ctrl-C to stop") {
-                        let _ = ready_tx.send(());
-                    }
-                }
-            });
-        }
-        let mut tracer = Self {
+        let (lines, stderr) = watch_output(&mut child);
+        wait_ready(&mut child, &stderr, Duration::from_secs(30));
+        Self {
             child,
             lines,
             stderr,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while ready_rx.recv_timeout(Duration::from_millis(100)).is_err() {
-            if let Ok(Some(status)) = tracer.child.try_wait() {
-                thread::sleep(Duration::from_millis(100));
-                panic!("socklens exited early ({status}): {}", tracer.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "socklens not ready: {}",
-                tracer.stderr()
-            );
         }
-        tracer
     }
 
     pub fn stderr(&self) -> String {
