@@ -51,6 +51,7 @@ pub fn run(btf: &Path, force: Option<Tier>, out: &mut dyn Write) -> Result<()> {
 
     let prober = Prober::new(&tracefs_path, btf);
     let caps = prober.probe(&plan::requirements(&Hook::ALL));
+    let mut planned = Vec::new();
     for hook in Hook::ALL {
         match plan::plan_hook(&caps, hook, force) {
             Ok(hp) => {
@@ -62,9 +63,16 @@ pub fn run(btf: &Path, force: Option<Tier>, out: &mut dyn Write) -> Result<()> {
                 for (tier, why) in &hp.rejected {
                     writeln!(out, "           rejected {tier}: {why}").map_err(io)?;
                 }
+                planned.push(hp);
             }
             Err(e) => writeln!(out, "  {:<8} NONE: {e}", hook.name()).map_err(io)?,
         }
     }
+    let tcp_bytes = if plan::tcp_bytes_from_seq(&planned) {
+        "from the sockets' sequence counters, at close and at each snapshot"
+    } else {
+        "from each send and receive"
+    };
+    writeln!(out, "tcp bytes    {tcp_bytes}").map_err(io)?;
     Ok(())
 }

@@ -160,6 +160,7 @@ fn write_filters(
             .any(|h| h.hook == Hook::Send && h.via_syscalls());
     ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
     ro.sendfile_in_send_len = sendfile_in_send_len(opts.plan);
+    ro.tcp_bytes_from_seq = ro.track_conns && crate::plan::tcp_bytes_from_seq(&opts.plan.hooks);
     ro.tracing_has_cookie_helper = opts.shape.tracing_cookie_helper;
     Ok(())
 }
@@ -171,12 +172,13 @@ const SENDFILE_LEN: &str = "sl_tp_sendfile_len";
 /// program does the sendfile check too, and the sendfile program stays out
 /// (two programs on one tracepoint cost a second dispatch on every send).
 fn sendfile_in_send_len(plan: &Plan) -> bool {
-    let uses = |hook: Hook, prog: &str| {
-        plan.hooks
-            .iter()
-            .any(|h| h.hook == hook && h.programs().contains(&prog))
-    };
-    uses(Hook::Send, SEND_LEN) && uses(Hook::Sendfile, SENDFILE_LEN)
+    uses(plan, Hook::Send, SEND_LEN) && uses(plan, Hook::Sendfile, SENDFILE_LEN)
+}
+
+fn uses(plan: &Plan, hook: Hook, prog: &str) -> bool {
+    plan.hooks
+        .iter()
+        .any(|h| h.hook == hook && h.programs().contains(&prog))
 }
 
 /// The variant of a program written for this kernel's function signatures.

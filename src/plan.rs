@@ -656,6 +656,23 @@ pub fn requirements(hooks: &[Hook]) -> BTreeSet<Requirement> {
         .collect()
 }
 
+/// Whether TCP byte counts come from the sockets' own sequence counters
+/// (src/bpf/conn.bpf.h) rather than from each send and receive: when send,
+/// receive and state changes are all tp_btf programs, whose BTF pointers the
+/// counter reads and socket storage need. There the byte tracepoints fire
+/// for every socket anyway (UDP needs them), and counting per call would cost
+/// a map update on every TCP send and receive.
+pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
+    let uses = |hook: Hook, prog: &str| {
+        hooks
+            .iter()
+            .any(|h| h.hook == hook && h.programs().contains(&prog))
+    };
+    uses(Hook::Send, "sl_tp_send_len")
+        && uses(Hook::Recv, "sl_tp_recv_len")
+        && uses(Hook::State, "sl_tp_set_state")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -854,6 +871,21 @@ mod tests {
         assert!(plan_hook(&caps, Hook::Sendfile, None)
             .unwrap()
             .via_syscalls());
+    }
+
+    #[test]
+    fn tcp_bytes_come_from_sequence_counters_only_with_btf_byte_and_state_programs() {
+        let mut caps = caps_with(&[Tier::Tracepoint]);
+        let tp = plan(&caps, &all_hooks(None)).unwrap();
+        assert!(tcp_bytes_from_seq(&tp.hooks));
+        // The syscall way counts per call.
+        caps.set(Requirement::CgroupV2, Err("no cgroup2 mount".into()));
+        let sys = plan(&caps, &all_hooks(None)).unwrap();
+        assert!(!tcp_bytes_from_seq(&sys.hooks));
+        for other in [Tier::Fentry, Tier::Kprobe] {
+            let p = plan(&caps_with(&[other]), &all_hooks(None)).unwrap();
+            assert!(!tcp_bytes_from_seq(&p.hooks), "{other}");
+        }
     }
 
     #[test]

@@ -277,6 +277,44 @@ fn active_closer_reading_after_fin_keeps_one_record() {
 }
 
 #[test]
+fn reset_by_unread_close_counts_what_was_accepted_and_what_was_read() {
+    require_root();
+    // The server reads 1,000 of 5,000 bytes and closes: the unread data
+    // makes the kernel reset the connection (no FIN either way).
+    let (server, client, stopped) = exchange(
+        &[
+            "bind,tcp4,127.0.0.1,0",
+            "listen,0,8",
+            "announce",
+            "accept,0",
+            "sleep,300",
+            "recv,1,1000,1000",
+            "close,1",
+        ],
+        &[
+            "connect,tcp4,127.0.0.1,PORT".into(),
+            "send,0,5000,5000".into(),
+            "sleep,600".into(),
+            "close,0".into(),
+        ],
+        None,
+    );
+    assert_eq!(u(&server["steps"][4]["bytes"]), 1000, "{server}");
+    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    assert_eq!(
+        (u(&out["tx_bytes"]), u(&out["rx_bytes"])),
+        (5000, 0),
+        "{out}"
+    );
+    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
+    assert_eq!(
+        (u(&inn["tx_bytes"]), u(&inn["rx_bytes"])),
+        (0, 1000),
+        "{inn}"
+    );
+}
+
+#[test]
 fn veth_between_two_netns_exact_with_each_sides_netns() {
     require_root();
     let pair = NetnsPair::new("v");

@@ -16,6 +16,17 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
+/// Held by every test that moves bytes on sockets of this test process:
+/// `once_json_by_process_counts_exact_interval_bytes` sums this process's
+/// row, which would take in the others' bytes if they ran at the same time.
+static IN_PROCESS_TRAFFIC: Mutex<()> = Mutex::new(());
+
+fn in_process_traffic() -> std::sync::MutexGuard<'static, ()> {
+    IN_PROCESS_TRAFFIC
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 const WAIT: Duration = Duration::from_secs(30);
 
 /// A running `socklens top`, attached.
@@ -284,6 +295,7 @@ fn sum(plan: &[Exchange], f: impl Fn(&Exchange) -> usize) -> u64 {
 
 #[test]
 fn once_json_by_process_counts_exact_interval_bytes() {
+    let _serial = in_process_traffic();
     let plan = vec![
         Exchange {
             send: 100_000,
@@ -343,6 +355,7 @@ fn once_json_by_process_counts_exact_interval_bytes() {
 
 #[test]
 fn by_cgroup_puts_a_child_in_a_fresh_cgroup_in_its_own_row() {
+    let _serial = in_process_traffic();
     let plan = vec![Exchange {
         send: 70_000,
         reply: 9_000,
@@ -394,6 +407,7 @@ fn conn_row<'a>(rows: &[&'a Value], sport: u16, dport: u16) -> &'a Value {
 
 #[test]
 fn json_by_conn_gives_each_interval_its_own_bytes() {
+    let _serial = in_process_traffic();
     let me = std::process::id().to_string();
     let top = Top::start(&["--json", "--interval", "1", "--by", "conn", "--pid", &me]);
     let (mut client, mut server, cport, sport) = local_pair();
@@ -441,6 +455,7 @@ fn json_by_conn_gives_each_interval_its_own_bytes() {
 
 #[test]
 fn once_text_is_plain_with_a_totals_header() {
+    let _serial = in_process_traffic();
     let me = std::process::id().to_string();
     let top = Top::start(&["--once", "--interval", "1", "--by", "conn", "--pid", &me]);
     let (mut client, mut server, cport, _) = local_pair();

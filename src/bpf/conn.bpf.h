@@ -26,6 +26,29 @@ const volatile bool conn_events = true;
  * sees only the send syscalls. */
 const volatile bool sendfile_adds_tx = false;
 
+/* TCP bytes from the socket's own counters instead of per-call hooks. Set by
+ * the loader when send, receive and state changes are all tp_btf programs
+ * (sock_send_length/sock_recv_length, 6.3+). Those two tracepoints fire on
+ * every send and receive of every socket, and are still needed for UDP; for
+ * TCP they then only claim an accepted socket for its owner (see
+ * `unclaimed`) and finish a closed one whose data was still unread. The
+ * counters (tcp_tx_total, tcp_rx_total) are read at close and at each
+ * snapshot refresh. Every use below is behind this read-only flag, so
+ * programs of the other tiers never reach the BTF loads and helpers it
+ * needs (the verifier drops the dead branch). */
+const volatile bool tcp_bytes_from_seq = false;
+
+/* Accepted TCP sockets whose owner is not known yet (tracked in softirq, no
+ * accept hook): their first send or receive, in process context, claims them.
+ * Socket storage, so that the byte hooks' check is a load for every other
+ * socket (no storage at all) and the entry goes with the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} unclaimed SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536); /* the loader sets --max-conns */
@@ -110,6 +133,66 @@ static __always_inline void claim(struct sl_conn *c, struct sock *sk)
 	set_owner(c);
 	if (!c->ino)
 		c->ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+}
+
+/* ---- TCP bytes from sequence counters (tcp_bytes_from_seq) ----
+ * tx: sequence space the send side has used, as a 64-bit count: bytes the
+ * peer acked (the kernel's own u64) plus what is queued or in flight beyond
+ * them. That is every byte sendmsg, sendfile or splice accepted, plus the SYN
+ * of an active open and a FIN once queued.
+ * rx: sequence space the application consumed: bytes received in order (u64)
+ * minus what still waits unread. That is every byte recvmsg or splice
+ * delivered, MSG_PEEK excluded (it moves neither), plus a FIN once read.
+ * Retransmissions move neither count. */
+static __always_inline __u64 tcp_tx_total(struct tcp_sock *tp)
+{
+	return tp->bytes_acked + (__u32)(tp->write_seq - tp->snd_una);
+}
+
+static __always_inline __u64 tcp_rx_total(struct tcp_sock *tp)
+{
+	return tp->bytes_received - (__u32)(tp->rcv_nxt - tp->copied_seq);
+}
+
+/* A FIN is queued exactly when the socket enters FIN_WAIT1 (close or
+ * shutdown from ESTABLISHED) or LAST_ACK (close from CLOSE_WAIT); these and
+ * the states after them say it is in tx. */
+static __always_inline bool tcp_fin_queued(int state)
+{
+	return state == 4 /* FIN_WAIT1 */ || state == 5 /* FIN_WAIT2 */ ||
+	       state == 6 /* TIME_WAIT */ || state == 9 /* LAST_ACK */ ||
+	       state == 11 /* CLOSING */;
+}
+
+/* The peer's FIN arrived (tcp_fin sets SOCK_DONE) and the application read
+ * up to it: read() returned 0, which moved copied_seq past the FIN. */
+static __always_inline bool tcp_fin_read(struct tcp_sock *tp)
+{
+	unsigned long done = 1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE);
+
+	return (tp->inet_conn.icsk_inet.sk.__sk_common.skc_flags & done) && tp->copied_seq == tp->rcv_nxt;
+}
+
+static __always_inline __u64 seq_delta(__u64 total, __u64 base, __u64 fin)
+{
+	return total > base + fin ? total - base - fin : 0;
+}
+
+/* tx/rx of `c` from the counters; `state`: the socket's state, or the one it
+ * left for TCP_CLOSE. tx stays as it is once the socket is closed. */
+static __always_inline void tcp_seq_sync(struct sl_conn *c, struct tcp_sock *tp, int state,
+					 bool with_tx)
+{
+	if (with_tx)
+		c->tx_bytes = seq_delta(tcp_tx_total(tp), c->tx_base, tcp_fin_queued(state));
+	c->rx_bytes = seq_delta(tcp_rx_total(tp), c->rx_base, tcp_fin_read(tp));
+}
+
+/* Counting from now: for sockets that existed before start. */
+static __always_inline void tcp_seq_base_now(struct sl_conn *c, struct tcp_sock *tp)
+{
+	c->tx_base = tcp_tx_total(tp);
+	c->rx_base = tcp_rx_total(tp);
 }
 
 /* The entry of a socket, created if new. `in_task` says the current task owns
@@ -242,9 +325,22 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 	if (new == SL_TCP_SYN_SENT) {
 		/* connect(): process context, the caller owns it. */
 		c = conn_track(sk, cookie, SL_DIR_OUT, true);
+		if (c && tcp_bytes_from_seq) {
+			/* The counters start at zero on a new socket; its SYN takes one. */
+			c->tx_base = 1;
+			c->rx_base = 0;
+		}
 	} else if (new == SL_TCP_ESTABLISHED && old == SL_TCP_SYN_RECV) {
 		/* A passive open completes in softirq: the owner comes with accept(). */
 		c = conn_track(sk, cookie, SL_DIR_IN, false);
+		if (c && tcp_bytes_from_seq) {
+			/* A child socket's counters start after the handshake, so
+			 * data of a Fast Open SYN counts too. */
+			c->tx_base = 0;
+			c->rx_base = 0;
+			if (!(c->flags & SL_CONN_OWNER))
+				bpf_sk_storage_get(&unclaimed, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		}
 	} else {
 		c = bpf_map_lookup_elem(&conns, &key);
 	}
@@ -262,6 +358,12 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 		}
 	} else if (new == SL_TCP_CLOSE) {
 		read_tcp_info(c, sk);
+		if (tcp_bytes_from_seq) {
+			struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+
+			if (tp)
+				tcp_seq_sync(c, tp, old, true);
+		}
 		on_closed(ctx, sk, c, old, tier);
 	}
 }

@@ -798,7 +798,7 @@ const volatile bool sendfile_in_send_len = false;
 
 #if defined(__TARGET_ARCH_x86)
 #define SL_NR_SENDFILE 40
-#define SYSCALL_NR(regs) BPF_CORE_READ(regs, orig_ax)
+#define SYSCALL_NR(regs) ((regs)->orig_ax)
 #else
 #error "socklens: syscall numbers for this architecture are missing"
 #endif
@@ -810,6 +810,37 @@ static __always_inline bool in_sendfile(void)
 	return SYSCALL_NR(regs) == SL_NR_SENDFILE;
 }
 
+/* A TCP send or receive when its bytes come from the sequence counters
+ * (tcp_bytes_from_seq): the hook's only work is the rare socket that needs
+ * it. Every other socket costs two loads. */
+static __always_inline void tcp_touch(void *ctx, struct sock *sk, bool recv)
+{
+	__u64 key = (__u64)sk;
+	__u8 state = sk->__sk_common.skc_state;
+	struct tcp_sock *tp;
+	struct sl_conn *c;
+
+	if (sk->sk_bpf_storage && bpf_sk_storage_get(&unclaimed, sk, 0, 0)) {
+		/* First use of an accepted socket, in its owner's process. */
+		bpf_sk_storage_delete(&unclaimed, sk);
+		c = bpf_map_lookup_elem(&conns, &key);
+		if (c)
+			claim(c, sk);
+	}
+	if (state != SL_TCP_CLOSE || !recv)
+		return;
+	/* Closed with data unread: its record waits for this read. */
+	c = bpf_map_lookup_elem(&conns, &key);
+	if (!c || !(c->flags & SL_CONN_DRAINING))
+		return;
+	tp = bpf_skc_to_tcp_sock(sk);
+	if (!tp)
+		return;
+	tcp_seq_sync(c, tp, state, false);
+	if (!sk->sk_receive_queue.qlen)
+		finish(ctx, sk, c, SL_TIER_TRACEPOINT);
+}
+
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 {
@@ -819,12 +850,18 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 
 	if (!proto)
 		return 0;
+	if (proto == IPPROTO_TCP) {
+		if (sendfile_in_send_len && ret > 0 && in_sendfile())
+			on_sendfile_sk(sk, ret);
+		if (tcp_bytes_from_seq) {
+			tcp_touch(ctx, sk, false);
+			return 0;
+		}
+	}
 	cookie = tracing_cookie(sk);
 	if (proto == IPPROTO_UDP)
 		take_udp_peer(&udp_send_peer, cookie, sa);
 	on_send_proto(sk, proto, cookie, sa, ret);
-	if (sendfile_in_send_len && proto == IPPROTO_TCP && ret > 0 && in_sendfile())
-		on_sendfile_sk(sk, ret);
 	return 0;
 }
 
@@ -837,6 +874,10 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 
 	if (!proto)
 		return 0;
+	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
+		tcp_touch(ctx, sk, true);
+		return 0;
+	}
 	cookie = tracing_cookie(sk);
 	if (proto == IPPROTO_UDP)
 		take_udp_peer(&udp_recv_peer, cookie, sa);
@@ -1054,7 +1095,7 @@ struct {
 	__type(value, __u32);
 } seed_mode SEC(".maps");
 
-static __always_inline void seed(struct sock *sk)
+static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 {
 	__u64 key = (__u64)sk;
 	__u32 zero = 0, one = 1;
@@ -1068,6 +1109,8 @@ static __always_inline void seed(struct sock *sk)
 		/* the state hook skips the transitions in between (state_matters) */
 		c->state = BPF_CORE_READ(sk, __sk_common.skc_state);
 		read_tcp_info(c, sk);
+		if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE)
+			tcp_seq_sync(c, tp, c->state, true);
 		return;
 	}
 	/* A refresh adopts new listeners too: without bind/listen events the
@@ -1079,6 +1122,11 @@ static __always_inline void seed(struct sock *sk)
 	if (!c)
 		return;
 	c->flags |= SL_CONN_SEEDED;
+	if (tcp_bytes_from_seq && tp) {
+		tcp_seq_base_now(c, tp);
+		/* Its first send or receive claims it, as the byte hooks did. */
+		bpf_sk_storage_get(&unclaimed, tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	}
 	if (gen)
 		c->seen_gen = *gen;
 	if (c->state == SL_TCP_ESTABLISHED)
@@ -1096,7 +1144,7 @@ int sl_seed_tcp(struct bpf_iter__tcp *ctx)
 		return 0;
 	tp = bpf_skc_to_tcp_sock(skc); /* full sockets only: no TIME_WAIT, no request socks */
 	if (tp)
-		seed((struct sock *)tp);
+		seed((struct sock *)tp, tp);
 	return 0;
 }
 
@@ -1106,6 +1154,6 @@ int sl_seed_udp(struct bpf_iter__udp *ctx)
 	struct udp_sock *udp = ctx->udp_sk;
 
 	if (udp)
-		seed((struct sock *)udp);
+		seed((struct sock *)udp, NULL);
 	return 0;
 }

@@ -104,6 +104,10 @@ struct sl_conn {
 	__u8 flags;        /* enum sl_conn_flag bits */
 	__u8 _pad;
 	__u8 comm[SL_COMM_LEN];
+	/* Where tx/rx come from the socket's sequence counters (conn.bpf.h,
+	 * tcp_bytes_from_seq): the counters' values that count as zero. */
+	__u64 tx_base;
+	__u64 rx_base;
 };
 
 /* connect, accept, close, retransmit. */
