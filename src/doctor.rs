@@ -47,13 +47,25 @@ pub fn run(btf: &Path, force: Option<Tier>, out: &mut dyn Write) -> Result<()> {
     writeln!(out, "cgroup v2    {}", status(&cgroup2)).map_err(io)?;
     let kprobes = probe::kprobes_status(&tracefs_path).map(|()| "kprobe PMU or kprobe_events");
     writeln!(out, "kprobes      {}", status(&kprobes)).map_err(io)?;
-    writeln!(out, "hooks:").map_err(io)?;
-
     let prober = Prober::new(&tracefs_path, btf);
     let caps = prober.probe(&plan::requirements(&Hook::ALL));
-    let mut planned = Vec::new();
-    for hook in Hook::ALL {
-        match plan::plan_hook(&caps, hook, force) {
+    let planned: Vec<_> = Hook::ALL
+        .iter()
+        .map(|&hook| (hook, plan::plan_hook(&caps, hook, force)))
+        .collect();
+    let chosen: Vec<_> = planned
+        .iter()
+        .filter_map(|(_, p)| p.as_ref().ok().cloned())
+        .collect();
+    let tcp_bytes = if plan::tcp_bytes_from_seq(&chosen) {
+        "from the sockets' sequence counters, at close and at each snapshot"
+    } else {
+        "from each send and receive"
+    };
+    writeln!(out, "tcp bytes    {tcp_bytes}").map_err(io)?;
+    writeln!(out, "hooks:").map_err(io)?;
+    for (hook, result) in &planned {
+        match result {
             Ok(hp) => {
                 match hp.how() {
                     Some(how) => writeln!(out, "  {:<8} {} ({how})", hook.name(), hp.tier),
@@ -63,16 +75,9 @@ pub fn run(btf: &Path, force: Option<Tier>, out: &mut dyn Write) -> Result<()> {
                 for (tier, why) in &hp.rejected {
                     writeln!(out, "           rejected {tier}: {why}").map_err(io)?;
                 }
-                planned.push(hp);
             }
             Err(e) => writeln!(out, "  {:<8} NONE: {e}", hook.name()).map_err(io)?,
         }
     }
-    let tcp_bytes = if plan::tcp_bytes_from_seq(&planned) {
-        "from the sockets' sequence counters, at close and at each snapshot"
-    } else {
-        "from each send and receive"
-    };
-    writeln!(out, "tcp bytes    {tcp_bytes}").map_err(io)?;
     Ok(())
 }
