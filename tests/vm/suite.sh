@@ -9,6 +9,12 @@ set -euo pipefail
 list=$1
 shift
 rc=0
+# How this cell counts bytes, for the log (which send/recv way, which TCP method).
+sl=target/debug/socklens
+if [ -x "$sl" ]; then
+    echo "=== socklens doctor --attach ${SOCKLENS_ATTACH:-auto}"
+    "$sl" doctor --attach "${SOCKLENS_ATTACH:-auto}" 2>&1 | grep -E '^tcp bytes|^  (send|recv) ' || true
+fi
 while read -r bin only; do
     [ -n "$bin" ] || continue
     if [ -n "$only" ] && [ "${SOCKLENS_ATTACH:-auto}" != "$only" ]; then
