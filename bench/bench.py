@@ -167,9 +167,16 @@ class Tracer:
                 "socklens-trace": ["trace", "--events", ALL_EVENTS, "--json"],
                 "socklens-conn-events": ["trace", "--events", CONN_EVENTS, "--json"],
                 "socklens-conns": ["conns", "--duration", "3600"],
+                "socklens-conns-percall": ["conns", "--duration", "3600"],
             }[self.name]
+            env = dict(os.environ)
+            if self.name == "socklens-conns-percall":
+                # TCP bytes per send and receive instead of from the sequence
+                # counters: the method the counters replaced, for comparison.
+                env["SOCKLENS_DISABLE"] = "tcp_seq"
             self.proc = subprocess.Popen(
-                [SOCKLENS, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                [SOCKLENS, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                env=env)
             stream = self.proc.stderr
             wait_for(stream, READY, self.proc)
             time.sleep(0.3)

@@ -160,7 +160,9 @@ fn write_filters(
             .any(|h| h.hook == Hook::Send && h.via_syscalls());
     ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
     ro.sendfile_in_send_len = sendfile_in_send_len(opts.plan);
-    ro.tcp_bytes_from_seq = ro.track_conns && crate::plan::tcp_bytes_from_seq(&opts.plan.hooks);
+    ro.tcp_bytes_from_seq = ro.track_conns
+        && crate::plan::tcp_bytes_from_seq(&opts.plan.hooks)
+        && !crate::probe::tcp_seq_disabled();
     ro.tracing_has_cookie_helper = opts.shape.tracing_cookie_helper;
     Ok(())
 }

@@ -249,7 +249,7 @@ impl Prober {
 }
 
 /// Test knob: a comma-separated list of BTF tracepoint names (say
-/// `sock_send_length`) and `cgroup` to treat as missing, so the suite can run
+/// `sock_send_length`) and `cgroup` to treat as missing (and `tcp_seq`, below), so the suite can run
 /// the fallback variants of the tracepoint tier on a kernel that has the
 /// better ones (as on kernels before 6.3).
 const DISABLE_ENV: &str = "SOCKLENS_DISABLE";
@@ -264,6 +264,12 @@ fn disabled_by_env(req: Requirement) -> bool {
         _ => return false,
     };
     list.split(',').any(|k| k.trim() == name)
+}
+
+/// The same knob's `tcp_seq`: count TCP bytes per send and receive even where
+/// the sequence counters would serve (bench/bench.py compares the two).
+pub fn tcp_seq_disabled() -> bool {
+    std::env::var(DISABLE_ENV).is_ok_and(|l| l.split(',').any(|k| k.trim() == "tcp_seq"))
 }
 
 /// Programs in one batched fentry trial load (copies in src/bpf/probe.bpf.c).
