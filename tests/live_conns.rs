@@ -23,7 +23,8 @@ fn close_of<'a>(stopped: &'a Stopped, pid: &Value, sport: u64) -> &'a Value {
     assert_eq!(
         found.len(),
         1,
-        "one close for pid {pid} port {sport}: {:#?}",
+        "one close for pid {pid} port {sport} (summary: {:?}; `missed` counts hook runs the kernel skipped): {:#?}",
+        stopped.summary,
         stopped.events
     );
     found[0]
