@@ -57,7 +57,7 @@ pub fn run(btf: &Path, force: Option<Tier>, out: &mut dyn Write) -> Result<()> {
         .iter()
         .filter_map(|(_, p)| p.as_ref().ok().cloned())
         .collect();
-    let tcp_bytes = if plan::tcp_bytes_from_seq(&chosen) && !crate::probe::tcp_seq_disabled() {
+    let tcp_bytes = if crate::loader::tcp_bytes_from_seq(&chosen) {
         "from the sockets' sequence counters, at close and at each snapshot"
     } else {
         "from each send and receive"

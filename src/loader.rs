@@ -9,7 +9,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject, ProgramType};
 
 use crate::error::{Error, Result};
-use crate::plan::{Hook, Plan};
+use crate::plan::{uses_program, Hook, HookPlan, Plan};
 use crate::probe::{errno_name, KernelShape};
 use crate::skel::{SocklensSkel, SocklensSkelBuilder};
 
@@ -160,9 +160,7 @@ fn write_filters(
             .any(|h| h.hook == Hook::Send && h.via_syscalls());
     ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
     ro.sendfile_in_send_len = sendfile_in_send_len(opts.plan);
-    ro.tcp_bytes_from_seq = ro.track_conns
-        && crate::plan::tcp_bytes_from_seq(&opts.plan.hooks)
-        && !crate::probe::tcp_seq_disabled();
+    ro.tcp_bytes_from_seq = ro.track_conns && tcp_bytes_from_seq(&opts.plan.hooks);
     ro.tracing_has_cookie_helper = opts.shape.tracing_cookie_helper;
     Ok(())
 }
@@ -174,13 +172,14 @@ const SENDFILE_LEN: &str = "sl_tp_sendfile_len";
 /// program does the sendfile check too, and the sendfile program stays out
 /// (two programs on one tracepoint cost a second dispatch on every send).
 fn sendfile_in_send_len(plan: &Plan) -> bool {
-    uses(plan, Hook::Send, SEND_LEN) && uses(plan, Hook::Sendfile, SENDFILE_LEN)
+    uses_program(&plan.hooks, Hook::Send, SEND_LEN)
+        && uses_program(&plan.hooks, Hook::Sendfile, SENDFILE_LEN)
 }
 
-fn uses(plan: &Plan, hook: Hook, prog: &str) -> bool {
-    plan.hooks
-        .iter()
-        .any(|h| h.hook == hook && h.programs().contains(&prog))
+/// The TCP byte method these plans get (src/bpf/conn.bpf.h): the planner's
+/// choice, unless the `tcp_seq` test knob asks for per-call counting.
+pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
+    crate::plan::tcp_bytes_from_seq(hooks) && !crate::probe::tcp_seq_disabled()
 }
 
 /// The variant of a program written for this kernel's function signatures.

@@ -663,14 +663,16 @@ pub fn requirements(hooks: &[Hook]) -> BTreeSet<Requirement> {
 /// for every socket anyway (UDP needs them), and counting per call would cost
 /// a map update on every TCP send and receive.
 pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
-    let uses = |hook: Hook, prog: &str| {
-        hooks
-            .iter()
-            .any(|h| h.hook == hook && h.programs().contains(&prog))
-    };
-    uses(Hook::Send, "sl_tp_send_len")
-        && uses(Hook::Recv, "sl_tp_recv_len")
-        && uses(Hook::State, "sl_tp_set_state")
+    uses_program(hooks, Hook::Send, "sl_tp_send_len")
+        && uses_program(hooks, Hook::Recv, "sl_tp_recv_len")
+        && uses_program(hooks, Hook::State, "sl_tp_set_state")
+}
+
+/// Whether `hook` is served by the BPF program `prog` in these plans.
+pub fn uses_program(hooks: &[HookPlan], hook: Hook, prog: &str) -> bool {
+    hooks
+        .iter()
+        .any(|h| h.hook == hook && h.programs().contains(&prog))
 }
 
 #[cfg(test)]

@@ -249,27 +249,27 @@ impl Prober {
 }
 
 /// Test knob: a comma-separated list of BTF tracepoint names (say
-/// `sock_send_length`) and `cgroup` to treat as missing (and `tcp_seq`, below), so the suite can run
-/// the fallback variants of the tracepoint tier on a kernel that has the
-/// better ones (as on kernels before 6.3).
+/// `sock_send_length`) and `cgroup` to treat as missing (and `tcp_seq`,
+/// below), so the suite can run the fallback variants of the tracepoint tier
+/// on a kernel that has the better ones (as on kernels before 6.3).
 const DISABLE_ENV: &str = "SOCKLENS_DISABLE";
 
 fn disabled_by_env(req: Requirement) -> bool {
-    let Ok(list) = std::env::var(DISABLE_ENV) else {
-        return false;
-    };
-    let name = match req {
-        Requirement::TpBtf(_, name) => name,
-        Requirement::CgroupV2 => "cgroup",
-        _ => return false,
-    };
-    list.split(',').any(|k| k.trim() == name)
+    match req {
+        Requirement::TpBtf(_, name) => knob_names(name),
+        Requirement::CgroupV2 => knob_names("cgroup"),
+        _ => false,
+    }
 }
 
 /// The same knob's `tcp_seq`: count TCP bytes per send and receive even where
 /// the sequence counters would serve (bench/bench.py compares the two).
 pub fn tcp_seq_disabled() -> bool {
-    std::env::var(DISABLE_ENV).is_ok_and(|l| l.split(',').any(|k| k.trim() == "tcp_seq"))
+    knob_names("tcp_seq")
+}
+
+fn knob_names(name: &str) -> bool {
+    std::env::var(DISABLE_ENV).is_ok_and(|list| list.split(',').any(|k| k.trim() == name))
 }
 
 /// Programs in one batched fentry trial load (copies in src/bpf/probe.bpf.c).
