@@ -6,7 +6,7 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -143,18 +143,7 @@ impl Agent {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn agent");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        {
-            let stderr = Arc::clone(&stderr);
-            let err = child.stderr.take().expect("stderr");
-            thread::spawn(move || {
-                for line in BufReader::new(err).lines().map_while(Result::ok) {
-                    let mut s = stderr.lock().unwrap();
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-            });
-        }
+        let stderr = watch_stderr(&mut child);
         let mut agent = Self {
             child,
             addr,

@@ -30,6 +30,20 @@ fn close_of<'a>(stopped: &'a Stopped, pid: &Value, sport: u64) -> &'a Value {
     found[0]
 }
 
+/// The close record of a testbed's first socket (step 0 of its report).
+fn close_of_first<'a>(stopped: &'a Stopped, bed: &Value) -> &'a Value {
+    close_of(stopped, &bed["pid"], u(&bed["steps"][0]["port"]))
+}
+
+/// Asserts a close record's (tx_bytes, rx_bytes).
+fn assert_tx_rx(rec: &Value, tx: u64, rx: u64) {
+    assert_eq!(
+        (u(&rec["tx_bytes"]), u(&rec["rx_bytes"])),
+        (tx, rx),
+        "{rec}"
+    );
+}
+
 /// Server and client testbeds exchanging data over TCP while socklens traces
 /// close events; returns (server report, client report, what socklens saw).
 fn exchange(
@@ -88,7 +102,7 @@ fn check_bytes(client: &[&str], sent: u64, family: &str) {
         sent,
         "server read everything: {server}"
     );
-    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    let out = close_of_first(&stopped, &client);
     assert_eq!(out["direction"], "out", "{out}");
     assert_eq!(out["family"], family, "{out}");
     assert_eq!(u(&out["tx_bytes"]), sent, "{out}");
@@ -159,9 +173,9 @@ fn trickling_sender_blocking_reader_not_overcounted() {
         calls > 1,
         "the reader really blocked more than once: {server}"
     );
-    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
+    let inn = close_of_first(&stopped, &server);
     assert_eq!(u(&inn["rx_bytes"]), 60_000, "{inn}");
-    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    let out = close_of_first(&stopped, &client);
     assert_eq!(u(&out["tx_bytes"]), 60_000, "{out}");
 }
 
@@ -191,7 +205,7 @@ fn peek_is_not_counted() {
         u(&server["steps"][4]["bytes"]) > 0,
         "the peek saw data: {server}"
     );
-    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
+    let inn = close_of_first(&stopped, &server);
     assert_eq!(u(&inn["rx_bytes"]), 5000, "{inn}");
 }
 
@@ -220,14 +234,14 @@ fn sendfile_bytes_equal_file_size() {
     );
     std::fs::remove_file(&path).unwrap();
     assert_eq!(u(&client["steps"][1]["bytes"]), size as u64);
-    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    let out = close_of_first(&stopped, &client);
     assert_eq!(u(&out["sendfile_bytes"]), size as u64, "{out}");
     assert_eq!(
         u(&out["tx_bytes"]),
         size as u64 + 10,
         "sendfile counts in tx too: {out}"
     );
-    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
+    let inn = close_of_first(&stopped, &server);
     assert_eq!(u(&inn["rx_bytes"]), size as u64 + 10, "{inn}");
 }
 
@@ -257,18 +271,10 @@ fn active_closer_reading_after_fin_keeps_one_record() {
         None,
     );
     assert_eq!(u(&client["steps"][4]["bytes"]), 777);
-    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
-    assert_eq!(
-        (u(&out["tx_bytes"]), u(&out["rx_bytes"])),
-        (1000, 777),
-        "{out}"
-    );
-    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
-    assert_eq!(
-        (u(&inn["tx_bytes"]), u(&inn["rx_bytes"])),
-        (777, 1000),
-        "{inn}"
-    );
+    let out = close_of_first(&stopped, &client);
+    assert_tx_rx(out, 1000, 777);
+    let inn = close_of_first(&stopped, &server);
+    assert_tx_rx(inn, 777, 1000);
     let client_closes = stopped
         .of_kind("close")
         .into_iter()
@@ -301,18 +307,10 @@ fn reset_by_unread_close_counts_what_was_accepted_and_what_was_read() {
         None,
     );
     assert_eq!(u(&server["steps"][4]["bytes"]), 1000, "{server}");
-    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
-    assert_eq!(
-        (u(&out["tx_bytes"]), u(&out["rx_bytes"])),
-        (5000, 0),
-        "{out}"
-    );
-    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
-    assert_eq!(
-        (u(&inn["tx_bytes"]), u(&inn["rx_bytes"])),
-        (0, 1000),
-        "{inn}"
-    );
+    let out = close_of_first(&stopped, &client);
+    assert_tx_rx(out, 5000, 0);
+    let inn = close_of_first(&stopped, &server);
+    assert_tx_rx(inn, 0, 1000);
 }
 
 #[test]
@@ -336,12 +334,12 @@ fn veth_between_two_netns_exact_with_each_sides_netns() {
         ],
         Some((&pair.a, &pair.b, "")),
     );
-    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    let out = close_of_first(&stopped, &client);
     assert_eq!(u(&out["tx_bytes"]), 123_456, "{out}");
     assert_eq!(u(&out["netns"]), netns_inode(&pair.b.name), "{out}");
     assert_eq!(out["saddr"], pair.addr_b.as_str(), "{out}");
     assert_eq!(out["daddr"], pair.addr_a.as_str(), "{out}");
-    let inn = close_of(&stopped, &server["pid"], u(&server["steps"][0]["port"]));
+    let inn = close_of_first(&stopped, &server);
     assert_eq!(u(&inn["rx_bytes"]), 123_456, "{inn}");
     assert_eq!(u(&inn["netns"]), netns_inode(&pair.a.name), "{inn}");
 }
@@ -569,7 +567,7 @@ fn retransmits_equal_the_kernels_own_count_under_loss() {
     let _ = server;
     let kernel = u(&client["steps"][3]["total_retrans"]);
     assert!(kernel > 0, "10% loss caused retransmits: {client}");
-    let out = close_of(&stopped, &client["pid"], u(&client["steps"][0]["port"]));
+    let out = close_of_first(&stopped, &client);
     assert_eq!(u(&out["retransmits"]), kernel, "{out}");
     let events: Vec<&Value> = stopped
         .of_kind("retransmit")

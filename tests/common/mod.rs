@@ -82,19 +82,22 @@ pub fn watch_output(child: &mut Child) -> (Receiver<String>, Arc<Mutex<String>>)
             }
         }
     });
+    (lines, watch_stderr(child))
+}
+
+/// Reads a child's stderr into a shared string on its own thread.
+pub fn watch_stderr(child: &mut Child) -> Arc<Mutex<String>> {
     let stderr = Arc::new(Mutex::new(String::new()));
-    {
-        let stderr = Arc::clone(&stderr);
-        let err = child.stderr.take().expect("stderr");
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                let mut s = stderr.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-    }
-    (lines, stderr)
+    let shared = Arc::clone(&stderr);
+    let err = child.stderr.take().expect("stderr");
+    thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let mut s = shared.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+    stderr
 }
 
 /// Waits until socklens printed its ready line ("Ctrl-C to stop"), failing
