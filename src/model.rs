@@ -148,6 +148,8 @@ pub struct Conn {
     pub owner_known: bool,
     pub seeded: bool,
     pub established: bool,
+    /// The close was seen only when the kernel freed the socket.
+    pub closed_at_destroy: bool,
 }
 
 impl Conn {
@@ -182,6 +184,7 @@ impl Conn {
             owner_known: flag(sl_conn_flag::SL_CONN_OWNER),
             seeded: flag(sl_conn_flag::SL_CONN_SEEDED),
             established: flag(sl_conn_flag::SL_CONN_ESTABLISHED),
+            closed_at_destroy: flag(sl_conn_flag::SL_CONN_CLOSED_AT_DESTROY),
         }
     }
 
@@ -189,6 +192,10 @@ impl Conn {
     pub fn failure(&self) -> Option<String> {
         if self.established || self.direction != Direction::Out || self.end_ns == 0 {
             return None;
+        }
+        if self.closed_at_destroy && self.error == 0 {
+            // connect() may have handed the error to the application already.
+            return Some("unknown".into());
         }
         Some(match self.error {
             libc::ECONNREFUSED => "refused".into(),
@@ -453,6 +460,7 @@ impl Conn {
             owner_known: true,
             seeded: false,
             established: true,
+            closed_at_destroy: false,
         }
     }
 }

@@ -73,6 +73,9 @@ struct ConnRecord<'c> {
     duration_ms: Option<f64>,
     failure: Option<String>,
     seeded: bool,
+    /// Only on the rare close the state hook missed (see README).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    close_at_destroy: bool,
 }
 
 #[derive(Serialize)]
@@ -201,6 +204,7 @@ impl Renderer {
             duration_ms: c.duration_ms(),
             failure: c.failure(),
             seeded: c.seeded,
+            close_at_destroy: c.closed_at_destroy,
         }
     }
 

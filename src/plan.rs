@@ -233,21 +233,33 @@ const LISTEN_TIERS: &[TierSpec] = &[
     },
 ];
 
+/// State changes, and socket destruction: the close of a socket whose
+/// TCP_CLOSE the state program missed (the kernel skips a tracing program
+/// already running on the same CPU) is reported there, by another program.
 const STATE_TIERS: &[TierSpec] = &[
     TierSpec {
         tier: Tier::Fentry,
-        requires: &[Requirement::Fentry("tcp_set_state")],
-        programs: &["sl_fe_tcp_set_state"],
+        requires: &[
+            Requirement::Fentry("tcp_set_state"),
+            Requirement::Fentry("tcp_v4_destroy_sock"),
+        ],
+        programs: &["sl_fe_tcp_set_state", "sl_fe_tcp_destroy"],
     },
     TierSpec {
         tier: Tier::Kprobe,
-        requires: &[Requirement::Kprobe("tcp_set_state")],
-        programs: &["sl_kp_tcp_set_state"],
+        requires: &[
+            Requirement::Kprobe("tcp_set_state"),
+            Requirement::Kprobe("tcp_v4_destroy_sock"),
+        ],
+        programs: &["sl_kp_tcp_set_state", "sl_kp_tcp_destroy"],
     },
     TierSpec {
         tier: Tier::Tracepoint,
-        requires: &[Requirement::TpBtf("sock", "inet_sock_set_state")],
-        programs: &["sl_tp_set_state"],
+        requires: &[
+            Requirement::TpBtf("sock", "inet_sock_set_state"),
+            Requirement::TpBtf("tcp", "tcp_destroy_sock"),
+        ],
+        programs: &["sl_tp_set_state", "sl_tp_tcp_destroy"],
     },
 ];
 

@@ -249,8 +249,8 @@ impl Prober {
 }
 
 /// Test knob: a comma-separated list of BTF tracepoint names (say
-/// `sock_send_length`) and `cgroup` to treat as missing (and `tcp_seq`,
-/// below), so the suite can run the fallback variants of the tracepoint tier
+/// `sock_send_length`) and `cgroup` to treat as missing (and `tcp_seq` and
+/// `state_close`, below), so the suite can run the fallback variants of the tracepoint tier
 /// on a kernel that has the better ones (as on kernels before 6.3).
 const DISABLE_ENV: &str = "SOCKLENS_DISABLE";
 
@@ -266,6 +266,13 @@ fn disabled_by_env(req: Requirement) -> bool {
 /// the sequence counters would serve (bench/bench.py compares the two).
 pub fn tcp_seq_disabled() -> bool {
     knob_names("tcp_seq")
+}
+
+/// The same knob's `state_close`: the state hook ignores TCP_CLOSE, as when
+/// the kernel skips its run, so the suite can check that socket destruction
+/// still reports every close exactly.
+pub fn state_close_disabled() -> bool {
+    knob_names("state_close")
 }
 
 fn knob_names(name: &str) -> bool {

@@ -38,6 +38,10 @@ const volatile bool sendfile_adds_tx = false;
  * needs (the verifier drops the dead branch). */
 const volatile bool tcp_bytes_from_seq = false;
 
+/* Test knob (SOCKLENS_DISABLE=state_close): the state hook ignores TCP_CLOSE,
+ * as when the kernel skips its run, so every close comes from on_destroy. */
+const volatile bool state_skips_close = false;
+
 /* Accepted TCP sockets whose owner is not known yet (tracked in softirq, no
  * accept hook): their first send or receive, in process context, claims them.
  * Socket storage, so that the byte hooks' check is a load for every other
@@ -166,11 +170,16 @@ static __always_inline bool tcp_fin_queued(int state)
 
 /* The peer's FIN arrived (tcp_fin sets SOCK_DONE) and the application read
  * up to it: read() returned 0, which moved copied_seq past the FIN. */
-static __always_inline bool tcp_fin_read(struct tcp_sock *tp)
+static __always_inline bool tcp_fin_received(struct tcp_sock *tp)
 {
 	unsigned long done = 1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE);
 
-	return (tp->inet_conn.icsk_inet.sk.__sk_common.skc_flags & done) && tp->copied_seq == tp->rcv_nxt;
+	return tp->inet_conn.icsk_inet.sk.__sk_common.skc_flags & done;
+}
+
+static __always_inline bool tcp_fin_read(struct tcp_sock *tp)
+{
+	return tcp_fin_received(tp) && tp->copied_seq == tp->rcv_nxt;
 }
 
 static __always_inline __u64 seq_delta(__u64 total, __u64 base, __u64 fin)
@@ -344,7 +353,7 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 	} else {
 		c = bpf_map_lookup_elem(&conns, &key);
 	}
-	if (!c)
+	if (!c || (new == SL_TCP_CLOSE && state_skips_close))
 		return;
 	c->state = new;
 	/* Ten state changes per short connection: only the ones that report
@@ -367,6 +376,67 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 		on_closed(ctx, sk, c, old, tier);
 	}
 }
+/* Whether the socket queued a FIN, for a close seen only at destruction (the
+ * state it left for TCP_CLOSE is unknown then): it was shut down for sending
+ * (close or shutdown), not reset or timed out (sk_err), and not closed with
+ * unread data (that sends a reset instead; the unread bytes stay between
+ * copied_seq and rcv_nxt, a FIN received taking one). */
+static __always_inline bool tcp_fin_queued_at_destroy(struct tcp_sock *tp)
+{
+	struct sock *sk = &tp->inet_conn.icsk_inet.sk;
+	__u8 shutdown = BPF_CORE_READ_BITFIELD(sk, sk_shutdown); /* a bitfield before 6.5 */
+	__u32 unread = tp->rcv_nxt - tp->copied_seq;
+
+	if (unread && tcp_fin_received(tp))
+		unread--;
+	return (shutdown & 2 /* SEND_SHUTDOWN */) && !sk->sk_err && !unread;
+}
+
+/* The kernel is about to free a TCP socket. Its entry normally left at
+ * TCP_CLOSE; one still here either waits for unread data its application
+ * never read, or missed its close: the kernel skips a tracing program already
+ * running on the same CPU (a state change in softirq interrupting the state
+ * hook's run in process context; `missed`). Either way this is its last
+ * chance: report it now, before the socket's address (the key) can be reused.
+ * A different program from the state hook's, so it runs where that one was
+ * skipped. */
+static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier)
+{
+	__u64 key = (__u64)sk;
+	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
+	bool wiped;
+
+	if (!c)
+		return;
+	if (c->state == SL_TCP_LISTEN) {
+		bpf_map_delete_elem(&conns, &key);
+		return;
+	}
+	/* An abortive close (SO_LINGER 0, connect(AF_UNSPEC)) went through
+	 * tcp_disconnect, which zeroes RTT, retransmits and the byte counters:
+	 * the entry keeps what it had. Only established sockets have an RTT. */
+	wiped = (c->flags & SL_CONN_ESTABLISHED) && !BPF_CORE_READ((struct tcp_sock *)sk, srtt_us);
+	if (!c->end_ns) {
+		c->end_ns = bpf_ktime_get_ns();
+		c->error = BPF_CORE_READ(sk, sk_err);
+		c->flags |= SL_CONN_CLOSED_AT_DESTROY;
+		if (!wiped)
+			read_tcp_info(c, sk);
+	}
+	if (!c->sport)
+		c->sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+	if (tcp_bytes_from_seq && !wiped) {
+		struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+
+		/* A draining entry's tx was final at TCP_CLOSE. */
+		if (tp)
+			tcp_seq_sync(c, tp, tcp_fin_queued_at_destroy(tp) ? 4 /* FIN_WAIT1 */ : SL_TCP_CLOSE,
+				     !(c->flags & SL_CONN_DRAINING));
+	}
+	c->state = SL_TCP_CLOSE;
+	finish(ctx, sk, c, tier);
+}
+
 /* A listening socket (process context), so `conns` shows listeners like ss. */
 static __always_inline void on_listening(struct sock *sk)
 {

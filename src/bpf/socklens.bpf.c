@@ -365,6 +365,30 @@ int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 	return 0;
 }
 
+/* Socket destruction: the last chance for an entry whose close the state
+ * hook missed (conn.bpf.h, on_destroy). tcp_v6_destroy_sock, where it exists,
+ * calls tcp_v4_destroy_sock, and so does every IPv6 socket's destroy. */
+SEC("fentry/tcp_v4_destroy_sock")
+int BPF_PROG(sl_fe_tcp_destroy, struct sock *sk)
+{
+	on_destroy(ctx, sk, SL_TIER_FENTRY);
+	return 0;
+}
+
+SEC("kprobe/tcp_v4_destroy_sock")
+int BPF_KPROBE(sl_kp_tcp_destroy, struct sock *sk)
+{
+	on_destroy(ctx, sk, SL_TIER_KPROBE);
+	return 0;
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(sl_tp_tcp_destroy, struct sock *sk)
+{
+	on_destroy(ctx, sk, SL_TIER_TRACEPOINT);
+	return 0;
+}
+
 /* ---- accept ---- */
 
 /* 6.10+: inet_csk_accept(sk, arg) */

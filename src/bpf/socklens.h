@@ -50,6 +50,7 @@ enum sl_conn_flag {
 	SL_CONN_SEEDED = 2,      /* existed before socklens started; counts are from start */
 	SL_CONN_ESTABLISHED = 4, /* reached ESTABLISHED at least once */
 	SL_CONN_DRAINING = 8,    /* closed while data it received was still unread */
+	SL_CONN_CLOSED_AT_DESTROY = 16, /* its close was seen only when the kernel freed it */
 };
 
 /* bind and listen. Every event record starts with `kind`. */
