@@ -126,13 +126,16 @@ fn monotonic_ns() -> u64 {
     })
 }
 
-/// Drops TCP entries whose socket the iterator pass `gen` did not find in a
-/// netns it walked. The state hook can miss a socket's close: the kernel
-/// skips a tracing program that is already running on the same CPU (a state
-/// change in softirq interrupting its run in process context; counted as
-/// `missed`). Entries younger than a second are left alone (a connect is
-/// tracked just before the kernel hashes it), and so are closed sockets still
-/// holding unread data (unhashed, but their record waits for the read).
+/// Drops entries whose socket the iterator pass `gen` did not find in a
+/// netns it walked, and the UDP flows of the sockets dropped.
+///
+/// UDP sockets end without an event, so this is where they go (the flows'
+/// counts since the last snapshot go with them). For TCP it is a safety net:
+/// a close the state hook missed is reported at the socket's destruction
+/// (src/bpf/conn.bpf.h, on_destroy), unless that program was skipped too.
+/// Entries younger than a second are left alone (a connect is tracked just
+/// before the kernel hashes it), and so are closed TCP sockets still holding
+/// unread data (unhashed, but their record waits for the read).
 fn sweep(session: &Session<'_>, gen: u32, started_ns: u64, walked_netns: &BTreeSet<u64>) {
     const GRACE_NS: u64 = 1_000_000_000;
     let map = &session.skel.maps.conns;
@@ -147,15 +150,33 @@ fn sweep(session: &Session<'_>, gen: u32, started_ns: u64, walked_netns: &BTreeS
                 return false;
             }
             let draining = u32::from(raw.flags) & sl_conn_flag::SL_CONN_DRAINING.0 != 0;
-            raw.proto == IPPROTO_TCP
+            (raw.proto == IPPROTO_TCP || raw.proto == IPPROTO_UDP)
                 && raw.seen_gen != gen
                 && !draining
                 && raw.start_ns + GRACE_NS < started_ns
                 && walked_netns.contains(&u64::from(raw.netns))
         })
         .collect();
-    for k in stale {
-        let _ = map.delete(&k);
+    for k in &stale {
+        let _ = map.delete(k);
+    }
+    let gone: BTreeSet<u64> = stale
+        .iter()
+        .filter_map(|k| Some(u64::from_ne_bytes(k.get(..8)?.try_into().ok()?)))
+        .collect();
+    if gone.is_empty() {
+        return;
+    }
+    let flows = &session.skel.maps.udp_flows;
+    let orphans: Vec<Vec<u8>> = flows
+        .keys()
+        .filter(|k| {
+            let mut key = sl_udp_key::default();
+            plain::copy_from_bytes(&mut key, k).is_ok() && gone.contains(&key.sk)
+        })
+        .collect();
+    for k in orphans {
+        let _ = flows.delete(&k);
     }
 }
 

@@ -43,6 +43,8 @@ pub struct LoadOptions<'a> {
     pub max_conns: Option<u32>,
     /// Send connect/accept/close/retransmit records (off when only the maps are read).
     pub conn_events: bool,
+    /// Account UDP traffic per (socket, peer) too.
+    pub udp_flows: bool,
     pub shape: KernelShape,
     /// BTF for CO-RE relocation when not the running kernel's default.
     pub btf: Option<PathBuf>,
@@ -150,6 +152,7 @@ fn write_filters(
     ro.use_ringbuf = opts.buffer == BufferKind::Ring;
     ro.track_conns = opts.max_conns.is_some();
     ro.conn_events = opts.conn_events;
+    ro.track_udp = opts.udp_flows;
     // The send hook misses sendfile data on tcp_sendpage kernels, and when it
     // counts send syscalls rather than sock_sendmsg.
     ro.sendfile_adds_tx = opts.shape.sendfile_bypasses_sendmsg

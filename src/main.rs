@@ -309,6 +309,7 @@ impl CommonArgs {
             btf,
             max_conns: self.max_conns,
             conn_events: true,
+            udp_flows: false,
         }
     }
 }
@@ -406,6 +407,7 @@ fn run(cli: &Cli) -> Result<(), Error> {
                 cli.btf.clone(),
             );
             req.conn_events = false; // a snapshot reads the maps only
+            req.udp_flows = true;
             let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
             let losses = socklens::conns::run(&req, duration, &stop, &mut out)?;
             out.flush()
@@ -414,12 +416,13 @@ fn run(cli: &Cli) -> Result<(), Error> {
             Ok(())
         }
         Command::Top(args) => {
-            let req = args.common.request(
+            let mut req = args.common.request(
                 socklens::conns::snapshot_events(),
                 Vec::new(),
                 false,
                 cli.btf.clone(),
             );
+            req.udp_flows = true;
             let losses = socklens::top::run(&req, &args.options(), &stop, &mut stdout)?;
             report_losses(0, &losses);
             Ok(())

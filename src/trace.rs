@@ -93,6 +93,10 @@ pub struct TraceRequest {
     pub max_conns: u32,
     /// Whether connection events are wanted at all (`conns` reads only maps).
     pub conn_events: bool,
+    /// Whether UDP traffic is accounted per peer: only for users that read
+    /// snapshots (`conns`, `top`, the agent), whose refreshes remove the
+    /// flows of closed sockets. `trace` has no UDP events.
+    pub udp_flows: bool,
 }
 
 impl TraceRequest {
@@ -314,6 +318,7 @@ pub fn with_session<T>(
             buffer: prepared.buffer,
             max_conns: req.tracks_conns().then_some(req.max_conns),
             conn_events: req.conn_events,
+            udp_flows: req.udp_flows,
             shape: prepared.shape,
             btf: custom_btf(&req.btf),
         },

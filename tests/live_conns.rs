@@ -534,6 +534,38 @@ fn udp_receiver_counts_per_sender() {
     }
 }
 
+/// A UDP socket ends without an event: a snapshot must not list a closed
+/// one (its flows included), and must still list one that lives.
+#[test]
+fn closed_udp_socket_leaves_the_snapshot_with_its_flows() {
+    require_root();
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = sink.local_addr().unwrap().port();
+    let comm = unique("sludpc");
+    let mut beds = None;
+    let (lines, _) = conns_snapshot(3.0, &["--comm", &comm], || {
+        let send = format!("sendto,0,127.0.0.1,{port},10");
+        let closed = testbed(&["--comm", &comm, "bind,udp4,127.0.0.1,0", &send]);
+        let live = Bed::spawn(&["--comm", &comm, "bind,udp4,127.0.0.1,0", &send, "wait"]);
+        let report = live.report();
+        beds = Some((closed, live, report));
+    });
+    let (closed, mut live, report) = beds.unwrap();
+    live.release();
+    live.finish();
+    let of = |pid: &Value| -> Vec<&Value> { lines.iter().filter(|l| l["pid"] == *pid).collect() };
+    assert!(
+        of(&closed["pid"]).is_empty(),
+        "closed socket listed: {lines:#?}"
+    );
+    let kept = of(&report["pid"]);
+    assert!(
+        kept.iter()
+            .any(|l| l["event"] == "udp_flow" && u(&l["tx_bytes"]) == 10),
+        "live socket's flow listed: {lines:#?}"
+    );
+}
+
 #[test]
 fn retransmits_equal_the_kernels_own_count_under_loss() {
     require_root();

@@ -95,6 +95,7 @@ fn request(config: &Config, args: &AgentArgs, policy_events: bool) -> TraceReque
         btf: args.btf.clone(),
         max_conns: config.max_conns,
         conn_events: true,
+        udp_flows: true,
     }
 }
 

@@ -20,6 +20,9 @@
 const volatile bool track_conns = false;
 /* false for snapshot-only users (`conns`): the maps are read, no event is sent. */
 const volatile bool conn_events = true;
+/* UDP sockets and flows: only for users that read snapshots, whose refreshes
+ * remove closed sockets (src/conns.rs, sweep). */
+const volatile bool track_udp = false;
 /* Whether the send hook misses sendfile data, so the sendfile hook must add it
  * to tx_bytes: kernels with tcp_sendpage (before 6.5) send it without
  * tcp_sendmsg or sock_sendmsg, and the syscall variant of the tracepoint tier
@@ -553,7 +556,7 @@ static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 co
 {
 	struct sl_conn *c;
 
-	if (ret <= 0)
+	if (ret <= 0 || (proto == IPPROTO_UDP && !track_udp))
 		return;
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)
@@ -582,7 +585,7 @@ static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 prot
 {
 	struct sl_conn *c;
 
-	if (ret <= 0 || (flags & MSG_PEEK))
+	if (ret <= 0 || (flags & MSG_PEEK) || (proto == IPPROTO_UDP && !track_udp))
 		return;
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
 	if (!c)

@@ -1177,7 +1177,7 @@ int sl_seed_udp(struct bpf_iter__udp *ctx)
 {
 	struct udp_sock *udp = ctx->udp_sk;
 
-	if (udp)
+	if (udp && track_udp)
 		seed((struct sock *)udp, NULL);
 	return 0;
 }
