@@ -160,19 +160,29 @@ fn sweep(session: &Session<'_>, gen: u32, started_ns: u64, walked_netns: &BTreeS
     for k in &stale {
         let _ = map.delete(k);
     }
-    let gone: BTreeSet<u64> = stale
-        .iter()
-        .filter_map(|k| Some(u64::from_ne_bytes(k.get(..8)?.try_into().ok()?)))
-        .collect();
-    if gone.is_empty() {
+    sweep_udp_flows(session);
+}
+
+/// Drops UDP flows whose socket's entry is gone (the socket ended) or is a
+/// newer socket's at the same address.
+fn sweep_udp_flows(session: &Session<'_>) {
+    let flows = &session.skel.maps.udp_flows;
+    if flows.keys().next().is_none() {
         return;
     }
-    let flows = &session.skel.maps.udp_flows;
+    let (conns, _) = snapshot(session);
+    let started: HashMap<u64, u64> = conns.iter().map(|c| (c.sk, c.start_ns)).collect();
     let orphans: Vec<Vec<u8>> = flows
         .keys()
         .filter(|k| {
             let mut key = sl_udp_key::default();
-            plain::copy_from_bytes(&mut key, k).is_ok() && gone.contains(&key.sk)
+            let mut raw = sl_udp_flow::default();
+            let Some(v) = flows.lookup(k, MapFlags::ANY).ok().flatten() else {
+                return false;
+            };
+            plain::copy_from_bytes(&mut key, k).is_ok()
+                && plain::copy_from_bytes(&mut raw, &v).is_ok()
+                && started.get(&key.sk) != Some(&raw.conn_start_ns)
         })
         .collect();
     for k in orphans {
@@ -328,7 +338,11 @@ pub fn settled_snapshot(live: &mut Live<'_>) -> (BTreeMap<u64, Conn>, Vec<UdpFlo
         .collect::<BTreeMap<_, _>>();
     let flows = flows
         .into_iter()
-        .filter(|f| conns.contains_key(&f.sk))
+        .filter(|f| {
+            conns
+                .get(&f.sk)
+                .is_some_and(|c| c.start_ns == f.conn_start_ns)
+        })
         .collect();
     (conns, flows)
 }

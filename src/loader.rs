@@ -108,6 +108,8 @@ pub fn load<'obj>(
     if sendfile_in_send_len(opts.plan) {
         wanted.remove(SENDFILE_LEN);
     }
+    let udp_release = udp_release_program(opts);
+    wanted.extend(udp_release);
     for mut prog in open.open_object_mut().progs_mut() {
         let keep = prog.name().to_str().is_some_and(|n| wanted.contains(n));
         prog.set_autoload(keep);
@@ -122,7 +124,10 @@ pub fn load<'obj>(
             .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
             .map_err(load_err("setting the cgroup filter"))?;
     }
-    let links = attach(&skel, opts.plan, opts.shape)?;
+    let mut links = attach(&skel, opts.plan, opts.shape)?;
+    if let Some(name) = udp_release {
+        links.push(attach_extra(&skel, name, "send")?);
+    }
     Ok(Session {
         skel,
         buffer: opts.buffer,
@@ -170,6 +175,16 @@ fn write_filters(
 }
 
 const SEND_LEN: &str = "sl_tp_send_len";
+const UDP_RELEASE: &str = "sl_cg_sock_release";
+
+/// The tracepoint tier has no tracepoint where a UDP socket ends; a cgroup
+/// sock_release program at the cgroup v2 root sees every inet socket's
+/// release. Without cgroup v2, snapshot refreshes remove ended UDP sockets.
+fn udp_release_program(opts: &LoadOptions<'_>) -> Option<&'static str> {
+    let send_by_tracepoint = opts.plan.tier_of(Hook::Send) == Some(crate::plan::Tier::Tracepoint);
+    (opts.udp_flows && send_by_tracepoint && crate::system::cgroup2_root().is_some())
+        .then_some(UDP_RELEASE)
+}
 const SENDFILE_LEN: &str = "sl_tp_sendfile_len";
 
 /// Both the send and the sendfile hook on sock:sock_send_length: the send
@@ -233,12 +248,7 @@ fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Ve
                         "missing from object",
                     )
                 })?;
-            let link = if prog.prog_type() == ProgramType::CgroupSockAddr {
-                attach_at_cgroup_root(&prog)
-            } else {
-                prog.attach()
-            };
-            let link = link.map_err(|e| {
+            let link = attach_program(&prog).map_err(|e| {
                 Error::kernel(
                     format!("{}: attaching {} program {name}", hook.hook, hook.tier),
                     format!("{} ({e})", errno_name(&e)),
@@ -248,6 +258,28 @@ fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Ve
         }
     }
     Ok(links)
+}
+
+fn attach_program(prog: &libbpf_rs::ProgramMut<'_>) -> libbpf_rs::Result<Link> {
+    match prog.prog_type() {
+        ProgramType::CgroupSockAddr | ProgramType::CgroupSock => attach_at_cgroup_root(prog),
+        _ => prog.attach(),
+    }
+}
+
+/// A program the loader adds beside the plan's (see `udp_release_program`).
+fn attach_extra(skel: &SocklensSkel<'_>, name: &str, hook: &str) -> Result<Link> {
+    let prog = skel
+        .object()
+        .progs_mut()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| Error::kernel(format!("{hook}: program {name}"), "missing from object"))?;
+    attach_program(&prog).map_err(|e| {
+        Error::kernel(
+            format!("{hook}: attaching program {name}"),
+            format!("{} ({e})", errno_name(&e)),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -273,6 +273,8 @@ pub struct UdpFlow {
     pub first_ns: u64,
     pub last_ns: u64,
     pub direction: Direction,
+    /// `start_ns` of the socket's entry when the flow began.
+    pub conn_start_ns: u64,
 }
 
 impl UdpFlow {
@@ -288,6 +290,7 @@ impl UdpFlow {
             first_ns: raw.first_ns,
             last_ns: raw.last_ns,
             direction: Direction::from_raw(raw.direction),
+            conn_start_ns: raw.conn_start_ns,
         }
     }
 }

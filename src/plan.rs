@@ -284,6 +284,10 @@ const ACCEPT_TIERS: &[TierSpec] = &[
     },
 ];
 
+/// The send hook also sees UDP sockets end (their entries must go before a
+/// new socket takes the address): udp(v6)_destroy_sock on the fentry and
+/// kprobe tiers; on the tracepoint tier, which has no tracepoint there, the
+/// loader adds a cgroup sock_release program where cgroup v2 is mounted.
 const SEND_TIERS: &[TierSpec] = &[
     TierSpec {
         tier: Tier::Fentry,
@@ -291,11 +295,15 @@ const SEND_TIERS: &[TierSpec] = &[
             Requirement::Fentry("tcp_sendmsg"),
             Requirement::Fentry("udp_sendmsg"),
             Requirement::Fentry("udpv6_sendmsg"),
+            Requirement::Fentry("udp_destroy_sock"),
+            Requirement::Fentry("udpv6_destroy_sock"),
         ],
         programs: &[
             "sl_fx_tcp_sendmsg",
             "sl_fx_udp_sendmsg",
             "sl_fx_udp6_sendmsg",
+            "sl_fe_udp_destroy",
+            "sl_fe_udp6_destroy",
         ],
     },
     TierSpec {
@@ -304,6 +312,8 @@ const SEND_TIERS: &[TierSpec] = &[
             Requirement::Kprobe("tcp_sendmsg"),
             Requirement::Kprobe("udp_sendmsg"),
             Requirement::Kprobe("udpv6_sendmsg"),
+            Requirement::Kprobe("udp_destroy_sock"),
+            Requirement::Kprobe("udpv6_destroy_sock"),
         ],
         programs: &[
             "sl_kp_tcp_sendmsg",
@@ -312,6 +322,8 @@ const SEND_TIERS: &[TierSpec] = &[
             "sl_kr_udp_sendmsg",
             "sl_kp_udp6_sendmsg",
             "sl_kr_udp6_sendmsg",
+            "sl_kp_udp_destroy",
+            "sl_kp_udp6_destroy",
         ],
     },
     TierSpec {

@@ -280,7 +280,7 @@ fn knob_names(name: &str) -> bool {
 }
 
 /// Programs in one batched fentry trial load (copies in src/bpf/probe.bpf.c).
-const FENTRY_BATCH: usize = 16;
+const FENTRY_BATCH: usize = 20;
 
 /// Opens the probe object with only the program `keep` to be loaded.
 fn open_probe<'obj>(

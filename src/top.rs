@@ -1261,6 +1261,7 @@ mod tests {
             first_ns: 11,
             last_ns: 12,
             direction: Direction::Out,
+            conn_start_ns: 10,
         };
         let mut acct = Accountant::new(&[]);
         let conns = map(&[udp]);

@@ -440,6 +440,14 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier)
 	finish(ctx, sk, c, tier);
 }
 
+/* A UDP socket is being closed: its entry goes, so that a socket the kernel
+ * later puts at the same address starts its own. Its flows stay for the next
+ * snapshot's sweep (src/conns.rs); udp_account ignores them meanwhile. */
+static __always_inline void on_udp_gone(__u64 key)
+{
+	bpf_map_delete_elem(&conns, &key);
+}
+
 /* A listening socket (process context), so `conns` shows listeners like ss. */
 static __always_inline void on_listening(struct sock *sk)
 {
@@ -516,7 +524,8 @@ static __always_inline void udp_peer(struct sl_udp_key *k, struct sock *sk, cons
 		__builtin_memcpy(k->addr, sa + 4, 4);
 }
 
-static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long bytes, bool tx)
+static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long bytes, bool tx,
+					__u64 conn_start)
 {
 	struct sl_udp_key k = {};
 	struct sl_udp_flow *f;
@@ -524,8 +533,16 @@ static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long by
 
 	udp_peer(&k, sk, sa);
 	f = bpf_map_lookup_elem(&udp_flows, &k);
+	if (f && f->conn_start_ns != conn_start) {
+		/* Left by an earlier socket at this address (its end was not
+		 * seen, or its flows wait for the next snapshot's sweep). */
+		bpf_map_delete_elem(&udp_flows, &k);
+		f = NULL;
+	}
 	if (!f) {
-		struct sl_udp_flow init = { .first_ns = now, .direction = tx ? SL_DIR_OUT : SL_DIR_IN };
+		struct sl_udp_flow init = { .first_ns = now,
+					    .direction = tx ? SL_DIR_OUT : SL_DIR_IN,
+					    .conn_start_ns = conn_start };
 		long err = bpf_map_update_elem(&udp_flows, &k, &init, BPF_NOEXIST);
 
 		if (err && err != -17) {
@@ -565,7 +582,7 @@ static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 co
 	if (proto == IPPROTO_TCP)
 		__sync_fetch_and_add(&c->tx_bytes, ret);
 	else
-		udp_account(sk, sa, ret, true);
+		udp_account(sk, sa, ret, true, c->start_ns);
 }
 
 static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *sa, long ret)
@@ -596,7 +613,7 @@ static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 prot
 		if ((c->flags & SL_CONN_DRAINING) && !BPF_CORE_READ(sk, sk_receive_queue.qlen))
 			finish(ctx, sk, c, tier);
 	} else {
-		udp_account(sk, sa, ret, false);
+		udp_account(sk, sa, ret, false, c->start_ns);
 	}
 }
 

@@ -15,7 +15,7 @@ int BPF_PROG(sl_probe_fentry)
 
 /* Copies of sl_probe_fentry for one batched trial load (src/probe.rs,
  * fentry_batch): libbpf parses the kernel's BTF once per object load, about
- * 0.4 s under QEMU TCG, and socklens probes 14 fentry functions at startup. */
+ * 0.4 s under QEMU TCG, and socklens probes 17 fentry functions at startup. */
 #define SL_PROBE_FENTRY_COPY(n)                                                                   \
 	SEC("fentry/inet_bind")                                                                   \
 	int BPF_PROG(sl_probe_fentry_##n)                                                         \
@@ -38,6 +38,10 @@ SL_PROBE_FENTRY_COPY(12)
 SL_PROBE_FENTRY_COPY(13)
 SL_PROBE_FENTRY_COPY(14)
 SL_PROBE_FENTRY_COPY(15)
+SL_PROBE_FENTRY_COPY(16)
+SL_PROBE_FENTRY_COPY(17)
+SL_PROBE_FENTRY_COPY(18)
+SL_PROBE_FENTRY_COPY(19)
 
 SEC("kprobe/inet_bind")
 int BPF_KPROBE(sl_probe_kprobe)

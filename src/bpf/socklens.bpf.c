@@ -389,6 +389,39 @@ int BPF_PROG(sl_tp_tcp_destroy, struct sock *sk)
 	return 0;
 }
 
+/* UDP socket destruction (fentry and kprobe tiers): see on_udp_gone. */
+SEC("fentry/udp_destroy_sock")
+int BPF_PROG(sl_fe_udp_destroy, struct sock *sk)
+{
+	if (track_udp)
+		on_udp_gone((__u64)sk);
+	return 0;
+}
+
+SEC("fentry/udpv6_destroy_sock")
+int BPF_PROG(sl_fe_udp6_destroy, struct sock *sk)
+{
+	if (track_udp)
+		on_udp_gone((__u64)sk);
+	return 0;
+}
+
+SEC("kprobe/udp_destroy_sock")
+int BPF_KPROBE(sl_kp_udp_destroy, struct sock *sk)
+{
+	if (track_udp)
+		on_udp_gone((__u64)sk);
+	return 0;
+}
+
+SEC("kprobe/udpv6_destroy_sock")
+int BPF_KPROBE(sl_kp_udp6_destroy, struct sock *sk)
+{
+	if (track_udp)
+		on_udp_gone((__u64)sk);
+	return 0;
+}
+
 /* ---- accept ---- */
 
 /* 6.10+: inet_csk_accept(sk, arg) */
@@ -770,6 +803,18 @@ SEC("cgroup/recvmsg6")
 int sl_cg_udp_recv6(struct bpf_sock_addr *ctx)
 {
 	return stash_udp_peer(&udp_recv_peer, ctx, true);
+}
+
+/* Every inet socket's release, in process context (close of its last fd):
+ * the end of a UDP socket for the tracepoint tier, which has no tracepoint
+ * for it. Observes only. The context is the socket itself, and the socket's
+ * address is the key of conns. */
+SEC("cgroup/sock_release")
+int sl_cg_sock_release(struct bpf_sock *ctx)
+{
+	if (ctx->protocol == IPPROTO_UDP && track_udp)
+		on_udp_gone((__u64)ctx);
+	return 1;
 }
 
 /* This thread's stashed peer, if it was for this socket; always consumed. */

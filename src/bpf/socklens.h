@@ -138,6 +138,9 @@ struct sl_udp_flow {
 	__u64 last_ns;
 	__u32 direction; /* enum sl_direction: who sent first */
 	__u32 _pad;
+	/* start_ns of the socket's entry in conns: a flow left by a socket
+	 * whose address a new socket took over is not that socket's. */
+	__u64 conn_start_ns;
 };
 
 #endif
