@@ -139,39 +139,46 @@ fn monotonic_ns() -> u64 {
 fn sweep(session: &Session<'_>, gen: u32, started_ns: u64, walked_netns: &BTreeSet<u64>) {
     const GRACE_NS: u64 = 1_000_000_000;
     let map = &session.skel.maps.conns;
-    let stale: Vec<Vec<u8>> = map
-        .keys()
-        .filter(|k| {
-            let Some(v) = map.lookup(k, MapFlags::ANY).ok().flatten() else {
-                return false;
-            };
-            let mut raw = sl_conn::default();
-            if plain::copy_from_bytes(&mut raw, &v).is_err() {
-                return false;
-            }
-            let draining = u32::from(raw.flags) & sl_conn_flag::SL_CONN_DRAINING.0 != 0;
-            (raw.proto == IPPROTO_TCP || raw.proto == IPPROTO_UDP)
-                && raw.seen_gen != gen
-                && !draining
-                && raw.start_ns + GRACE_NS < started_ns
-                && walked_netns.contains(&u64::from(raw.netns))
-        })
-        .collect();
+    // One pass: the entries to drop, and the start of every one kept.
+    let mut stale = Vec::new();
+    let mut kept_start = HashMap::new();
+    for k in map.keys() {
+        let Some(v) = map.lookup(&k, MapFlags::ANY).ok().flatten() else {
+            continue;
+        };
+        let mut raw = sl_conn::default();
+        let Some(sk) = k
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map(u64::from_ne_bytes)
+        else {
+            continue;
+        };
+        if plain::copy_from_bytes(&mut raw, &v).is_err() {
+            continue;
+        }
+        let draining = u32::from(raw.flags) & sl_conn_flag::SL_CONN_DRAINING.0 != 0;
+        if (raw.proto == IPPROTO_TCP || raw.proto == IPPROTO_UDP)
+            && raw.seen_gen != gen
+            && !draining
+            && raw.start_ns + GRACE_NS < started_ns
+            && walked_netns.contains(&u64::from(raw.netns))
+        {
+            stale.push(k);
+        } else {
+            kept_start.insert(sk, raw.start_ns);
+        }
+    }
     for k in &stale {
         let _ = map.delete(k);
     }
-    sweep_udp_flows(session);
+    sweep_udp_flows(session, &kept_start);
 }
 
 /// Drops UDP flows whose socket's entry is gone (the socket ended) or is a
-/// newer socket's at the same address.
-fn sweep_udp_flows(session: &Session<'_>) {
+/// newer socket's at the same address; `started`: each entry's start_ns.
+fn sweep_udp_flows(session: &Session<'_>, started: &HashMap<u64, u64>) {
     let flows = &session.skel.maps.udp_flows;
-    if flows.keys().next().is_none() {
-        return;
-    }
-    let (conns, _) = snapshot(session);
-    let started: HashMap<u64, u64> = conns.iter().map(|c| (c.sk, c.start_ns)).collect();
     let orphans: Vec<Vec<u8>> = flows
         .keys()
         .filter(|k| {

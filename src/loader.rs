@@ -126,7 +126,7 @@ pub fn load<'obj>(
     }
     let mut links = attach(&skel, opts.plan, opts.shape)?;
     if let Some(name) = udp_release {
-        links.push(attach_extra(&skel, name, "send")?);
+        links.push(attach_named(&skel, name, Hook::Send.name(), "")?);
     }
     Ok(Session {
         skel,
@@ -175,6 +175,7 @@ fn write_filters(
 }
 
 const SEND_LEN: &str = "sl_tp_send_len";
+const SENDFILE_LEN: &str = "sl_tp_sendfile_len";
 const UDP_RELEASE: &str = "sl_cg_sock_release";
 
 /// The tracepoint tier has no tracepoint where a UDP socket ends; a cgroup
@@ -185,7 +186,6 @@ fn udp_release_program(opts: &LoadOptions<'_>) -> Option<&'static str> {
     (opts.udp_flows && send_by_tracepoint && crate::system::cgroup2_root().is_some())
         .then_some(UDP_RELEASE)
 }
-const SENDFILE_LEN: &str = "sl_tp_sendfile_len";
 
 /// Both the send and the sendfile hook on sock:sock_send_length: the send
 /// program does the sendfile check too, and the sendfile program stays out
@@ -238,23 +238,12 @@ fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Ve
             if merged && name == SENDFILE_LEN {
                 continue;
             }
-            let prog = skel
-                .object()
-                .progs_mut()
-                .find(|p| p.name() == name)
-                .ok_or_else(|| {
-                    Error::kernel(
-                        format!("{}: program {name}", hook.hook),
-                        "missing from object",
-                    )
-                })?;
-            let link = attach_program(&prog).map_err(|e| {
-                Error::kernel(
-                    format!("{}: attaching {} program {name}", hook.hook, hook.tier),
-                    format!("{} ({e})", errno_name(&e)),
-                )
-            })?;
-            links.push(link);
+            links.push(attach_named(
+                skel,
+                name,
+                hook.hook.name(),
+                &format!("{} ", hook.tier),
+            )?);
         }
     }
     Ok(links)
@@ -267,8 +256,9 @@ fn attach_program(prog: &libbpf_rs::ProgramMut<'_>) -> libbpf_rs::Result<Link> {
     }
 }
 
-/// A program the loader adds beside the plan's (see `udp_release_program`).
-fn attach_extra(skel: &SocklensSkel<'_>, name: &str, hook: &str) -> Result<Link> {
+/// Attaches program `name` of `hook`; `tier` ("fentry ", or "" for a
+/// program outside the plan) is for the error.
+fn attach_named(skel: &SocklensSkel<'_>, name: &str, hook: &str, tier: &str) -> Result<Link> {
     let prog = skel
         .object()
         .progs_mut()
@@ -276,7 +266,7 @@ fn attach_extra(skel: &SocklensSkel<'_>, name: &str, hook: &str) -> Result<Link>
         .ok_or_else(|| Error::kernel(format!("{hook}: program {name}"), "missing from object"))?;
     attach_program(&prog).map_err(|e| {
         Error::kernel(
-            format!("{hook}: attaching program {name}"),
+            format!("{hook}: attaching {tier}program {name}"),
             format!("{} ({e})", errno_name(&e)),
         )
     })

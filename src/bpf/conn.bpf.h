@@ -445,7 +445,8 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier)
  * snapshot's sweep (src/conns.rs); udp_account ignores them meanwhile. */
 static __always_inline void on_udp_gone(__u64 key)
 {
-	bpf_map_delete_elem(&conns, &key);
+	if (track_udp)
+		bpf_map_delete_elem(&conns, &key);
 }
 
 /* A listening socket (process context), so `conns` shows listeners like ss. */

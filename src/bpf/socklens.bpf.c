@@ -393,32 +393,28 @@ int BPF_PROG(sl_tp_tcp_destroy, struct sock *sk)
 SEC("fentry/udp_destroy_sock")
 int BPF_PROG(sl_fe_udp_destroy, struct sock *sk)
 {
-	if (track_udp)
-		on_udp_gone((__u64)sk);
+	on_udp_gone((__u64)sk);
 	return 0;
 }
 
 SEC("fentry/udpv6_destroy_sock")
 int BPF_PROG(sl_fe_udp6_destroy, struct sock *sk)
 {
-	if (track_udp)
-		on_udp_gone((__u64)sk);
+	on_udp_gone((__u64)sk);
 	return 0;
 }
 
 SEC("kprobe/udp_destroy_sock")
 int BPF_KPROBE(sl_kp_udp_destroy, struct sock *sk)
 {
-	if (track_udp)
-		on_udp_gone((__u64)sk);
+	on_udp_gone((__u64)sk);
 	return 0;
 }
 
 SEC("kprobe/udpv6_destroy_sock")
 int BPF_KPROBE(sl_kp_udp6_destroy, struct sock *sk)
 {
-	if (track_udp)
-		on_udp_gone((__u64)sk);
+	on_udp_gone((__u64)sk);
 	return 0;
 }
 
@@ -812,7 +808,7 @@ int sl_cg_udp_recv6(struct bpf_sock_addr *ctx)
 SEC("cgroup/sock_release")
 int sl_cg_sock_release(struct bpf_sock *ctx)
 {
-	if (ctx->protocol == IPPROTO_UDP && track_udp)
+	if (ctx->protocol == IPPROTO_UDP)
 		on_udp_gone((__u64)ctx);
 	return 1;
 }
