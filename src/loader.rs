@@ -96,6 +96,10 @@ pub fn load<'obj>(
         .udp_flows
         .set_max_entries(entries)
         .map_err(load_err("udp_flows map"))?;
+    open.maps
+        .unclaimed_accepted
+        .set_max_entries(entries)
+        .map_err(load_err("unclaimed_accepted map"))?;
     let mut wanted: std::collections::BTreeSet<&str> = opts
         .plan
         .programs()

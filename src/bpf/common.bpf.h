@@ -73,21 +73,35 @@ static __always_inline bool task_wanted(void)
 	return true;
 }
 
-static __always_inline __u32 sock_netns(struct sock *sk)
+/* How a hook body reads the kernel, passed down from its wrapper as a
+ * literal, so that once the body is inlined each program keeps one way:
+ * SL_BTF where the socket pointer is BTF-typed (fentry/fexit and tp_btf
+ * arguments): plain loads, which the verifier checks and CO-RE relocates;
+ * SL_PROBED where it is a bare number (kprobe arguments, pointers stashed
+ * by syscall tracepoints): a probe-read helper call per field. A load costs
+ * about a nanosecond, a helper call tens. */
+#define SL_BTF true
+#define SL_PROBED false
+
+/* One field, or a chain through pointers, written as for BPF_CORE_READ. */
+#define SL_READ(btf, src, a, ...)                                                                 \
+	((btf) ? ___arrow(src, a, ##__VA_ARGS__) : BPF_CORE_READ(src, a, ##__VA_ARGS__))
+
+static __always_inline __u32 sock_netns(struct sock *sk, bool btf)
 {
-	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	return SL_READ(btf, sk, __sk_common.skc_net.net, ns.inum);
 }
 
 /* Socket filters: family and netns of the socket itself. */
-static __always_inline bool sock_wanted(struct sock *sk)
+static __always_inline bool sock_wanted(struct sock *sk, bool btf)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 family = SL_READ(btf, sk, __sk_common.skc_family);
 
 	if (family != AF_INET && family != AF_INET6)
 		return false;
 	if (filter_family && family != filter_family)
 		return false;
-	if (filter_netns && sock_netns(sk) != filter_netns)
+	if (filter_netns && sock_netns(sk, btf) != filter_netns)
 		return false;
 	return true;
 }
@@ -110,7 +124,7 @@ static __always_inline void fill_sock(struct sl_sock_event *e, struct sock *sk)
 	e->family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	e->proto = BPF_CORE_READ(sk, sk_protocol);
 	e->sock_type = BPF_CORE_READ(sk, sk_type);
-	e->netns = sock_netns(sk);
+	e->netns = sock_netns(sk, SL_PROBED);
 	e->port = BPF_CORE_READ(sk, __sk_common.skc_num);
 	e->bound_dev_if = BPF_CORE_READ(sk, __sk_common.skc_bound_dev_if);
 	if (e->family == AF_INET6)
@@ -139,12 +153,21 @@ static __always_inline void fill_requested(struct sl_sock_event *e, const __u8 *
  * waits at most that long (src/events.rs). */
 #define SL_WAKEUP_BYTES (64 * 1024)
 
+static __always_inline __u64 wakeup_flag(__u64 backlog, __u64 size)
+{
+	return backlog / SL_WAKEUP_BYTES != (backlog + size) / SL_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
+									       : BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline __u64 ringbuf_wakeup(__u64 size)
 {
-	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	return wakeup_flag(bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA), size);
+}
 
-	return avail / SL_WAKEUP_BYTES != (avail + size) / SL_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
-									    : BPF_RB_NO_WAKEUP;
+/* The same for a record already reserved: the backlog counts it. */
+static __always_inline __u64 ringbuf_wakeup_reserved(__u64 size)
+{
+	return wakeup_flag(bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) - size, size);
 }
 
 /* One record to user space, through whichever buffer the loader chose. */

@@ -34,7 +34,7 @@ const volatile bool sendfile_adds_tx = false;
  * (sock_send_length/sock_recv_length, 6.3+). Those two tracepoints fire on
  * every send and receive of every socket, and are still needed for UDP; for
  * TCP they then only claim an accepted socket for its owner (see
- * `unclaimed`) and finish a closed one whose data was still unread. The
+ * `unclaimed_accepted`) and finish a closed one whose data was still unread. The
  * counters (tcp_tx_total, tcp_rx_total) are read at close and at each
  * snapshot refresh. Every use below is behind this read-only flag, so
  * programs of the other tiers never reach the BTF loads and helpers it
@@ -45,16 +45,58 @@ const volatile bool tcp_bytes_from_seq = false;
  * as when the kernel skips its run, so every close comes from on_destroy. */
 const volatile bool state_skips_close = false;
 
-/* Accepted TCP sockets whose owner is not known yet (tracked in softirq, no
- * accept hook): their first send or receive, in process context, claims them.
- * Socket storage, so that the byte hooks' check is a load for every other
- * socket (no storage at all) and the entry goes with the socket. */
+/* TCP sockets whose owner is not known yet: their first send or receive, in
+ * process context, claims them (tcp_touch). Two kinds, two marks, each
+ * chosen so that the byte hooks' check costs every other socket a load or
+ * two:
+ * - accepted sockets (tracked in softirq, no accept hook), one per short
+ *   connection: a member of `unclaimed_accepted`, counted in
+ *   `unclaimed_count`. While the count is zero (nothing waits for its first
+ *   use: the steady state of long connections) the check is one load. A
+ *   member leaves when claimed or when its socket is destroyed, whichever
+ *   deletes it first: a delete succeeds once, so the count stays exact.
+ *   Socket storage did the same with an allocation and an RCU free per
+ *   connection, several times the cost under churn.
+ * - seeded sockets (found at start, maybe thousands, mostly idle): socket
+ *   storage, which keeps the check at two loads for all other sockets for as
+ *   long as they live, and goes with the socket. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536); /* the loader sets --max-conns */
+	__type(key, __u64);
+	__type(value, __u8);
+} unclaimed_accepted SEC(".maps");
+
+__u64 unclaimed_count = 0;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, __u8);
-} unclaimed SEC(".maps");
+} unclaimed_seeded SEC(".maps");
+
+static __always_inline void unclaimed_add(struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	__u8 one = 1;
+
+	if (!bpf_map_update_elem(&unclaimed_accepted, &key, &one, BPF_NOEXIST))
+		__sync_fetch_and_add(&unclaimed_count, 1);
+}
+
+/* Whether `sk` was an unclaimed accepted socket; it is not any more. */
+static __always_inline bool unclaimed_take(struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+
+	if (!unclaimed_count || !bpf_map_lookup_elem(&unclaimed_accepted, &key))
+		return false;
+	if (bpf_map_delete_elem(&unclaimed_accepted, &key))
+		return false; /* another CPU took it */
+	__sync_fetch_and_add(&unclaimed_count, -1);
+	return true;
+}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -85,35 +127,45 @@ static __always_inline struct sl_conn_event *scratch(void)
 	return bpf_map_lookup_elem(&conn_scratch, &zero);
 }
 
-static __always_inline __u16 sock_proto(struct sock *sk)
+static __always_inline __u16 sock_proto(struct sock *sk, bool btf)
 {
-	return BPF_CORE_READ(sk, sk_protocol);
+	return SL_READ(btf, sk, sk_protocol);
 }
 
-static __always_inline void read_tuple(struct sl_conn *c, struct sock *sk)
+/* The tcp_sock of a TCP socket. With BTF-typed pointers the verifier
+ * refuses loads past struct sock through a `struct sock *`, so the helper
+ * gives a checked one (NULL for anything but TCP). */
+static __always_inline struct tcp_sock *tcp_sk_of(struct sock *sk, bool btf)
 {
-	c->family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	c->sport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	c->dport = bpf_ntohs(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	return btf ? bpf_skc_to_tcp_sock(sk) : (struct tcp_sock *)sk;
+}
+
+static __always_inline void read_tuple(struct sl_conn *c, struct sock *sk, bool btf)
+{
+	c->family = SL_READ(btf, sk, __sk_common.skc_family);
+	c->sport = SL_READ(btf, sk, __sk_common.skc_num);
+	c->dport = bpf_ntohs(SL_READ(btf, sk, __sk_common.skc_dport));
 	if (c->family == AF_INET6) {
+		/* One helper call copies each 16-byte address either way. */
 		BPF_CORE_READ_INTO(&c->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
 		BPF_CORE_READ_INTO(&c->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
 	} else {
-		BPF_CORE_READ_INTO(&c->saddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO(&c->daddr, sk, __sk_common.skc_daddr);
+		__be32 saddr = SL_READ(btf, sk, __sk_common.skc_rcv_saddr);
+		__be32 daddr = SL_READ(btf, sk, __sk_common.skc_daddr);
+
+		__builtin_memcpy(c->saddr, &saddr, sizeof(saddr));
+		__builtin_memcpy(c->daddr, &daddr, sizeof(daddr));
 	}
 }
 
 /* RTT and the retransmission count straight from tcp_sock. */
-static __always_inline void read_tcp_info(struct sl_conn *c, struct sock *sk)
+static __always_inline void read_tcp_info(struct sl_conn *c, struct tcp_sock *tp, bool btf)
 {
-	struct tcp_sock *tp = (struct tcp_sock *)sk;
-
-	if (c->proto != IPPROTO_TCP)
+	if (c->proto != IPPROTO_TCP || !tp)
 		return;
-	c->srtt_us = BPF_CORE_READ(tp, srtt_us) >> 3;
-	c->rttvar_us = BPF_CORE_READ(tp, mdev_us) >> 2;
-	c->retransmits = BPF_CORE_READ(tp, total_retrans);
+	c->srtt_us = SL_READ(btf, tp, srtt_us) >> 3;
+	c->rttvar_us = SL_READ(btf, tp, mdev_us) >> 2;
+	c->retransmits = SL_READ(btf, tp, total_retrans);
 }
 
 /* Pid/comm/cgroup of the current task: only called in process context. */
@@ -133,13 +185,13 @@ static __always_inline void set_owner(struct sl_conn *c)
 
 /* First process-context use of a socket tracked from softirq (an accepted
  * connection when the accept hook is not attached): it belongs to this task. */
-static __always_inline void claim(struct sl_conn *c, struct sock *sk)
+static __always_inline void claim(struct sl_conn *c, struct sock *sk, bool btf)
 {
 	if (c->flags & SL_CONN_OWNER)
 		return;
 	set_owner(c);
 	if (!c->ino)
-		c->ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+		c->ino = SL_READ(btf, sk, sk_socket, file, f_inode, i_ino);
 }
 
 /* ---- TCP bytes from sequence counters (tcp_bytes_from_seq) ----
@@ -210,7 +262,7 @@ static __always_inline void tcp_seq_base_now(struct sl_conn *c, struct tcp_sock 
 /* The entry of a socket, created if new. `in_task` says the current task owns
  * the socket (process context), so task filters apply and the owner is known. */
 static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie, __u8 direction,
-						  bool in_task)
+						  bool in_task, bool btf)
 {
 	__u64 key = (__u64)sk;
 	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
@@ -220,7 +272,7 @@ static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie,
 
 	if (c)
 		return c;
-	if ((in_task && !task_wanted()) || !sock_wanted(sk))
+	if ((in_task && !task_wanted()) || !sock_wanted(sk, btf))
 		return NULL;
 	tmp = scratch();
 	if (!tmp)
@@ -228,14 +280,14 @@ static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie,
 	__builtin_memset(&tmp->conn, 0, sizeof(tmp->conn));
 	tmp->conn.cookie = cookie;
 	tmp->conn.start_ns = bpf_ktime_get_ns();
-	tmp->conn.netns = sock_netns(sk);
-	tmp->conn.proto = sock_proto(sk);
-	tmp->conn.state = BPF_CORE_READ(sk, __sk_common.skc_state);
+	tmp->conn.netns = sock_netns(sk, btf);
+	tmp->conn.proto = sock_proto(sk, btf);
+	tmp->conn.state = SL_READ(btf, sk, __sk_common.skc_state);
 	tmp->conn.direction = direction;
-	sock = BPF_CORE_READ(sk, sk_socket); /* none yet for a passive open */
+	sock = SL_READ(btf, sk, sk_socket); /* none yet for a passive open */
 	if (sock)
-		tmp->conn.ino = BPF_CORE_READ(sock, file, f_inode, i_ino);
-	read_tuple(&tmp->conn, sk);
+		tmp->conn.ino = SL_READ(btf, sock, file, f_inode, i_ino);
+	read_tuple(&tmp->conn, sk, btf);
 	if (in_task)
 		set_owner(&tmp->conn);
 	err = bpf_map_update_elem(&conns, &key, &tmp->conn, BPF_NOEXIST);
@@ -253,15 +305,27 @@ static __always_inline void emit_conn(void *ctx, __u32 kind, __u32 tier, struct 
 
 	if (!conn_events)
 		return;
-	e = scratch();
-	if (!e)
-		return;
+	if (use_ringbuf) {
+		/* Built in place: one copy of the entry instead of two. */
+		e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+		if (!e) {
+			stat_inc(SL_STAT_EVENTS_LOST);
+			return;
+		}
+	} else {
+		e = scratch();
+		if (!e)
+			return;
+	}
 	e->kind = kind;
 	e->tier = tier;
 	e->ts_ns = bpf_ktime_get_ns();
 	e->sk = (__u64)sk;
 	e->conn = *c;
-	output(ctx, e, sizeof(*e));
+	if (use_ringbuf)
+		bpf_ringbuf_submit(e, ringbuf_wakeup_reserved(sizeof(*e)));
+	else
+		output(ctx, e, sizeof(*e));
 }
 
 /* conn_track for process-context hooks (accept, send, recv): a TCP socket
@@ -269,17 +333,17 @@ static __always_inline void emit_conn(void *ctx, __u32 kind, __u32 tier, struct 
  * before accept() returned it); tracking it again would leave an entry that
  * no state change will ever close. */
 static __always_inline struct sl_conn *conn_track_open(struct sock *sk, __u64 cookie,
-						       __u8 direction)
+						       __u8 direction, bool btf)
 {
 	__u64 key = (__u64)sk;
 	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
 
 	if (c)
 		return c;
-	if (sock_proto(sk) == IPPROTO_TCP &&
-	    BPF_CORE_READ(sk, __sk_common.skc_state) == SL_TCP_CLOSE)
+	if (sock_proto(sk, btf) == IPPROTO_TCP &&
+	    SL_READ(btf, sk, __sk_common.skc_state) == SL_TCP_CLOSE)
 		return NULL;
-	return conn_track(sk, cookie, direction, true);
+	return conn_track(sk, cookie, direction, true, btf);
 }
 
 /* ---- TCP lifecycle ---------------------------------------------------- */
@@ -295,8 +359,8 @@ static __always_inline void finish(void *ctx, struct sock *sk, struct sl_conn *c
 /* TCP_CLOSE. A socket the application still holds can reach it with received
  * data unread (FIN_WAIT2 -> TIME_WAIT hands the tuple to a timewait sock):
  * the record is final only once those bytes are read. */
-static __always_inline void on_closed(void *ctx, struct sock *sk, struct sl_conn *c, int old,
-				      __u32 tier)
+static __always_inline void on_closed(void *ctx, struct sock *sk, struct tcp_sock *tp,
+				      struct sl_conn *c, int old, __u32 tier, bool btf)
 {
 	__u64 key = (__u64)sk;
 
@@ -306,11 +370,11 @@ static __always_inline void on_closed(void *ctx, struct sock *sk, struct sl_conn
 	}
 	if (!c->end_ns) {
 		c->end_ns = bpf_ktime_get_ns();
-		c->error = BPF_CORE_READ(sk, sk_err);
+		c->error = SL_READ(btf, sk, sk_err);
 	}
 	if (!c->sport) /* connect failed after binding a port, then unhashed it */
-		c->sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
-	if (BPF_CORE_READ(sk, sk_socket) && BPF_CORE_READ(sk, sk_receive_queue.qlen) > 0) {
+		c->sport = bpf_ntohs(SL_READ(btf, tp, inet_conn.icsk_inet.inet_sport));
+	if (SL_READ(btf, sk, sk_socket) && SL_READ(btf, sk, sk_receive_queue.qlen) > 0) {
 		c->flags |= SL_CONN_DRAINING;
 		return;
 	}
@@ -327,16 +391,17 @@ static __always_inline bool state_matters(int new)
 }
 
 static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, int old, int new,
-				     __u32 tier)
+				     __u32 tier, bool btf)
 {
 	__u64 key = (__u64)sk;
+	struct tcp_sock *tp;
 	struct sl_conn *c;
 
-	if (sock_proto(sk) != IPPROTO_TCP)
+	if (sock_proto(sk, btf) != IPPROTO_TCP)
 		return;
 	if (new == SL_TCP_SYN_SENT) {
 		/* connect(): process context, the caller owns it. */
-		c = conn_track(sk, cookie, SL_DIR_OUT, true);
+		c = conn_track(sk, cookie, SL_DIR_OUT, true, btf);
 		if (c && tcp_bytes_from_seq) {
 			/* The counters start at zero on a new socket; its SYN takes one. */
 			c->tx_base = 1;
@@ -344,14 +409,14 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 		}
 	} else if (new == SL_TCP_ESTABLISHED && old == SL_TCP_SYN_RECV) {
 		/* A passive open completes in softirq: the owner comes with accept(). */
-		c = conn_track(sk, cookie, SL_DIR_IN, false);
+		c = conn_track(sk, cookie, SL_DIR_IN, false, btf);
 		if (c && tcp_bytes_from_seq) {
 			/* A child socket's counters start after the handshake, so
 			 * data of a Fast Open SYN counts too. */
 			c->tx_base = 0;
 			c->rx_base = 0;
 			if (!(c->flags & SL_CONN_OWNER))
-				bpf_sk_storage_get(&unclaimed, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+				unclaimed_add(sk);
 		}
 	} else {
 		c = bpf_map_lookup_elem(&conns, &key);
@@ -361,23 +426,29 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 	c->state = new;
 	/* Ten state changes per short connection: only the ones that report
 	 * read RTT and retransmissions. */
+	if (new != SL_TCP_ESTABLISHED && new != SL_TCP_CLOSE)
+		return;
+	tp = tcp_sk_of(sk, btf);
+	if (!tp)
+		return;
+	read_tcp_info(c, tp, btf);
 	if (new == SL_TCP_ESTABLISHED) {
 		c->flags |= SL_CONN_ESTABLISHED;
-		read_tcp_info(c, sk);
 		if (old == SL_TCP_SYN_SENT) {
-			read_tuple(c, sk); /* the local port of a connect is bound after SYN_SENT */
+			/* the local port of a connect is bound after SYN_SENT */
+			read_tuple(c, sk, btf);
 			emit_conn(ctx, SL_EV_CONNECT, tier, sk, c);
 		}
-	} else if (new == SL_TCP_CLOSE) {
-		read_tcp_info(c, sk);
-		if (tcp_bytes_from_seq) {
-			struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
-
-			if (tp)
-				tcp_seq_sync(c, tp, old, true);
-		}
-		on_closed(ctx, sk, c, old, tier);
+		return;
 	}
+	if (tcp_bytes_from_seq) {
+		/* Only tp_btf programs get here (the loader's rule): a checked pointer. */
+		struct tcp_sock *seq_tp = btf ? tp : bpf_skc_to_tcp_sock(sk);
+
+		if (seq_tp)
+			tcp_seq_sync(c, seq_tp, old, true);
+	}
+	on_closed(ctx, sk, tp, c, old, tier, btf);
 }
 /* Whether the socket queued a FIN, for a close seen only at destruction (the
  * state it left for TCP_CLOSE is unknown then): it was shut down for sending
@@ -403,37 +474,44 @@ static __always_inline bool tcp_fin_queued_at_destroy(struct tcp_sock *tp)
  * chance: report it now, before the socket's address (the key) can be reused.
  * A different program from the state hook's, so it runs where that one was
  * skipped. */
-static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier)
+static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, bool btf)
 {
 	__u64 key = (__u64)sk;
-	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
+	struct sl_conn *c;
+	struct tcp_sock *tp;
 	bool wiped;
 
+	if (tcp_bytes_from_seq)
+		unclaimed_take(sk); /* never used: its mark goes with it */
+	c = bpf_map_lookup_elem(&conns, &key);
 	if (!c)
 		return;
-	if (c->state == SL_TCP_LISTEN) {
+	tp = tcp_sk_of(sk, btf);
+	if (c->state == SL_TCP_LISTEN || !tp) {
 		bpf_map_delete_elem(&conns, &key);
 		return;
 	}
 	/* An abortive close (SO_LINGER 0, connect(AF_UNSPEC)) went through
 	 * tcp_disconnect, which zeroes RTT, retransmits and the byte counters:
 	 * the entry keeps what it had. Only established sockets have an RTT. */
-	wiped = (c->flags & SL_CONN_ESTABLISHED) && !BPF_CORE_READ((struct tcp_sock *)sk, srtt_us);
+	wiped = (c->flags & SL_CONN_ESTABLISHED) && !SL_READ(btf, tp, srtt_us);
 	if (!c->end_ns) {
 		c->end_ns = bpf_ktime_get_ns();
-		c->error = BPF_CORE_READ(sk, sk_err);
+		c->error = SL_READ(btf, sk, sk_err);
 		c->flags |= SL_CONN_CLOSED_AT_DESTROY;
 		if (!wiped)
-			read_tcp_info(c, sk);
+			read_tcp_info(c, tp, btf);
 	}
 	if (!c->sport)
-		c->sport = bpf_ntohs(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
+		c->sport = bpf_ntohs(SL_READ(btf, tp, inet_conn.icsk_inet.inet_sport));
 	if (tcp_bytes_from_seq && !wiped) {
-		struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+		/* Only tp_btf programs get here (the loader's rule): a checked pointer. */
+		struct tcp_sock *seq_tp = btf ? tp : bpf_skc_to_tcp_sock(sk);
 
 		/* A draining entry's tx was final at TCP_CLOSE. */
-		if (tp)
-			tcp_seq_sync(c, tp, tcp_fin_queued_at_destroy(tp) ? 4 /* FIN_WAIT1 */ : SL_TCP_CLOSE,
+		if (seq_tp)
+			tcp_seq_sync(c, seq_tp,
+				     tcp_fin_queued_at_destroy(seq_tp) ? 4 /* FIN_WAIT1 */ : SL_TCP_CLOSE,
 				     !(c->flags & SL_CONN_DRAINING));
 	}
 	c->state = SL_TCP_CLOSE;
@@ -456,7 +534,7 @@ static __always_inline void on_listening(struct sock *sk)
 
 	if (!track_conns)
 		return;
-	c = conn_track(sk, 0, SL_DIR_UNKNOWN, true);
+	c = conn_track(sk, 0, SL_DIR_UNKNOWN, true, SL_PROBED);
 	if (c)
 		c->state = SL_TCP_LISTEN;
 }
@@ -475,7 +553,7 @@ static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, 
 		return;
 	}
 	if (!c)
-		c = conn_track_open(sk, cookie, SL_DIR_IN);
+		c = conn_track_open(sk, cookie, SL_DIR_IN, SL_PROBED);
 	if (!c)
 		return;
 	set_owner(c);
@@ -492,7 +570,7 @@ static __always_inline void on_retransmit(void *ctx, struct sock *sk, __u32 tier
 
 	if (!c)
 		return;
-	read_tcp_info(c, sk);
+	read_tcp_info(c, (struct tcp_sock *)sk, SL_PROBED);
 	emit_conn(ctx, SL_EV_RETRANSMIT, tier, sk, c);
 }
 
@@ -570,48 +648,50 @@ static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long by
 
 /* sendmsg on a TCP/UDP socket (`proto`) returned `ret` (bytes accepted, or -errno). */
 static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 cookie,
-					  const __u8 *sa, long ret)
+					  const __u8 *sa, long ret, bool btf)
 {
 	struct sl_conn *c;
 
 	if (ret <= 0 || (proto == IPPROTO_UDP && !track_udp))
 		return;
-	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
+	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN, btf);
 	if (!c)
 		return;
-	claim(c, sk);
+	claim(c, sk, btf);
 	if (proto == IPPROTO_TCP)
 		__sync_fetch_and_add(&c->tx_bytes, ret);
 	else
 		udp_account(sk, sa, ret, true, c->start_ns);
 }
 
-static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *sa, long ret)
+static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *sa, long ret,
+				    bool btf)
 {
 	__u16 proto;
 
 	if (ret <= 0 || !sk)
 		return;
-	proto = sock_proto(sk);
+	proto = sock_proto(sk, btf);
 	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
-		on_send_proto(sk, proto, cookie, sa, ret);
+		on_send_proto(sk, proto, cookie, sa, ret, btf);
 }
 
 /* recvmsg returned `ret` bytes to the application; peeks leave data queued. */
 static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 proto, __u64 cookie,
-					  const __u8 *sa, long ret, int flags, __u32 tier)
+					  const __u8 *sa, long ret, int flags, __u32 tier,
+					  bool btf)
 {
 	struct sl_conn *c;
 
 	if (ret <= 0 || (flags & MSG_PEEK) || (proto == IPPROTO_UDP && !track_udp))
 		return;
-	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN);
+	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN, btf);
 	if (!c)
 		return;
-	claim(c, sk);
+	claim(c, sk, btf);
 	if (proto == IPPROTO_TCP) {
 		__sync_fetch_and_add(&c->rx_bytes, ret);
-		if ((c->flags & SL_CONN_DRAINING) && !BPF_CORE_READ(sk, sk_receive_queue.qlen))
+		if ((c->flags & SL_CONN_DRAINING) && !SL_READ(btf, sk, sk_receive_queue.qlen))
 			finish(ctx, sk, c, tier);
 	} else {
 		udp_account(sk, sa, ret, false, c->start_ns);
@@ -619,15 +699,15 @@ static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 prot
 }
 
 static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, const __u8 *sa,
-				    long ret, int flags, __u32 tier)
+				    long ret, int flags, __u32 tier, bool btf)
 {
 	__u16 proto;
 
 	if (ret <= 0 || !sk || (flags & MSG_PEEK))
 		return;
-	proto = sock_proto(sk);
+	proto = sock_proto(sk, btf);
 	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
-		on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, tier);
+		on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, tier, btf);
 }
 
 /* sendfile(2) moved `ret` bytes into the socket. */
@@ -635,9 +715,9 @@ static __always_inline void on_sendfile_sk(struct sock *sk, long ret)
 {
 	struct sl_conn *c;
 
-	if (ret <= 0 || !sk || sock_proto(sk) != IPPROTO_TCP)
+	if (ret <= 0 || !sk || sock_proto(sk, SL_PROBED) != IPPROTO_TCP)
 		return;
-	c = conn_track(sk, 0, SL_DIR_UNKNOWN, true);
+	c = conn_track(sk, 0, SL_DIR_UNKNOWN, true, SL_PROBED);
 	if (!c)
 		return;
 	__sync_fetch_and_add(&c->sendfile_bytes, ret);

@@ -59,7 +59,7 @@ static __always_inline void on_bind(void *ctx, struct socket *sock, const __u8 *
 	struct sl_sock_event e = {};
 	struct sock *sk = BPF_CORE_READ(sock, sk);
 
-	if (!sk || !sock_wanted(sk))
+	if (!sk || !sock_wanted(sk, SL_PROBED))
 		return;
 	fill_task(&e);
 	fill_sock(&e, sk);
@@ -184,7 +184,7 @@ static __always_inline void on_listen(void *ctx, struct socket *sock, int backlo
 	struct sl_sock_event e = {};
 	struct sock *sk = BPF_CORE_READ(sock, sk);
 
-	if (!sk || !sock_wanted(sk))
+	if (!sk || !sock_wanted(sk, SL_PROBED))
 		return;
 	/* inet_listen serves stream sockets only; keep every tier to that set. */
 	if (BPF_CORE_READ(sock, type) != SOCK_STREAM)
@@ -341,8 +341,8 @@ int BPF_PROG(sl_fe_tcp_set_state, struct sock *sk, int state)
 {
 	if (!state_matters(state))
 		return 0;
-	on_state(ctx, sk, tracing_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
-		 SL_TIER_FENTRY);
+	on_state(ctx, sk, tracing_cookie(sk), sk->__sk_common.skc_state, state, SL_TIER_FENTRY,
+		 SL_BTF);
 	return 0;
 }
 
@@ -352,7 +352,7 @@ int BPF_KPROBE(sl_kp_tcp_set_state, struct sock *sk, int state)
 	if (!state_matters(state))
 		return 0;
 	on_state(ctx, sk, kprobe_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
-		 SL_TIER_KPROBE);
+		 SL_TIER_KPROBE, SL_PROBED);
 	return 0;
 }
 
@@ -361,7 +361,7 @@ int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 {
 	if (!state_matters(newstate))
 		return 0;
-	on_state(ctx, sk, tracing_cookie(sk), oldstate, newstate, SL_TIER_TRACEPOINT);
+	on_state(ctx, sk, tracing_cookie(sk), oldstate, newstate, SL_TIER_TRACEPOINT, SL_BTF);
 	return 0;
 }
 
@@ -371,21 +371,21 @@ int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 SEC("fentry/tcp_v4_destroy_sock")
 int BPF_PROG(sl_fe_tcp_destroy, struct sock *sk)
 {
-	on_destroy(ctx, sk, SL_TIER_FENTRY);
+	on_destroy(ctx, sk, SL_TIER_FENTRY, SL_BTF);
 	return 0;
 }
 
 SEC("kprobe/tcp_v4_destroy_sock")
 int BPF_KPROBE(sl_kp_tcp_destroy, struct sock *sk)
 {
-	on_destroy(ctx, sk, SL_TIER_KPROBE);
+	on_destroy(ctx, sk, SL_TIER_KPROBE, SL_PROBED);
 	return 0;
 }
 
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(sl_tp_tcp_destroy, struct sock *sk)
 {
-	on_destroy(ctx, sk, SL_TIER_TRACEPOINT);
+	on_destroy(ctx, sk, SL_TIER_TRACEPOINT, SL_BTF);
 	return 0;
 }
 
@@ -484,7 +484,7 @@ static __always_inline int send_fexit(void *ctx, struct sock *sk, struct msghdr 
 	if (ret <= 0)
 		return 0;
 	read_msg_name(sa, msg);
-	on_send(sk, tracing_cookie(sk), sa, ret);
+	on_send(sk, tracing_cookie(sk), sa, ret, SL_BTF);
 	return 0;
 }
 
@@ -523,7 +523,7 @@ static __always_inline int recv_fexit(void *ctx, struct sock *sk, struct msghdr 
 	if (ret <= 0 || (flags & MSG_PEEK))
 		return 0;
 	read_msg_name(sa, msg);
-	on_recv(ctx, sk, tracing_cookie(sk), sa, ret, flags, SL_TIER_FENTRY);
+	on_recv(ctx, sk, tracing_cookie(sk), sa, ret, flags, SL_TIER_FENTRY, SL_BTF);
 	return 0;
 }
 
@@ -612,7 +612,7 @@ static __always_inline int send_kretprobe(long ret)
 		return 0;
 	sk = (struct sock *)st.sk;
 	read_msg_name(sa, (struct msghdr *)st.msg);
-	on_send(sk, kprobe_cookie(sk), sa, ret);
+	on_send(sk, kprobe_cookie(sk), sa, ret, SL_PROBED);
 	return 0;
 }
 
@@ -626,7 +626,7 @@ static __always_inline int recv_kretprobe(void *ctx, long ret)
 		return 0;
 	sk = (struct sock *)st.sk;
 	read_msg_name(sa, (struct msghdr *)st.msg);
-	on_recv(ctx, sk, kprobe_cookie(sk), sa, ret, st.flags, SL_TIER_KPROBE);
+	on_recv(ctx, sk, kprobe_cookie(sk), sa, ret, st.flags, SL_TIER_KPROBE, SL_PROBED);
 	return 0;
 }
 
@@ -828,28 +828,14 @@ static __always_inline void take_udp_peer(void *map, __u64 cookie, __u8 *sa)
 
 /* TCP or UDP over IPv4/IPv6: the only sockets accounted. The tracepoints fire
  * for every socket (unix, netlink, ...), so this comes before anything else. */
-static __always_inline __u16 inet_proto(struct sock *sk)
+static __always_inline __u16 inet_proto(struct sock *sk, bool btf)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	__u16 family = SL_READ(btf, sk, __sk_common.skc_family);
 	__u16 proto;
 
 	if (family != AF_INET && family != AF_INET6)
 		return 0;
-	proto = sock_proto(sk);
-	return proto == IPPROTO_TCP || proto == IPPROTO_UDP ? proto : 0;
-}
-
-/* The same for tp_btf programs, whose `sk` is a BTF pointer: plain loads
- * (CO-RE relocated) instead of two probe-read helper calls on every send and
- * receive. Only programs of kernels with sock_send_length (6.3+) use it. */
-static __always_inline __u16 inet_proto_btf(struct sock *sk)
-{
-	__u16 family = sk->__sk_common.skc_family;
-	__u16 proto;
-
-	if (family != AF_INET && family != AF_INET6)
-		return 0;
-	proto = sk->sk_protocol;
+	proto = sock_proto(sk, btf);
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP ? proto : 0;
 }
 
@@ -875,9 +861,19 @@ static __always_inline bool in_sendfile(void)
 	return SYSCALL_NR(regs) == SL_NR_SENDFILE;
 }
 
+/* Whether `sk` was a seeded socket waiting for its owner; it is not any more. */
+static __always_inline bool unclaimed_seeded_take(struct sock *sk)
+{
+	if (!sk->sk_bpf_storage || !bpf_sk_storage_get(&unclaimed_seeded, sk, 0, 0))
+		return false;
+	bpf_sk_storage_delete(&unclaimed_seeded, sk);
+	return true;
+}
+
 /* A TCP send or receive when its bytes come from the sequence counters
  * (tcp_bytes_from_seq): the hook's only work is the rare socket that needs
- * it. Every other socket costs two loads. */
+ * it. Every other socket costs three loads while no accepted socket waits
+ * for its first use (see `unclaimed_accepted`). */
 static __always_inline void tcp_touch(void *ctx, struct sock *sk, bool recv)
 {
 	__u64 key = (__u64)sk;
@@ -885,12 +881,11 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, bool recv)
 	struct tcp_sock *tp;
 	struct sl_conn *c;
 
-	if (sk->sk_bpf_storage && bpf_sk_storage_get(&unclaimed, sk, 0, 0)) {
-		/* First use of an accepted socket, in its owner's process. */
-		bpf_sk_storage_delete(&unclaimed, sk);
+	if (unclaimed_take(sk) || unclaimed_seeded_take(sk)) {
+		/* Its first use, in its owner's process. */
 		c = bpf_map_lookup_elem(&conns, &key);
 		if (c)
-			claim(c, sk);
+			claim(c, sk, SL_BTF);
 	}
 	if (state != SL_TCP_CLOSE || !recv)
 		return;
@@ -910,7 +905,7 @@ SEC("tp_btf/sock_send_length")
 int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 {
 	__u8 sa[SOCKADDR_COPY] = {};
-	__u16 proto = inet_proto_btf(sk);
+	__u16 proto = inet_proto(sk, SL_BTF);
 	__u64 cookie;
 
 	if (!proto)
@@ -926,7 +921,7 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 	cookie = tracing_cookie(sk);
 	if (proto == IPPROTO_UDP)
 		take_udp_peer(&udp_send_peer, cookie, sa);
-	on_send_proto(sk, proto, cookie, sa, ret);
+	on_send_proto(sk, proto, cookie, sa, ret, SL_BTF);
 	return 0;
 }
 
@@ -934,7 +929,7 @@ SEC("tp_btf/sock_recv_length")
 int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 {
 	__u8 sa[SOCKADDR_COPY] = {};
-	__u16 proto = inet_proto_btf(sk);
+	__u16 proto = inet_proto(sk, SL_BTF);
 	__u64 cookie;
 
 	if (!proto)
@@ -946,7 +941,7 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 	cookie = tracing_cookie(sk);
 	if (proto == IPPROTO_UDP)
 		take_udp_peer(&udp_recv_peer, cookie, sa);
-	on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, SL_TIER_TRACEPOINT);
+	on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, SL_TIER_TRACEPOINT, SL_BTF);
 	return 0;
 }
 
@@ -979,7 +974,7 @@ static __always_inline int sys_msg_enter(long fd, __u64 uaddr, long flags)
 	if (!sock)
 		return 0;
 	m.sk = (__u64)BPF_CORE_READ(sock, sk);
-	if (!m.sk || !inet_proto((struct sock *)m.sk))
+	if (!m.sk || !inet_proto((struct sock *)m.sk, SL_PROBED))
 		return 0;
 	bpf_map_update_elem(&sys_msg_stash, &id, &m, BPF_ANY);
 	return 0;
@@ -1016,9 +1011,9 @@ static __always_inline int sys_msg_exit(void *ctx, long ret, bool tx)
 		read_user_sa(sa, m->uaddr);
 	bpf_map_delete_elem(&sys_msg_stash, &id);
 	if (tx)
-		on_send(sk, kprobe_cookie(sk), sa, ret);
+		on_send(sk, kprobe_cookie(sk), sa, ret, SL_PROBED);
 	else
-		on_recv(ctx, sk, kprobe_cookie(sk), sa, ret, flags, SL_TIER_TRACEPOINT);
+		on_recv(ctx, sk, kprobe_cookie(sk), sa, ret, flags, SL_TIER_TRACEPOINT, SL_PROBED);
 	return 0;
 }
 
@@ -1173,7 +1168,7 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 	if (c) {
 		/* the state hook skips the transitions in between (state_matters) */
 		c->state = BPF_CORE_READ(sk, __sk_common.skc_state);
-		read_tcp_info(c, sk);
+		read_tcp_info(c, (struct tcp_sock *)sk, SL_PROBED);
 		if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE)
 			tcp_seq_sync(c, tp, c->state, true);
 		return;
@@ -1183,20 +1178,20 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 	if ((!seeding || !*seeding) &&
 	    BPF_CORE_READ(sk, __sk_common.skc_state) != SL_TCP_LISTEN)
 		return;
-	c = conn_track(sk, tracing_cookie(sk), SL_DIR_UNKNOWN, false);
+	c = conn_track(sk, tracing_cookie(sk), SL_DIR_UNKNOWN, false, SL_PROBED);
 	if (!c)
 		return;
 	c->flags |= SL_CONN_SEEDED;
 	if (tcp_bytes_from_seq && tp) {
 		tcp_seq_base_now(c, tp);
 		/* Its first send or receive claims it, as the byte hooks did. */
-		bpf_sk_storage_get(&unclaimed, tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		bpf_sk_storage_get(&unclaimed_seeded, tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
 	}
 	if (gen)
 		c->seen_gen = *gen;
 	if (c->state == SL_TCP_ESTABLISHED)
 		c->flags |= SL_CONN_ESTABLISHED;
-	read_tcp_info(c, sk);
+	read_tcp_info(c, (struct tcp_sock *)sk, SL_PROBED);
 }
 
 SEC("iter/tcp")
