@@ -3,10 +3,10 @@
 # build the root test binaries on the host, then run them in a VM per kernel
 # and attach tier. Extra arguments go to matrix.sh (e.g. --kernels "6.12").
 #
-# Only the suites whose hooks have attach tiers run in the VMs (live_bind_listen,
-# live_conns: every tier); cli does not read SOCKLENS_ATTACH (it forces each tier
-# itself), so it runs once per kernel, in the auto cell. The cgroup policy tests
-# do not depend on the tier.
+# Only the suites whose hooks have attach tiers run in the VMs (live_bind_listen:
+# every cell; live_conns: every forced tier's cell); cli does not read
+# SOCKLENS_ATTACH (it forces each tier itself), so it runs once per kernel, in
+# the auto cell. The cgroup policy tests do not depend on the tier.
 #
 # Environment: SOCKLENS_VM_TIERS (default "auto:fentry fentry kprobe tracepoint"),
 # SOCKLENS_VM_KERNELS (default "6.1 6.12 5.10 7"), SOCKLENS_TEST_SCALE for the
@@ -18,9 +18,13 @@ list=target/vm-tests.txt
 bins=$(cargo test --locked --no-run 2>&1 \
     | grep -oE 'target/debug/deps/(cli|live_bind_listen|live_conns)-[0-9a-f]+' | sort -u)
 [ -n "$bins" ] || { echo "vm/ci: no test binaries found" >&2; exit 1; }
+# The auto cell checks auto's choice with cli and live_bind_listen (every
+# event must carry the expected tier); the connection suite runs in the cell
+# of the tier it chose (fentry on every kernel here), not twice.
 for b in $bins; do
     case $b in
         */cli-*) echo "$b auto" ;;
+        */live_conns-*) echo "$b -auto" ;;
         *) echo "$b" ;;
     esac
 done > "$list"

@@ -4,7 +4,9 @@
 # binaries (written by tests/vm/ci.sh), one per line: "PATH" runs in every cell,
 # "PATH auto" only where SOCKLENS_ATTACH=auto (for suites that do not read
 # SOCKLENS_ATTACH, e.g. cli: they would repeat the same checks in every tier's
-# cell). Extra arguments go to every binary. Prints each binary's wall time.
+# cell), "PATH -auto" everywhere but there (suites the forced tier's own cell
+# runs in full once auto's choice is checked). Extra arguments go to every
+# binary. Prints each binary's wall time.
 set -euo pipefail
 list=$1
 shift
@@ -17,10 +19,21 @@ if [ -x "$sl" ]; then
 fi
 while read -r bin only; do
     [ -n "$bin" ] || continue
-    if [ -n "$only" ] && [ "${SOCKLENS_ATTACH:-auto}" != "$only" ]; then
-        echo "=== $bin: not in this cell (tier-independent, runs with SOCKLENS_ATTACH=$only)"
-        continue
-    fi
+    case "$only" in
+    "") ;;
+    -*)
+        if [ "${SOCKLENS_ATTACH:-auto}" = "${only#-}" ]; then
+            echo "=== $bin: not in this cell (the cell of the tier ${only#-} chose runs it)"
+            continue
+        fi
+        ;;
+    *)
+        if [ "${SOCKLENS_ATTACH:-auto}" != "$only" ]; then
+            echo "=== $bin: not in this cell (tier-independent, runs with SOCKLENS_ATTACH=$only)"
+            continue
+        fi
+        ;;
+    esac
     echo "=== $bin"
     start=$(date +%s)
     "$bin" --test-threads=1 "$@" || rc=1
