@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::fs;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,15 +13,40 @@ const RESCAN_INTERVAL: Duration = Duration::from_millis(500);
 
 pub struct CgroupPaths {
     root: PathBuf,
-    by_id: HashMap<u64, String>,
+    by_id: HashMap<u64, String, BuildHasherDefault<IdHasher>>,
     last_scan: Option<Instant>,
+}
+
+/// Hashes cgroup ids for `by_id`, which `trace` looks up for every event
+/// with an owner. The ids are inode numbers the kernel hands out, not keys
+/// anyone can choose to collide, so SipHash's resistance to flooding buys
+/// nothing here, and its two hashes a lookup were a visible part of the
+/// time per event.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(self.0.rotate_left(8) ^ u64::from(b));
+        }
+    }
+
+    /// Fibonacci hashing: consecutive ids spread over all the bits.
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 impl CgroupPaths {
     pub fn new(root: PathBuf) -> Self {
         Self {
             root,
-            by_id: HashMap::new(),
+            by_id: HashMap::default(),
             last_scan: None,
         }
     }
@@ -28,16 +54,22 @@ impl CgroupPaths {
     /// The cgroup's path relative to the v2 root ("/" for the root itself),
     /// or None for a cgroup that is gone.
     pub fn path_of(&mut self, id: u64) -> Option<String> {
-        if let Some(p) = self.by_id.get(&id) {
-            return Some(p.clone());
-        }
-        let stale = self
-            .last_scan
-            .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL);
-        if stale {
+        self.path_ref(id).map(str::to_owned)
+    }
+
+    /// `path_of`, borrowed: what a renderer writes out needs no copy.
+    pub fn path_ref(&mut self, id: u64) -> Option<&str> {
+        if !self.by_id.contains_key(&id) && self.stale() {
             self.rescan();
         }
-        self.by_id.get(&id).cloned()
+        self.by_id.get(&id).map(String::as_str)
+    }
+
+    /// Whether a miss may rescan the tree; asked only on a miss, as it reads
+    /// the clock.
+    fn stale(&self) -> bool {
+        self.last_scan
+            .is_none_or(|t| t.elapsed() >= RESCAN_INTERVAL)
     }
 
     fn rescan(&mut self) {

@@ -132,6 +132,16 @@ impl<'a> EventStream<'a> {
 
     /// Waits up to `timeout` for records and returns the decoded events.
     pub fn poll(&self, timeout: Duration) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        self.poll_into(timeout, &mut events)?;
+        Ok(events)
+    }
+
+    /// `poll` into `events`, replacing what it held. Its allocation takes
+    /// the place of the queue's, so a caller that keeps one `Vec` across
+    /// polls does not grow a new one each time (under churn, one batch has
+    /// thousands of events).
+    pub fn poll_into(&self, timeout: Duration, events: &mut Vec<Event>) -> Result<()> {
         let polled = match &self.source {
             // Records come without a wakeup until a batch is waiting
             // (src/bpf/common.bpf.h): drain whatever is there after the wait.
@@ -147,7 +157,9 @@ impl<'a> EventStream<'a> {
             }
             _ => {}
         }
-        Ok(std::mem::take(&mut *self.queue.borrow_mut()))
+        events.clear();
+        std::mem::swap(events, &mut *self.queue.borrow_mut());
+        Ok(())
     }
 
     pub fn losses(&self) -> Losses {

@@ -108,6 +108,15 @@ impl Direction {
         }
     }
 
+    /// The serialized name (`Serialize`), without going through serde.
+    pub fn json_name(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Out => "out",
+            Self::In => "in",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Unknown => "-",
@@ -409,17 +418,22 @@ pub fn family_name(family: u16) -> &'static str {
 }
 
 pub fn proto_name(proto: u16) -> String {
-    match i32::from(proto) {
-        libc::IPPROTO_TCP => "tcp".into(),
-        libc::IPPROTO_UDP => "udp".into(),
-        libc::IPPROTO_UDPLITE => "udplite".into(),
-        libc::IPPROTO_SCTP => "sctp".into(),
-        libc::IPPROTO_MPTCP => "mptcp".into(),
-        libc::IPPROTO_ICMP => "icmp".into(),
-        libc::IPPROTO_ICMPV6 => "icmpv6".into(),
-        libc::IPPROTO_RAW => "raw".into(),
-        other => format!("proto{other}"),
-    }
+    known_proto_name(proto).map_or_else(|| format!("proto{proto}"), str::to_owned)
+}
+
+/// The name of an IP protocol socklens knows by name.
+pub fn known_proto_name(proto: u16) -> Option<&'static str> {
+    Some(match i32::from(proto) {
+        libc::IPPROTO_TCP => "tcp",
+        libc::IPPROTO_UDP => "udp",
+        libc::IPPROTO_UDPLITE => "udplite",
+        libc::IPPROTO_SCTP => "sctp",
+        libc::IPPROTO_MPTCP => "mptcp",
+        libc::IPPROTO_ICMP => "icmp",
+        libc::IPPROTO_ICMPV6 => "icmpv6",
+        libc::IPPROTO_RAW => "raw",
+        _ => return None,
+    })
 }
 
 /// "EADDRINUSE" for -98; empty for 0.
@@ -589,6 +603,16 @@ mod tests {
         assert_eq!(errno_name(-98), "EADDRINUSE");
         assert_eq!(errno_name(-13), "EACCES");
         assert_eq!(errno_name(0), "");
+    }
+
+    #[test]
+    fn names_written_without_serde_are_serdes() {
+        for d in [Direction::Unknown, Direction::Out, Direction::In] {
+            assert_eq!(serde_json::to_value(d).unwrap(), d.json_name());
+        }
+        for t in Tier::ALL {
+            assert_eq!(serde_json::to_value(t).unwrap(), t.name());
+        }
     }
 
     #[test]

@@ -1,21 +1,21 @@
 //! Rendering events: bindsnoop/solisten-style columns and JSON lines.
 
-use serde::Serialize;
 use serde_json::{json, Value};
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::cgroup::CgroupPaths;
+use crate::json_writer::JsonObject;
 use crate::model::{
-    errno_name, family_name, proto_name, tcp_state_name, Conn, ConnEvent, Direction, Event,
+    errno_name, family_name, known_proto_name, proto_name, tcp_state_name, Conn, ConnEvent, Event,
     SockEvent, SockEventKind, UdpFlow,
 };
-use crate::plan::Tier;
+use crate::rfc3339::UtcWriter;
 
 /// Converts CLOCK_MONOTONIC stamps (bpf_ktime_get_ns) to wall-clock time.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Clock {
     realtime_minus_monotonic_ns: i128,
+    utc: UtcWriter,
 }
 
 fn clock_ns(id: nix::time::ClockId) -> i128 {
@@ -28,64 +28,36 @@ impl Clock {
     pub fn now() -> Self {
         let mono = clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
         let real = clock_ns(nix::time::ClockId::CLOCK_REALTIME);
+        Self::with_offset(real - mono)
+    }
+
+    fn with_offset(realtime_minus_monotonic_ns: i128) -> Self {
         Self {
-            realtime_minus_monotonic_ns: real - mono,
+            realtime_minus_monotonic_ns,
+            utc: UtcWriter::default(),
         }
     }
 
+    fn unix_ns(&self, mono_ns: u64) -> i128 {
+        i128::from(mono_ns) + self.realtime_minus_monotonic_ns
+    }
+
     pub fn wall(&self, mono_ns: u64) -> OffsetDateTime {
-        let ns = i128::from(mono_ns) + self.realtime_minus_monotonic_ns;
-        OffsetDateTime::from_unix_timestamp_nanos(ns).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+        OffsetDateTime::from_unix_timestamp_nanos(self.unix_ns(mono_ns))
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
     }
 
+    /// RFC 3339 UTC with nanoseconds, trailing zeros dropped.
     pub fn iso(&self, mono_ns: u64) -> String {
-        self.wall(mono_ns).format(&Rfc3339).unwrap_or_default()
+        let mut out = Vec::with_capacity(32);
+        self.write_iso(mono_ns, &mut out);
+        String::from_utf8(out).unwrap_or_default() // ASCII only
     }
-}
 
-/// The JSON form of a tracked connection (field names are the interface).
-#[derive(Serialize)]
-struct ConnRecord<'c> {
-    sk: String,
-    cookie: u64,
-    family: &'static str,
-    proto: String,
-    saddr: String,
-    sport: u16,
-    daddr: String,
-    dport: u16,
-    netns: u32,
-    direction: Direction,
-    state: &'static str,
-    pid: Option<u32>,
-    comm: Option<&'c str>,
-    uid: Option<u32>,
-    cgroup_id: Option<u64>,
-    cgroup: Option<String>,
-    tx_bytes: u64,
-    rx_bytes: u64,
-    sendfile_bytes: u64,
-    retransmits: u32,
-    srtt_us: u32,
-    rttvar_us: u32,
-    start: Option<String>,
-    end: Option<String>,
-    duration_ms: Option<f64>,
-    failure: Option<String>,
-    seeded: bool,
-    /// Only on the rare close the state hook missed (see README).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    close_at_destroy: bool,
-}
-
-#[derive(Serialize)]
-struct ConnEventRecord<'c> {
-    event: &'static str,
-    time: String,
-    time_ns: u64,
-    attach: Tier,
-    #[serde(flatten)]
-    conn: ConnRecord<'c>,
+    /// `iso`, appended to `out`.
+    pub fn write_iso(&self, mono_ns: u64, out: &mut Vec<u8>) {
+        self.utc.write(self.unix_ns(mono_ns), out);
+    }
 }
 
 /// Everything needed to turn events into text.
@@ -120,10 +92,23 @@ impl Renderer {
         match event {
             Event::Sock(e) if self.json => self.sock_json(e).to_string(),
             Event::Sock(e) => self.sock_columns(e),
-            Event::Conn(e) if self.json => self.conn_event_line(e),
+            Event::Conn(e) if self.json => {
+                let mut line = Vec::new();
+                self.write_conn_event(e, &mut line);
+                utf8(line)
+            }
             Event::Conn(e) => self.conn_event_columns(e),
             Event::Cg(e) if self.json => crate::cgevents::json(self, e).to_string(),
             Event::Cg(e) => crate::cgevents::columns(self, e),
+        }
+    }
+
+    /// `render`'s text appended to `out`: the per-event path of `trace`,
+    /// which reuses one buffer instead of a `String` per line.
+    pub fn render_into(&mut self, event: &Event, out: &mut Vec<u8>) {
+        match event {
+            Event::Conn(e) if self.json => self.write_conn_event(e, out),
+            _ => out.extend_from_slice(self.render(event).as_bytes()),
         }
     }
 
@@ -167,63 +152,73 @@ impl Renderer {
 
     /// Every field of a tracked connection, shared by events and snapshots.
     pub fn conn_json(&mut self, c: &Conn) -> Value {
-        serde_json::to_value(self.conn_record(c)).unwrap_or(Value::Null)
+        let mut text = Vec::new();
+        let mut obj = JsonObject::new(&mut text);
+        self.write_conn_members(&mut obj, c);
+        obj.finish();
+        serde_json::from_slice(&text).unwrap_or(Value::Null)
     }
 
-    fn conn_record<'c>(&mut self, c: &'c Conn) -> ConnRecord<'c> {
+    /// A connection's members, in the order of the interface.
+    fn write_conn_members(&mut self, obj: &mut JsonObject<'_>, c: &Conn) {
         let owner = c.owner_known;
-        ConnRecord {
-            sk: format!("{:#x}", c.sk),
-            cookie: c.cookie,
-            family: family_name(c.family),
-            proto: proto_name(c.proto),
-            saddr: c.saddr.to_string(),
-            sport: c.sport,
-            daddr: c.daddr.to_string(),
-            dport: c.dport,
-            netns: c.netns,
-            direction: c.direction,
-            state: tcp_state_name(c.state),
-            pid: owner.then_some(c.pid),
-            comm: owner.then_some(c.comm.as_str()),
-            uid: owner.then_some(c.uid),
-            cgroup_id: owner.then_some(c.cgroup_id),
-            cgroup: if owner {
-                self.cgroup_path(c.cgroup_id)
-            } else {
-                None
-            },
-            tx_bytes: c.tx_bytes,
-            rx_bytes: c.rx_bytes,
-            sendfile_bytes: c.sendfile_bytes,
-            retransmits: c.retransmits,
-            srtt_us: c.srtt_us,
-            rttvar_us: c.rttvar_us,
-            start: (c.start_ns > 0).then(|| self.clock.iso(c.start_ns)),
-            end: (c.end_ns > 0).then(|| self.clock.iso(c.end_ns)),
-            duration_ms: c.duration_ms(),
-            failure: c.failure(),
-            seeded: c.seeded,
-            close_at_destroy: c.closed_at_destroy,
+        obj.hex("sk", c.sk);
+        obj.uint("cookie", c.cookie);
+        obj.plain("family", family_name(c.family));
+        match known_proto_name(c.proto) {
+            Some(name) => obj.plain("proto", name),
+            None => obj.value("proto", &proto_name(c.proto)),
+        }
+        obj.ip("saddr", c.saddr);
+        obj.uint("sport", c.sport);
+        obj.ip("daddr", c.daddr);
+        obj.uint("dport", c.dport);
+        obj.uint("netns", c.netns);
+        obj.plain("direction", c.direction.json_name());
+        obj.plain("state", tcp_state_name(c.state));
+        obj.uint_or_null("pid", owner.then_some(c.pid));
+        obj.value("comm", &owner.then_some(c.comm.as_str()));
+        obj.uint_or_null("uid", owner.then_some(c.uid));
+        obj.uint_or_null("cgroup_id", owner.then_some(c.cgroup_id));
+        let cgroup = match &mut self.cgroups {
+            Some(paths) if owner => paths.path_ref(c.cgroup_id),
+            _ => None,
+        };
+        obj.value("cgroup", &cgroup);
+        obj.uint("tx_bytes", c.tx_bytes);
+        obj.uint("rx_bytes", c.rx_bytes);
+        obj.uint("sendfile_bytes", c.sendfile_bytes);
+        obj.uint("retransmits", c.retransmits);
+        obj.uint("srtt_us", c.srtt_us);
+        obj.uint("rttvar_us", c.rttvar_us);
+        self.write_time_or_null(obj, "start", c.start_ns);
+        self.write_time_or_null(obj, "end", c.end_ns);
+        obj.value("duration_ms", &c.duration_ms());
+        obj.value("failure", &c.failure());
+        obj.bool("seeded", c.seeded);
+        // Only on the rare close the state hook missed (see README).
+        if c.closed_at_destroy {
+            obj.bool("close_at_destroy", true);
         }
     }
 
-    /// A connection event as one JSON line. Serialized straight from a
-    /// struct: building a `Value` first cost most of the agent's time per
-    /// event under connection churn.
-    pub fn conn_event_line(&mut self, e: &ConnEvent) -> String {
-        let record = ConnEventRecord {
-            event: e.kind.name(),
-            time: self.clock.iso(e.ts_ns),
-            time_ns: e.ts_ns,
-            attach: e.tier,
-            conn: self.conn_record(&e.conn),
-        };
-        serde_json::to_string(&record).unwrap_or_default()
+    /// A timestamp member, null for 0 (not known).
+    fn write_time_or_null(&self, obj: &mut JsonObject<'_>, key: &str, mono_ns: u64) {
+        match mono_ns {
+            0 => obj.null(key),
+            ns => obj.plain_str(key, |out| self.clock.write_iso(ns, out)),
+        }
     }
 
-    pub fn conn_event_json(&mut self, e: &ConnEvent) -> Value {
-        serde_json::from_str(&self.conn_event_line(e)).unwrap_or(Value::Null)
+    /// A connection event as one JSON line (no newline), appended to `out`.
+    pub fn write_conn_event(&mut self, e: &ConnEvent, out: &mut Vec<u8>) {
+        let mut obj = JsonObject::new(out);
+        obj.plain("event", e.kind.name());
+        obj.plain_str("time", |out| self.clock.write_iso(e.ts_ns, out));
+        obj.uint("time_ns", e.ts_ns);
+        obj.plain("attach", e.tier.name());
+        self.write_conn_members(&mut obj, &e.conn);
+        obj.finish();
     }
 
     pub fn udp_flow_json(&mut self, owner: Option<&Conn>, f: &UdpFlow) -> Value {
@@ -357,6 +352,11 @@ impl Renderer {
     }
 }
 
+/// Text this crate wrote from `str`s and ASCII only.
+fn utf8(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// `1.2.3.4:80` or `[::1]:80`.
 pub fn socket_addr(ip: std::net::IpAddr, port: u16) -> String {
     std::net::SocketAddr::new(ip, port).to_string()
@@ -365,7 +365,7 @@ pub fn socket_addr(ip: std::net::IpAddr, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::SockOpts;
+    use crate::model::{ConnEventKind, Direction, SockOpts};
     use crate::plan::Tier;
     use std::net::{IpAddr, Ipv6Addr};
 
@@ -395,9 +395,7 @@ mod tests {
 
     fn renderer(json: bool) -> Renderer {
         Renderer {
-            clock: Clock {
-                realtime_minus_monotonic_ns: 1_700_000_000_000_000_000,
-            },
+            clock: Clock::with_offset(1_700_000_000_000_000_000),
             cgroups: None,
             json,
         }
@@ -435,5 +433,138 @@ mod tests {
     fn header_only_for_columns() {
         assert!(renderer(true).header().is_none());
         assert!(renderer(false).header().unwrap().starts_with("TIME"));
+    }
+
+    /// Connection events covering every kind of field value: owner known or
+    /// not, IPv4 and IPv6 (mapped too), fractions of all lengths, failures,
+    /// an unknown protocol and direction, a comm that needs escaping.
+    fn conn_events(cgroup_id: u64) -> Vec<ConnEvent> {
+        let event = |kind, tier, ts_ns, conn| ConnEvent {
+            kind,
+            tier,
+            ts_ns,
+            conn,
+        };
+        let mut established = Conn::sample(0xffff_8880_1234_5678, 5_000_000_123, 10, 20);
+        established.cgroup_id = cgroup_id;
+        let mut refused = Conn::sample(1, 1_000_000_000, 0, 0);
+        refused.family = libc::AF_INET6 as u16;
+        refused.saddr = "::ffff:127.0.0.1".parse().unwrap();
+        refused.daddr = "2001:db8::1:0:0:1".parse().unwrap();
+        refused.owner_known = false;
+        refused.established = false;
+        refused.end_ns = 1_001_234_567;
+        refused.error = libc::ECONNREFUSED;
+        refused.closed_at_destroy = true;
+        refused.seeded = true;
+        refused.state = 7;
+        refused.retransmits = 3;
+        refused.srtt_us = 1500;
+        refused.rttvar_us = 250;
+        refused.sendfile_bytes = 99;
+        let mut odd = Conn::sample(u64::MAX, 3_000_000_000, u64::MAX, 0);
+        odd.comm = "a\"b\\c\x01\n\u{e9}\u{7f}".into();
+        odd.proto = 200;
+        odd.family = 99;
+        odd.direction = Direction::Unknown;
+        odd.state = 99;
+        odd.end_ns = 3_002_000_000;
+        odd.cgroup_id = 424_242;
+        odd.pid = u32::MAX;
+        odd.uid = 65534;
+        let mut accepted = Conn::sample(2, 0, 0, 0);
+        accepted.direction = Direction::In;
+        accepted.proto = 17;
+        accepted.end_ns = 9_000_000_001;
+        accepted.established = false;
+        let mut failed = Conn::sample(3, 10, 0, 0);
+        failed.established = false;
+        failed.end_ns = 1_000_000_011;
+        failed.closed_at_destroy = true;
+        let unknown = failed.clone();
+        failed.closed_at_destroy = false;
+        failed.error = libc::EHOSTUNREACH;
+        let unreachable = failed.clone();
+        failed.error = libc::EPROTO;
+        use ConnEventKind::{Accept, Close, Established, Retransmit};
+        vec![
+            event(Established, Tier::Fentry, 5_123_456_789, established),
+            event(Close, Tier::Kprobe, 7_000_000_000, refused),
+            event(Retransmit, Tier::Tracepoint, 8_100_000_000, odd),
+            event(Accept, Tier::Fentry, 0, accepted),
+            event(Close, Tier::Fentry, 1_000_000_012, unknown),
+            event(Close, Tier::Fentry, 1_000_000_012, unreachable),
+            event(Close, Tier::Fentry, 1_000_000_012, failed),
+        ]
+    }
+
+    /// The lines serde printed for `conn_events` before the renderer wrote
+    /// them by hand (commit 3fa060f): names, order and formats must stay.
+    const CONN_EVENT_LINES: [&str; 7] = [
+        r#"{"event":"established","time":"2023-11-14T22:13:25.123456789Z","time_ns":5123456789,"attach":"fentry","sk":"0xffff888012345678","cookie":18446612682375452280,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":CGROUP_ID,"cgroup":"/svc","tx_bytes":10,"rx_bytes":20,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:25.000000123Z","end":null,"duration_ms":null,"failure":null,"seeded":false}"#,
+        r#"{"event":"close","time":"2023-11-14T22:13:27Z","time_ns":7000000000,"attach":"kprobe","sk":"0x1","cookie":1,"family":"inet6","proto":"tcp","saddr":"::ffff:127.0.0.1","sport":40000,"daddr":"2001:db8::1:0:0:1","dport":80,"netns":1,"direction":"out","state":"CLOSE","pid":null,"comm":null,"uid":null,"cgroup_id":null,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"sendfile_bytes":99,"retransmits":3,"srtt_us":1500,"rttvar_us":250,"start":"2023-11-14T22:13:21Z","end":"2023-11-14T22:13:21.001234567Z","duration_ms":1.234567,"failure":"refused","seeded":true,"close_at_destroy":true}"#,
+        r#"{"event":"retransmit","time":"2023-11-14T22:13:28.1Z","time_ns":8100000000,"attach":"tracepoint","sk":"0xffffffffffffffff","cookie":18446744073709551615,"family":"other","proto":"proto200","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"unknown","state":"UNKNOWN","pid":4294967295,"comm":"a\"b\\c\u0001\né","uid":65534,"cgroup_id":424242,"cgroup":null,"tx_bytes":18446744073709551615,"rx_bytes":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:23Z","end":"2023-11-14T22:13:23.002Z","duration_ms":2.0,"failure":null,"seeded":false}"#,
+        r#"{"event":"accept","time":"2023-11-14T22:13:20Z","time_ns":0,"attach":"fentry","sk":"0x2","cookie":2,"family":"inet","proto":"udp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"in","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":null,"end":"2023-11-14T22:13:29.000000001Z","duration_ms":null,"failure":null,"seeded":false}"#,
+        r#"{"event":"close","time":"2023-11-14T22:13:21.000000012Z","time_ns":1000000012,"attach":"fentry","sk":"0x3","cookie":3,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:20.00000001Z","end":"2023-11-14T22:13:21.000000011Z","duration_ms":1000.000001,"failure":"unknown","seeded":false,"close_at_destroy":true}"#,
+        r#"{"event":"close","time":"2023-11-14T22:13:21.000000012Z","time_ns":1000000012,"attach":"fentry","sk":"0x3","cookie":3,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:20.00000001Z","end":"2023-11-14T22:13:21.000000011Z","duration_ms":1000.000001,"failure":"unreachable","seeded":false}"#,
+        r#"{"event":"close","time":"2023-11-14T22:13:21.000000012Z","time_ns":1000000012,"attach":"fentry","sk":"0x3","cookie":3,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:20.00000001Z","end":"2023-11-14T22:13:21.000000011Z","duration_ms":1000.000001,"failure":"EPROTO","seeded":false}"#,
+    ];
+
+    #[test]
+    fn conn_event_lines_are_as_serde_printed_them() {
+        let root = std::env::temp_dir().join(format!("sl-out-cg-{}", std::process::id()));
+        std::fs::create_dir_all(root.join("svc")).unwrap();
+        let cgroup_id =
+            std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(root.join("svc")).unwrap());
+        let mut r = renderer(true);
+        r.cgroups = Some(CgroupPaths::new(root.clone()));
+        for (e, expected) in conn_events(cgroup_id).iter().zip(CONN_EVENT_LINES) {
+            let expected = expected.replace("CGROUP_ID", &cgroup_id.to_string());
+            let mut line = Vec::new();
+            r.render_into(&Event::Conn(e.clone()), &mut line);
+            assert_eq!(std::str::from_utf8(&line).unwrap(), expected);
+            assert_eq!(r.render(&Event::Conn(e.clone())), expected);
+        }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn conn_json_is_the_event_line_without_the_event_fields() {
+        let mut r = renderer(true);
+        for e in conn_events(7) {
+            let mut line: Value = serde_json::from_str(&r.render(&Event::Conn(e.clone()))).unwrap();
+            for k in ["event", "time", "time_ns", "attach"] {
+                line.as_object_mut().unwrap().remove(k);
+            }
+            assert_eq!(r.conn_json(&e.conn), line);
+        }
+    }
+
+    /// The time to render a connection event as JSON, for working on that
+    /// path (a figure, not a test):
+    /// `cargo test --release --lib render_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn conn_event_render_cost() {
+        let mut r = renderer(true);
+        let mut events: Vec<Event> = conn_events(7).into_iter().map(Event::Conn).collect();
+        let rounds = 50_000;
+        let mut line = Vec::new();
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let start = std::time::Instant::now();
+            for _ in 0..rounds {
+                for event in &mut events {
+                    if let Event::Conn(e) = event {
+                        e.ts_ns += 1_013; // new fractions, now and then a new second
+                    }
+                    line.clear();
+                    r.render_into(event, &mut line);
+                }
+            }
+            let per_event = start.elapsed().as_nanos() as f64 / (rounds * events.len()) as f64;
+            best = best.min(per_event);
+        }
+        println!("conn event as JSON: {best:.0} ns (best of 5 runs)");
     }
 }

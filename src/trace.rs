@@ -22,6 +22,9 @@ use crate::probe::{self, KernelShape, Prober};
 use crate::system;
 
 pub const POLL: Duration = Duration::from_millis(100);
+/// `trace` writes its lines in blocks of about this many bytes: the size of
+/// the `BufWriter` on stdout (src/main.rs).
+const TEXT_BLOCK: usize = 1 << 16;
 /// The kernel keeps 15 bytes of a task's comm plus the NUL.
 const COMM_MAX: usize = 15;
 pub const DEFAULT_MAX_CONNS: u32 = 65_536;
@@ -437,19 +440,24 @@ fn stream_events(
         Some(h) => writeln!(out, "{h}"),
         None => Ok(()),
     };
+    // Reused for every batch: the events, and their lines, handed to `out`
+    // in blocks (stdout's `BufWriter` passes a block its size straight
+    // through rather than copying each line into its buffer).
+    let mut batch = Vec::new();
+    let mut text = Vec::with_capacity(TEXT_BLOCK + 4096);
     loop {
         // Read the stop flag before polling, so a final pass drains what the
         // kernel queued before the signal.
         let stopping = stop.load(Ordering::Relaxed);
         let timeout = if stopping { Duration::ZERO } else { POLL };
-        for mut event in live.stream.poll(timeout)? {
+        live.stream.poll_into(timeout, &mut batch)?;
+        for mut event in batch.drain(..) {
             if TraceEvent::of(&event).is_some_and(|e| !req.events.contains(&e)) {
                 continue;
             }
             // The pinned policy's verdicts come unfiltered: filter them here.
-            let filters = live.filters;
-            let rel = live.cgroup_rel.clone();
-            if !cgevents::verdict_wanted(&event, filters, rel.as_deref(), &mut live.renderer) {
+            let rel = live.cgroup_rel.as_deref();
+            if !cgevents::verdict_wanted(&event, live.filters, rel, &mut live.renderer) {
                 continue;
             }
             if let Event::Conn(c) = &mut event {
@@ -458,10 +466,17 @@ fn stream_events(
                 }
             }
             summary.events += 1;
-            let line = live.renderer.render(&event);
-            result = result.and_then(|()| writeln!(out, "{line}"));
+            live.renderer.render_into(&event, &mut text);
+            text.push(b'\n');
+            if text.len() >= TEXT_BLOCK {
+                result = result.and_then(|()| out.write_all(&text));
+                text.clear();
+            }
         }
-        result = result.and_then(|()| out.flush());
+        result = result
+            .and_then(|()| out.write_all(&text))
+            .and_then(|()| out.flush());
+        text.clear();
         if stopping || result.is_err() {
             break;
         }
