@@ -242,13 +242,14 @@ static __always_inline __u64 seq_delta(__u64 total, __u64 base, __u64 fin)
 	return total > base + fin ? total - base - fin : 0;
 }
 
-/* tx/rx of `c` from the counters; `state`: the socket's state, or the one it
- * left for TCP_CLOSE. tx stays as it is once the socket is closed. */
-static __always_inline void tcp_seq_sync(struct sl_conn *c, struct tcp_sock *tp, int state,
-					 bool with_tx)
+/* tx of `c` from the counters; `fin_queued`: a FIN took a sequence number. */
+static __always_inline void tcp_seq_sync_tx(struct sl_conn *c, struct tcp_sock *tp, bool fin_queued)
 {
-	if (with_tx)
-		c->tx_bytes = seq_delta(tcp_tx_total(tp), c->tx_base, tcp_fin_queued(state));
+	c->tx_bytes = seq_delta(tcp_tx_total(tp), c->tx_base, fin_queued);
+}
+
+static __always_inline void tcp_seq_sync_rx(struct sl_conn *c, struct tcp_sock *tp)
+{
 	c->rx_bytes = seq_delta(tcp_rx_total(tp), c->rx_base, tcp_fin_read(tp));
 }
 
@@ -445,8 +446,10 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 		/* Only tp_btf programs get here (the loader's rule): a checked pointer. */
 		struct tcp_sock *seq_tp = btf ? tp : bpf_skc_to_tcp_sock(sk);
 
-		if (seq_tp)
-			tcp_seq_sync(c, seq_tp, old, true);
+		if (seq_tp) {
+			tcp_seq_sync_tx(c, seq_tp, tcp_fin_queued(old));
+			tcp_seq_sync_rx(c, seq_tp);
+		}
 	}
 	on_closed(ctx, sk, tp, c, old, tier, btf);
 }
@@ -508,11 +511,12 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, b
 		/* Only tp_btf programs get here (the loader's rule): a checked pointer. */
 		struct tcp_sock *seq_tp = btf ? tp : bpf_skc_to_tcp_sock(sk);
 
-		/* A draining entry's tx was final at TCP_CLOSE. */
-		if (seq_tp)
-			tcp_seq_sync(c, seq_tp,
-				     tcp_fin_queued_at_destroy(seq_tp) ? 4 /* FIN_WAIT1 */ : SL_TCP_CLOSE,
-				     !(c->flags & SL_CONN_DRAINING));
+		if (seq_tp) {
+			/* A draining entry's tx was final at TCP_CLOSE. */
+			if (!(c->flags & SL_CONN_DRAINING))
+				tcp_seq_sync_tx(c, seq_tp, tcp_fin_queued_at_destroy(seq_tp));
+			tcp_seq_sync_rx(c, seq_tp);
+		}
 	}
 	c->state = SL_TCP_CLOSE;
 	finish(ctx, sk, c, tier);

@@ -896,7 +896,7 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, bool recv)
 	tp = bpf_skc_to_tcp_sock(sk);
 	if (!tp)
 		return;
-	tcp_seq_sync(c, tp, state, false);
+	tcp_seq_sync_rx(c, tp); /* tx was final at TCP_CLOSE */
 	if (!sk->sk_receive_queue.qlen)
 		finish(ctx, sk, c, SL_TIER_TRACEPOINT);
 }
@@ -1169,8 +1169,10 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 		/* the state hook skips the transitions in between (state_matters) */
 		c->state = BPF_CORE_READ(sk, __sk_common.skc_state);
 		read_tcp_info(c, (struct tcp_sock *)sk, SL_PROBED);
-		if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE)
-			tcp_seq_sync(c, tp, c->state, true);
+		if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE) {
+			tcp_seq_sync_tx(c, tp, tcp_fin_queued(c->state));
+			tcp_seq_sync_rx(c, tp);
+		}
 		return;
 	}
 	/* A refresh adopts new listeners too: without bind/listen events the
