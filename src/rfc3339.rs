@@ -16,7 +16,6 @@ use time::OffsetDateTime;
 use crate::json_writer::put_digits;
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
-const SECS_PER_DAY: u64 = 86_400;
 
 /// "YYYY-MM-DDTHH:MM:SS", the text of a whole second.
 type SecondText = [u8; 19];
@@ -39,11 +38,16 @@ impl UtcWriter {
         let secs = ns / NANOS_PER_SEC;
         let text = match self.last.get() {
             Some((cached, text)) if cached == secs => text,
-            _ => {
-                let text = second_text(secs);
-                self.last.set(Some((secs, text)));
-                text
-            }
+            _ => match second_text(secs) {
+                Some(text) => {
+                    self.last.set(Some((secs, text)));
+                    text
+                }
+                None => {
+                    out.extend_from_slice(with_time_crate(unix_ns).as_bytes());
+                    return;
+                }
+            },
         };
         out.extend_from_slice(&text);
         // Below 1e9: fits a u32.
@@ -62,19 +66,19 @@ pub fn with_time_crate(unix_ns: i128) -> String {
         .unwrap_or_default()
 }
 
-/// `secs` since the epoch, before the year 10000.
-fn second_text(secs: u64) -> SecondText {
-    let (year, month, day) = civil_from_days(secs / SECS_PER_DAY);
-    let of_day = secs % SECS_PER_DAY;
-    // Every value below fits its digits (year < 10000, the rest < 100).
+/// The text of the whole second `secs` since the epoch. The calendar is
+/// `time`'s; this runs once per second of timestamps written.
+fn second_text(secs: u64) -> Option<SecondText> {
+    let at = OffsetDateTime::from_unix_timestamp(i64::try_from(secs).ok()?).ok()?;
     let mut text = *b"0000-00-00T00:00:00";
-    put_digits(&mut text[0..4], year);
-    put_digits(&mut text[5..7], month);
-    put_digits(&mut text[8..10], day);
-    put_digits(&mut text[11..13], of_day / 3600);
-    put_digits(&mut text[14..16], of_day / 60 % 60);
-    put_digits(&mut text[17..19], of_day % 60);
-    text
+    // Every value fits its digits: years to 2554 here, the rest below 100.
+    put_digits(&mut text[0..4], u64::try_from(at.year()).ok()?);
+    put_digits(&mut text[5..7], u8::from(at.month()).into());
+    put_digits(&mut text[8..10], at.day().into());
+    put_digits(&mut text[11..13], at.hour().into());
+    put_digits(&mut text[14..16], at.minute().into());
+    put_digits(&mut text[17..19], at.second().into());
+    Some(text)
 }
 
 /// ".5", ".000000123" for `nanos` below 1e9; nothing for 0.
@@ -89,27 +93,6 @@ fn write_fraction(nanos: u32, out: &mut Vec<u8>) {
     // `append_in_place`).
     out.extend_from_slice(&fraction);
     out.truncate(out.len() - zeros);
-}
-
-/// (year, month, day) of the proleptic Gregorian calendar for a count of
-/// days since 1970-01-01: Howard Hinnant's `civil_from_days`, for days on or
-/// after the epoch.
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    // Counted from 0000-03-01, so that the leap day ends each 400-year era.
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let day_of_era = z % 146_097;
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let month_from_march = (5 * day_of_year + 2) / 153;
-    let day = day_of_year - (153 * month_from_march + 2) / 5 + 1;
-    let (month, year_shift) = if month_from_march < 10 {
-        (month_from_march + 3, 0)
-    } else {
-        (month_from_march - 9, 1)
-    };
-    (era * 400 + year_of_era + year_shift, month, day)
 }
 
 #[cfg(test)]
