@@ -253,6 +253,15 @@ static __always_inline void tcp_seq_sync_rx(struct sl_conn *c, struct tcp_sock *
 	c->rx_bytes = seq_delta(tcp_rx_total(tp), c->rx_base, tcp_fin_read(tp));
 }
 
+/* Whether a state or destroy body reads the counters. Only tp_btf programs
+ * do (the loader's rule for tcp_bytes_from_seq), whose `tp` is the checked
+ * pointer of tcp_sk_of; `btf` drops the block from kprobe programs at
+ * compile time. */
+static __always_inline bool seq_counted(bool btf)
+{
+	return btf && tcp_bytes_from_seq;
+}
+
 /* Counting from now: for sockets that existed before start. */
 static __always_inline void tcp_seq_base_now(struct sl_conn *c, struct tcp_sock *tp)
 {
@@ -442,14 +451,9 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 		}
 		return;
 	}
-	if (tcp_bytes_from_seq) {
-		/* Only tp_btf programs get here (the loader's rule): a checked pointer. */
-		struct tcp_sock *seq_tp = btf ? tp : bpf_skc_to_tcp_sock(sk);
-
-		if (seq_tp) {
-			tcp_seq_sync_tx(c, seq_tp, tcp_fin_queued(old));
-			tcp_seq_sync_rx(c, seq_tp);
-		}
+	if (seq_counted(btf)) {
+		tcp_seq_sync_tx(c, tp, tcp_fin_queued(old));
+		tcp_seq_sync_rx(c, tp);
 	}
 	on_closed(ctx, sk, tp, c, old, tier, btf);
 }
@@ -507,16 +511,11 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, b
 	}
 	if (!c->sport)
 		c->sport = bpf_ntohs(SL_READ(btf, tp, inet_conn.icsk_inet.inet_sport));
-	if (tcp_bytes_from_seq && !wiped) {
-		/* Only tp_btf programs get here (the loader's rule): a checked pointer. */
-		struct tcp_sock *seq_tp = btf ? tp : bpf_skc_to_tcp_sock(sk);
-
-		if (seq_tp) {
-			/* A draining entry's tx was final at TCP_CLOSE. */
-			if (!(c->flags & SL_CONN_DRAINING))
-				tcp_seq_sync_tx(c, seq_tp, tcp_fin_queued_at_destroy(seq_tp));
-			tcp_seq_sync_rx(c, seq_tp);
-		}
+	if (seq_counted(btf) && !wiped) {
+		/* A draining entry's tx was final at TCP_CLOSE. */
+		if (!(c->flags & SL_CONN_DRAINING))
+			tcp_seq_sync_tx(c, tp, tcp_fin_queued_at_destroy(tp));
+		tcp_seq_sync_rx(c, tp);
 	}
 	c->state = SL_TCP_CLOSE;
 	finish(ctx, sk, c, tier);
