@@ -86,19 +86,21 @@ pub fn load<'obj>(
         // libbpf sizes a perf event array with 0 entries to the CPU count.
         events.set_max_entries(0).map_err(load_err("events map"))?;
     }
-    // Maps are created whether used or not: keep unused ones small.
+    // Maps are created whether used or not, and hash maps are preallocated:
+    // keep unused ones at one entry.
     let entries = opts.max_conns.unwrap_or(1);
+    let entries_if = |used: bool| if used { entries } else { 1 };
     open.maps
         .conns
         .set_max_entries(entries)
         .map_err(load_err("conns map"))?;
     open.maps
         .udp_flows
-        .set_max_entries(entries)
+        .set_max_entries(entries_if(opts.udp_flows))
         .map_err(load_err("udp_flows map"))?;
     open.maps
         .unclaimed_accepted
-        .set_max_entries(entries)
+        .set_max_entries(entries_if(tcp_bytes_from_seq(&opts.plan.hooks)))
         .map_err(load_err("unclaimed_accepted map"))?;
     let mut wanted: std::collections::BTreeSet<&str> = opts
         .plan
