@@ -6,7 +6,7 @@ workload; part 2 measures memory and start-up with many tracked connections.
 Environment knobs: ROUNDS (5), SECS (5 per run), CHURN_CLIENTS (2), QUIET_WAIT (60),
 IDLE_PAIRS (32768: two tracked sockets each, so 65,536 entries),
 BIG_PAIRS (65536, tracked with --max-conns 131072; 0 skips),
-STARTUPS (5)."""
+STARTUPS (5), ALT_SOCKLENS (a second build: conditions named "alt-X" run X with it)."""
 
 import json
 import os
@@ -22,6 +22,9 @@ from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOCKLENS = os.path.join(ROOT, "target/release/socklens")
+# A second build for A/B runs: a condition named "alt-X" runs condition X with
+# this binary instead (e.g. CONDITIONS=base,socklens-conns,alt-socklens-conns).
+ALT_SOCKLENS = os.environ.get("ALT_SOCKLENS")
 LOADGEN = os.path.join(ROOT, "target/bench/loadgen")
 OUT_DIR = os.path.join(ROOT, "target/bench")
 
@@ -163,19 +166,24 @@ class Tracer:
             # bpftrace prints that line before it attaches.
             time.sleep(1.0)
         else:
+            binary, name = SOCKLENS, self.name
+            if name.startswith("alt-"):
+                if not ALT_SOCKLENS:
+                    raise RuntimeError(f"condition {name} needs ALT_SOCKLENS=/path/to/socklens")
+                binary, name = ALT_SOCKLENS, name[len("alt-"):]
             args = {
                 "socklens-trace": ["trace", "--events", ALL_EVENTS, "--json"],
                 "socklens-conn-events": ["trace", "--events", CONN_EVENTS, "--json"],
                 "socklens-conns": ["conns", "--duration", "3600"],
                 "socklens-conns-percall": ["conns", "--duration", "3600"],
-            }[self.name]
+            }[name]
             env = dict(os.environ)
-            if self.name == "socklens-conns-percall":
+            if name == "socklens-conns-percall":
                 # TCP bytes per send and receive instead of from the sequence
                 # counters: the method the counters replaced, for comparison.
                 env["SOCKLENS_DISABLE"] = "tcp_seq"
             self.proc = subprocess.Popen(
-                [SOCKLENS, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                [binary, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                 env=env)
             stream = self.proc.stderr
             wait_for(stream, READY, self.proc)
