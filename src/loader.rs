@@ -98,10 +98,6 @@ pub fn load<'obj>(
         .udp_flows
         .set_max_entries(entries_if(opts.udp_flows))
         .map_err(load_err("udp_flows map"))?;
-    open.maps
-        .unclaimed_accepted
-        .set_max_entries(entries_if(tcp_bytes_from_seq(&opts.plan.hooks)))
-        .map_err(load_err("unclaimed_accepted map"))?;
     let mut wanted: std::collections::BTreeSet<&str> = opts
         .plan
         .programs()

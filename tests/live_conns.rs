@@ -425,6 +425,61 @@ fn owner_cgroup_netns_and_comm_match_the_opener() {
     }
 }
 
+/// An accepted socket is tracked in softirq, before anyone owns it: its first
+/// send or receive names the owner, whatever that first call is.
+#[test]
+fn accepted_socket_is_owned_whatever_its_first_call() {
+    require_root();
+    let comm = unique("slfirst");
+    let tracer = Tracer::start(&["--events", "close"]);
+    let tb = testbed(&[
+        "--comm",
+        &comm,
+        "bind,tcp4,127.0.0.1,0",
+        "listen,0,4",
+        // 1 -> 2: the server's first call is a send.
+        "connect,tcp4,127.0.0.1,@0",
+        "accept,0",
+        "send,2,7,7",
+        "recv,1,7,7",
+        // 3 -> 4: a shutdown (a FIN queued), then a receive.
+        "connect,tcp4,127.0.0.1,@0",
+        "accept,0",
+        "shutdown,4",
+        "send,3,5,5",
+        "recv,4,5,5",
+        // 5 -> 6: a receive that finds only the peer's FIN.
+        "connect,tcp4,127.0.0.1,@0",
+        "accept,0",
+        "close,5",
+        "recvall,6,64",
+        "close,1",
+        "close,2",
+        "close,3",
+        "close,4",
+        "close,6",
+    ]);
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    let lport = u(&tb["steps"][0]["port"]);
+    let client_port = |step: usize| u(&tb["steps"][step]["port"]);
+    let accepted: Vec<&Value> = stopped
+        .of_kind("close")
+        .into_iter()
+        .filter(|e| e["sport"] == lport && e["direction"] == "in")
+        .collect();
+    assert_eq!(accepted.len(), 3, "three accepted: {:#?}", stopped.events);
+    for (step, tx, rx) in [(2, 7, 0), (6, 0, 5), (11, 0, 0)] {
+        let rec = accepted
+            .iter()
+            .find(|e| e["dport"] == client_port(step))
+            .unwrap_or_else(|| panic!("accepted from port {}: {accepted:#?}", client_port(step)));
+        assert_eq!(rec["pid"], tb["pid"], "{rec}");
+        assert_eq!(rec["comm"], comm.as_str(), "{rec}");
+        assert_tx_rx(rec, tx, rx);
+    }
+}
+
 #[test]
 fn udp_unconnected_socket_to_three_peers_exact_per_peer() {
     require_root();

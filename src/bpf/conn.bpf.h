@@ -46,57 +46,24 @@ const volatile bool tcp_bytes_from_seq = false;
 const volatile bool state_skips_close = false;
 
 /* TCP sockets whose owner is not known yet: their first send or receive, in
- * process context, claims them (tcp_touch). Two kinds, two marks, each
- * chosen so that the byte hooks' check costs every other socket a load or
- * two:
+ * process context, claims them (tcp_touch). Two kinds, each found so that the
+ * byte hooks cost every other socket a few loads:
  * - accepted sockets (tracked in softirq, no accept hook), one per short
- *   connection: a member of `unclaimed_accepted`, counted in
- *   `unclaimed_count`. While the count is zero (nothing waits for its first
- *   use: the steady state of long connections) the check is one load. A
- *   member leaves when claimed or when its socket is destroyed, whichever
- *   deletes it first: a delete succeeds once, so the count stays exact.
- *   Socket storage did the same with an allocation and an RCU free per
- *   connection, several times the cost under churn.
- * - seeded sockets (found at start, maybe thousands, mostly idle): socket
- *   storage, which keeps the check at two loads for all other sockets for as
- *   long as they live, and goes with the socket. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 65536); /* the loader sets --max-conns */
-	__type(key, __u64);
-	__type(value, __u8);
-} unclaimed_accepted SEC(".maps");
-
-__u64 unclaimed_count = 0;
-
+ *   connection: a child socket's sequence counters start at zero, so its
+ *   first use is the call after which they hold no more than that call's
+ *   bytes (tcp_maybe_first_use). No mark to add and take: a hash set did
+ *   that with an insert and a delete per connection, and a lookup on every
+ *   send and receive while any accepted socket waited.
+ * - seeded sockets (found at start, maybe thousands, mostly idle, their
+ *   counters long past zero): socket storage, which keeps the check at two
+ *   loads for all other sockets for as long as they live, and goes with the
+ *   socket. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
 	__type(value, __u8);
 } unclaimed_seeded SEC(".maps");
-
-static __always_inline void unclaimed_add(struct sock *sk)
-{
-	__u64 key = (__u64)sk;
-	__u8 one = 1;
-
-	if (!bpf_map_update_elem(&unclaimed_accepted, &key, &one, BPF_NOEXIST))
-		__sync_fetch_and_add(&unclaimed_count, 1);
-}
-
-/* Whether `sk` was an unclaimed accepted socket; it is not any more. */
-static __always_inline bool unclaimed_take(struct sock *sk)
-{
-	__u64 key = (__u64)sk;
-
-	if (!unclaimed_count || !bpf_map_lookup_elem(&unclaimed_accepted, &key))
-		return false;
-	if (bpf_map_delete_elem(&unclaimed_accepted, &key))
-		return false; /* another CPU took it */
-	__sync_fetch_and_add(&unclaimed_count, -1);
-	return true;
-}
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -235,6 +202,23 @@ static __always_inline bool tcp_fin_received(struct tcp_sock *tp)
 static __always_inline bool tcp_fin_read(struct tcp_sock *tp)
 {
 	return tcp_fin_received(tp) && tp->copied_seq == tp->rcv_nxt;
+}
+
+/* Whether a child socket's (accepted) application had neither sent nor read
+ * anything before this send or receive of `ret` bytes: then its counters hold
+ * this call's bytes at most, besides a FIN the call read or one queued by
+ * shutdown. Sockets of an active open count their SYN, so their first send
+ * passes too; that costs them one lookup of an entry their owner already
+ * holds. */
+static __always_inline bool tcp_maybe_first_use(struct tcp_sock *tp, long ret, bool recv)
+{
+	__u64 now = ret > 0 ? ret : 0;
+	__u64 tx = tcp_tx_total(tp);
+	__u64 rx = tcp_rx_total(tp) - tcp_fin_read(tp);
+
+	if (recv)
+		return rx <= now && tx <= 1;
+	return tx <= now + 1 && !rx;
 }
 
 static __always_inline __u64 seq_delta(__u64 total, __u64 base, __u64 fin)
@@ -425,8 +409,6 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 			 * data of a Fast Open SYN counts too. */
 			c->tx_base = 0;
 			c->rx_base = 0;
-			if (!(c->flags & SL_CONN_OWNER))
-				unclaimed_add(sk);
 		}
 	} else {
 		c = bpf_map_lookup_elem(&conns, &key);
@@ -488,8 +470,6 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, b
 	struct tcp_sock *tp;
 	bool wiped;
 
-	if (tcp_bytes_from_seq)
-		unclaimed_take(sk); /* never used: its mark goes with it */
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (!c)
 		return;
@@ -684,10 +664,19 @@ static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 prot
 					  const __u8 *sa, long ret, int flags, __u32 tier,
 					  bool btf)
 {
+	__u64 key = (__u64)sk;
 	struct sl_conn *c;
 
-	if (ret <= 0 || (flags & MSG_PEEK) || (proto == IPPROTO_UDP && !track_udp))
+	if (ret < 0 || (flags & MSG_PEEK) || (proto == IPPROTO_UDP && !track_udp))
 		return;
+	if (!ret) {
+		/* End of stream: nothing to count, but it names the owner of an
+		 * accepted socket whose only use this is. */
+		c = proto == IPPROTO_TCP ? bpf_map_lookup_elem(&conns, &key) : NULL;
+		if (c)
+			claim(c, sk, btf);
+		return;
+	}
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN, btf);
 	if (!c)
 		return;
@@ -706,7 +695,7 @@ static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, co
 {
 	__u16 proto;
 
-	if (ret <= 0 || !sk || (flags & MSG_PEEK))
+	if (ret < 0 || !sk || (flags & MSG_PEEK))
 		return;
 	proto = sock_proto(sk, btf);
 	if (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
@@ -723,6 +712,9 @@ static __always_inline void on_sendfile_sk(struct sock *sk, long ret)
 	c = conn_track(sk, 0, SL_DIR_UNKNOWN, true, SL_PROBED);
 	if (!c)
 		return;
+	/* Process context: an accepted socket whose first use this is (its
+	 * counters are past zero now) belongs to the caller. */
+	claim(c, sk, SL_PROBED);
 	__sync_fetch_and_add(&c->sendfile_bytes, ret);
 	if (sendfile_adds_tx)
 		__sync_fetch_and_add(&c->tx_bytes, ret);

@@ -870,18 +870,20 @@ static __always_inline bool unclaimed_seeded_take(struct sock *sk)
 	return true;
 }
 
-/* A TCP send or receive when its bytes come from the sequence counters
- * (tcp_bytes_from_seq): the hook's only work is the rare socket that needs
- * it. Every other socket costs three loads while no accepted socket waits
- * for its first use (see `unclaimed_accepted`). */
-static __always_inline void tcp_touch(void *ctx, struct sock *sk, bool recv)
+/* A TCP send or receive of `ret` bytes when the bytes come from the sequence
+ * counters (tcp_bytes_from_seq): the hook's only work is the rare socket that
+ * needs it: one waiting for its owner (see `unclaimed_seeded`), or one closed
+ * with data unread. */
+static __always_inline void tcp_touch(void *ctx, struct sock *sk, long ret, bool recv)
 {
 	__u64 key = (__u64)sk;
 	__u8 state = sk->__sk_common.skc_state;
-	struct tcp_sock *tp;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
 	struct sl_conn *c;
 
-	if (unclaimed_take(sk) || unclaimed_seeded_take(sk)) {
+	if (!tp)
+		return;
+	if (unclaimed_seeded_take(sk) || tcp_maybe_first_use(tp, ret, recv)) {
 		/* Its first use, in its owner's process. */
 		c = bpf_map_lookup_elem(&conns, &key);
 		if (c)
@@ -892,9 +894,6 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, bool recv)
 	/* Closed with data unread: its record waits for this read. */
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (!c || !(c->flags & SL_CONN_DRAINING))
-		return;
-	tp = bpf_skc_to_tcp_sock(sk);
-	if (!tp)
 		return;
 	tcp_seq_sync_rx(c, tp); /* tx was final at TCP_CLOSE */
 	if (!sk->sk_receive_queue.qlen)
@@ -914,7 +913,7 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 		if (sendfile_in_send_len && ret > 0 && in_sendfile())
 			on_sendfile_sk(sk, ret);
 		if (tcp_bytes_from_seq) {
-			tcp_touch(ctx, sk, false);
+			tcp_touch(ctx, sk, ret, false);
 			return 0;
 		}
 	}
@@ -935,7 +934,7 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 	if (!proto)
 		return 0;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
-		tcp_touch(ctx, sk, true);
+		tcp_touch(ctx, sk, ret, true);
 		return 0;
 	}
 	cookie = tracing_cookie(sk);
