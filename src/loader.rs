@@ -89,14 +89,13 @@ pub fn load<'obj>(
     // Maps are created whether used or not, and hash maps are preallocated:
     // keep unused ones at one entry.
     let entries = opts.max_conns.unwrap_or(1);
-    let entries_if = |used: bool| if used { entries } else { 1 };
     open.maps
         .conns
         .set_max_entries(entries)
         .map_err(load_err("conns map"))?;
     open.maps
         .udp_flows
-        .set_max_entries(entries_if(opts.udp_flows))
+        .set_max_entries(if opts.udp_flows { entries } else { 1 })
         .map_err(load_err("udp_flows map"))?;
     let mut wanted: std::collections::BTreeSet<&str> = opts
         .plan
