@@ -34,7 +34,7 @@ const volatile bool sendfile_adds_tx = false;
  * (sock_send_length/sock_recv_length, 6.3+). Those two tracepoints fire on
  * every send and receive of every socket, and are still needed for UDP; for
  * TCP they then only claim an accepted socket for its owner (see
- * `unclaimed_accepted`) and finish a closed one whose data was still unread. The
+ * tcp_maybe_first_use) and finish a closed one whose data was still unread. The
  * counters (tcp_tx_total, tcp_rx_total) are read at close and at each
  * snapshot refresh. Every use below is behind this read-only flag, so
  * programs of the other tiers never reach the BTF loads and helpers it
