@@ -8,11 +8,11 @@ use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
 
 use libbpf_rs::btf::types::{Func, FuncProto, Typedef};
-use libbpf_rs::btf::{Btf, ReferencesType};
+use libbpf_rs::btf::{Btf, BtfKind, BtfType, ReferencesType, TypeId};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{ErrorKind, MapType};
 
-use crate::plan::{Capabilities, Requirement};
+use crate::plan::{Capabilities, Hook, Requirement};
 use crate::skel::{OpenProbeSkel, ProbeSkelBuilder};
 
 /// Short errno-style name for a libbpf error, for one-line reasons.
@@ -43,15 +43,87 @@ pub struct KernelShape {
 
 pub struct Prober {
     tracefs: PathBuf,
-    btf: Option<Btf<'static>>,
+    btf: Option<BtfIndex>,
     kprobe_support: Result<(), String>,
+}
+
+/// The kernel functions and typedefs socklens may ask about, by name.
+/// libbpf finds a name by walking every type (some 120,000 in a distribution
+/// kernel), and the prober asks for about thirty: those walks were most of a
+/// start under QEMU TCG. One walk, keeping only the names that can be asked
+/// for, replaces them; any other name gets libbpf's walk.
+struct BtfIndex {
+    btf: Btf<'static>,
+    /// Every name that can be asked for, with its type if the kernel has it.
+    funcs: HashMap<String, Option<TypeId>>,
+    typedefs: HashMap<String, Option<TypeId>>,
+}
+
+/// Functions whose signatures `kernel_shape` reads.
+const SHAPE_FUNCS: [&str; 3] = ["tcp_recvmsg", "inet_csk_accept", "tcp_sendpage"];
+
+impl BtfIndex {
+    fn new(btf: Btf<'static>) -> Self {
+        let mut funcs: HashMap<String, Option<TypeId>> =
+            SHAPE_FUNCS.iter().map(|f| (f.to_string(), None)).collect();
+        let mut typedefs = HashMap::new();
+        for req in crate::plan::requirements(&Hook::ALL) {
+            match req {
+                Requirement::Fentry(f) | Requirement::BtfFunc(f) => {
+                    funcs.insert(f.to_owned(), None);
+                }
+                Requirement::TpBtf(_, name) => {
+                    typedefs.insert(tp_typedef(name), None);
+                }
+                _ => {}
+            }
+        }
+        for id in 1..btf.len() {
+            let Some(ty) = btf.type_by_id::<BtfType<'_>>(TypeId::from(id as u32)) else {
+                continue;
+            };
+            let map = match ty.kind() {
+                BtfKind::Func => &mut funcs,
+                BtfKind::Typedef => &mut typedefs,
+                _ => continue,
+            };
+            if let Some(slot) = ty.name().and_then(|n| map.get_mut(n.to_str()?)) {
+                // The first of a name, as libbpf's own lookup gives.
+                slot.get_or_insert(ty.type_id());
+            }
+        }
+        Self {
+            btf,
+            funcs,
+            typedefs,
+        }
+    }
+
+    fn func(&self, name: &str) -> Option<Func<'_>> {
+        match self.funcs.get(name) {
+            Some(id) => self.btf.type_by_id((*id)?),
+            None => self.btf.type_by_name(name),
+        }
+    }
+
+    fn has_typedef(&self, name: &str) -> bool {
+        match self.typedefs.get(name) {
+            Some(id) => id.is_some(),
+            None => self.btf.type_by_name::<Typedef<'_>>(name).is_some(),
+        }
+    }
+}
+
+/// The typedef a BTF-typed tracepoint's program needs.
+fn tp_typedef(name: &str) -> String {
+    format!("btf_trace_{name}")
 }
 
 impl Prober {
     pub fn new(tracefs: &Path, btf_path: &Path) -> Self {
         Self {
             tracefs: tracefs.to_owned(),
-            btf: Btf::from_path(btf_path).ok(),
+            btf: Btf::from_path(btf_path).ok().map(BtfIndex::new),
             kprobe_support: kprobe_support(tracefs),
         }
     }
@@ -124,17 +196,20 @@ impl Prober {
     /// A BTF-typed tracepoint needs its `btf_trace_<name>` typedef.
     fn btf_has_tp(&self, name: &str) -> Result<(), String> {
         let btf = self.btf.as_ref().ok_or("kernel BTF unreadable")?;
-        let typedef = format!("btf_trace_{name}");
-        btf.type_by_name::<Typedef<'_>>(&typedef)
-            .map(|_| ())
-            .ok_or_else(|| format!("no BTF type {typedef}"))
+        let typedef = tp_typedef(name);
+        match btf.has_typedef(&typedef) {
+            true => Ok(()),
+            false => Err(format!("no BTF type {typedef}")),
+        }
     }
 
     /// Number of parameters of a kernel function, from BTF.
     fn param_count(&self, func: &str) -> Option<usize> {
         let btf = self.btf.as_ref()?;
-        let f = btf.type_by_name::<Func<'_>>(func)?;
-        let proto = btf.type_by_id::<FuncProto<'_>>(f.referenced_type_id())?;
+        let f = btf.func(func)?;
+        let proto = btf
+            .btf
+            .type_by_id::<FuncProto<'_>>(f.referenced_type_id())?;
         Some(proto.len())
     }
 
@@ -164,8 +239,8 @@ impl Prober {
 
     fn btf_has_func(&self, func: &str) -> Result<(), String> {
         let btf = self.btf.as_ref().ok_or("kernel BTF unreadable")?;
-        btf.type_by_name::<Func<'_>>(func)
-            .map(|_| ())
+        btf.func(func)
+            .map(drop)
             .ok_or_else(|| format!("no BTF function {func}"))
     }
 
@@ -352,4 +427,42 @@ pub fn ringbuf_supported() -> bool {
 /// Whether kprobes exist at all, for `doctor`.
 pub fn kprobes_status(tracefs: &Path) -> Result<(), String> {
     kprobe_support(tracefs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn btf_index_agrees_with_a_walk_of_the_kernels_btf() {
+        let load = || Btf::from_path(crate::system::DEFAULT_BTF).expect("kernel BTF");
+        let index = BtfIndex::new(load());
+        let btf = load();
+        assert!(index.funcs.len() > 10 && index.typedefs.len() > 3);
+        let first_func = |name: &str| {
+            btf.type_by_kind::<Func<'_>>()
+                .find(|f| f.name().is_some_and(|n| n == name))
+                .map(|f| f.type_id())
+        };
+        let typedef_exists = |name: &str| {
+            btf.type_by_kind::<Typedef<'_>>()
+                .any(|t| t.name().is_some_and(|n| n == name))
+        };
+        for name in index.funcs.keys() {
+            assert_eq!(
+                index.func(name).map(|f| f.type_id()),
+                first_func(name),
+                "{name}"
+            );
+        }
+        for name in index.typedefs.keys() {
+            assert_eq!(index.has_typedef(name), typedef_exists(name), "{name}");
+        }
+        // In every kernel socklens supports; names outside the index resolve
+        // through libbpf's own walk.
+        assert!(index.func("tcp_set_state").is_some());
+        assert!(index.has_typedef("btf_trace_inet_sock_set_state"));
+        assert!(index.func("tcp_close").is_some());
+        assert!(index.func("no_such_function_socklens").is_none());
+    }
 }
