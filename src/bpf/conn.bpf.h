@@ -253,19 +253,17 @@ static __always_inline void tcp_seq_base_now(struct sl_conn *c, struct tcp_sock 
 	c->rx_base = tcp_rx_total(tp);
 }
 
-/* The entry of a socket, created if new. `in_task` says the current task owns
- * the socket (process context), so task filters apply and the owner is known. */
-static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie, __u8 direction,
+/* A new entry for a socket, built in the per-CPU scratch and not inserted
+ * yet (conn_put), so that callers that know the socket is new fill in the
+ * rest first: no lookup before the insert, none after it. NULL when a filter
+ * leaves the socket out. `in_task` says the current task owns the socket
+ * (process context), so task filters apply and the owner is known. */
+static __always_inline struct sl_conn *conn_fresh(struct sock *sk, __u64 cookie, __u8 direction,
 						  bool in_task, bool btf)
 {
-	__u64 key = (__u64)sk;
-	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
 	struct sl_conn_event *tmp;
 	struct socket *sock;
-	long err;
 
-	if (c)
-		return c;
 	if ((in_task && !task_wanted()) || !sock_wanted(sk, btf))
 		return NULL;
 	tmp = scratch();
@@ -284,11 +282,39 @@ static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie,
 	read_tuple(&tmp->conn, sk, btf);
 	if (in_task)
 		set_owner(&tmp->conn);
-	err = bpf_map_update_elem(&conns, &key, &tmp->conn, BPF_NOEXIST);
-	if (err && err != -17 /* EEXIST: another CPU won the race */) {
+	return &tmp->conn;
+}
+
+/* Inserts a conn_fresh entry: 0, -EEXIST when the socket has one already
+ * (BPF_NOEXIST), or another error, counted as untracked. The error is the
+ * helper's 32-bit int: 5.10 hands kprobe programs -EEXIST zero-extended to
+ * 64 bits (measured: 4294967279), so a `long` would not compare equal. */
+static __always_inline int conn_put(struct sock *sk, struct sl_conn *fresh, __u64 flags)
+{
+	__u64 key = (__u64)sk;
+	int err = bpf_map_update_elem(&conns, &key, fresh, flags);
+
+	if (err && err != -17 /* EEXIST */)
 		stat_inc(SL_STAT_UNTRACKED);
+	return err;
+}
+
+/* The entry of a socket, created if new. */
+static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie, __u8 direction,
+						  bool in_task, bool btf)
+{
+	__u64 key = (__u64)sk;
+	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
+	int err;
+
+	if (c)
+		return c;
+	c = conn_fresh(sk, cookie, direction, in_task, btf);
+	if (!c)
 		return NULL;
-	}
+	err = conn_put(sk, c, BPF_NOEXIST);
+	if (err && err != -17 /* another CPU won the race */)
+		return NULL;
 	return bpf_map_lookup_elem(&conns, &key);
 }
 
@@ -384,37 +410,58 @@ static __always_inline bool state_matters(int new)
 	return new == SL_TCP_SYN_SENT || new == SL_TCP_ESTABLISHED || new == SL_TCP_CLOSE;
 }
 
+/* The entry of a connection that starts here (connect, or the end of a
+ * passive open's handshake), inserted complete. -EEXIST when the socket has
+ * one already: a server's accept of a Fast Open child can come before its
+ * handshake ends, and that entry (its owner, its bytes) stays; or an earlier
+ * socket at this address left one whose end the hooks missed (seen on 5.10's
+ * kprobe tier, which skips a kprobe run nested in another and does not count
+ * it), which the new connection takes over as before. */
+static __always_inline int conn_start(struct sock *sk, __u64 cookie, int new, bool btf)
+{
+	bool out = new == SL_TCP_SYN_SENT;
+	struct tcp_sock *tp;
+	struct sl_conn *c;
+
+	/* connect() is process context, the caller owns the socket; a passive
+	 * open completes in softirq: the owner comes with accept or first use. */
+	c = conn_fresh(sk, cookie, out ? SL_DIR_OUT : SL_DIR_IN, out, btf);
+	if (!c)
+		return 0;
+	c->state = new;
+	/* The counters start at zero on a new socket, and an active open's SYN
+	 * takes one; a child socket's start after the handshake, so data of a
+	 * Fast Open SYN counts too. (conn_fresh zeroed rx_base.) */
+	if (tcp_bytes_from_seq)
+		c->tx_base = out;
+	if (!out) {
+		tp = tcp_sk_of(sk, btf);
+		if (tp)
+			read_tcp_info(c, tp, btf);
+		c->flags |= SL_CONN_ESTABLISHED;
+	}
+	return conn_put(sk, c, BPF_NOEXIST);
+}
+
 static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, int old, int new,
 				     __u32 tier, bool btf)
 {
 	__u64 key = (__u64)sk;
+	bool starts = new == SL_TCP_SYN_SENT || (new == SL_TCP_ESTABLISHED && old == SL_TCP_SYN_RECV);
 	struct tcp_sock *tp;
 	struct sl_conn *c;
 
 	if (sock_proto(sk, btf) != IPPROTO_TCP)
 		return;
-	if (new == SL_TCP_SYN_SENT) {
-		/* connect(): process context, the caller owns it. */
-		c = conn_track(sk, cookie, SL_DIR_OUT, true, btf);
-		if (c && tcp_bytes_from_seq) {
-			/* The counters start at zero on a new socket; its SYN takes one. */
-			c->tx_base = 1;
-			c->rx_base = 0;
-		}
-	} else if (new == SL_TCP_ESTABLISHED && old == SL_TCP_SYN_RECV) {
-		/* A passive open completes in softirq: the owner comes with accept(). */
-		c = conn_track(sk, cookie, SL_DIR_IN, false, btf);
-		if (c && tcp_bytes_from_seq) {
-			/* A child socket's counters start after the handshake, so
-			 * data of a Fast Open SYN counts too. */
-			c->tx_base = 0;
-			c->rx_base = 0;
-		}
-	} else {
-		c = bpf_map_lookup_elem(&conns, &key);
-	}
+	if (starts && conn_start(sk, cookie, new, btf) != -17 /* EEXIST */)
+		return;
+	c = bpf_map_lookup_elem(&conns, &key);
 	if (!c || (new == SL_TCP_CLOSE && state_skips_close))
 		return;
+	if (starts && tcp_bytes_from_seq) {
+		c->tx_base = new == SL_TCP_SYN_SENT;
+		c->rx_base = 0;
+	}
 	c->state = new;
 	/* Ten state changes per short connection: only the ones that report
 	 * read RTT and retransmissions. */
@@ -605,7 +652,7 @@ static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long by
 		struct sl_udp_flow init = { .first_ns = now,
 					    .direction = tx ? SL_DIR_OUT : SL_DIR_IN,
 					    .conn_start_ns = conn_start };
-		long err = bpf_map_update_elem(&udp_flows, &k, &init, BPF_NOEXIST);
+		int err = bpf_map_update_elem(&udp_flows, &k, &init, BPF_NOEXIST); /* see conn_put */
 
 		if (err && err != -17) {
 			stat_inc(SL_STAT_UDP_UNTRACKED);

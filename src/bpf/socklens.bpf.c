@@ -1166,8 +1166,8 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 		c->seen_gen = *gen;
 	if (c) {
 		/* the state hook skips the transitions in between (state_matters) */
-		c->state = BPF_CORE_READ(sk, __sk_common.skc_state);
-		read_tcp_info(c, (struct tcp_sock *)sk, SL_PROBED);
+		c->state = sk->__sk_common.skc_state;
+		read_tcp_info(c, tp, SL_BTF);
 		if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE) {
 			tcp_seq_sync_tx(c, tp, tcp_fin_queued(c->state));
 			tcp_seq_sync_rx(c, tp);
@@ -1177,22 +1177,26 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 	/* A refresh adopts new listeners too: without bind/listen events the
 	 * listen hook stays off on the tracepoint tier (syscall tracepoints). */
 	if ((!seeding || !*seeding) &&
-	    BPF_CORE_READ(sk, __sk_common.skc_state) != SL_TCP_LISTEN)
+	    sk->__sk_common.skc_state != SL_TCP_LISTEN)
 		return;
-	c = conn_track(sk, tracing_cookie(sk), SL_DIR_UNKNOWN, false, SL_PROBED);
+	/* New to the map (looked up above): inserted complete. */
+	c = conn_fresh(sk, tracing_cookie(sk), SL_DIR_UNKNOWN, false, SL_BTF);
 	if (!c)
 		return;
 	c->flags |= SL_CONN_SEEDED;
-	if (tcp_bytes_from_seq && tp) {
+	if (tcp_bytes_from_seq && tp)
 		tcp_seq_base_now(c, tp);
-		/* Its first send or receive claims it, as the byte hooks did. */
-		bpf_sk_storage_get(&unclaimed_seeded, tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	}
 	if (gen)
 		c->seen_gen = *gen;
 	if (c->state == SL_TCP_ESTABLISHED)
 		c->flags |= SL_CONN_ESTABLISHED;
-	read_tcp_info(c, (struct tcp_sock *)sk, SL_PROBED);
+	read_tcp_info(c, tp, SL_BTF);
+	/* -EEXIST: a hook tracked it meanwhile, as a connection of its own. */
+	if (conn_put(sk, c, BPF_NOEXIST))
+		return;
+	/* Its first send or receive claims it, as the byte hooks did. */
+	if (tcp_bytes_from_seq && tp)
+		bpf_sk_storage_get(&unclaimed_seeded, tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
 }
 
 SEC("iter/tcp")
