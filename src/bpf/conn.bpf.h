@@ -246,6 +246,15 @@ static __always_inline bool seq_counted(bool btf)
 	return btf && tcp_bytes_from_seq;
 }
 
+/* Counting from the start of a new connection: the counters start at zero on
+ * a new socket, and an active open's SYN takes one; a child socket's start
+ * after the handshake, so data of a Fast Open SYN counts too. */
+static __always_inline void tcp_seq_base_start(struct sl_conn *c, bool active)
+{
+	c->tx_base = active;
+	c->rx_base = 0;
+}
+
 /* Counting from now: for sockets that existed before start. */
 static __always_inline void tcp_seq_base_now(struct sl_conn *c, struct tcp_sock *tp)
 {
@@ -429,11 +438,8 @@ static __always_inline int conn_start(struct sock *sk, __u64 cookie, int new, bo
 	if (!c)
 		return 0;
 	c->state = new;
-	/* The counters start at zero on a new socket, and an active open's SYN
-	 * takes one; a child socket's start after the handshake, so data of a
-	 * Fast Open SYN counts too. (conn_fresh zeroed rx_base.) */
 	if (tcp_bytes_from_seq)
-		c->tx_base = out;
+		tcp_seq_base_start(c, out);
 	if (!out) {
 		tp = tcp_sk_of(sk, btf);
 		if (tp)
@@ -458,10 +464,8 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (!c || (new == SL_TCP_CLOSE && state_skips_close))
 		return;
-	if (starts && tcp_bytes_from_seq) {
-		c->tx_base = new == SL_TCP_SYN_SENT;
-		c->rx_base = 0;
-	}
+	if (starts && tcp_bytes_from_seq)
+		tcp_seq_base_start(c, new == SL_TCP_SYN_SENT);
 	c->state = new;
 	/* Ten state changes per short connection: only the ones that report
 	 * read RTT and retransmissions. */
