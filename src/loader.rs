@@ -97,6 +97,12 @@ pub fn load<'obj>(
         .udp_flows
         .set_max_entries(if opts.udp_flows { entries } else { 1 })
         .map_err(load_err("udp_flows map"))?;
+    if opts.max_conns.is_none() {
+        open.maps
+            .seeded_waiting
+            .set_max_entries(1)
+            .map_err(load_err("seeded_waiting map"))?;
+    }
     let mut wanted: std::collections::BTreeSet<&str> = opts
         .plan
         .programs()

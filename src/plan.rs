@@ -683,7 +683,7 @@ pub fn requirements(hooks: &[Hook]) -> BTreeSet<Requirement> {
 /// Whether TCP byte counts come from the sockets' own sequence counters
 /// (src/bpf/conn.bpf.h) rather than from each send and receive: when send,
 /// receive and state changes are all tp_btf programs, whose BTF pointers the
-/// counter reads and socket storage need. There the byte tracepoints fire
+/// counter reads need. There the byte tracepoints fire
 /// for every socket anyway (UDP needs them), and counting per call would cost
 /// a map update on every TCP send and receive.
 pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {

@@ -785,6 +785,8 @@ fn connection_opened_before_start_counts_from_start() {
     std::thread::sleep(Duration::from_millis(200));
     let stopped = tracer.stop();
     stopped.assert_clean();
+    // Found by its owner's pid: the fd is gone when the record is read, so
+    // the owner comes from the kernel side's claim at the first send.
     let c = close_of(&stopped, &report["pid"], client_port);
     assert_eq!(
         u(&c["tx_bytes"]),

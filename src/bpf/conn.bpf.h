@@ -8,6 +8,8 @@
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define MSG_PEEK 2
+/* Map helpers' errors are compared as int (see conn_put). */
+#define SL_EEXIST 17
 
 /* TCP states (include/net/tcp_states.h) */
 #define SL_TCP_ESTABLISHED 1
@@ -54,16 +56,24 @@ const volatile bool state_skips_close = false;
  *   bytes (tcp_maybe_first_use). No mark to add and take: a hash set did
  *   that with an insert and a delete per connection, and a lookup on every
  *   send and receive while any accepted socket waited.
- * - seeded sockets (found at start, maybe thousands, mostly idle, their
- *   counters long past zero): socket storage, which keeps the check at two
- *   loads for all other sockets for as long as they live, and goes with the
- *   socket. */
+ * - seeded sockets (found at start, maybe tens of thousands, mostly idle,
+ *   their counters long past zero): their entries carry SL_CONN_WAITING, and
+ *   this array counts them by a hash of the socket's address. A socket whose
+ *   slot counts none is not waiting: one array load. One whose slot counts
+ *   any looks its entry up; that is every socket of a slot shared with a
+ *   waiting one (about 1 in 250 with 1,000 seeded sockets waiting, 1 in 4
+ *   with 65,536), until those are claimed or closed. Socket storage marked
+ *   them exactly, but its allocation per seeded socket was a fifth of a
+ *   start with 65,536 sockets. A count the kernel side cannot take back (an
+ *   entry the user-space sweep removed, two first uses of one socket at
+ *   once) costs only those lookups. */
+#define SL_WAITING_BITS 18
 struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, __u8);
-} unclaimed_seeded SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1 << SL_WAITING_BITS); /* 1 when conns are not tracked */
+	__type(key, __u32);
+	__type(value, __u32);
+} seeded_waiting SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -159,6 +169,52 @@ static __always_inline void claim(struct sl_conn *c, struct sock *sk, bool btf)
 	set_owner(c);
 	if (!c->ino)
 		c->ino = SL_READ(btf, sk, sk_socket, file, f_inode, i_ino);
+}
+
+/* The seeded_waiting slot of a socket, by its cookie: a number the socket
+ * keeps for life (its address is a pointer the verifier will not hash), and
+ * one every seeded and tracked socket has (the hooks ask for it). Fibonacci
+ * hashing: cookies are consecutive. */
+static __always_inline __u32 *waiting_slot(__u64 cookie)
+{
+	__u32 slot = (cookie * 0x9E3779B97F4A7C15ULL) >> (64 - SL_WAITING_BITS);
+
+	return bpf_map_lookup_elem(&seeded_waiting, &slot);
+}
+
+/* Whether a seeded socket may be waiting for its owner (see seeded_waiting).
+ * A socket without a cookie was never seeded. */
+static __always_inline bool maybe_waiting(struct sock *sk)
+{
+	__u64 cookie = sk->__sk_common.skc_cookie.counter;
+	__u32 *n;
+
+	if (!cookie)
+		return false;
+	n = waiting_slot(cookie);
+	return n && *(volatile __u32 *)n;
+}
+
+/* Counts a socket whose entry carries SL_CONN_WAITING. */
+static __always_inline void waiting_count(__u64 cookie)
+{
+	__u32 *n = waiting_slot(cookie);
+
+	if (n)
+		__sync_fetch_and_add(n, 1);
+}
+
+/* Its owner is known, or the entry goes: no longer counted as waiting. */
+static __always_inline void waiting_done(struct sl_conn *c)
+{
+	__u32 *n;
+
+	if (!(c->flags & SL_CONN_WAITING))
+		return;
+	c->flags &= ~SL_CONN_WAITING;
+	n = waiting_slot(c->cookie);
+	if (n)
+		__sync_fetch_and_add(n, -1);
 }
 
 /* ---- TCP bytes from sequence counters (tcp_bytes_from_seq) ----
@@ -303,7 +359,7 @@ static __always_inline int conn_put(struct sock *sk, struct sl_conn *fresh, __u6
 	__u64 key = (__u64)sk;
 	int err = bpf_map_update_elem(&conns, &key, fresh, flags);
 
-	if (err && err != -17 /* EEXIST */)
+	if (err && err != -SL_EEXIST)
 		stat_inc(SL_STAT_UNTRACKED);
 	return err;
 }
@@ -322,7 +378,7 @@ static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie,
 	if (!c)
 		return NULL;
 	err = conn_put(sk, c, BPF_NOEXIST);
-	if (err && err != -17 /* another CPU won the race */)
+	if (err && err != -SL_EEXIST /* another CPU won the race */)
 		return NULL;
 	return bpf_map_lookup_elem(&conns, &key);
 }
@@ -381,6 +437,7 @@ static __always_inline void finish(void *ctx, struct sock *sk, struct sl_conn *c
 {
 	__u64 key = (__u64)sk;
 
+	waiting_done(c);
 	emit_conn(ctx, SL_EV_CLOSE, tier, sk, c);
 	bpf_map_delete_elem(&conns, &key);
 }
@@ -459,7 +516,7 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 
 	if (sock_proto(sk, btf) != IPPROTO_TCP)
 		return;
-	if (starts && conn_start(sk, cookie, new, btf) != -17 /* EEXIST */)
+	if (starts && conn_start(sk, cookie, new, btf) != -SL_EEXIST)
 		return;
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (!c || (new == SL_TCP_CLOSE && state_skips_close))
@@ -658,7 +715,7 @@ static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long by
 					    .conn_start_ns = conn_start };
 		int err = bpf_map_update_elem(&udp_flows, &k, &init, BPF_NOEXIST); /* see conn_put */
 
-		if (err && err != -17) {
+		if (err && err != -SL_EEXIST) {
 			stat_inc(SL_STAT_UDP_UNTRACKED);
 			return;
 		}

@@ -861,18 +861,9 @@ static __always_inline bool in_sendfile(void)
 	return SYSCALL_NR(regs) == SL_NR_SENDFILE;
 }
 
-/* Whether `sk` was a seeded socket waiting for its owner; it is not any more. */
-static __always_inline bool unclaimed_seeded_take(struct sock *sk)
-{
-	if (!sk->sk_bpf_storage || !bpf_sk_storage_get(&unclaimed_seeded, sk, 0, 0))
-		return false;
-	bpf_sk_storage_delete(&unclaimed_seeded, sk);
-	return true;
-}
-
 /* A TCP send or receive of `ret` bytes when the bytes come from the sequence
  * counters (tcp_bytes_from_seq): the hook's only work is the rare socket that
- * needs it: one waiting for its owner (see `unclaimed_seeded`), or one closed
+ * needs it: one waiting for its owner (see `seeded_waiting`), or one closed
  * with data unread. */
 static __always_inline void tcp_touch(void *ctx, struct sock *sk, long ret, bool recv)
 {
@@ -883,11 +874,13 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, long ret, bool
 
 	if (!tp)
 		return;
-	if (unclaimed_seeded_take(sk) || tcp_maybe_first_use(tp, ret, recv)) {
+	if (maybe_waiting(sk) || tcp_maybe_first_use(tp, ret, recv)) {
 		/* Its first use, in its owner's process. */
 		c = bpf_map_lookup_elem(&conns, &key);
-		if (c)
+		if (c) {
+			waiting_done(c);
 			claim(c, sk, SL_BTF);
+		}
 	}
 	if (state != SL_TCP_CLOSE || !recv)
 		return;
@@ -1161,6 +1154,7 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 	__u32 *seeding = bpf_map_lookup_elem(&seed_mode, &zero);
 	__u32 *gen = bpf_map_lookup_elem(&seed_mode, &one);
 	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
+	bool waits;
 
 	if (c && gen)
 		c->seen_gen = *gen;
@@ -1191,12 +1185,16 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 	if (c->state == SL_TCP_ESTABLISHED)
 		c->flags |= SL_CONN_ESTABLISHED;
 	read_tcp_info(c, tp, SL_BTF);
+	/* Its first send or receive claims it (tcp_touch); a listener has none. */
+	waits = tcp_bytes_from_seq && tp && c->cookie && c->state != SL_TCP_LISTEN;
+	if (waits)
+		c->flags |= SL_CONN_WAITING;
 	/* -EEXIST: a hook tracked it meanwhile, as a connection of its own. */
 	if (conn_put(sk, c, BPF_NOEXIST))
 		return;
-	/* Its first send or receive claims it, as the byte hooks did. */
-	if (tcp_bytes_from_seq && tp)
-		bpf_sk_storage_get(&unclaimed_seeded, tp, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	/* Counted once inserted: a use in between is missed, the next one claims. */
+	if (waits)
+		waiting_count(c->cookie);
 }
 
 SEC("iter/tcp")
