@@ -15,7 +15,9 @@ use crate::skel::{SocklensSkel, SocklensSkelBuilder};
 
 /// Socket iterators that seed connections which existed before start; they
 /// need no attach tier (src/conns.rs runs them).
-pub const SEED_PROGRAMS: [&str; 2] = ["sl_seed_tcp", "sl_seed_udp"];
+pub const SEED_TCP: &str = "sl_seed_tcp";
+pub const SEED_UDP: &str = "sl_seed_udp";
+pub const SEED_PROGRAMS: [&str; 2] = [SEED_TCP, SEED_UDP];
 
 /// In-kernel filters; `None` matches everything.
 #[derive(Debug, Clone, Default)]

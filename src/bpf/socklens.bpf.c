@@ -1147,33 +1147,47 @@ struct {
 	__type(value, __u32);
 } seed_mode SEC(".maps");
 
+/* An entry the pass found tracked already: its state, RTT and counts now. */
+static __always_inline void seed_refresh(struct sl_conn *c, struct sock *sk, struct tcp_sock *tp,
+					 __u32 *gen)
+{
+	if (gen)
+		c->seen_gen = *gen;
+	/* the state hook skips the transitions in between (state_matters) */
+	c->state = sk->__sk_common.skc_state;
+	read_tcp_info(c, tp, SL_BTF);
+	if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE) {
+		tcp_seq_sync_tx(c, tp, tcp_fin_queued(c->state));
+		tcp_seq_sync_rx(c, tp);
+	}
+}
+
 static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 {
 	__u64 key = (__u64)sk;
 	__u32 zero = 0, one = 1;
 	__u32 *seeding = bpf_map_lookup_elem(&seed_mode, &zero);
 	__u32 *gen = bpf_map_lookup_elem(&seed_mode, &one);
-	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
+	bool adopt = seeding && *seeding;
+	struct sl_conn *c;
 	bool waits;
+	int err;
 
-	if (c && gen)
-		c->seen_gen = *gen;
-	if (c) {
-		/* the state hook skips the transitions in between (state_matters) */
-		c->state = sk->__sk_common.skc_state;
-		read_tcp_info(c, tp, SL_BTF);
-		if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE) {
-			tcp_seq_sync_tx(c, tp, tcp_fin_queued(c->state));
-			tcp_seq_sync_rx(c, tp);
+	/* At start nearly every socket is new: insert first, and look up only
+	 * the few a hook tracked since attach. A refresh finds nearly every
+	 * socket tracked: look up first. */
+	if (!adopt) {
+		c = bpf_map_lookup_elem(&conns, &key);
+		if (c) {
+			seed_refresh(c, sk, tp, gen);
+			return;
 		}
-		return;
+		/* A refresh adopts new listeners too: without bind/listen
+		 * events the listen hook stays off on the tracepoint tier
+		 * (syscall tracepoints). */
+		if (sk->__sk_common.skc_state != SL_TCP_LISTEN)
+			return;
 	}
-	/* A refresh adopts new listeners too: without bind/listen events the
-	 * listen hook stays off on the tracepoint tier (syscall tracepoints). */
-	if ((!seeding || !*seeding) &&
-	    sk->__sk_common.skc_state != SL_TCP_LISTEN)
-		return;
-	/* New to the map (looked up above): inserted complete. */
 	c = conn_fresh(sk, tracing_cookie(sk), SL_DIR_UNKNOWN, false, SL_BTF);
 	if (!c)
 		return;
@@ -1189,11 +1203,16 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 	waits = tcp_bytes_from_seq && tp && c->cookie && c->state != SL_TCP_LISTEN;
 	if (waits)
 		c->flags |= SL_CONN_WAITING;
-	/* -EEXIST: a hook tracked it meanwhile, as a connection of its own. */
-	if (conn_put(sk, c, BPF_NOEXIST))
+	err = conn_put(sk, c, BPF_NOEXIST);
+	if (err == -SL_EEXIST) {
+		/* A hook tracked it meanwhile, as a connection of its own. */
+		c = bpf_map_lookup_elem(&conns, &key);
+		if (c)
+			seed_refresh(c, sk, tp, gen);
 		return;
+	}
 	/* Counted once inserted: a use in between is missed, the next one claims. */
-	if (waits)
+	if (!err && waits)
 		waiting_count(c->cookie);
 }
 
