@@ -58,7 +58,7 @@ const volatile bool state_skips_close = false;
  *   send and receive while any accepted socket waited.
  * - seeded sockets (found at start, maybe tens of thousands, mostly idle,
  *   their counters long past zero): their entries carry SL_CONN_WAITING, and
- *   this array counts them by a hash of the socket's address. A socket whose
+ *   this array counts them by a hash of the socket's cookie. A socket whose
  *   slot counts none is not waiting: one array load. One whose slot counts
  *   any looks its entry up; that is every socket of a slot shared with a
  *   waiting one (about 1 in 250 with 1,000 seeded sockets waiting, 1 in 4
