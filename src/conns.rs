@@ -60,24 +60,37 @@ struct SeedIter {
     link: Link,
 }
 
-/// Whether the current thread's network namespace has hashed sockets of
-/// `proto` (IPv4 or IPv6), from the kernel's per-netns `inuse` counts in
-/// /proc/net/sockstat{,6}; true when they cannot be read. The TCP iterator
-/// walks the host-wide established hash whatever the netns (about 7 ms with
-/// 65,536 sockets elsewhere), so a netns without sockets is worth skipping.
-fn netns_has_sockets(proto: u16) -> bool {
-    let (v4, v6) = if proto == IPPROTO_TCP {
-        ("TCP:", "TCP6:")
-    } else {
-        ("UDP:", "UDP6:")
-    };
-    let inuse = |file: &str, tag: &str| -> Option<u64> {
-        let text = fs::read_to_string(format!("/proc/thread-self/net/{file}")).ok()?;
-        sockstat_inuse(&text, tag)
-    };
-    match (inuse("sockstat", v4), inuse("sockstat6", v6)) {
-        (Some(a), Some(b)) => a + b > 0,
-        _ => true,
+/// The kernel's per-netns counts of hashed sockets, /proc/net/sockstat{,6},
+/// of the current thread's network namespace. The TCP iterator walks the
+/// host-wide established hash whatever the netns (about 7 ms with 65,536
+/// sockets elsewhere), so a netns without sockets is worth skipping.
+struct Sockstat {
+    v4: String,
+    v6: String,
+}
+
+impl Sockstat {
+    /// None when either file cannot be read (no IPv6, say): walk then.
+    fn read() -> Option<Self> {
+        let read = |file: &str| fs::read_to_string(format!("/proc/thread-self/net/{file}")).ok();
+        Some(Self {
+            v4: read("sockstat")?,
+            v6: read("sockstat6")?,
+        })
+    }
+
+    /// Whether the netns has hashed sockets of `proto`, IPv4 or IPv6; true
+    /// when the counts cannot be parsed.
+    fn has(&self, proto: u16) -> bool {
+        let (v4, v6) = if proto == IPPROTO_TCP {
+            ("TCP:", "TCP6:")
+        } else {
+            ("UDP:", "UDP6:")
+        };
+        match (sockstat_inuse(&self.v4, v4), sockstat_inuse(&self.v6, v6)) {
+            (Some(a), Some(b)) => a + b > 0,
+            _ => true,
+        }
     }
 }
 
@@ -92,8 +105,9 @@ fn sockstat_inuse(text: &str, tag: &str) -> Option<u64> {
 }
 
 fn run_iterators(iters: &[SeedIter]) -> io::Result<()> {
+    let stat = Sockstat::read();
     for iter in iters {
-        if !netns_has_sockets(iter.proto) {
+        if stat.as_ref().is_some_and(|s| !s.has(iter.proto)) {
             continue;
         }
         let mut it = Iter::new(&iter.link).map_err(io::Error::other)?;
@@ -475,13 +489,14 @@ mod tests {
         // unshare moves only this thread; /proc/thread-self/net follows it.
         std::thread::spawn(|| {
             nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare");
-            assert!(!netns_has_sockets(IPPROTO_TCP));
-            assert!(!netns_has_sockets(IPPROTO_UDP));
+            let has = |proto| Sockstat::read().expect("sockstat").has(proto);
+            assert!(!has(IPPROTO_TCP));
+            assert!(!has(IPPROTO_UDP));
             let _tcp = std::net::TcpListener::bind("0.0.0.0:0").expect("listen");
-            assert!(netns_has_sockets(IPPROTO_TCP));
-            assert!(!netns_has_sockets(IPPROTO_UDP));
+            assert!(has(IPPROTO_TCP));
+            assert!(!has(IPPROTO_UDP));
             let _udp6 = std::net::UdpSocket::bind("[::]:0").expect("bind udp6");
-            assert!(netns_has_sockets(IPPROTO_UDP));
+            assert!(has(IPPROTO_UDP));
         })
         .join()
         .expect("netns thread");
