@@ -112,7 +112,11 @@ pub fn load<'obj>(
         .map(|p| shaped(p, opts.shape))
         .collect();
     if opts.max_conns.is_some() {
-        wanted.extend(SEED_PROGRAMS);
+        // The UDP iterator runs only where UDP is tracked (src/conns.rs, seed).
+        wanted.insert(SEED_TCP);
+        if opts.udp_flows {
+            wanted.insert(SEED_UDP);
+        }
     }
     if sendfile_in_send_len(opts.plan) {
         wanted.remove(SENDFILE_LEN);
