@@ -159,7 +159,7 @@ pub struct CgEvent {
     pub pid: u32,
     pub tid: u32,
     pub uid: u32,
-    pub comm: String,
+    pub comm: crate::model::Comm,
     pub cgroup_id: u64,
     pub cookie: u64,
     pub lifetime_ns: u64,

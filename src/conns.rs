@@ -265,7 +265,7 @@ fn sweep_udp_flows(session: &Session<'_>, started: &HashMap<u64, u64>) {
 pub struct Owner {
     pub pid: u32,
     pub uid: u32,
-    pub comm: String,
+    pub comm: crate::model::Comm,
     pub cgroup_id: u64,
 }
 
@@ -308,7 +308,7 @@ pub fn owners_by_inode(cgroup2: Option<&Path>) -> HashMap<u64, Owner> {
                 comm: fs::read_to_string(p.path().join("comm"))
                     .unwrap_or_default()
                     .trim_end()
-                    .to_owned(),
+                    .into(),
                 cgroup_id: cgroup_id_of(pid, cgroup2),
             });
         }

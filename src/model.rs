@@ -76,7 +76,7 @@ pub struct SockEvent {
     pub pid: u32,
     pub tid: u32,
     pub uid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub cgroup_id: u64,
     pub netns: u32,
     pub family: u16,
@@ -140,7 +140,7 @@ pub struct Conn {
     pub ino: u64,
     pub pid: u32,
     pub uid: u32,
-    pub comm: String,
+    pub comm: Comm,
     pub netns: u32,
     pub retransmits: u32,
     pub srtt_us: u32,
@@ -322,10 +322,13 @@ pub enum DecodeError {
     UnknownTier(u32),
 }
 
+/// A task's command name: at most 15 bytes, kept inline (no allocation).
+pub type Comm = compact_str::CompactString;
+
 /// The NUL-terminated prefix of a fixed-size kernel string.
-pub fn c_string(bytes: &[u8]) -> String {
+pub fn c_string(bytes: &[u8]) -> Comm {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-    String::from_utf8_lossy(&bytes[..end]).into_owned()
+    Comm::from_utf8_lossy(&bytes[..end])
 }
 
 pub fn ip_from(family: u16, raw: &[u8; 16]) -> IpAddr {

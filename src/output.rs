@@ -298,7 +298,7 @@ impl Renderer {
                 } else {
                     "-".into()
                 };
-                (pid, c.comm.clone(), socket_addr(c.saddr, c.sport))
+                (pid, c.comm.to_string(), socket_addr(c.saddr, c.sport))
             },
         );
         format!(

@@ -576,7 +576,7 @@ fn per_second(n: u64, elapsed: Duration) -> f64 {
 
 fn owner_cells(c: &Conn) -> [String; 2] {
     if c.owner_known {
-        [c.pid.to_string(), c.comm.clone()]
+        [c.pid.to_string(), c.comm.to_string()]
     } else {
         ["-".into(), "-".into()]
     }
