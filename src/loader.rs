@@ -218,6 +218,8 @@ pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
 pub fn shaped(program: &'static str, shape: KernelShape) -> &'static str {
     match program {
         "sl_fx_accept" if shape.accept_has_flags => "sl_fx_accept_old",
+        "sl_tp_accept4_exit" if shape.btf_casts => "sl_tp_accept4_exit_btf",
+        "sl_tp_accept_exit" if shape.btf_casts => "sl_tp_accept_exit_btf",
         "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
         "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
         "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",
@@ -307,9 +309,11 @@ mod tests {
                 sendfile_bypasses_sendmsg: true,
                 recvmsg_lacks_addr_len: false,
                 tracing_cookie_helper: true,
+                btf_casts: false,
             },
             KernelShape {
                 recvmsg_lacks_addr_len: true,
+                btf_casts: true,
                 ..KernelShape::default()
             },
         ];

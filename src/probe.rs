@@ -39,6 +39,9 @@ pub struct KernelShape {
     pub recvmsg_lacks_addr_len: bool,
     /// Tracing programs may call bpf_get_socket_cookie (a trial load).
     pub tracing_cookie_helper: bool,
+    /// Any program may cast a kernel address to a BTF type (bpf_rdonly_cast,
+    /// 6.2+), so the syscall tracepoints can walk the fd table with loads.
+    pub btf_casts: bool,
 }
 
 pub struct Prober {
@@ -60,7 +63,12 @@ struct BtfIndex {
 }
 
 /// Functions whose signatures `kernel_shape` reads.
-const SHAPE_FUNCS: [&str; 3] = ["tcp_recvmsg", "inet_csk_accept", "tcp_sendpage"];
+const SHAPE_FUNCS: [&str; 4] = [
+    "tcp_recvmsg",
+    "inet_csk_accept",
+    "tcp_sendpage",
+    "bpf_rdonly_cast",
+];
 
 impl BtfIndex {
     fn new(btf: Btf<'static>) -> Self {
@@ -225,6 +233,8 @@ impl Prober {
             // Newer kernels (Debian's 7.x) also dropped `addr_len` (5 -> 4).
             recvmsg_lacks_addr_len: self.param_count("tcp_recvmsg") == Some(4),
             tracing_cookie_helper: self.tracing_cookie_helper().is_ok(),
+            // A kfunc, so in BTF exactly where programs can call it.
+            btf_casts: self.btf_has_func("bpf_rdonly_cast").is_ok(),
         }
     }
 

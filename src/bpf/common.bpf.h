@@ -209,4 +209,28 @@ static __always_inline struct socket *socket_from_fd(int fd)
 	return sock;
 }
 
+/* socket_from_fd through BTF-typed pointers (the task's, 5.11+, and casts,
+ * 6.2+): plain loads where socket_from_fd calls the probe-read helper seven
+ * times. Only the fd table's slot is read with the helper: the table is an
+ * array of pointers, which BTF does not type. The result may be read with
+ * plain loads but not given to helpers that want a socket (a cast pointer is
+ * untrusted). */
+static __always_inline struct socket *socket_from_fd_btf(int fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *fdt = task->files->fdt;
+	struct file *slot = NULL, *file;
+	struct socket *sock;
+
+	if (fd < 0 || (unsigned int)fd >= fdt->max_fds)
+		return NULL;
+	if (bpf_probe_read_kernel(&slot, sizeof(slot), &fdt->fd[fd]) || !slot)
+		return NULL;
+	file = bpf_core_cast(slot, struct file);
+	sock = bpf_core_cast(file->private_data, struct socket);
+	if (!sock || sock->file != file)
+		return NULL;
+	return sock;
+}
+
 #endif

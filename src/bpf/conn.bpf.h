@@ -630,7 +630,11 @@ static __always_inline void on_listening(struct sock *sk)
 		c->state = SL_TCP_LISTEN;
 }
 
-static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, __u32 tier)
+/* `btf`: how `sk` reads. The rare entry made here is read with the helper
+ * whatever `btf` says: the socket may be a cast pointer, which helpers that
+ * want a socket refuse. */
+static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, __u32 tier,
+				      bool btf)
 {
 	__u64 key = (__u64)sk;
 	struct sl_conn *c;
@@ -648,7 +652,7 @@ static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, 
 	if (!c)
 		return;
 	set_owner(c);
-	c->ino = BPF_CORE_READ(sk, sk_socket, file, f_inode, i_ino);
+	c->ino = SL_READ(btf, sk, sk_socket, file, f_inode, i_ino);
 	if (!c->cookie)
 		c->cookie = cookie;
 	emit_conn(ctx, SL_EV_ACCEPT, tier, sk, c);
