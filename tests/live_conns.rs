@@ -780,9 +780,36 @@ fn connection_opened_before_start_counts_from_start() {
     let report = server.report();
     let client_port = u(&report["steps"][2]["port"]);
     let tracer = Tracer::start(&["--events", "close"]);
+    // Both ends were seeded and wait for their owner's first use, counted in
+    // their cookies' slots where the tier counts them (tcp bytes from the
+    // sequence counters); the first use or the close takes each back.
+    let counted = seeded_sockets_wait();
+    let cookies = cookies_on_port(client_port);
+    assert_eq!(cookies.len(), 2, "both ends of the connection: {cookies:?}");
+    let map = waiting_map(tracer.pid());
+    let before: Vec<u32> = cookies.iter().map(|&c| waiting(&map, c)).collect();
+    for (cookie, n) in cookies.iter().zip(&before) {
+        assert!(
+            !counted || *n >= 1,
+            "seeded socket {cookie:#x} is not counted as waiting: {before:?}"
+        );
+    }
     server.release();
     server.finish();
     std::thread::sleep(Duration::from_millis(200));
+    let mut after = before.clone();
+    for (i, &cookie) in cookies.iter().enumerate() {
+        if counted {
+            // Each of ours in this slot (two cookies may share one) is done.
+            let ours = cookies.iter().filter(|&&c| slot(c) == slot(cookie)).count();
+            after[i] -= ours as u32;
+        }
+        assert_eq!(
+            waiting(&map, cookie),
+            after[i],
+            "slot of {cookie:#x} after its socket's use and close (before {before:?})"
+        );
+    }
     let stopped = tracer.stop();
     stopped.assert_clean();
     // Found by its owner's pid: the fd is gone when the record is read, so
@@ -794,6 +821,64 @@ fn connection_opened_before_start_counts_from_start() {
         "counts from start, not the 999 before: {c}"
     );
     assert_eq!(c["seeded"], true, "{c}");
+}
+
+/// Whether seeded sockets wait for their owner in `seeded_waiting`: where TCP
+/// bytes come from the sequence counters (src/bpf/conn.bpf.h), as `doctor`
+/// reports for this attach tier.
+fn seeded_sockets_wait() -> bool {
+    let (code, out, err) = socklens(&["doctor", "--attach", &attach_arg()]);
+    assert_eq!(code, 0, "doctor: {err}");
+    out.lines()
+        .any(|l| l.starts_with("tcp bytes") && l.contains("sequence counters"))
+}
+
+/// Socket cookies of the TCP sockets on local or remote `port`, from `ss -e`
+/// ("sk:" is the cookie, in hex).
+fn cookies_on_port(port: u64) -> Vec<u64> {
+    let out = std::process::Command::new("ss")
+        .args(["-tneH", &format!("( sport = :{port} or dport = :{port} )")])
+        .output()
+        .expect("run ss");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|f| f.strip_prefix("sk:"))
+        .map(|hex| u64::from_str_radix(hex, 16).expect("hex cookie"))
+        .collect()
+}
+
+/// The `seeded_waiting` array of the socklens process `pid`.
+fn waiting_map(pid: u32) -> libbpf_rs::MapHandle {
+    use libbpf_rs::MapCore as _;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).expect("fdinfo") {
+        let info = std::fs::read_to_string(fd.expect("fdinfo entry").path()).unwrap_or_default();
+        let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("map_id:"))
+            .map(|id| id.trim().parse::<u32>().expect("map id"))
+        else {
+            continue;
+        };
+        let map = libbpf_rs::MapHandle::from_map_id(id).expect("map by id");
+        if map.name() == "seeded_waiting" {
+            return map;
+        }
+    }
+    panic!("socklens {pid} holds no seeded_waiting map");
+}
+
+/// The slot of `cookie` (src/bpf/conn.bpf.h, waiting_slot).
+fn slot(cookie: u64) -> u32 {
+    (cookie.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - 18)) as u32
+}
+
+fn waiting(map: &libbpf_rs::MapHandle, cookie: u64) -> u32 {
+    use libbpf_rs::MapCore as _;
+    let value = map
+        .lookup(&slot(cookie).to_ne_bytes(), libbpf_rs::MapFlags::ANY)
+        .expect("lookup")
+        .expect("an array has every slot");
+    u32::from_ne_bytes(value[..4].try_into().expect("u32"))
 }
 
 /// Waits until `ss` lists no socket on local or remote `port` other than

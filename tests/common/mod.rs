@@ -152,6 +152,10 @@ impl Tracer {
         self.stderr.lock().unwrap().clone()
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then everything it printed.
     pub fn stop(mut self) -> Stopped {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
