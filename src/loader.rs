@@ -220,6 +220,8 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> &'static str {
         "sl_fx_accept" if shape.accept_has_flags => "sl_fx_accept_old",
         "sl_tp_accept4_exit" if shape.btf_casts => "sl_tp_accept4_exit_btf",
         "sl_tp_accept_exit" if shape.btf_casts => "sl_tp_accept_exit_btf",
+        "sl_tp_bind_exit" if shape.btf_casts => "sl_tp_bind_exit_btf",
+        "sl_tp_listen_exit" if shape.btf_casts => "sl_tp_listen_exit_btf",
         "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
         "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
         "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",

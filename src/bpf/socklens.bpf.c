@@ -113,7 +113,8 @@ static __always_inline int bind_kprobe_enter(struct socket *sock, struct sockadd
 	return 0;
 }
 
-static __always_inline int bind_stash_exit(void *ctx, int ret, __u32 tier)
+/* `btf_walk`: on the tracepoint tier, find the socket with socket_from_fd_btf. */
+static __always_inline int bind_stash_exit(void *ctx, int ret, __u32 tier, bool btf_walk)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct bind_stash *found = bpf_map_lookup_elem(&bind_stash, &id);
@@ -124,7 +125,12 @@ static __always_inline int bind_stash_exit(void *ctx, int ret, __u32 tier)
 		return 0;
 	st = *found;
 	bpf_map_delete_elem(&bind_stash, &id);
-	sock = tier == SL_TIER_TRACEPOINT ? socket_from_fd(st.fd) : (struct socket *)st.sock;
+	if (tier != SL_TIER_TRACEPOINT)
+		sock = (struct socket *)st.sock;
+	else if (btf_walk)
+		sock = socket_from_fd_btf(st.fd);
+	else
+		sock = socket_from_fd(st.fd);
 	if (sock)
 		on_bind(ctx, sock, st.sa, ret, tier);
 	return 0;
@@ -139,7 +145,7 @@ int BPF_KPROBE(sl_kp_inet_bind, struct socket *sock, struct sockaddr *uaddr)
 SEC("kretprobe/inet_bind")
 int BPF_KRETPROBE(sl_kr_inet_bind, int ret)
 {
-	return bind_stash_exit(ctx, ret, SL_TIER_KPROBE);
+	return bind_stash_exit(ctx, ret, SL_TIER_KPROBE, false);
 }
 
 SEC("kprobe/inet6_bind")
@@ -151,7 +157,7 @@ int BPF_KPROBE(sl_kp_inet6_bind, struct socket *sock, struct sockaddr *uaddr)
 SEC("kretprobe/inet6_bind")
 int BPF_KRETPROBE(sl_kr_inet6_bind, int ret)
 {
-	return bind_stash_exit(ctx, ret, SL_TIER_KPROBE);
+	return bind_stash_exit(ctx, ret, SL_TIER_KPROBE, false);
 }
 
 SEC("tracepoint/syscalls/sys_enter_bind")
@@ -173,7 +179,14 @@ int sl_tp_bind_enter(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_bind")
 int sl_tp_bind_exit(struct trace_event_raw_sys_exit *ctx)
 {
-	return bind_stash_exit(ctx, (int)ctx->ret, SL_TIER_TRACEPOINT);
+	return bind_stash_exit(ctx, (int)ctx->ret, SL_TIER_TRACEPOINT, false);
+}
+
+/* The same where the kernel has BTF casts (6.2+; the loader picks). */
+SEC("tracepoint/syscalls/sys_exit_bind")
+int sl_tp_bind_exit_btf(struct trace_event_raw_sys_exit *ctx)
+{
+	return bind_stash_exit(ctx, (int)ctx->ret, SL_TIER_TRACEPOINT, true);
 }
 
 /* ---- listen ----------------------------------------------------------- */
@@ -293,18 +306,30 @@ int sl_tp_listen_enter(struct trace_event_raw_sys_enter *ctx)
 	return listen_stash_request((int)ctx->args[0], (int)ctx->args[1]);
 }
 
-SEC("tracepoint/syscalls/sys_exit_listen")
-int sl_tp_listen_exit(struct trace_event_raw_sys_exit *ctx)
+static __always_inline int listen_exit(void *ctx, int ret, bool btf_walk)
 {
 	struct listen_stash st;
 	struct socket *sock;
 
 	if (!listen_take_request(0, &st))
 		return 0;
-	sock = socket_from_fd(st.fd);
+	sock = btf_walk ? socket_from_fd_btf(st.fd) : socket_from_fd(st.fd);
 	if (sock)
-		on_listen(ctx, sock, st.backlog_req, (int)ctx->ret, SL_TIER_TRACEPOINT);
+		on_listen(ctx, sock, st.backlog_req, ret, SL_TIER_TRACEPOINT);
 	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_listen")
+int sl_tp_listen_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return listen_exit(ctx, (int)ctx->ret, false);
+}
+
+/* The same where the kernel has BTF casts (6.2+; the loader picks). */
+SEC("tracepoint/syscalls/sys_exit_listen")
+int sl_tp_listen_exit_btf(struct trace_event_raw_sys_exit *ctx)
+{
+	return listen_exit(ctx, (int)ctx->ret, true);
 }
 
 /* ==== connection accounting: thin wrappers around conn.bpf.h ============ */
