@@ -1,0 +1,112 @@
+#!/usr/bin/env python3
+"""Per-program BPF run time and agent CPU of several socklens builds, side by
+side under connection churn.
+
+Usage (root, from the repository, after bench/run.sh built loadgen):
+
+    ROUNDS=3 SECS=5 python3 bench/prog_stats.py BUILD [BUILD...]
+
+Each round starts each build in turn as `socklens trace` with every event,
+runs `loadgen churn SECS 2` pinned to CPU 0 in a fresh netns, and prints, from
+kernel.bpf_stats_enabled=1 and the kernel's counters for that build's own
+programs: ns per run of the programs a churn connection runs, their total per
+connection, and the agent's CPU (schedstat) per event it printed.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LOADGEN = os.path.join(ROOT, "target/bench/loadgen")
+ROUNDS = int(os.environ.get("ROUNDS", "3"))
+SECS = os.environ.get("SECS", "5")
+EVENTS = "bind,listen,established,accept,close,retransmit"
+READY = "Ctrl-C to stop"
+NS = f"slstats{os.getpid()}"
+
+
+def prog_ids(pid):
+    ids = set()
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                ids.update(int(line.split()[1]) for line in f if line.startswith("prog_id:"))
+        except OSError:
+            pass
+    return ids
+
+
+def run_stats(pid):
+    """name -> (runs, ns) of the programs process `pid` holds."""
+    ids = prog_ids(pid)
+    progs = json.loads(subprocess.check_output(["bpftool", "prog", "show", "-j"]))
+    return {p["name"]: (p.get("run_cnt", 0), p.get("run_time_ns", 0))
+            for p in progs if p["id"] in ids}
+
+
+def cpu_ns(pid):
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+def one(build):
+    tracer = subprocess.Popen([build, "trace", "--events", EVENTS, "--json"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in tracer.stderr:
+            if READY in line:
+                break
+        else:
+            raise RuntimeError(f"{build} never printed {READY!r}")
+        time.sleep(0.3)
+        before, cpu0 = run_stats(tracer.pid), cpu_ns(tracer.pid)
+        load = json.loads(subprocess.check_output(
+            ["ip", "netns", "exec", NS, "taskset", "-c", "0", LOADGEN, "churn", SECS, "2"]))
+        time.sleep(0.2)
+        after, cpu1 = run_stats(tracer.pid), cpu_ns(tracer.pid)
+    finally:
+        tracer.terminate()
+        rest = tracer.stderr.read()
+        tracer.wait()
+    # "socklens: N events, ..."
+    events = int(rest.strip().splitlines()[-1].split()[1])
+    delta = {n: (after[n][0] - before.get(n, (0, 0))[0], after[n][1] - before.get(n, (0, 0))[1])
+             for n in after}
+    busy = {n: ns / runs for n, (runs, ns) in delta.items() if runs > 1000}
+    per_conn = sum(ns for _, ns in delta.values()) / load["ops"]
+    progs = " ".join(f"{n}={v:.0f}" for n, v in sorted(busy.items()))
+    print(f"{build}: {load['rate']:.0f} conn/s; ns per run: {progs}; "
+          f"kernel ns per connection {per_conn:.0f}; agent ns per event "
+          f"{(cpu1 - cpu0) / max(events, 1):.0f} ({events} events)", flush=True)
+
+
+def main():
+    builds = sys.argv[1:]
+    if not builds:
+        sys.exit(__doc__)
+    subprocess.run(["ip", "netns", "add", NS], check=True)
+    with open("/proc/sys/kernel/bpf_stats_enabled") as f:
+        was = f.read().strip()
+    try:
+        subprocess.run(["ip", "-n", NS, "link", "set", "lo", "up"], check=True)
+        subprocess.run(["ip", "netns", "exec", NS, "sysctl", "-q",
+                        "net.ipv4.ip_local_port_range=1024 65535"], check=True)
+        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+            f.write("1")
+        for _ in range(ROUNDS):
+            for build in builds:
+                one(build)
+    finally:
+        with open("/proc/sys/kernel/bpf_stats_enabled", "w") as f:
+            f.write(was)
+        subprocess.run(["ip", "netns", "del", NS])
+
+
+if __name__ == "__main__":
+    main()
