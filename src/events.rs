@@ -175,9 +175,13 @@ impl<'a> EventStream<'a> {
     }
 }
 
-/// The kernel's own count of skipped runs (bpf_prog_info.recursion_misses)
-/// over this session's programs.
+/// The kernel's own count of skipped runs over this session's programs:
+/// bpf_prog_info.recursion_misses, and the kprobes' own misses.
 fn recursion_misses(session: &Session<'_>) -> u64 {
+    program_recursion_misses(session) + session.kprobe_misses()
+}
+
+fn program_recursion_misses(session: &Session<'_>) -> u64 {
     let ids: std::collections::HashSet<u32> = libbpf_rs::skel::Skel::object(&session.skel)
         .progs()
         .filter(|p| p.autoload()) // the others were never loaded: no fd

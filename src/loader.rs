@@ -59,6 +59,30 @@ pub struct Session<'obj> {
     _links: Vec<Link>,
 }
 
+impl Session<'_> {
+    /// Runs the kernel skipped at the kprobe layer: a kprobe hit while
+    /// another kprobe's handler runs on the same CPU (a softirq nested in a
+    /// handler) is dropped before any BPF program, so the programs'
+    /// recursion_misses never see it. The kernel reports these per link
+    /// (6.7+; 0 before).
+    pub fn kprobe_misses(&self) -> u64 {
+        self._links
+            .iter()
+            .filter_map(|link| {
+                libbpf_rs::query::LinkInfo::from_fd(std::os::fd::AsFd::as_fd(link)).ok()
+            })
+            .map(|info| match info.info {
+                libbpf_rs::query::LinkTypeInfo::PerfEvent(pe) => match pe.event_type {
+                    libbpf_rs::query::PerfEventType::Kprobe { missed, .. } => missed,
+                    _ => 0,
+                },
+                libbpf_rs::query::LinkTypeInfo::KprobeMulti(km) => km.missed,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
 fn load_err(what: &str) -> impl Fn(libbpf_rs::Error) -> Error + '_ {
     move |e| Error::kernel(what, format!("{} ({e})", errno_name(&e)))
 }
