@@ -233,4 +233,11 @@ static __always_inline struct socket *socket_from_fd_btf(int fd)
 	return sock;
 }
 
+/* The syscall tracepoints' way to the socket behind `fd`: `btf_walk`, a
+ * literal in each program, picks the walk (the loader picks the program). */
+static __always_inline struct socket *socket_of_fd(int fd, bool btf_walk)
+{
+	return btf_walk ? socket_from_fd_btf(fd) : socket_from_fd(fd);
+}
+
 #endif

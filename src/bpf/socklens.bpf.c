@@ -125,12 +125,10 @@ static __always_inline int bind_stash_exit(void *ctx, int ret, __u32 tier, bool 
 		return 0;
 	st = *found;
 	bpf_map_delete_elem(&bind_stash, &id);
-	if (tier != SL_TIER_TRACEPOINT)
-		sock = (struct socket *)st.sock;
-	else if (btf_walk)
-		sock = socket_from_fd_btf(st.fd);
+	if (tier == SL_TIER_TRACEPOINT)
+		sock = socket_of_fd(st.fd, btf_walk);
 	else
-		sock = socket_from_fd(st.fd);
+		sock = (struct socket *)st.sock;
 	if (sock)
 		on_bind(ctx, sock, st.sa, ret, tier);
 	return 0;
@@ -313,7 +311,7 @@ static __always_inline int listen_exit(void *ctx, int ret, bool btf_walk)
 
 	if (!listen_take_request(0, &st))
 		return 0;
-	sock = btf_walk ? socket_from_fd_btf(st.fd) : socket_from_fd(st.fd);
+	sock = socket_of_fd(st.fd, btf_walk);
 	if (sock)
 		on_listen(ctx, sock, st.backlog_req, ret, SL_TIER_TRACEPOINT);
 	return 0;
@@ -471,48 +469,40 @@ int BPF_KRETPROBE(sl_kr_accept, struct sock *sk)
 	return 0;
 }
 
-static __always_inline int accept_exit(void *ctx, long fd)
+/* `btf_walk`: the _btf variants, where the kernel has BTF casts (6.2+; the
+ * loader picks). Under churn the probe-read walk made this the costliest
+ * program per run (1.5 us). */
+static __always_inline int accept_exit(void *ctx, long fd, bool btf_walk)
 {
-	struct socket *sock = fd >= 0 ? socket_from_fd(fd) : NULL;
+	struct socket *sock = fd >= 0 ? socket_of_fd(fd, btf_walk) : NULL;
 
 	if (sock)
-		on_accept(ctx, BPF_CORE_READ(sock, sk), 0, SL_TIER_TRACEPOINT, SL_PROBED);
-	return 0;
-}
-
-/* The same where the kernel offers BTF casts (6.2+; the loader picks): under
- * churn the probe reads made this the costliest program per run (1.5 us). */
-static __always_inline int accept_exit_btf(void *ctx, long fd)
-{
-	struct socket *sock = socket_from_fd_btf(fd);
-
-	if (sock)
-		on_accept(ctx, sock->sk, 0, SL_TIER_TRACEPOINT, SL_BTF);
+		on_accept(ctx, SL_READ(btf_walk, sock, sk), 0, SL_TIER_TRACEPOINT, btf_walk);
 	return 0;
 }
 
 SEC("tracepoint/syscalls/sys_exit_accept4")
 int sl_tp_accept4_exit(struct trace_event_raw_sys_exit *ctx)
 {
-	return accept_exit(ctx, ctx->ret);
+	return accept_exit(ctx, ctx->ret, false);
 }
 
 SEC("tracepoint/syscalls/sys_exit_accept")
 int sl_tp_accept_exit(struct trace_event_raw_sys_exit *ctx)
 {
-	return accept_exit(ctx, ctx->ret);
+	return accept_exit(ctx, ctx->ret, false);
 }
 
 SEC("tracepoint/syscalls/sys_exit_accept4")
 int sl_tp_accept4_exit_btf(struct trace_event_raw_sys_exit *ctx)
 {
-	return accept_exit_btf(ctx, ctx->ret);
+	return accept_exit(ctx, ctx->ret, true);
 }
 
 SEC("tracepoint/syscalls/sys_exit_accept")
 int sl_tp_accept_exit_btf(struct trace_event_raw_sys_exit *ctx)
 {
-	return accept_exit_btf(ctx, ctx->ret);
+	return accept_exit(ctx, ctx->ret, true);
 }
 
 /* ---- send / recv: fentry tier ---- */
