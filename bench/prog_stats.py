@@ -19,32 +19,14 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LOADGEN = os.path.join(ROOT, "target/bench/loadgen")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The harness's own readers of the kernel's per-program counters, and its
+# names for loadgen, the event list and the ready line.
+from bench import ALL_EVENTS, LOADGEN, READY, bpf_run_stats  # noqa: E402
+
 ROUNDS = int(os.environ.get("ROUNDS", "3"))
 SECS = os.environ.get("SECS", "5")
-EVENTS = "bind,listen,established,accept,close,retransmit"
-READY = "Ctrl-C to stop"
 NS = f"slstats{os.getpid()}"
-
-
-def prog_ids(pid):
-    ids = set()
-    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
-        try:
-            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                ids.update(int(line.split()[1]) for line in f if line.startswith("prog_id:"))
-        except OSError:
-            pass
-    return ids
-
-
-def run_stats(pid):
-    """name -> (runs, ns) of the programs process `pid` holds."""
-    ids = prog_ids(pid)
-    progs = json.loads(subprocess.check_output(["bpftool", "prog", "show", "-j"]))
-    return {p["name"]: (p.get("run_cnt", 0), p.get("run_time_ns", 0))
-            for p in progs if p["id"] in ids}
 
 
 def cpu_ns(pid):
@@ -56,7 +38,7 @@ def cpu_ns(pid):
 
 
 def one(build):
-    tracer = subprocess.Popen([build, "trace", "--events", EVENTS, "--json"],
+    tracer = subprocess.Popen([build, "trace", "--events", ALL_EVENTS, "--json"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in tracer.stderr:
@@ -65,11 +47,11 @@ def one(build):
         else:
             raise RuntimeError(f"{build} never printed {READY!r}")
         time.sleep(0.3)
-        before, cpu0 = run_stats(tracer.pid), cpu_ns(tracer.pid)
+        before, cpu0 = bpf_run_stats(tracer.pid), cpu_ns(tracer.pid)
         load = json.loads(subprocess.check_output(
             ["ip", "netns", "exec", NS, "taskset", "-c", "0", LOADGEN, "churn", SECS, "2"]))
         time.sleep(0.2)
-        after, cpu1 = run_stats(tracer.pid), cpu_ns(tracer.pid)
+        after, cpu1 = bpf_run_stats(tracer.pid), cpu_ns(tracer.pid)
     finally:
         tracer.terminate()
         rest = tracer.stderr.read()
