@@ -9,7 +9,8 @@ Usage (root, from the repository, after bench/run.sh built loadgen):
 Each round starts each build in turn as `socklens trace` with every event,
 runs `loadgen churn SECS 2` pinned to CPU 0 in a fresh netns, and prints, from
 kernel.bpf_stats_enabled=1 and the kernel's counters for that build's own
-programs: ns per run of the programs a churn connection runs, their total per
+programs: ns per run of the programs a churn connection runs ("=NSxRUNS": runs
+per connection), their total per
 connection, and the agent's CPU (schedstat) per event it printed.
 """
 
@@ -60,9 +61,9 @@ def one(build):
     events = int(rest.strip().splitlines()[-1].split()[1])
     delta = {n: (after[n][0] - before.get(n, (0, 0))[0], after[n][1] - before.get(n, (0, 0))[1])
              for n in after}
-    busy = {n: ns / runs for n, (runs, ns) in delta.items() if runs > 1000}
+    busy = {n: (ns / runs, runs / load["ops"]) for n, (runs, ns) in delta.items() if runs > 1000}
     per_conn = sum(ns for _, ns in delta.values()) / load["ops"]
-    progs = " ".join(f"{n}={v:.0f}" for n, v in sorted(busy.items()))
+    progs = " ".join(f"{n}={v:.0f}x{k:.1f}" for n, (v, k) in sorted(busy.items()))
     print(f"{build}: {load['rate']:.0f} conn/s; ns per run: {progs}; "
           f"kernel ns per connection {per_conn:.0f}; agent ns per event "
           f"{(cpu1 - cpu0) / max(events, 1):.0f} ({events} events)", flush=True)

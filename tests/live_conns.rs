@@ -80,7 +80,11 @@ fn exchange(
     let cargs_ref: Vec<&str> = cargs.iter().map(String::as_str).collect();
     let client = testbed(&cargs_ref);
     let server = server.finish();
-    std::thread::sleep(Duration::from_millis(200));
+    let namespaces = match netns {
+        Some((a, b, _)) => vec![Some(a.name.as_str()), Some(b.name.as_str())],
+        None => vec![None],
+    };
+    wait_tcp_closed(u(&ready["steps"][0]["port"]) as u16, &namespaces);
     let stopped = tracer.stop();
     stopped.assert_clean();
     (server, client, stopped)
@@ -666,7 +670,10 @@ fn retransmits_equal_the_kernels_own_count_under_loss() {
             "close,0",
         ]);
         let server = server.finish();
-        std::thread::sleep(Duration::from_millis(300));
+        wait_tcp_closed(
+            port.parse().expect("port"),
+            &[Some(pair.a.name.as_str()), Some(pair.b.name.as_str())],
+        );
         let stopped = tracer.stop();
         stopped.assert_clean();
         (server, client, stopped)

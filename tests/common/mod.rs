@@ -479,6 +479,47 @@ impl NetnsPair {
     }
 }
 
+/// Waits until no TCP socket on `port` (local or remote) is left in the
+/// given network namespaces (None: the host's) but TIME-WAIT ones, so every
+/// close has happened in the kernel before a test stops its tracer. A close
+/// that comes in softirq can be deferred to ksoftirqd, which a loaded VM runs
+/// late; a fixed pause raced it. Panics after 20 s, naming what is left.
+pub fn wait_tcp_closed(port: u16, netns: &[Option<&str>]) {
+    let filter = format!("( sport = :{port} or dport = :{port} )");
+    let left = || -> String {
+        let mut out = String::new();
+        for ns in netns {
+            let mut cmd = match ns {
+                Some(name) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", name, "ss"]);
+                    c
+                }
+                None => Command::new("ss"),
+            };
+            let o = cmd
+                .args(["-tanH", "state", "all", "exclude", "time-wait", &filter])
+                .output()
+                .expect("run ss");
+            assert!(o.status.success(), "ss failed: {o:?}");
+            out.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+        out
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let open = left();
+        if open.trim().is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "TCP sockets on port {port} still open after 20 s:\n{open}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `socklens conns --json --duration SECS ARGS`, calls `during` once it
 /// is attached, and returns the snapshot lines and its stderr.
 pub fn conns_snapshot(secs: f64, args: &[&str], during: impl FnOnce()) -> (Vec<Value>, String) {
