@@ -57,6 +57,14 @@ fn assert_tx_rx(rec: &Value, tx: u64, rx: u64) {
     );
 }
 
+/// How long a test waits for its connections' closes to happen in the kernel.
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// The port a testbed's first step bound.
+fn port_of(bed: &Value) -> u16 {
+    u16::try_from(u(&bed["steps"][0]["port"])).expect("a port")
+}
+
 /// Server and client testbeds exchanging data over TCP while socklens traces
 /// close events; returns (server report, client report, what socklens saw).
 fn exchange(
@@ -84,7 +92,7 @@ fn exchange(
         Some((a, b, _)) => vec![Some(a.name.as_str()), Some(b.name.as_str())],
         None => vec![None],
     };
-    wait_tcp_closed(u(&ready["steps"][0]["port"]) as u16, &namespaces);
+    wait_tcp_closed(port_of(&ready), &namespaces, SETTLE);
     let stopped = tracer.stop();
     stopped.assert_clean();
     (server, client, stopped)
@@ -412,6 +420,7 @@ fn owner_cgroup_netns_and_comm_match_the_opener() {
         "close,1",
         "close,2",
     ]);
+    wait_tcp_closed(port_of(&tb), &[Some(ns.name.as_str())], SETTLE);
     let stopped = tracer.stop();
     stopped.assert_clean();
     let closes = stopped.of_kind("close");
@@ -463,6 +472,7 @@ fn accepted_socket_is_owned_whatever_its_first_call() {
         "close,4",
         "close,6",
     ]);
+    wait_tcp_closed(port_of(&tb), &[None], SETTLE);
     let stopped = tracer.stop();
     stopped.assert_clean();
     let lport = u(&tb["steps"][0]["port"]);
@@ -673,6 +683,7 @@ fn retransmits_equal_the_kernels_own_count_under_loss() {
         wait_tcp_closed(
             port.parse().expect("port"),
             &[Some(pair.a.name.as_str()), Some(pair.b.name.as_str())],
+            SETTLE,
         );
         let stopped = tracer.stop();
         stopped.assert_clean();
@@ -803,7 +814,7 @@ fn connection_opened_before_start_counts_from_start() {
     }
     server.release();
     server.finish();
-    std::thread::sleep(Duration::from_millis(200));
+    wait_tcp_closed(port_of(&report), &[None], SETTLE);
     let mut after = before.clone();
     for (i, &cookie) in cookies.iter().enumerate() {
         if counted {
@@ -888,33 +899,6 @@ fn waiting(map: &libbpf_rs::MapHandle, cookie: u64) -> u32 {
     u32::from_ne_bytes(value[..4].try_into().expect("u32"))
 }
 
-/// Waits until `ss` lists no socket on local or remote `port` other than
-/// TIME-WAIT ones; panics after `limit`.
-fn wait_until_no_connections_on(port: &str, limit: Duration) {
-    let deadline = std::time::Instant::now() + limit;
-    loop {
-        let out = std::process::Command::new("ss")
-            .args(["-Htan", &format!("( sport = :{port} or dport = :{port} )")])
-            .output()
-            .expect("run ss");
-        let text = String::from_utf8_lossy(&out.stdout);
-        let live: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with("TIME-WAIT"))
-            .collect();
-        if live.is_empty() {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the kernel still has {} connections on port {port} after {limit:?}: {:?}",
-            live.len(),
-            live.first()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
 /// 10,000 on the host; SOCKLENS_TEST_SCALE shrinks it in the VMs (1,000 at 0.1).
 #[test]
 fn no_stale_entries_after_10000_short_connections() {
@@ -945,7 +929,11 @@ fn no_stale_entries_after_10000_short_connections() {
             &format!("churn,tcp4,127.0.0.1,{port},{count}"),
         ]);
         let server = server.finish();
-        wait_until_no_connections_on(&port, Duration::from_secs(60));
+        wait_tcp_closed(
+            port.parse().expect("port"),
+            &[None],
+            Duration::from_secs(60),
+        );
         result = Some((client, server));
     });
     let (client, server) = result.unwrap();

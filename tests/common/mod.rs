@@ -483,8 +483,8 @@ impl NetnsPair {
 /// given network namespaces (None: the host's) but TIME-WAIT ones, so every
 /// close has happened in the kernel before a test stops its tracer. A close
 /// that comes in softirq can be deferred to ksoftirqd, which a loaded VM runs
-/// late; a fixed pause raced it. Panics after 20 s, naming what is left.
-pub fn wait_tcp_closed(port: u16, netns: &[Option<&str>]) {
+/// late; a fixed pause raced it. Panics after `limit`, naming what is left.
+pub fn wait_tcp_closed(port: u16, netns: &[Option<&str>], limit: Duration) {
     let filter = format!("( sport = :{port} or dport = :{port} )");
     let left = || -> String {
         let mut out = String::new();
@@ -506,7 +506,7 @@ pub fn wait_tcp_closed(port: u16, netns: &[Option<&str>]) {
         }
         out
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + limit;
     loop {
         let open = left();
         if open.trim().is_empty() {
@@ -514,7 +514,7 @@ pub fn wait_tcp_closed(port: u16, netns: &[Option<&str>]) {
         }
         assert!(
             Instant::now() < deadline,
-            "TCP sockets on port {port} still open after 20 s:\n{open}"
+            "TCP sockets on port {port} still open after {limit:?}:\n{open}"
         );
         thread::sleep(Duration::from_millis(20));
     }
