@@ -11,6 +11,7 @@ STARTUPS (5), ALT_SOCKLENS (a second build: conditions named "alt-X" run X with 
 import json
 import os
 import platform
+import random
 import resource
 import signal
 import statistics
@@ -486,6 +487,18 @@ def med(xs):
     return statistics.median(xs) if xs else None
 
 
+def median_interval(xs, level=0.95, resamples=4000):
+    """A bootstrap interval of the median of `xs`: the range the median of
+    rounds like these falls in `level` of the time, so a target inside it
+    is not resolved by this run. Seeded, so a report reads the same twice."""
+    if len(xs) < 3:
+        return None, None
+    rng = random.Random(len(xs))
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    cut = int(resamples * (1 - level) / 2)
+    return meds[cut], meds[-cut - 1]
+
+
 def clean_rounds(results, wl):
     """Rounds of `wl` in which no run shared the CPU with other work."""
     rounds = {r["round"] for r in results if r["workload"] == wl}
@@ -508,11 +521,12 @@ def summarize(results):
             if not runs:  # PASSES without "side"
                 continue
             ratios = [r["rate"] / base[r["round"]]["rate"] for r in runs if r["round"] in base]
+            low, high = median_interval(ratios)
             rows.append({
                 "workload": wl, "condition": cond, "unit": runs[0]["unit"],
                 "median_rate": med([r["rate"] for r in runs]),
                 "min_rate": min(r["rate"] for r in runs), "max_rate": max(r["rate"] for r in runs),
-                "median_ratio": med(ratios),
+                "median_ratio": med(ratios), "ratio_low": low, "ratio_high": high,
                 "busy_s_per_op": med([r["busy_s"] / r["ops"] for r in runs]),
                 "tracer_cpu_s": med([r["tracer_cpu_s"] for r in runs]),
                 "events": med([r["events"] for r in runs]),
@@ -551,14 +565,17 @@ def markdown(info, rows, stats, mem):
            f"at end {' '.join(info['loadavg_end'])}.", "",
            f"Medians over rounds where other processes used < {CONTENDED_CORES} of a core during "
            "every run of that workload (column 'rounds'); lost events count every round.", "",
-           "| workload | condition | rounds | median | unit | median ratio to base | min..max | "
-           "system CPU per op (us; iperf3: per MiB) | tracer CPU (s) | events (median) | lost (all runs) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "The ratio's interval is a 95 % bootstrap interval of the median over those rounds.", "",
+           "| workload | condition | rounds | median | unit | median ratio to base | 95 % interval | "
+           "min..max | system CPU per op (us; iperf3: per MiB) | tracer CPU (s) | events (median) | "
+           "lost (all runs) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(
             f"| {r['workload']} | {r['condition']} | {r['rounds_used']}/{r['rounds']} | "
             f"{fmt(r['median_rate'], '.2f')} | {r['unit']} | "
-            f"{fmt(r['median_ratio'])} | {fmt(r['min_rate'], '.1f')}..{fmt(r['max_rate'], '.1f')} | "
+            f"{fmt(r['median_ratio'])} | {fmt(r['ratio_low'])}..{fmt(r['ratio_high'])} | "
+            f"{fmt(r['min_rate'], '.1f')}..{fmt(r['max_rate'], '.1f')} | "
             f"{fmt(r['busy_s_per_op'] * 1e6, '.2f')} | {fmt(r['tracer_cpu_s'], '.2f')} | "
             f"{fmt(r['events'], '.0f')} | {fmt(r['lost_total'], 'd')} |")
     churn = {r["condition"]: r for r in rows if r["workload"] == "churn"}
