@@ -331,6 +331,8 @@ const SEND_TIERS: &[TierSpec] = &[
         requires: &[
             Requirement::TpBtf("sock", "sock_send_length"),
             Requirement::CgroupV2,
+            // tcp_touch casts the socket to a tcp_sock (6.2+).
+            Requirement::BtfFunc("bpf_rdonly_cast"),
         ],
         programs: &["sl_tp_send_len", "sl_cg_udp_send4", "sl_cg_udp_send6"],
     },
@@ -394,6 +396,8 @@ const RECV_TIERS: &[TierSpec] = &[
         requires: &[
             Requirement::TpBtf("sock", "sock_recv_length"),
             Requirement::CgroupV2,
+            // tcp_touch casts the socket to a tcp_sock (6.2+).
+            Requirement::BtfFunc("bpf_rdonly_cast"),
         ],
         programs: &["sl_tp_recv_len", "sl_cg_udp_recv4", "sl_cg_udp_recv6"],
     },
@@ -438,6 +442,8 @@ const SENDFILE_TIERS: &[TierSpec] = &[
         requires: &[
             Requirement::TpBtf("sock", "sock_send_length"),
             Requirement::BtfFunc("splice_to_socket"),
+            // in_sendfile casts the task's saved registers (6.2+).
+            Requirement::BtfFunc("bpf_rdonly_cast"),
         ],
         programs: &["sl_tp_sendfile_len"],
     },
@@ -897,6 +903,20 @@ mod tests {
         assert!(plan_hook(&caps, Hook::Sendfile, None)
             .unwrap()
             .via_syscalls());
+    }
+
+    #[test]
+    fn byte_tracepoints_need_btf_casts() {
+        let mut caps = caps_with(&[Tier::Tracepoint]);
+        caps.set(
+            Requirement::BtfFunc("bpf_rdonly_cast"),
+            Err("no BTF function".into()),
+        );
+        for hook in [Hook::Send, Hook::Recv, Hook::Sendfile] {
+            let p = plan_hook(&caps, hook, None).unwrap();
+            assert_eq!(p.tier, Tier::Tracepoint, "{hook}");
+            assert!(p.via_syscalls(), "{hook} without bpf_rdonly_cast");
+        }
     }
 
     #[test]

@@ -109,6 +109,34 @@ static __always_inline __u16 sock_proto(struct sock *sk, bool btf)
 	return SL_READ(btf, sk, sk_protocol);
 }
 
+static __always_inline __u64 kprobe_cookie(struct sock *sk)
+{
+	/* kprobes cannot call the cookie helper: take it if already assigned. */
+	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+}
+
+/* Tracing programs (fentry/fexit, tp_btf, iter) may call the cookie helper only
+ * on kernels that offer it to them (5.12+; on 5.10 the verifier refuses the
+ * whole object with "unknown func bpf_get_socket_cookie"). The loader sets this
+ * from a trial load (src/probe.rs, kernel_shape); without it they read the
+ * cookie like kprobes do. The branch is on read-only data: the verifier drops
+ * the dead call. */
+const volatile bool tracing_has_cookie_helper = false;
+
+static __always_inline __u64 tracing_cookie(struct sock *sk)
+{
+	if (tracing_has_cookie_helper)
+		return bpf_get_socket_cookie(sk);
+	return kprobe_cookie(sk);
+}
+
+/* The cookie as each kind of program may take it: `btf` is a tracing
+ * program's, which may ask the helper. */
+static __always_inline __u64 sock_cookie(struct sock *sk, bool btf)
+{
+	return btf ? tracing_cookie(sk) : kprobe_cookie(sk);
+}
+
 /* The tcp_sock of a TCP socket. With BTF-typed pointers the verifier
  * refuses loads past struct sock through a `struct sock *`, so the helper
  * gives a checked one (NULL for anything but TCP). */
@@ -483,7 +511,7 @@ static __always_inline bool state_matters(int new)
  * socket at this address left one whose end the hooks missed (seen on 5.10's
  * kprobe tier, which skips a kprobe run nested in another and does not count
  * it), which the new connection takes over as before. */
-static __always_inline int conn_start(struct sock *sk, __u64 cookie, int new, bool btf)
+static __always_inline int conn_start(struct sock *sk, int new, bool btf)
 {
 	bool out = new == SL_TCP_SYN_SENT;
 	struct tcp_sock *tp;
@@ -491,7 +519,7 @@ static __always_inline int conn_start(struct sock *sk, __u64 cookie, int new, bo
 
 	/* connect() is process context, the caller owns the socket; a passive
 	 * open completes in softirq: the owner comes with accept or first use. */
-	c = conn_fresh(sk, cookie, out ? SL_DIR_OUT : SL_DIR_IN, out, btf);
+	c = conn_fresh(sk, sock_cookie(sk, btf), out ? SL_DIR_OUT : SL_DIR_IN, out, btf);
 	if (!c)
 		return 0;
 	c->state = new;
@@ -506,8 +534,10 @@ static __always_inline int conn_start(struct sock *sk, __u64 cookie, int new, bo
 	return conn_put(sk, c, BPF_NOEXIST);
 }
 
-static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, int old, int new,
-				     __u32 tier, bool btf)
+/* The cookie is taken only for a new entry: two of a short connection's five
+ * state changes that get here. */
+static __always_inline void on_state(void *ctx, struct sock *sk, int old, int new, __u32 tier,
+				     bool btf)
 {
 	__u64 key = (__u64)sk;
 	bool starts = new == SL_TCP_SYN_SENT || (new == SL_TCP_ESTABLISHED && old == SL_TCP_SYN_RECV);
@@ -516,7 +546,7 @@ static __always_inline void on_state(void *ctx, struct sock *sk, __u64 cookie, i
 
 	if (sock_proto(sk, btf) != IPPROTO_TCP)
 		return;
-	if (starts && conn_start(sk, cookie, new, btf) != -SL_EEXIST)
+	if (starts && conn_start(sk, new, btf) != -SL_EEXIST)
 		return;
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (!c || (new == SL_TCP_CLOSE && state_skips_close))

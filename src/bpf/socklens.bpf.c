@@ -336,27 +336,6 @@ int sl_tp_listen_exit_btf(struct trace_event_raw_sys_exit *ctx)
  * one variant per shape (the loader picks); kprobes branch on this. */
 const volatile bool recvmsg_has_nonblock = false; /* before 5.19 */
 
-static __always_inline __u64 kprobe_cookie(struct sock *sk)
-{
-	/* kprobes cannot call the cookie helper: take it if already assigned. */
-	return BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
-}
-
-/* Tracing programs (fentry/fexit, tp_btf, iter) may call the cookie helper only
- * on kernels that offer it to them (5.12+; on 5.10 the verifier refuses the
- * whole object with "unknown func bpf_get_socket_cookie"). The loader sets this
- * from a trial load (src/probe.rs, kernel_shape); without it they read the
- * cookie like kprobes do. The branch is on read-only data: the verifier drops
- * the dead call. */
-const volatile bool tracing_has_cookie_helper = false;
-
-static __always_inline __u64 tracing_cookie(struct sock *sk)
-{
-	if (tracing_has_cookie_helper)
-		return bpf_get_socket_cookie(sk);
-	return kprobe_cookie(sk);
-}
-
 /* ---- state ---- */
 
 SEC("fentry/tcp_set_state")
@@ -364,8 +343,7 @@ int BPF_PROG(sl_fe_tcp_set_state, struct sock *sk, int state)
 {
 	if (!state_matters(state))
 		return 0;
-	on_state(ctx, sk, tracing_cookie(sk), sk->__sk_common.skc_state, state, SL_TIER_FENTRY,
-		 SL_BTF);
+	on_state(ctx, sk, sk->__sk_common.skc_state, state, SL_TIER_FENTRY, SL_BTF);
 	return 0;
 }
 
@@ -374,8 +352,8 @@ int BPF_KPROBE(sl_kp_tcp_set_state, struct sock *sk, int state)
 {
 	if (!state_matters(state))
 		return 0;
-	on_state(ctx, sk, kprobe_cookie(sk), BPF_CORE_READ(sk, __sk_common.skc_state), state,
-		 SL_TIER_KPROBE, SL_PROBED);
+	on_state(ctx, sk, BPF_CORE_READ(sk, __sk_common.skc_state), state, SL_TIER_KPROBE,
+		 SL_PROBED);
 	return 0;
 }
 
@@ -384,7 +362,7 @@ int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 {
 	if (!state_matters(newstate))
 		return 0;
-	on_state(ctx, sk, tracing_cookie(sk), oldstate, newstate, SL_TIER_TRACEPOINT, SL_BTF);
+	on_state(ctx, sk, oldstate, newstate, SL_TIER_TRACEPOINT, SL_BTF);
 	return 0;
 }
 
@@ -892,10 +870,33 @@ const volatile bool sendfile_in_send_len = false;
 #error "socklens: syscall numbers for this architecture are missing"
 #endif
 
+/* Where a task's saved user registers sit from the base of its stack: the
+ * same for every task of a kernel (task_pt_regs), learned from the helper on
+ * the first send. Every send asks which syscall it is in, and a helper call
+ * here costs as much as the rest of the hook's work: an add replaces the
+ * second call. The two pointers become numbers by way of memory, the only
+ * way the verifier allows. */
+volatile __u64 pt_regs_from_stack = 0;
+volatile __u64 pt_regs_seen = 0;
+volatile __u64 stack_seen = 0;
+#define SL_MAX_PT_REGS_OFFSET (1 << 20)
+
 static __always_inline bool in_sendfile(void)
 {
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u8 *stack = task->stack;
+	__u64 off = pt_regs_from_stack;
+	struct pt_regs *regs;
 
+	if (!off) {
+		pt_regs_seen = (__u64)bpf_task_pt_regs(task);
+		stack_seen = (__u64)stack;
+		off = pt_regs_seen - stack_seen;
+		pt_regs_from_stack = off;
+	}
+	if (off > SL_MAX_PT_REGS_OFFSET) /* bounds the add for the verifier */
+		return false;
+	regs = bpf_core_cast(stack + off, struct pt_regs);
 	return SYSCALL_NR(regs) == SL_NR_SENDFILE;
 }
 
@@ -907,10 +908,12 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, long ret, bool
 {
 	__u64 key = (__u64)sk;
 	__u8 state = sk->__sk_common.skc_state;
-	struct tcp_sock *tp = bpf_skc_to_tcp_sock(sk);
+	/* A TCP stream socket is a tcp_sock: a cast, where the checked
+	 * conversion is a helper call per send and receive. */
+	struct tcp_sock *tp = bpf_core_cast(sk, struct tcp_sock);
 	struct sl_conn *c;
 
-	if (!tp)
+	if (sk->sk_type != SOCK_STREAM)
 		return;
 	if (maybe_waiting(sk) || tcp_maybe_first_use(tp, ret, recv)) {
 		/* Its first use, in its owner's process. */
