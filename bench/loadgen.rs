@@ -10,6 +10,9 @@
 //!                                 listeners; held until stdin closes
 //!   loadgen startup PATTERN CMD.. runs CMD until PATTERN appears on its
 //!                                 stderr, reports the time, then SIGTERM
+//!   loadgen syscalls COUNT        COUNT getpid() calls (a syscall that does
+//!                                 nothing), ns per call: the price of the
+//!                                 kernel's syscall entry and exit alone
 //!
 //! CPU figures are this process's user+system time from /proc/self/stat.
 
@@ -224,6 +227,18 @@ fn startup(pattern: &str, cmd: &[String]) -> Res<()> {
     Ok(())
 }
 
+fn syscalls(count: u64) -> Res<()> {
+    let start = Instant::now();
+    let mut sum = 0u64;
+    for _ in 0..count {
+        // glibc does not cache the pid: each call enters the kernel.
+        sum = sum.wrapping_add(u64::from(std::process::id()));
+    }
+    let ns = start.elapsed().as_nanos() as f64 / count as f64;
+    println!("{{\"mode\":\"syscalls\",\"count\":{count},\"ns_per_call\":{ns:.1},\"sum\":{sum}}}");
+    Ok(())
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
@@ -231,7 +246,8 @@ fn main() {
         Some("churn") => arg(&args, 1, "SECS").and_then(|s| churn(s, arg(&args, 2, "CLIENTS")?)),
         Some("idle") => arg(&args, 1, "COUNT").and_then(|n| idle(n, arg(&args, 2, "PORTS")?)),
         Some("startup") if args.len() > 2 => startup(&args[1], &args[2..]),
-        _ => Err("usage: loadgen rr SIZE SECS | churn SECS CLIENTS | idle COUNT PORTS | startup PATTERN CMD...".into()),
+        Some("syscalls") => arg(&args, 1, "COUNT").and_then(syscalls),
+        _ => Err("usage: loadgen rr SIZE SECS | churn SECS CLIENTS | idle COUNT PORTS | startup PATTERN CMD... | syscalls COUNT".into()),
     };
     if let Err(e) = result {
         eprintln!("loadgen: {e}");
