@@ -133,7 +133,7 @@ pub fn load<'obj>(
         .plan
         .programs()
         .into_iter()
-        .map(|p| shaped(p, opts.shape))
+        .filter_map(|p| shaped(p, opts.shape))
         .collect();
     if opts.max_conns.is_some() {
         // The UDP iterator runs only where UDP is tracked (src/conns.rs, seed).
@@ -238,9 +238,14 @@ pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
     crate::plan::tcp_bytes_from_seq(hooks) && !crate::probe::tcp_seq_disabled()
 }
 
-/// The variant of a program written for this kernel's function signatures.
-pub fn shaped(program: &'static str, shape: KernelShape) -> &'static str {
-    match program {
+/// The variant of a program written for this kernel's function signatures;
+/// None where this kernel needs no such program: with BTF casts the bind and
+/// listen exits read the syscall's arguments from the saved registers, so
+/// no syscall entry tracepoint is enabled for them (each one enabled costs
+/// every syscall of every task).
+pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str> {
+    Some(match program {
+        "sl_tp_bind_enter" | "sl_tp_listen_enter" if shape.btf_casts => return None,
         "sl_fx_accept" if shape.accept_has_flags => "sl_fx_accept_old",
         "sl_tp_accept4_exit" if shape.btf_casts => "sl_tp_accept4_exit_btf",
         "sl_tp_accept_exit" if shape.btf_casts => "sl_tp_accept_exit_btf",
@@ -253,7 +258,7 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> &'static str {
         "sl_fx_udp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_udp_recvmsg_na",
         "sl_fx_udp6_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_udp6_recvmsg_na",
         other => other,
-    }
+    })
 }
 
 /// cgroup sock_addr programs that only observe (UDP peers for the tracepoint
@@ -275,7 +280,7 @@ fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Ve
     let mut links = Vec::new();
     let merged = sendfile_in_send_len(plan);
     for hook in &plan.hooks {
-        for name in hook.programs().iter().map(|p| shaped(p, shape)) {
+        for name in hook.programs().iter().filter_map(|p| shaped(p, shape)) {
             if merged && name == SENDFILE_LEN {
                 continue;
             }
@@ -346,7 +351,7 @@ mod tests {
         for hook in Hook::ALL {
             for spec in hook.tiers() {
                 for shape in shapes {
-                    for p in spec.programs.iter().map(|p| shaped(p, shape)) {
+                    for p in spec.programs.iter().filter_map(|p| shaped(p, shape)) {
                         assert!(
                             names.iter().any(|n| n == p),
                             "{hook}/{}: no program {p}",
@@ -359,5 +364,30 @@ mod tests {
         for p in SEED_PROGRAMS {
             assert!(names.iter().any(|n| n == p), "no program {p}");
         }
+    }
+
+    /// With BTF casts no syscall entry program is needed: the exits read
+    /// the arguments themselves.
+    #[test]
+    fn btf_casts_leave_no_syscall_entry_program() {
+        let casts = KernelShape {
+            btf_casts: true,
+            ..KernelShape::default()
+        };
+        for hook in [Hook::Bind, Hook::Listen] {
+            for spec in hook.tiers() {
+                let entries: Vec<&str> = spec
+                    .programs
+                    .iter()
+                    .filter_map(|p| shaped(p, casts))
+                    .filter(|p| p.ends_with("_enter"))
+                    .collect();
+                assert!(entries.is_empty(), "{hook}: {entries:?}");
+            }
+        }
+        assert_eq!(
+            shaped("sl_tp_bind_enter", KernelShape::default()),
+            Some("sl_tp_bind_enter")
+        );
     }
 }

@@ -22,6 +22,17 @@ enum sl_conn_flag _sl_conn_flag = SL_CONN_OWNER;
 
 #define SOCKADDR_COPY 28 /* sizeof(struct sockaddr_in6) */
 
+/* A syscall's number and arguments in the task's saved user registers, which
+ * still hold them at its exit. */
+#if defined(__TARGET_ARCH_x86)
+#define SL_NR_SENDFILE 40
+#define SYSCALL_NR(regs) ((regs)->orig_ax)
+#define SYSCALL_ARG1(regs) ((regs)->di)
+#define SYSCALL_ARG2(regs) ((regs)->si)
+#else
+#error "socklens: syscall numbers for this architecture are missing"
+#endif
+
 /* Entry-side state, keyed by pid_tgid, for tiers that see entry and exit apart.
  * LRU: a thread that dies between the two must not leak a slot forever. */
 struct bind_stash {
@@ -113,8 +124,9 @@ static __always_inline int bind_kprobe_enter(struct socket *sock, struct sockadd
 	return 0;
 }
 
-/* `btf_walk`: on the tracepoint tier, find the socket with socket_from_fd_btf. */
-static __always_inline int bind_stash_exit(void *ctx, int ret, __u32 tier, bool btf_walk)
+/* The tracepoint tier's stash holds the fd (kernels without BTF casts; see
+ * sl_tp_bind_exit_btf for the others), the kprobe tier's the socket. */
+static __always_inline int bind_stash_exit(void *ctx, int ret, __u32 tier)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct bind_stash *found = bpf_map_lookup_elem(&bind_stash, &id);
@@ -126,7 +138,7 @@ static __always_inline int bind_stash_exit(void *ctx, int ret, __u32 tier, bool 
 	st = *found;
 	bpf_map_delete_elem(&bind_stash, &id);
 	if (tier == SL_TIER_TRACEPOINT)
-		sock = socket_of_fd(st.fd, btf_walk);
+		sock = socket_from_fd(st.fd);
 	else
 		sock = (struct socket *)st.sock;
 	if (sock)
@@ -143,7 +155,7 @@ int BPF_KPROBE(sl_kp_inet_bind, struct socket *sock, struct sockaddr *uaddr)
 SEC("kretprobe/inet_bind")
 int BPF_KRETPROBE(sl_kr_inet_bind, int ret)
 {
-	return bind_stash_exit(ctx, ret, SL_TIER_KPROBE, false);
+	return bind_stash_exit(ctx, ret, SL_TIER_KPROBE);
 }
 
 SEC("kprobe/inet6_bind")
@@ -155,7 +167,7 @@ int BPF_KPROBE(sl_kp_inet6_bind, struct socket *sock, struct sockaddr *uaddr)
 SEC("kretprobe/inet6_bind")
 int BPF_KRETPROBE(sl_kr_inet6_bind, int ret)
 {
-	return bind_stash_exit(ctx, ret, SL_TIER_KPROBE, false);
+	return bind_stash_exit(ctx, ret, SL_TIER_KPROBE);
 }
 
 SEC("tracepoint/syscalls/sys_enter_bind")
@@ -177,14 +189,38 @@ int sl_tp_bind_enter(struct trace_event_raw_sys_enter *ctx)
 SEC("tracepoint/syscalls/sys_exit_bind")
 int sl_tp_bind_exit(struct trace_event_raw_sys_exit *ctx)
 {
-	return bind_stash_exit(ctx, (int)ctx->ret, SL_TIER_TRACEPOINT, false);
+	return bind_stash_exit(ctx, (int)ctx->ret, SL_TIER_TRACEPOINT);
 }
 
-/* The same where the kernel has BTF casts (6.2+; the loader picks). */
+/* The registers the syscall entered with, for the exits below. */
+static __always_inline struct pt_regs *syscall_regs(void)
+{
+	return (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+}
+
+/* Where the kernel has BTF casts (6.2+; the loader picks): the arguments come
+ * from the saved registers, so no sys_enter_bind program runs. An enabled
+ * syscall entry tracepoint costs every syscall of every task about 20 ns more
+ * (bench/syscall_tracepoints.sh). */
 SEC("tracepoint/syscalls/sys_exit_bind")
 int sl_tp_bind_exit_btf(struct trace_event_raw_sys_exit *ctx)
 {
-	return bind_stash_exit(ctx, (int)ctx->ret, SL_TIER_TRACEPOINT, true);
+	__u8 sa[SOCKADDR_COPY] = {};
+	struct pt_regs *regs;
+	struct socket *sock;
+	const void *uaddr;
+
+	if (!task_wanted())
+		return 0;
+	regs = syscall_regs();
+	uaddr = (const void *)SYSCALL_ARG2(regs);
+	/* The caller's sockaddr is still there: the syscall has not returned. */
+	if (bpf_probe_read_user(sa, sizeof(sa), uaddr))
+		bpf_probe_read_user(sa, 16, uaddr);
+	sock = socket_of_fd((int)SYSCALL_ARG1(regs), true);
+	if (sock)
+		on_bind(ctx, sock, sa, (int)ctx->ret, SL_TIER_TRACEPOINT);
+	return 0;
 }
 
 /* ---- listen ----------------------------------------------------------- */
@@ -304,30 +340,36 @@ int sl_tp_listen_enter(struct trace_event_raw_sys_enter *ctx)
 	return listen_stash_request((int)ctx->args[0], (int)ctx->args[1]);
 }
 
-static __always_inline int listen_exit(void *ctx, int ret, bool btf_walk)
+SEC("tracepoint/syscalls/sys_exit_listen")
+int sl_tp_listen_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	struct listen_stash st;
 	struct socket *sock;
 
 	if (!listen_take_request(0, &st))
 		return 0;
-	sock = socket_of_fd(st.fd, btf_walk);
+	sock = socket_from_fd(st.fd);
 	if (sock)
-		on_listen(ctx, sock, st.backlog_req, ret, SL_TIER_TRACEPOINT);
+		on_listen(ctx, sock, st.backlog_req, (int)ctx->ret, SL_TIER_TRACEPOINT);
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_exit_listen")
-int sl_tp_listen_exit(struct trace_event_raw_sys_exit *ctx)
-{
-	return listen_exit(ctx, (int)ctx->ret, false);
-}
-
-/* The same where the kernel has BTF casts (6.2+; the loader picks). */
+/* Where the kernel has BTF casts (6.2+; the loader picks): fd and backlog
+ * from the saved registers, with no sys_enter_listen program (see
+ * sl_tp_bind_exit_btf). */
 SEC("tracepoint/syscalls/sys_exit_listen")
 int sl_tp_listen_exit_btf(struct trace_event_raw_sys_exit *ctx)
 {
-	return listen_exit(ctx, (int)ctx->ret, true);
+	struct pt_regs *regs;
+	struct socket *sock;
+
+	if (!task_wanted())
+		return 0;
+	regs = syscall_regs();
+	sock = socket_of_fd((int)SYSCALL_ARG1(regs), true);
+	if (sock)
+		on_listen(ctx, sock, (int)SYSCALL_ARG2(regs), (int)ctx->ret, SL_TIER_TRACEPOINT);
+	return 0;
 }
 
 /* ==== connection accounting: thin wrappers around conn.bpf.h ============ */
@@ -862,13 +904,6 @@ static __always_inline __u16 inet_proto(struct sock *sk, bool btf)
  * program does both (a second program on the tracepoint cost as much again
  * as the check). */
 const volatile bool sendfile_in_send_len = false;
-
-#if defined(__TARGET_ARCH_x86)
-#define SL_NR_SENDFILE 40
-#define SYSCALL_NR(regs) ((regs)->orig_ax)
-#else
-#error "socklens: syscall numbers for this architecture are missing"
-#endif
 
 /* Where a task's saved user registers sit from the base of its stack: the
  * same for every task of a kernel (task_pt_regs), learned from the helper on
