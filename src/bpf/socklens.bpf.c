@@ -33,6 +33,44 @@ enum sl_conn_flag _sl_conn_flag = SL_CONN_OWNER;
 #error "socklens: syscall numbers for this architecture are missing"
 #endif
 
+/* The current task's saved user registers, for programs loaded only where
+ * the kernel has BTF casts (6.2+). They sit at the same offset from the base
+ * of every task's stack (task_pt_regs), learned from the helper on the first
+ * call: every send asks which syscall it is in (in_sendfile), and a helper
+ * call there costs as much as the rest of the hook's work. The two pointers
+ * become numbers by way of memory, the only way the verifier allows. NULL
+ * only if the offset is implausible (it bounds the add for the verifier). */
+volatile __u64 pt_regs_from_stack = 0;
+volatile __u64 pt_regs_seen = 0;
+volatile __u64 stack_seen = 0;
+#define SL_MAX_PT_REGS_OFFSET (1 << 20)
+
+static __always_inline struct pt_regs *syscall_regs(void)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	__u8 *stack = task->stack;
+	__u64 off = pt_regs_from_stack;
+
+	if (!off) {
+		pt_regs_seen = (__u64)bpf_task_pt_regs(task);
+		stack_seen = (__u64)stack;
+		off = pt_regs_seen - stack_seen;
+		pt_regs_from_stack = off;
+	}
+	if (off > SL_MAX_PT_REGS_OFFSET)
+		return NULL;
+	return bpf_core_cast(stack + off, struct pt_regs);
+}
+
+/* A caller's sockaddr, in full where it can be read (a sockaddr_in is
+ * shorter than the copy: the short read is the retry when the long one
+ * faults). */
+static __always_inline void read_user_sockaddr(__u8 sa[SOCKADDR_COPY], const void *uaddr)
+{
+	if (bpf_probe_read_user(sa, SOCKADDR_COPY, uaddr))
+		bpf_probe_read_user(sa, 16, uaddr);
+}
+
 /* Entry-side state, keyed by pid_tgid, for tiers that see entry and exit apart.
  * LRU: a thread that dies between the two must not leak a slot forever. */
 struct bind_stash {
@@ -179,9 +217,7 @@ int sl_tp_bind_enter(struct trace_event_raw_sys_enter *ctx)
 
 	if (!task_wanted())
 		return 0;
-	/* A sockaddr_in is shorter than the copy: retry short if the long read faults. */
-	if (bpf_probe_read_user(st.sa, sizeof(st.sa), uaddr))
-		bpf_probe_read_user(st.sa, 16, uaddr);
+	read_user_sockaddr(st.sa, uaddr);
 	bpf_map_update_elem(&bind_stash, &id, &st, BPF_ANY);
 	return 0;
 }
@@ -192,11 +228,6 @@ int sl_tp_bind_exit(struct trace_event_raw_sys_exit *ctx)
 	return bind_stash_exit(ctx, (int)ctx->ret, SL_TIER_TRACEPOINT);
 }
 
-/* The registers the syscall entered with, for the exits below. */
-static __always_inline struct pt_regs *syscall_regs(void)
-{
-	return (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
-}
 
 /* Where the kernel has BTF casts (6.2+; the loader picks): the arguments come
  * from the saved registers, so no sys_enter_bind program runs. An enabled
@@ -208,16 +239,15 @@ int sl_tp_bind_exit_btf(struct trace_event_raw_sys_exit *ctx)
 	__u8 sa[SOCKADDR_COPY] = {};
 	struct pt_regs *regs;
 	struct socket *sock;
-	const void *uaddr;
 
 	if (!task_wanted())
 		return 0;
 	regs = syscall_regs();
-	uaddr = (const void *)SYSCALL_ARG2(regs);
+	if (!regs)
+		return 0;
 	/* The caller's sockaddr is still there: the syscall has not returned. */
-	if (bpf_probe_read_user(sa, sizeof(sa), uaddr))
-		bpf_probe_read_user(sa, 16, uaddr);
-	sock = socket_of_fd((int)SYSCALL_ARG1(regs), true);
+	read_user_sockaddr(sa, (const void *)SYSCALL_ARG2(regs));
+	sock = socket_from_fd_btf((int)SYSCALL_ARG1(regs));
 	if (sock)
 		on_bind(ctx, sock, sa, (int)ctx->ret, SL_TIER_TRACEPOINT);
 	return 0;
@@ -366,7 +396,9 @@ int sl_tp_listen_exit_btf(struct trace_event_raw_sys_exit *ctx)
 	if (!task_wanted())
 		return 0;
 	regs = syscall_regs();
-	sock = socket_of_fd((int)SYSCALL_ARG1(regs), true);
+	if (!regs)
+		return 0;
+	sock = socket_from_fd_btf((int)SYSCALL_ARG1(regs));
 	if (sock)
 		on_listen(ctx, sock, (int)SYSCALL_ARG2(regs), (int)ctx->ret, SL_TIER_TRACEPOINT);
 	return 0;
@@ -905,34 +937,11 @@ static __always_inline __u16 inet_proto(struct sock *sk, bool btf)
  * as the check). */
 const volatile bool sendfile_in_send_len = false;
 
-/* Where a task's saved user registers sit from the base of its stack: the
- * same for every task of a kernel (task_pt_regs), learned from the helper on
- * the first send. Every send asks which syscall it is in, and a helper call
- * here costs as much as the rest of the hook's work: an add replaces the
- * second call. The two pointers become numbers by way of memory, the only
- * way the verifier allows. */
-volatile __u64 pt_regs_from_stack = 0;
-volatile __u64 pt_regs_seen = 0;
-volatile __u64 stack_seen = 0;
-#define SL_MAX_PT_REGS_OFFSET (1 << 20)
-
 static __always_inline bool in_sendfile(void)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	__u8 *stack = task->stack;
-	__u64 off = pt_regs_from_stack;
-	struct pt_regs *regs;
+	struct pt_regs *regs = syscall_regs();
 
-	if (!off) {
-		pt_regs_seen = (__u64)bpf_task_pt_regs(task);
-		stack_seen = (__u64)stack;
-		off = pt_regs_seen - stack_seen;
-		pt_regs_from_stack = off;
-	}
-	if (off > SL_MAX_PT_REGS_OFFSET) /* bounds the add for the verifier */
-		return false;
-	regs = bpf_core_cast(stack + off, struct pt_regs);
-	return SYSCALL_NR(regs) == SL_NR_SENDFILE;
+	return regs && SYSCALL_NR(regs) == SL_NR_SENDFILE;
 }
 
 /* A TCP send or receive of `ret` bytes when the bytes come from the sequence
