@@ -242,7 +242,8 @@ pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
 /// None where this kernel needs no such program: with BTF casts the bind and
 /// listen exits read the syscall's arguments from the saved registers, so
 /// no syscall entry tracepoint is enabled for them (each one enabled costs
-/// every syscall of every task).
+/// every syscall of every task). The `_cast` and `_btf` variants load only
+/// where the kernel has BTF casts.
 pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str> {
     Some(match program {
         "sl_tp_bind_enter" | "sl_tp_listen_enter" if shape.btf_casts => return None,
@@ -251,6 +252,8 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str>
         "sl_tp_accept_exit" if shape.btf_casts => "sl_tp_accept_exit_btf",
         "sl_tp_bind_exit" if shape.btf_casts => "sl_tp_bind_exit_btf",
         "sl_tp_listen_exit" if shape.btf_casts => "sl_tp_listen_exit_btf",
+        "sl_tp_set_state" if shape.btf_casts => "sl_tp_set_state_cast",
+        "sl_tp_tcp_destroy" if shape.btf_casts => "sl_tp_tcp_destroy_cast",
         "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
         "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
         "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",

@@ -411,6 +411,8 @@ fn owner_cgroup_netns_and_comm_match_the_opener() {
         &ns.name,
         "--cgroup",
         cgpath,
+        "--uid",
+        "65534",
         "bind,tcp4,127.0.0.1,0",
         "listen,0,4",
         "connect,tcp4,127.0.0.1,@0",
@@ -420,6 +422,7 @@ fn owner_cgroup_netns_and_comm_match_the_opener() {
         "close,1",
         "close,2",
     ]);
+    assert_eq!(tb["uid"], 65534, "{tb}");
     wait_tcp_closed(port_of(&tb), &[Some(ns.name.as_str())], SETTLE);
     let stopped = tracer.stop();
     stopped.assert_clean();
@@ -428,6 +431,7 @@ fn owner_cgroup_netns_and_comm_match_the_opener() {
     for e in closes {
         assert_eq!(e["pid"], tb["pid"], "{e}");
         assert_eq!(e["comm"], comm.as_str(), "{e}");
+        assert_eq!(e["uid"], tb["uid"], "{e}");
         assert_eq!(e["cgroup"], cg.rel.as_str(), "{e}");
         assert_eq!(u(&e["cgroup_id"]), {
             use std::os::unix::fs::MetadataExt;

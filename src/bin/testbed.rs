@@ -63,6 +63,10 @@ struct Args {
     /// Set the command name (comm) first.
     #[arg(long)]
     comm: Option<String>,
+    /// Drop to this user (and group of the same number) last, after the
+    /// steps above that need root.
+    #[arg(long)]
+    uid: Option<u32>,
     /// Print {"ready":..} and wait for a line on stdin before the steps.
     #[arg(long)]
     wait: bool,
@@ -88,6 +92,15 @@ fn enter(args: &Args) -> Result<()> {
     }
     if let Some(comm) = &args.comm {
         nix::sys::prctl::set_name(&CString::new(comm.as_str())?).context("prctl")?;
+    }
+    if let Some(uid) = args.uid {
+        let (uid, gid) = (
+            nix::unistd::Uid::from_raw(uid),
+            nix::unistd::Gid::from_raw(uid),
+        );
+        nix::unistd::setgroups(&[]).context("setgroups")?;
+        nix::unistd::setresgid(gid, gid, gid).context("setresgid")?;
+        nix::unistd::setresuid(uid, uid, uid).context("setresuid")?;
     }
     Ok(())
 }
@@ -458,6 +471,7 @@ fn main() -> Result<()> {
         "pid": pid,
         "tid": nix::unistd::gettid().as_raw(),
         "comm": fs::read_to_string("/proc/thread-self/comm")?.trim_end(),
+        "uid": nix::unistd::getuid().as_raw(),
         "netns": netns_inode()?,
         "somaxconn": fs::read_to_string("/proc/sys/net/core/somaxconn")?.trim().parse::<u32>()?,
     });

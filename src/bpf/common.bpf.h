@@ -79,21 +79,26 @@ static __always_inline bool task_wanted(void)
  * arguments): plain loads, which the verifier checks and CO-RE relocates;
  * SL_PROBED where it is a bare number (kprobe arguments, pointers stashed
  * by syscall tracepoints): a probe-read helper call per field. A load costs
- * about a nanosecond, a helper call tens. */
-#define SL_BTF true
-#define SL_PROBED false
+ * about a nanosecond, a helper call tens. SL_CAST is SL_BTF in programs
+ * that load only where the kernel has BTF casts (bpf_rdonly_cast, 6.2+; the
+ * loader picks them): they also cast instead of asking helpers for what
+ * plain loads can read (the tcp_sock of a TCP socket, the current task's
+ * ids). Any non-zero mode reads with plain loads (SL_READ). */
+#define SL_PROBED 0
+#define SL_BTF 1
+#define SL_CAST 2
 
 /* One field, or a chain through pointers, written as for BPF_CORE_READ. */
 #define SL_READ(btf, src, a, ...)                                                                 \
 	((btf) ? ___arrow(src, a, ##__VA_ARGS__) : BPF_CORE_READ(src, a, ##__VA_ARGS__))
 
-static __always_inline __u32 sock_netns(struct sock *sk, bool btf)
+static __always_inline __u32 sock_netns(struct sock *sk, int btf)
 {
 	return SL_READ(btf, sk, __sk_common.skc_net.net, ns.inum);
 }
 
 /* Socket filters: family and netns of the socket itself. */
-static __always_inline bool sock_wanted(struct sock *sk, bool btf)
+static __always_inline bool sock_wanted(struct sock *sk, int btf)
 {
 	__u16 family = SL_READ(btf, sk, __sk_common.skc_family);
 

@@ -15,8 +15,10 @@
 #define SL_TCP_ESTABLISHED 1
 #define SL_TCP_SYN_SENT 2
 #define SL_TCP_SYN_RECV 3
+#define SL_TCP_TIME_WAIT 6
 #define SL_TCP_CLOSE 7
 #define SL_TCP_LISTEN 10
+#define SL_TCP_NEW_SYN_RECV 12
 
 /* Set by the loader from what the prober found in BTF. */
 const volatile bool track_conns = false;
@@ -104,7 +106,7 @@ static __always_inline struct sl_conn_event *scratch(void)
 	return bpf_map_lookup_elem(&conn_scratch, &zero);
 }
 
-static __always_inline __u16 sock_proto(struct sock *sk, bool btf)
+static __always_inline __u16 sock_proto(struct sock *sk, int btf)
 {
 	return SL_READ(btf, sk, sk_protocol);
 }
@@ -132,20 +134,29 @@ static __always_inline __u64 tracing_cookie(struct sock *sk)
 
 /* The cookie as each kind of program may take it: `btf` is a tracing
  * program's, which may ask the helper. */
-static __always_inline __u64 sock_cookie(struct sock *sk, bool btf)
+static __always_inline __u64 sock_cookie(struct sock *sk, int btf)
 {
 	return btf ? tracing_cookie(sk) : kprobe_cookie(sk);
 }
 
-/* The tcp_sock of a TCP socket. With BTF-typed pointers the verifier
- * refuses loads past struct sock through a `struct sock *`, so the helper
- * gives a checked one (NULL for anything but TCP). */
-static __always_inline struct tcp_sock *tcp_sk_of(struct sock *sk, bool btf)
+/* The tcp_sock of a TCP socket (NULL for anything else). With BTF-typed
+ * pointers the verifier refuses loads past struct sock through a
+ * `struct sock *`: the helper gives a checked one, or, where the kernel has
+ * casts, the same checks (the helper's: a full TCP stream socket) precede a
+ * cast. */
+static __always_inline struct tcp_sock *tcp_sk_of(struct sock *sk, int btf)
 {
+	if (btf == SL_CAST) {
+		if (sk->__sk_common.skc_state == SL_TCP_NEW_SYN_RECV ||
+		    sk->__sk_common.skc_state == SL_TCP_TIME_WAIT || sk->sk_type != SOCK_STREAM ||
+		    sk->sk_protocol != IPPROTO_TCP)
+			return NULL;
+		return bpf_core_cast(sk, struct tcp_sock);
+	}
 	return btf ? bpf_skc_to_tcp_sock(sk) : (struct tcp_sock *)sk;
 }
 
-static __always_inline void read_tuple(struct sl_conn *c, struct sock *sk, bool btf)
+static __always_inline void read_tuple(struct sl_conn *c, struct sock *sk, int btf)
 {
 	c->family = SL_READ(btf, sk, __sk_common.skc_family);
 	c->sport = SL_READ(btf, sk, __sk_common.skc_num);
@@ -164,7 +175,7 @@ static __always_inline void read_tuple(struct sl_conn *c, struct sock *sk, bool 
 }
 
 /* RTT and the retransmission count straight from tcp_sock. */
-static __always_inline void read_tcp_info(struct sl_conn *c, struct tcp_sock *tp, bool btf)
+static __always_inline void read_tcp_info(struct sl_conn *c, struct tcp_sock *tp, int btf)
 {
 	if (c->proto != IPPROTO_TCP || !tp)
 		return;
@@ -173,13 +184,26 @@ static __always_inline void read_tcp_info(struct sl_conn *c, struct tcp_sock *tp
 	c->retransmits = SL_READ(btf, tp, total_retrans);
 }
 
-/* Pid/comm/cgroup of the current task: only called in process context. */
-static __always_inline void set_owner(struct sl_conn *c)
+/* Pid/comm/cgroup of the current task: only called in process context.
+ * SL_CAST programs read them from the task with one helper call instead of
+ * four; the values are the helpers' (tgid, real uid in the initial user
+ * namespace, default-hierarchy cgroup id, comm). */
+static __always_inline void set_owner(struct sl_conn *c, int btf)
 {
+	struct task_struct *task;
 	__u64 id;
 
 	if (c->flags & SL_CONN_OWNER)
 		return;
+	if (btf == SL_CAST) {
+		task = bpf_get_current_task_btf();
+		c->pid = task->tgid;
+		c->uid = task->cred->uid.val;
+		c->cgroup_id = task->cgroups->dfl_cgrp->kn->id;
+		__builtin_memcpy(c->comm, task->comm, sizeof(c->comm));
+		c->flags |= SL_CONN_OWNER;
+		return;
+	}
 	id = bpf_get_current_pid_tgid();
 	c->pid = id >> 32;
 	c->uid = (__u32)bpf_get_current_uid_gid();
@@ -190,11 +214,11 @@ static __always_inline void set_owner(struct sl_conn *c)
 
 /* First process-context use of a socket tracked from softirq (an accepted
  * connection when the accept hook is not attached): it belongs to this task. */
-static __always_inline void claim(struct sl_conn *c, struct sock *sk, bool btf)
+static __always_inline void claim(struct sl_conn *c, struct sock *sk, int btf)
 {
 	if (c->flags & SL_CONN_OWNER)
 		return;
-	set_owner(c);
+	set_owner(c, btf);
 	if (!c->ino)
 		c->ino = SL_READ(btf, sk, sk_socket, file, f_inode, i_ino);
 }
@@ -325,7 +349,7 @@ static __always_inline void tcp_seq_sync_rx(struct sl_conn *c, struct tcp_sock *
  * do (the loader's rule for tcp_bytes_from_seq), whose `tp` is the checked
  * pointer of tcp_sk_of; `btf` drops the block from kprobe programs at
  * compile time. */
-static __always_inline bool seq_counted(bool btf)
+static __always_inline bool seq_counted(int btf)
 {
 	return btf && tcp_bytes_from_seq;
 }
@@ -352,7 +376,7 @@ static __always_inline void tcp_seq_base_now(struct sl_conn *c, struct tcp_sock 
  * leaves the socket out. `in_task` says the current task owns the socket
  * (process context), so task filters apply and the owner is known. */
 static __always_inline struct sl_conn *conn_fresh(struct sock *sk, __u64 cookie, __u8 direction,
-						  bool in_task, bool btf)
+						  bool in_task, int btf)
 {
 	struct sl_conn_event *tmp;
 	struct socket *sock;
@@ -374,7 +398,7 @@ static __always_inline struct sl_conn *conn_fresh(struct sock *sk, __u64 cookie,
 		tmp->conn.ino = SL_READ(btf, sock, file, f_inode, i_ino);
 	read_tuple(&tmp->conn, sk, btf);
 	if (in_task)
-		set_owner(&tmp->conn);
+		set_owner(&tmp->conn, btf);
 	return &tmp->conn;
 }
 
@@ -394,7 +418,7 @@ static __always_inline int conn_put(struct sock *sk, struct sl_conn *fresh, __u6
 
 /* The entry of a socket, created if new. */
 static __always_inline struct sl_conn *conn_track(struct sock *sk, __u64 cookie, __u8 direction,
-						  bool in_task, bool btf)
+						  bool in_task, int btf)
 {
 	__u64 key = (__u64)sk;
 	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
@@ -446,7 +470,7 @@ static __always_inline void emit_conn(void *ctx, __u32 kind, __u32 tier, struct 
  * before accept() returned it); tracking it again would leave an entry that
  * no state change will ever close. */
 static __always_inline struct sl_conn *conn_track_open(struct sock *sk, __u64 cookie,
-						       __u8 direction, bool btf)
+						       __u8 direction, int btf)
 {
 	__u64 key = (__u64)sk;
 	struct sl_conn *c = bpf_map_lookup_elem(&conns, &key);
@@ -474,7 +498,7 @@ static __always_inline void finish(void *ctx, struct sock *sk, struct sl_conn *c
  * data unread (FIN_WAIT2 -> TIME_WAIT hands the tuple to a timewait sock):
  * the record is final only once those bytes are read. */
 static __always_inline void on_closed(void *ctx, struct sock *sk, struct tcp_sock *tp,
-				      struct sl_conn *c, int old, __u32 tier, bool btf)
+				      struct sl_conn *c, int old, __u32 tier, int btf)
 {
 	__u64 key = (__u64)sk;
 
@@ -511,7 +535,7 @@ static __always_inline bool state_matters(int new)
  * socket at this address left one whose end the hooks missed (seen on 5.10's
  * kprobe tier, which skips a kprobe run nested in another and does not count
  * it), which the new connection takes over as before. */
-static __always_inline int conn_start(struct sock *sk, int new, bool btf)
+static __always_inline int conn_start(struct sock *sk, int new, int btf)
 {
 	bool out = new == SL_TCP_SYN_SENT;
 	struct tcp_sock *tp;
@@ -537,7 +561,7 @@ static __always_inline int conn_start(struct sock *sk, int new, bool btf)
 /* The cookie is taken only for a new entry: two of a short connection's five
  * state changes that get here. */
 static __always_inline void on_state(void *ctx, struct sock *sk, int old, int new, __u32 tier,
-				     bool btf)
+				     int btf)
 {
 	__u64 key = (__u64)sk;
 	bool starts = new == SL_TCP_SYN_SENT || (new == SL_TCP_ESTABLISHED && old == SL_TCP_SYN_RECV);
@@ -601,7 +625,7 @@ static __always_inline bool tcp_fin_queued_at_destroy(struct tcp_sock *tp)
  * chance: report it now, before the socket's address (the key) can be reused.
  * A different program from the state hook's, so it runs where that one was
  * skipped. */
-static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, bool btf)
+static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, int btf)
 {
 	__u64 key = (__u64)sk;
 	struct sl_conn *c;
@@ -664,7 +688,7 @@ static __always_inline void on_listening(struct sock *sk)
  * whatever `btf` says: the socket may be a cast pointer, which helpers that
  * want a socket refuse. */
 static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, __u32 tier,
-				      bool btf)
+				      int btf)
 {
 	__u64 key = (__u64)sk;
 	struct sl_conn *c;
@@ -681,7 +705,7 @@ static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, 
 		c = conn_track_open(sk, cookie, SL_DIR_IN, SL_PROBED);
 	if (!c)
 		return;
-	set_owner(c);
+	set_owner(c, btf);
 	c->ino = SL_READ(btf, sk, sk_socket, file, f_inode, i_ino);
 	if (!c->cookie)
 		c->cookie = cookie;
@@ -773,7 +797,7 @@ static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long by
 
 /* sendmsg on a TCP/UDP socket (`proto`) returned `ret` (bytes accepted, or -errno). */
 static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 cookie,
-					  const __u8 *sa, long ret, bool btf)
+					  const __u8 *sa, long ret, int btf)
 {
 	struct sl_conn *c;
 
@@ -790,7 +814,7 @@ static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 co
 }
 
 static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *sa, long ret,
-				    bool btf)
+				    int btf)
 {
 	__u16 proto;
 
@@ -804,7 +828,7 @@ static __always_inline void on_send(struct sock *sk, __u64 cookie, const __u8 *s
 /* recvmsg returned `ret` bytes to the application; peeks leave data queued. */
 static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 proto, __u64 cookie,
 					  const __u8 *sa, long ret, int flags, __u32 tier,
-					  bool btf)
+					  int btf)
 {
 	__u64 key = (__u64)sk;
 	struct sl_conn *c;
@@ -833,7 +857,7 @@ static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 prot
 }
 
 static __always_inline void on_recv(void *ctx, struct sock *sk, __u64 cookie, const __u8 *sa,
-				    long ret, int flags, __u32 tier, bool btf)
+				    long ret, int flags, __u32 tier, int btf)
 {
 	__u16 proto;
 

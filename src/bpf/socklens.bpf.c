@@ -440,6 +440,17 @@ int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 	return 0;
 }
 
+/* The same where the kernel has BTF casts (the loader picks): no helper for
+ * the tcp_sock or the owner, five runs per short connection. */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(sl_tp_set_state_cast, struct sock *sk, int oldstate, int newstate)
+{
+	if (!state_matters(newstate))
+		return 0;
+	on_state(ctx, sk, oldstate, newstate, SL_TIER_TRACEPOINT, SL_CAST);
+	return 0;
+}
+
 /* Socket destruction: the last chance for an entry whose close the state
  * hook missed (conn.bpf.h, on_destroy). tcp_v6_destroy_sock, where it exists,
  * calls tcp_v4_destroy_sock, and so does every IPv6 socket's destroy. */
@@ -461,6 +472,13 @@ SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(sl_tp_tcp_destroy, struct sock *sk)
 {
 	on_destroy(ctx, sk, SL_TIER_TRACEPOINT, SL_BTF);
+	return 0;
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(sl_tp_tcp_destroy_cast, struct sock *sk)
+{
+	on_destroy(ctx, sk, SL_TIER_TRACEPOINT, SL_CAST);
 	return 0;
 }
 
@@ -529,7 +547,8 @@ static __always_inline int accept_exit(void *ctx, long fd, bool btf_walk)
 	struct socket *sock = fd >= 0 ? socket_of_fd(fd, btf_walk) : NULL;
 
 	if (sock)
-		on_accept(ctx, SL_READ(btf_walk, sock, sk), 0, SL_TIER_TRACEPOINT, btf_walk);
+		on_accept(ctx, SL_READ(btf_walk, sock, sk), 0, SL_TIER_TRACEPOINT,
+			  btf_walk ? SL_CAST : SL_PROBED);
 	return 0;
 }
 
@@ -918,7 +937,7 @@ static __always_inline void take_udp_peer(void *map, __u64 cookie, __u8 *sa)
 
 /* TCP or UDP over IPv4/IPv6: the only sockets accounted. The tracepoints fire
  * for every socket (unix, netlink, ...), so this comes before anything else. */
-static __always_inline __u16 inet_proto(struct sock *sk, bool btf)
+static __always_inline __u16 inet_proto(struct sock *sk, int btf)
 {
 	__u16 family = SL_READ(btf, sk, __sk_common.skc_family);
 	__u16 proto;
@@ -964,7 +983,7 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, long ret, bool
 		c = bpf_map_lookup_elem(&conns, &key);
 		if (c) {
 			waiting_done(c);
-			claim(c, sk, SL_BTF);
+			claim(c, sk, SL_CAST);
 		}
 	}
 	if (state != SL_TCP_CLOSE || !recv)
@@ -998,7 +1017,7 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 	cookie = tracing_cookie(sk);
 	if (proto == IPPROTO_UDP)
 		take_udp_peer(&udp_send_peer, cookie, sa);
-	on_send_proto(sk, proto, cookie, sa, ret, SL_BTF);
+	on_send_proto(sk, proto, cookie, sa, ret, SL_CAST);
 	return 0;
 }
 
@@ -1018,7 +1037,7 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 	cookie = tracing_cookie(sk);
 	if (proto == IPPROTO_UDP)
 		take_udp_peer(&udp_recv_peer, cookie, sa);
-	on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, SL_TIER_TRACEPOINT, SL_BTF);
+	on_recv_proto(ctx, sk, proto, cookie, sa, ret, flags, SL_TIER_TRACEPOINT, SL_CAST);
 	return 0;
 }
 
