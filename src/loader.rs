@@ -254,6 +254,8 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str>
         "sl_tp_listen_exit" if shape.btf_casts => "sl_tp_listen_exit_btf",
         "sl_tp_set_state" if shape.btf_casts => "sl_tp_set_state_cast",
         "sl_tp_tcp_destroy" if shape.btf_casts => "sl_tp_tcp_destroy_cast",
+        "sl_fe_tcp_set_state" if shape.btf_casts => "sl_fe_tcp_set_state_cast",
+        "sl_fe_tcp_destroy" if shape.btf_casts => "sl_fe_tcp_destroy_cast",
         "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
         "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
         "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",

@@ -421,6 +421,17 @@ int BPF_PROG(sl_fe_tcp_set_state, struct sock *sk, int state)
 	return 0;
 }
 
+/* Each `_cast` program is its plain twin for kernels with BTF casts (the
+ * loader picks; see SL_CAST). */
+SEC("fentry/tcp_set_state")
+int BPF_PROG(sl_fe_tcp_set_state_cast, struct sock *sk, int state)
+{
+	if (!state_matters(state))
+		return 0;
+	on_state(ctx, sk, sk->__sk_common.skc_state, state, SL_TIER_FENTRY, SL_CAST);
+	return 0;
+}
+
 SEC("kprobe/tcp_set_state")
 int BPF_KPROBE(sl_kp_tcp_set_state, struct sock *sk, int state)
 {
@@ -440,8 +451,6 @@ int BPF_PROG(sl_tp_set_state, struct sock *sk, int oldstate, int newstate)
 	return 0;
 }
 
-/* The same where the kernel has BTF casts (the loader picks): no helper for
- * the tcp_sock or the owner, five runs per short connection. */
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(sl_tp_set_state_cast, struct sock *sk, int oldstate, int newstate)
 {
@@ -458,6 +467,13 @@ SEC("fentry/tcp_v4_destroy_sock")
 int BPF_PROG(sl_fe_tcp_destroy, struct sock *sk)
 {
 	on_destroy(ctx, sk, SL_TIER_FENTRY, SL_BTF);
+	return 0;
+}
+
+SEC("fentry/tcp_v4_destroy_sock")
+int BPF_PROG(sl_fe_tcp_destroy_cast, struct sock *sk)
+{
+	on_destroy(ctx, sk, SL_TIER_FENTRY, SL_CAST);
 	return 0;
 }
 
@@ -513,12 +529,12 @@ int BPF_KPROBE(sl_kp_udp6_destroy, struct sock *sk)
 
 /* ---- accept ---- */
 
-/* 6.10+: inet_csk_accept(sk, arg) */
+/* 6.10+: inet_csk_accept(sk, arg); every such kernel has BTF casts. */
 SEC("fexit/inet_csk_accept")
 int BPF_PROG(sl_fx_accept, struct sock *lsk, void *arg, struct sock *sk)
 {
 	if (sk)
-		on_accept(ctx, sk, tracing_cookie(sk), SL_TIER_FENTRY, SL_BTF);
+		on_accept(ctx, sk, tracing_cookie(sk), SL_TIER_FENTRY, SL_CAST);
 	return 0;
 }
 
