@@ -326,6 +326,7 @@ fn attach_named(skel: &SocklensSkel<'_>, name: &str, hook: &str, tier: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::Tier;
 
     /// Names in src/plan.rs and `shaped` must match programs in the object.
     #[test]
@@ -394,5 +395,28 @@ mod tests {
             shaped("sl_tp_bind_enter", KernelShape::default()),
             Some("sl_tp_bind_enter")
         );
+    }
+
+    /// The state and destroy hooks of the fentry and tracepoint tiers load
+    /// their `_cast` variants exactly where the kernel has BTF casts (the
+    /// variants call bpf_rdonly_cast, which older kernels refuse).
+    #[test]
+    fn state_and_destroy_cast_only_with_btf_casts() {
+        let casts = KernelShape {
+            btf_casts: true,
+            ..KernelShape::default()
+        };
+        for tier in [Tier::Fentry, Tier::Tracepoint] {
+            let spec = Hook::State
+                .tiers()
+                .iter()
+                .find(|s| s.tier == tier)
+                .expect("state tier");
+            for p in spec.programs {
+                assert_eq!(shaped(p, KernelShape::default()), Some(*p));
+                let cast = shaped(p, casts).expect("a program");
+                assert_eq!(cast, format!("{p}_cast"), "{tier}");
+            }
+        }
     }
 }
