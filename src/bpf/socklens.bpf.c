@@ -228,7 +228,6 @@ int sl_tp_bind_exit(struct trace_event_raw_sys_exit *ctx)
 	return bind_stash_exit(ctx, (int)ctx->ret, SL_TIER_TRACEPOINT);
 }
 
-
 /* Where the kernel has BTF casts (6.2+; the loader picks): the arguments come
  * from the saved registers, so no sys_enter_bind program runs. An enabled
  * syscall entry tracepoint costs every syscall of every task about 20 ns more
@@ -987,12 +986,12 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, long ret, bool
 {
 	__u64 key = (__u64)sk;
 	__u8 state = sk->__sk_common.skc_state;
-	/* A TCP stream socket is a tcp_sock: a cast, where the checked
-	 * conversion is a helper call per send and receive. */
-	struct tcp_sock *tp = bpf_core_cast(sk, struct tcp_sock);
+	/* A cast, where the checked conversion is a helper call per send and
+	 * receive. */
+	struct tcp_sock *tp = tcp_sk_of(sk, SL_CAST);
 	struct sl_conn *c;
 
-	if (sk->sk_type != SOCK_STREAM)
+	if (!tp)
 		return;
 	if (maybe_waiting(sk) || tcp_maybe_first_use(tp, ret, recv)) {
 		/* Its first use, in its owner's process. */
