@@ -9,6 +9,7 @@
 #include <bpf/bpf_endian.h>
 #include "socklens.h"
 #include "core_fixes.bpf.h"
+#include "wakeup.bpf.h"
 
 #define AF_INET 2
 #define AF_INET6 10
@@ -151,21 +152,13 @@ static __always_inline void fill_requested(struct sl_sock_event *e, const __u8 *
 		__builtin_memcpy(e->addr, sa + 4, 4);
 }
 
-/* Waking the reader for each record costs the producer an irq_work and the
- * reader a context switch per record. Wake it when the backlog crosses a
- * multiple of this many bytes (once per batch, not once per record while it
- * stays above); the reader also drains on its poll timeout, so a lone record
- * waits at most that long (src/events.rs). A quarter of the ring: the
- * irq_work is a self-IPI, and on a VM whose hypervisor traps the APIC write
- * each one cost the producing CPU about 25 us (measured under churn: 64 KiB
- * made it 300 ns per connection); three quarters stay free for the reader
- * to wake and catch up. */
+/* The reader wakes once per SL_WAKEUP_BYTES of backlog (wakeup.bpf.h): a
+ * quarter of the 4 MiB ring. */
 #define SL_WAKEUP_BYTES (1024 * 1024)
 
 static __always_inline __u64 wakeup_flag(__u64 backlog, __u64 size)
 {
-	return backlog / SL_WAKEUP_BYTES != (backlog + size) / SL_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
-									       : BPF_RB_NO_WAKEUP;
+	return ringbuf_wakeup_flag(backlog, size, SL_WAKEUP_BYTES);
 }
 
 static __always_inline __u64 ringbuf_wakeup(__u64 size)

@@ -13,6 +13,7 @@
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_endian.h>
 #include "policy.h"
+#include "wakeup.bpf.h"
 
 char LICENSE[] SEC("license") = "GPL";
 
@@ -125,9 +126,15 @@ struct {
 
 /* ---- plumbing ---------------------------------------------------------- */
 
+/* A quarter of slp_events (see wakeup.bpf.h). */
+#define SLP_WAKEUP_BYTES (256 * 1024)
+
 static __always_inline void emit(struct slp_event *e)
 {
-	if (bpf_ringbuf_output(&slp_events, e, sizeof(*e), 0)) {
+	__u64 backlog = bpf_ringbuf_query(&slp_events, BPF_RB_AVAIL_DATA);
+
+	if (bpf_ringbuf_output(&slp_events, e, sizeof(*e),
+			       ringbuf_wakeup_flag(backlog, sizeof(*e), SLP_WAKEUP_BYTES))) {
 		__u32 zero = 0;
 		__u64 *lost = bpf_map_lookup_elem(&slp_lost, &zero);
 

@@ -108,7 +108,9 @@ pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64>
         } else {
             Duration::from_millis(100)
         };
-        if let Err(e) = rb.poll(timeout) {
+        // Records come without a wakeup until a batch is waiting
+        // (src/bpf/wakeup.bpf.h): drain whatever is there after the wait.
+        if let Err(e) = rb.poll(timeout).and_then(|()| rb.consume()) {
             if e.kind() != libbpf_rs::ErrorKind::Interrupted {
                 return Err(Error::kernel("reading policy events", e));
             }
