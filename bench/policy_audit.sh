@@ -14,17 +14,8 @@ cd "$(dirname "$0")/.."
 N=${1:-20000}
 ROUNDS=${2:-5}
 CPU=${CPU:-1}
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q
-SL=target/release/socklens
-TB=target/release/socklens-testbed
-
-CG2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
-[ -n "$CG2" ] || { echo "cgroup v2 is not mounted" >&2; exit 1; }
 NAME=slaudit-$$
-CG=$CG2/$NAME
-WORK=$(mktemp -d)
-mkdir -p "$CG/gov"
+. bench/policy_common.sh
 FOLLOWER=
 
 cleanup() {
@@ -79,7 +70,6 @@ for r in $(seq 1 "$ROUNDS"); do
         echo "round $r $config $rate connects/s, $irqs IRQ-work interrupts, $records audit records"
     done
 done
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 none=$(echo "${rates[none]}" | median)
 for config in $configs; do
     m=$(echo "${rates[$config]}" | median)

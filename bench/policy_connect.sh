@@ -20,17 +20,8 @@ N=${1:-20000}
 ROUNDS=${2:-9}
 CPU=${CPU:-1}
 RULES=10000
-export PATH="$HOME/.cargo/bin:$PATH"
-cargo build --release -q
-SL=target/release/socklens
-TB=target/release/socklens-testbed
-
-CG2=$(awk '$3 == "cgroup2" { print $2; exit }' /proc/mounts)
-[ -n "$CG2" ] || { echo "cgroup v2 is not mounted" >&2; exit 1; }
 NAME=slbench-$$
-CG=$CG2/$NAME
-WORK=$(mktemp -d)
-mkdir -p "$CG/gov"
+. bench/policy_common.sh
 
 cleanup() {
     "$SL" policy remove >/dev/null 2>&1 || true
@@ -92,7 +83,6 @@ for r in $(seq 1 "$ROUNDS"); do
         echo "round $r $config $rate connects/s"
     done
 done
-median() { tr ' ' '\n' | grep -v '^$' | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 none=$(echo "${rates[none]}" | median)
 sl=$(echo "${rates[socklens]}" | median)
 nf=$(echo "${rates[nftables]}" | median)
