@@ -26,9 +26,11 @@ const volatile __u8 filter_comm_value[SL_COMM_LEN] = {};
 /* false when the loader turned `events` into a perf event array. */
 const volatile bool use_ringbuf = true;
 
+#define SL_EVENTS_BYTES (1 << 22) /* ~20k connection records: bursts of churn */
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 22); /* ~20k connection records: bursts of churn */
+	__uint(max_entries, SL_EVENTS_BYTES);
 } events SEC(".maps");
 
 struct {
@@ -152,24 +154,18 @@ static __always_inline void fill_requested(struct sl_sock_event *e, const __u8 *
 		__builtin_memcpy(e->addr, sa + 4, 4);
 }
 
-/* The reader wakes once per SL_WAKEUP_BYTES of backlog (wakeup.bpf.h): a
- * quarter of the 4 MiB ring. */
-#define SL_WAKEUP_BYTES (1024 * 1024)
-
-static __always_inline __u64 wakeup_flag(__u64 backlog, __u64 size)
-{
-	return ringbuf_wakeup_flag(backlog, size, SL_WAKEUP_BYTES);
-}
-
+/* The reader wakes once per quarter of the ring's backlog (wakeup.bpf.h). */
 static __always_inline __u64 ringbuf_wakeup(__u64 size)
 {
-	return wakeup_flag(bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA), size);
+	return ringbuf_wakeup_flag(bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA), size,
+				   SL_EVENTS_BYTES / 4);
 }
 
 /* The same for a record already reserved: the backlog counts it. */
 static __always_inline __u64 ringbuf_wakeup_reserved(__u64 size)
 {
-	return wakeup_flag(bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) - size, size);
+	return ringbuf_wakeup_flag(bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) - size, size,
+				   SL_EVENTS_BYTES / 4);
 }
 
 /* One record to user space, through whichever buffer the loader chose. */

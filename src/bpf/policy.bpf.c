@@ -103,9 +103,11 @@ struct {
 	__type(value, __u64);
 } slp_counters SEC(".maps");
 
+#define SLP_EVENTS_BYTES (1 << 20)
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
+	__uint(max_entries, SLP_EVENTS_BYTES);
 } slp_events SEC(".maps");
 
 /* Slot 0: records slp_events could not take. */
@@ -126,15 +128,13 @@ struct {
 
 /* ---- plumbing ---------------------------------------------------------- */
 
-/* A quarter of slp_events (see wakeup.bpf.h). */
-#define SLP_WAKEUP_BYTES (256 * 1024)
-
 static __always_inline void emit(struct slp_event *e)
 {
+	/* The reader wakes once per quarter of the ring's backlog (wakeup.bpf.h). */
 	__u64 backlog = bpf_ringbuf_query(&slp_events, BPF_RB_AVAIL_DATA);
 
 	if (bpf_ringbuf_output(&slp_events, e, sizeof(*e),
-			       ringbuf_wakeup_flag(backlog, sizeof(*e), SLP_WAKEUP_BYTES))) {
+			       ringbuf_wakeup_flag(backlog, sizeof(*e), SLP_EVENTS_BYTES / 4))) {
 		__u32 zero = 0;
 		__u64 *lost = bpf_map_lookup_elem(&slp_lost, &zero);
 

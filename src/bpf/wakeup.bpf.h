@@ -11,8 +11,8 @@
  * wake the reader only when the backlog crosses a multiple of `batch` bytes
  * (once per batch, not once per record while it stays above); readers also
  * drain on their poll timeout (100 ms), so a lone record waits at most that
- * long. `batch` is a constant, a quarter of the ring: three quarters stay
- * free while the reader wakes and catches up. */
+ * long. Callers pass a constant `batch`, a quarter of their ring: three
+ * quarters stay free while the reader wakes and catches up. */
 static __always_inline __u64 ringbuf_wakeup_flag(__u64 backlog, __u64 size, __u64 batch)
 {
 	return backlog / batch != (backlog + size) / batch ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
