@@ -184,8 +184,9 @@ static __always_inline void read_tcp_info(struct sl_conn *c, struct tcp_sock *tp
 	c->retransmits = SL_READ(btf, tp, total_retrans);
 }
 
-/* Pid/comm/cgroup of the current task: only called in process context.
- * SL_CAST programs read them from the task with one helper call instead of
+/* Pid/comm/cgroup of the current task: only called in process context. An
+ * entry made in softirq (a passive open) gets its owner from its first
+ * process-context use; one that has an owner keeps it. SL_CAST programs read them from the task with one helper call instead of
  * four; the values are the helpers' (tgid, real uid in the initial user
  * namespace, default-hierarchy cgroup id, comm). */
 static __always_inline void set_owner(struct sl_conn *c, int btf)
@@ -210,17 +211,6 @@ static __always_inline void set_owner(struct sl_conn *c, int btf)
 	c->cgroup_id = bpf_get_current_cgroup_id();
 	bpf_get_current_comm(c->comm, sizeof(c->comm));
 	c->flags |= SL_CONN_OWNER;
-}
-
-/* First process-context use of a socket tracked from softirq (an accepted
- * connection when the accept hook is not attached): it belongs to this task. */
-static __always_inline void claim(struct sl_conn *c, struct sock *sk, int btf)
-{
-	if (c->flags & SL_CONN_OWNER)
-		return;
-	set_owner(c, btf);
-	if (!c->ino)
-		c->ino = SL_READ(btf, sk, sk_socket, file, f_inode, i_ino);
 }
 
 /* The seeded_waiting slot of a socket, by its cookie: a number the socket
@@ -326,9 +316,11 @@ static __always_inline bool tcp_fin_read(struct tcp_sock *tp)
 /* Whether a child socket's (accepted) application had neither sent nor read
  * anything before this send or receive of `ret` bytes: then its counters hold
  * this call's bytes at most, besides a FIN the call read or one queued by
- * shutdown. Sockets of an active open count their SYN, so their first send
- * passes too; that costs them one lookup of an entry their owner already
- * holds. */
+ * shutdown. A send that moved bytes cannot follow a queued FIN (shutdown
+ * makes it fail), so only a failed one allows for one. Sockets of an active
+ * open count their SYN: their first successful send does not pass, so a
+ * client that speaks first costs no lookup; their first receive does when
+ * the peer speaks first, one lookup of an entry their owner already holds. */
 static __always_inline bool tcp_maybe_first_use(struct tcp_sock *tp, long ret, bool recv)
 {
 	__u64 now = ret > 0 ? ret : 0;
@@ -337,7 +329,7 @@ static __always_inline bool tcp_maybe_first_use(struct tcp_sock *tp, long ret, b
 
 	if (recv)
 		return rx <= now && tx <= 1;
-	return tx <= now + 1 && !rx;
+	return tx <= now + (ret <= 0) && !rx;
 }
 
 static __always_inline __u64 seq_delta(__u64 total, __u64 base, __u64 fin)
@@ -404,12 +396,16 @@ static __always_inline struct sl_conn *conn_fresh(struct sock *sk, __u64 cookie,
 	tmp->conn.proto = sock_proto(sk, btf);
 	tmp->conn.state = SL_READ(btf, sk, __sk_common.skc_state);
 	tmp->conn.direction = direction;
-	sock = SL_READ(btf, sk, sk_socket); /* none yet for a passive open */
+	read_tuple(&tmp->conn, sk, btf);
+	if (in_task) {
+		set_owner(&tmp->conn, btf);
+		return &tmp->conn;
+	}
+	/* Only an entry without its owner needs the inode (user space finds
+	 * the owner by it); a passive open has no socket yet. */
+	sock = SL_READ(btf, sk, sk_socket);
 	if (sock)
 		tmp->conn.ino = SL_READ(btf, sock, file, f_inode, i_ino);
-	read_tuple(&tmp->conn, sk, btf);
-	if (in_task)
-		set_owner(&tmp->conn, btf);
 	return &tmp->conn;
 }
 
@@ -467,7 +463,9 @@ static __always_inline void emit_conn(void *ctx, __u32 kind, __u32 tier, struct 
 	}
 	e->kind = kind;
 	e->tier = tier;
-	e->ts_ns = bpf_ktime_get_ns();
+	/* A close record's time is its connection's end, taken just before:
+	 * one clock read less per close. */
+	e->ts_ns = kind == SL_EV_CLOSE && c->end_ns ? c->end_ns : bpf_ktime_get_ns();
 	e->sk = (__u64)sk;
 	e->conn = *c;
 	if (use_ringbuf)
@@ -717,7 +715,6 @@ static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, 
 	if (!c)
 		return;
 	set_owner(c, btf);
-	c->ino = SL_READ(btf, sk, sk_socket, file, f_inode, i_ino);
 	if (!c->cookie)
 		c->cookie = cookie;
 	emit_conn(ctx, SL_EV_ACCEPT, tier, sk, c);
@@ -817,7 +814,7 @@ static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 co
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN, btf);
 	if (!c)
 		return;
-	claim(c, sk, btf);
+	set_owner(c, btf);
 	if (proto == IPPROTO_TCP)
 		__sync_fetch_and_add(&c->tx_bytes, ret);
 	else
@@ -851,13 +848,13 @@ static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 prot
 		 * accepted socket whose only use this is. */
 		c = proto == IPPROTO_TCP ? bpf_map_lookup_elem(&conns, &key) : NULL;
 		if (c)
-			claim(c, sk, btf);
+			set_owner(c, btf);
 		return;
 	}
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN, btf);
 	if (!c)
 		return;
-	claim(c, sk, btf);
+	set_owner(c, btf);
 	if (proto == IPPROTO_TCP) {
 		__sync_fetch_and_add(&c->rx_bytes, ret);
 		if ((c->flags & SL_CONN_DRAINING) && !SL_READ(btf, sk, sk_receive_queue.qlen))
@@ -891,7 +888,7 @@ static __always_inline void on_sendfile_sk(struct sock *sk, long ret)
 		return;
 	/* Process context: an accepted socket whose first use this is (its
 	 * counters are past zero now) belongs to the caller. */
-	claim(c, sk, SL_PROBED);
+	set_owner(c, SL_PROBED);
 	__sync_fetch_and_add(&c->sendfile_bytes, ret);
 	if (sendfile_adds_tx)
 		__sync_fetch_and_add(&c->tx_bytes, ret);

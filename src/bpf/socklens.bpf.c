@@ -998,7 +998,7 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, long ret, bool
 		c = bpf_map_lookup_elem(&conns, &key);
 		if (c) {
 			waiting_done(c);
-			claim(c, sk, SL_CAST);
+			set_owner(c, SL_CAST);
 		}
 	}
 	if (state != SL_TCP_CLOSE || !recv)
