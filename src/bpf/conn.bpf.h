@@ -186,9 +186,10 @@ static __always_inline void read_tcp_info(struct sl_conn *c, struct tcp_sock *tp
 
 /* Pid/comm/cgroup of the current task: only called in process context. An
  * entry made in softirq (a passive open) gets its owner from its first
- * process-context use; one that has an owner keeps it. SL_CAST programs read them from the task with one helper call instead of
- * four; the values are the helpers' (tgid, real uid in the initial user
- * namespace, default-hierarchy cgroup id, comm). */
+ * process-context use; one that has an owner keeps it. SL_CAST programs
+ * read them from the task with one helper call instead of four; the values
+ * are the helpers' (tgid, real uid in the initial user namespace,
+ * default-hierarchy cgroup id, comm). */
 static __always_inline void set_owner(struct sl_conn *c, int btf)
 {
 	struct task_struct *task;
