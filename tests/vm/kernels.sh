@@ -33,8 +33,8 @@ KERNELS=$CACHE/kernels
 log() { printf 'kernels: %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------------------
-# Series table. Required series come from the machine's own apt sources (the
-# issue asks for exactly that); wanted ones come from extra suites through the
+# Series table. Required series come from the machine's own apt sources (so
+# CI needs no other mirror); wanted ones come from extra suites through the
 # private apt state. Patterns are regexes over package names; the newest match
 # wins, so no ABI version is ever pinned.
 # ---------------------------------------------------------------------------
