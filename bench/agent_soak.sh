@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Agent soak (issue 5): `socklens agent` under steady mixed load for DURATION
+# Agent soak: `socklens agent` under steady mixed load for DURATION
 # seconds (default 600), with Debian's prometheus scraping it every 5 s.
 # Load, all on loopback in a netns made for the run:
 #   churn  short TCP connections at about RATE/s (connect, accept, close)

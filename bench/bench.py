@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Drives the issue-3 benchmarks (run through bench/run.sh, which builds
+"""Drives the loopback benchmarks (run through bench/run.sh, which builds
 what this needs). Part 1 alternates tracer conditions round by round on each
 workload; part 2 measures memory and start-up with many tracked connections.
 
@@ -631,10 +631,10 @@ def main():
     info["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
     rows = summarize(results)
     raw = {"machine": info, "runs": results, "summary": rows, "bpf_stats": stats, "memory": mem}
-    with open(os.path.join(OUT_DIR, "issue3.json"), "w") as f:
+    with open(os.path.join(OUT_DIR, "report.json"), "w") as f:
         json.dump(raw, f, indent=1)
     md = markdown(info, rows, stats, mem)
-    with open(os.path.join(OUT_DIR, "issue3.md"), "w") as f:
+    with open(os.path.join(OUT_DIR, "report.md"), "w") as f:
         f.write(md + "\n")
     print(md)
 

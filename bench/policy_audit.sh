@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # connect() rate from a governed cgroup when every connect makes a policy
-# event (issue 4, `mode = "audit"`), against the same policy matching nothing.
+# event (`mode = "audit"`), against the same policy matching nothing.
 #   events  an audit-mode scope whose one rule matches 127.0.0.0/8: each
 #           connect emits a policy_audit record, read by `policy apply --follow`
 #   none    the same policy with the rule on 10.0.0.0/8: no record

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# connect() rate on loopback from inside a governed cgroup (issue 4):
+# connect() rate on loopback from inside a governed cgroup:
 #   none      no policy at all
 #   socklens  a 10,000-rule socklens policy governing the cgroup
 #   nftables  the same 10,000 prefixes as an nftables set, matched with

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue-3 benchmarks: socklens' cost on loopback traffic, measured side by side
+# Loopback benchmarks: socklens' cost on loopback traffic, measured side by side
 # with no tracer and with a bpftrace peer, alternating in one run; then agent
 # RSS and start-up time with 65,536 tracked connections. Root only. Traffic
 # stays on loopback inside a network namespace this script creates.
@@ -7,7 +7,7 @@
 #   bench/run.sh                 # full run (about 15 minutes)
 #   ROUNDS=3 SECS=3 bench/run.sh # shorter
 #
-# Results: target/bench/issue3.md (tables) and target/bench/issue3.json (raw).
+# Results: target/bench/report.md (tables) and target/bench/report.json (raw).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
