@@ -1,15 +1,21 @@
-//! Rendering events: bindsnoop/solisten-style columns and JSON lines.
+//! Every rendering: bindsnoop/solisten-style columns and JSON lines of each
+//! record type, and `top`'s intervals.
+
+pub mod cg;
+pub mod json;
+pub mod rfc3339;
+pub mod top;
 
 use serde_json::{json, Value};
 use time::OffsetDateTime;
 
-use crate::cgroup::CgroupPaths;
-use crate::json_writer::JsonObject;
+use crate::host::cgroup::CgroupPaths;
 use crate::model::{
     errno_name, family_name, known_proto_name, proto_name, tcp_state_name, Conn, ConnEvent, Event,
     SockEvent, SockEventKind, UdpFlow,
 };
-use crate::rfc3339::UtcWriter;
+use crate::output::json::JsonObject;
+use crate::output::rfc3339::UtcWriter;
 
 /// Converts CLOCK_MONOTONIC stamps (bpf_ktime_get_ns) to wall-clock time.
 #[derive(Debug, Clone)]
@@ -98,8 +104,8 @@ impl Renderer {
                 utf8(line)
             }
             Event::Conn(e) => self.conn_event_columns(e),
-            Event::Cg(e) if self.json => crate::cgevents::json(self, e).to_string(),
-            Event::Cg(e) => crate::cgevents::columns(self, e),
+            Event::Cg(e) if self.json => cg::json(self, e).to_string(),
+            Event::Cg(e) => cg::columns(self, e),
         }
     }
 
@@ -365,8 +371,8 @@ pub fn socket_addr(ip: std::net::IpAddr, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attach::plan::Tier;
     use crate::model::{ConnEventKind, Direction, SockOpts};
-    use crate::plan::Tier;
     use std::net::{IpAddr, Ipv6Addr};
 
     fn listen_event() -> SockEvent {

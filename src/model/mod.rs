@@ -1,16 +1,21 @@
 //! Typed events: records from the BPF side decoded into owned Rust values.
+//! Pure data: no loading code.
+
+pub mod cg;
+pub mod names;
+
+pub use names::{errno_name, family_name, known_proto_name, proto_name, tcp_state_name};
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::Serialize;
 
-use crate::plan::Tier;
+use crate::attach::plan::Tier;
 use crate::skel::types::{
     sl_conn, sl_conn_event, sl_conn_flag, sl_direction, sl_event_kind, sl_sock_event, sl_sockopt,
     sl_tier, sl_udp_flow, sl_udp_key,
 };
 
-const AF_INET: u16 = libc::AF_INET as u16;
 const AF_INET6: u16 = libc::AF_INET6 as u16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -222,24 +227,6 @@ impl Conn {
     }
 }
 
-pub fn tcp_state_name(state: u8) -> &'static str {
-    match state {
-        1 => "ESTABLISHED",
-        2 => "SYN_SENT",
-        3 => "SYN_RECV",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        10 => "LISTEN",
-        11 => "CLOSING",
-        12 => "NEW_SYN_RECV",
-        _ => "UNKNOWN",
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConnEventKind {
@@ -308,8 +295,25 @@ impl UdpFlow {
 pub enum Event {
     Sock(SockEvent),
     Conn(ConnEvent),
-    /// A cgroup socket hook call or a policy verdict (src/cgevents.rs).
-    Cg(crate::cgevents::CgEvent),
+    /// A cgroup socket hook call or a policy verdict (src/model/cg.rs).
+    Cg(cg::CgEvent),
+}
+
+/// Counters of what did not make it to the user.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// Records the kernel could not queue (ring full) or perf reported lost.
+    pub lost: u64,
+    /// Records that arrived but did not decode.
+    pub malformed: u64,
+    /// Connections not tracked because the conns map was full.
+    pub untracked: u64,
+    /// Hook runs the kernel skipped: a BPF tracing program does not run
+    /// while it is already running on the same CPU (say, a TCP state change
+    /// in softirq that interrupts its own run in process context).
+    pub missed: u64,
+    /// UDP flows not tracked because the udp_flows map was full.
+    pub udp_untracked: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -418,41 +422,6 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     }
 }
 
-pub fn family_name(family: u16) -> &'static str {
-    match family {
-        AF_INET => "inet",
-        AF_INET6 => "inet6",
-        _ => "other",
-    }
-}
-
-pub fn proto_name(proto: u16) -> String {
-    known_proto_name(proto).map_or_else(|| format!("proto{proto}"), str::to_owned)
-}
-
-/// The name of an IP protocol socklens knows by name.
-pub fn known_proto_name(proto: u16) -> Option<&'static str> {
-    Some(match i32::from(proto) {
-        libc::IPPROTO_TCP => "tcp",
-        libc::IPPROTO_UDP => "udp",
-        libc::IPPROTO_UDPLITE => "udplite",
-        libc::IPPROTO_SCTP => "sctp",
-        libc::IPPROTO_MPTCP => "mptcp",
-        libc::IPPROTO_ICMP => "icmp",
-        libc::IPPROTO_ICMPV6 => "icmpv6",
-        libc::IPPROTO_RAW => "raw",
-        _ => return None,
-    })
-}
-
-/// "EADDRINUSE" for -98; empty for 0.
-pub fn errno_name(ret: i32) -> String {
-    if ret >= 0 {
-        return String::new();
-    }
-    format!("{:?}", nix::errno::Errno::from_raw(-ret))
-}
-
 #[cfg(test)]
 impl Conn {
     /// A loopback TCP connection owned by pid 100 ("curl"), for unit tests.
@@ -505,7 +474,7 @@ mod tests {
             uid: 0,
             netns: 4_026_531_840,
             ret: -98,
-            family: AF_INET,
+            family: libc::AF_INET as u16,
             proto: 6,
             sock_type: 1,
             port: 8080,

@@ -5,11 +5,13 @@
 //! each tier needs from the kernel, and which BPF programs implement it. The
 //! loader keeps the programs of the chosen tier and turns off the rest.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
 use serde::Serialize;
+
+pub use crate::host::probe::{Capabilities, Requirement};
 
 /// An attach method, best first: fentry/fexit are the cheapest, kprobes work
 /// on kernels without BTF trampolines, tracepoints work everywhere else.
@@ -121,36 +123,6 @@ impl Hook {
 impl fmt::Display for Hook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// Something a tier needs from the running kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Requirement {
-    /// A kernel function that an fentry/fexit program attaches to.
-    Fentry(&'static str),
-    /// A kernel function that a kprobe/kretprobe attaches to.
-    Kprobe(&'static str),
-    /// A tracepoint, as (category, name).
-    Tracepoint(&'static str, &'static str),
-    /// A BTF-typed tracepoint (tp_btf), as (category, name).
-    TpBtf(&'static str, &'static str),
-    /// A mounted cgroup v2 hierarchy, for cgroup sock_addr programs at its root.
-    CgroupV2,
-    /// A kernel function that exists (in BTF), for the way the kernel works.
-    BtfFunc(&'static str),
-}
-
-impl fmt::Display for Requirement {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Fentry(func) => write!(f, "fentry/{func}"),
-            Self::Kprobe(func) => write!(f, "kprobe/{func}"),
-            Self::Tracepoint(cat, name) => write!(f, "tracepoint {cat}:{name}"),
-            Self::TpBtf(cat, name) => write!(f, "tp_btf {cat}:{name}"),
-            Self::CgroupV2 => f.write_str("cgroup v2"),
-            Self::BtfFunc(func) => write!(f, "kernel function {func}"),
-        }
     }
 }
 
@@ -475,26 +447,6 @@ const RETRANSMIT_TIERS: &[TierSpec] = &[
     },
 ];
 
-/// What probing found out about each requirement: `Ok` or why not.
-#[derive(Debug, Clone, Default)]
-pub struct Capabilities {
-    verdicts: BTreeMap<Requirement, Result<(), String>>,
-}
-
-impl Capabilities {
-    pub fn set(&mut self, req: Requirement, verdict: Result<(), String>) {
-        self.verdicts.insert(req, verdict);
-    }
-
-    /// A requirement nobody probed counts as unavailable.
-    pub fn check(&self, req: Requirement) -> Result<(), String> {
-        self.verdicts
-            .get(&req)
-            .cloned()
-            .unwrap_or_else(|| Err("not probed".to_owned()))
-    }
-}
-
 /// What the user asked for.
 #[derive(Debug, Clone)]
 pub struct PlanOptions {
@@ -583,6 +535,12 @@ pub enum PlanError {
         tier: Tier,
         reason: String,
     },
+}
+
+impl From<PlanError> for crate::error::Error {
+    fn from(e: PlanError) -> Self {
+        Self::Plan(Box::new(e))
+    }
 }
 
 fn join_reasons(reasons: &[(Tier, String)]) -> String {

@@ -8,13 +8,14 @@ use std::path::PathBuf;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject, ProgramType};
 
+use crate::attach::plan::{uses_program, Hook, HookPlan, Plan};
+use crate::error::bpf_errno;
 use crate::error::{Error, Result};
-use crate::plan::{uses_program, Hook, HookPlan, Plan};
-use crate::probe::{errno_name, KernelShape};
+use crate::host::probe::KernelShape;
 use crate::skel::{SocklensSkel, SocklensSkelBuilder};
 
 /// Socket iterators that seed connections which existed before start; they
-/// need no attach tier (src/conns.rs runs them).
+/// need no attach tier (src/session/seed.rs runs them).
 pub const SEED_TCP: &str = "sl_seed_tcp";
 pub const SEED_UDP: &str = "sl_seed_udp";
 pub const SEED_PROGRAMS: [&str; 2] = [SEED_TCP, SEED_UDP];
@@ -84,7 +85,7 @@ impl Session<'_> {
 }
 
 fn load_err(what: &str) -> impl Fn(libbpf_rs::Error) -> Error + '_ {
-    move |e| Error::kernel(what, format!("{} ({e})", errno_name(&e)))
+    move |e| Error::kernel(what, format!("{} ({e})", bpf_errno(&e)))
 }
 
 pub fn load<'obj>(
@@ -136,7 +137,7 @@ pub fn load<'obj>(
         .filter_map(|p| shaped(p, opts.shape))
         .collect();
     if opts.max_conns.is_some() {
-        // The UDP iterator runs only where UDP is tracked (src/conns.rs, seed).
+        // The UDP iterator runs only where UDP is tracked (src/session/seed.rs).
         wanted.insert(SEED_TCP);
         if opts.udp_flows {
             wanted.insert(SEED_UDP);
@@ -207,7 +208,7 @@ fn write_filters(
     ro.sendfile_in_send_len = sendfile_in_send_len(opts.plan);
     ro.tcp_bytes_from_seq = ro.track_conns && tcp_bytes_from_seq(&opts.plan.hooks);
     ro.tracing_has_cookie_helper = opts.shape.tracing_cookie_helper;
-    ro.state_skips_close = crate::probe::state_close_disabled();
+    ro.state_skips_close = crate::host::probe::state_close_disabled();
     Ok(())
 }
 
@@ -219,8 +220,9 @@ const UDP_RELEASE: &str = "sl_cg_sock_release";
 /// sock_release program at the cgroup v2 root sees every inet socket's
 /// release. Without cgroup v2, snapshot refreshes remove ended UDP sockets.
 fn udp_release_program(opts: &LoadOptions<'_>) -> Option<&'static str> {
-    let send_by_tracepoint = opts.plan.tier_of(Hook::Send) == Some(crate::plan::Tier::Tracepoint);
-    (opts.udp_flows && send_by_tracepoint && crate::system::cgroup2_root().is_some())
+    let send_by_tracepoint =
+        opts.plan.tier_of(Hook::Send) == Some(crate::attach::plan::Tier::Tracepoint);
+    (opts.udp_flows && send_by_tracepoint && crate::host::system::cgroup2_root().is_some())
         .then_some(UDP_RELEASE)
 }
 
@@ -235,7 +237,7 @@ fn sendfile_in_send_len(plan: &Plan) -> bool {
 /// The TCP byte method these plans get (src/bpf/conn.bpf.h): the planner's
 /// choice, unless the `tcp_seq` test knob asks for per-call counting.
 pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
-    crate::plan::tcp_bytes_from_seq(hooks) && !crate::probe::tcp_seq_disabled()
+    crate::attach::plan::tcp_bytes_from_seq(hooks) && !crate::host::probe::tcp_seq_disabled()
 }
 
 /// The variant of a program written for this kernel's function signatures;
@@ -270,7 +272,7 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str>
 /// tier) go at the cgroup v2 root, through a bpf_link: multi-attach, so they
 /// run beside whatever else is attached there and judge nothing.
 fn attach_at_cgroup_root(prog: &libbpf_rs::ProgramMut<'_>) -> libbpf_rs::Result<Link> {
-    let root = crate::system::cgroup2_root().ok_or_else(|| {
+    let root = crate::host::system::cgroup2_root().ok_or_else(|| {
         libbpf_rs::Error::from(std::io::Error::new(
             std::io::ErrorKind::NotFound,
             "no cgroup2 mount",
@@ -318,7 +320,7 @@ fn attach_named(skel: &SocklensSkel<'_>, name: &str, hook: &str, tier: &str) -> 
     attach_program(&prog).map_err(|e| {
         Error::kernel(
             format!("{hook}: attaching {tier}program {name}"),
-            format!("{} ({e})", errno_name(&e)),
+            format!("{} ({e})", bpf_errno(&e)),
         )
     })
 }
@@ -326,9 +328,9 @@ fn attach_named(skel: &SocklensSkel<'_>, name: &str, hook: &str, tier: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Tier;
+    use crate::attach::plan::Tier;
 
-    /// Names in src/plan.rs and `shaped` must match programs in the object.
+    /// Names in src/attach/plan.rs and `shaped` must match programs in the object.
     #[test]
     fn every_planned_program_exists_in_the_object() {
         let mut storage = MaybeUninit::uninit();

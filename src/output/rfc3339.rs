@@ -13,7 +13,7 @@ use std::cell::Cell;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::json_writer::put_digits;
+use crate::output::json::put_digits;
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
