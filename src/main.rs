@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
+use socklens::attach::plan::Knobs;
 use socklens::cmd::Cli;
 
 fn libbpf_to_stderr(_level: libbpf_rs::PrintLevel, msg: String) {
@@ -36,10 +37,11 @@ fn parse_cli() -> Result<Cli, ExitCode> {
 }
 
 fn main() -> ExitCode {
-    let cli = match parse_cli() {
+    let mut cli = match parse_cli() {
         Ok(cli) => cli,
         Err(code) => return code,
     };
+    cli.knobs = Knobs::from_env();
     if cli.verbose {
         libbpf_rs::set_print(Some((libbpf_rs::PrintLevel::Debug, libbpf_to_stderr)));
     } else {

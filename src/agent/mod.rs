@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::accounting::Accountant;
-use crate::attach::plan::{Plan, Tier};
+use crate::attach::plan::{Knobs, Plan, Tier};
 use crate::error::{Error, Result};
 use crate::model::cg::op_name;
 use crate::model::Losses;
@@ -52,6 +52,7 @@ pub struct AgentArgs {
     pub explicit: bool,
     pub btf: PathBuf,
     pub force: Option<Tier>,
+    pub knobs: Knobs,
 }
 
 /// Validates the policy file the config names, before anything is changed.
@@ -96,6 +97,7 @@ fn request(config: &Config, args: &AgentArgs, policy_events: bool) -> TraceReque
         max_conns: config.max_conns,
         conn_events: true,
         udp_flows: true,
+        knobs: args.knobs.clone(),
     }
 }
 

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::attach::loader::BufferKind;
-use crate::attach::plan::Tier;
+use crate::attach::plan::{Knobs, Tier};
 use crate::error::Error;
 use crate::host::system::DEFAULT_BTF;
 use crate::model::Losses;
@@ -32,6 +32,10 @@ pub struct Cli {
     btf: PathBuf,
     #[command(subcommand)]
     command: Command,
+    /// Test knobs: not an option, the environment's `SOCKLENS_DISABLE`
+    /// (main reads it once).
+    #[arg(skip)]
+    pub knobs: Knobs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -316,6 +320,7 @@ impl CommonArgs {
             max_conns: self.max_conns,
             conn_events: true,
             udp_flows: false,
+            knobs: Knobs::default(),
         }
     }
 }
@@ -371,7 +376,9 @@ pub fn run(cli: &Cli) -> Result<(), Error> {
             // Block-buffered: stdout is line-buffered, a write(2) per event;
             // the event loop flushes after each batch it drains.
             let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
-            let summary = trace::run(&args.request(cli.btf.clone()), &stop, &mut out)?;
+            let mut req = args.request(cli.btf.clone());
+            req.knobs = cli.knobs.clone();
+            let summary = trace::run(&req, &stop, &mut out)?;
             report_losses(summary.events, &summary.losses);
             Ok(())
         }
@@ -383,6 +390,7 @@ pub fn run(cli: &Cli) -> Result<(), Error> {
                 false,
                 cli.btf.clone(),
             );
+            req.knobs = cli.knobs.clone();
             req.conn_events = false; // a snapshot reads the maps only
             req.udp_flows = true;
             let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
@@ -400,11 +408,14 @@ pub fn run(cli: &Cli) -> Result<(), Error> {
                 cli.btf.clone(),
             );
             req.udp_flows = true;
+            req.knobs = cli.knobs.clone();
             let losses = top::run(&req, &args.options(), &stop, &mut stdout)?;
             report_losses(0, &losses);
             Ok(())
         }
-        Command::Doctor { attach } => doctor::run(&cli.btf, attach.forced(), &mut stdout),
+        Command::Doctor { attach } => {
+            doctor::run(&cli.btf, attach.forced(), &cli.knobs, &mut stdout)
+        }
         Command::Policy(cmd) => run_policy(cmd, &stop, &mut stdout),
         Command::Down => crate::policy::down(&mut stdout),
         Command::Agent(args) => {
@@ -420,6 +431,7 @@ pub fn run(cli: &Cli) -> Result<(), Error> {
                     .unwrap_or_else(|| crate::agent::config::DEFAULT_PATH.into()),
                 btf: cli.btf.clone(),
                 force: args.attach.forced(),
+                knobs: cli.knobs.clone(),
             };
             crate::agent::run(&agent_args, &stop, &hup)
         }

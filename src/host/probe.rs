@@ -225,9 +225,6 @@ impl Prober {
     }
 
     fn probe_one(&self, req: Requirement) -> Result<(), String> {
-        if disabled_by_env(req) {
-            return Err(format!("turned off by {DISABLE_ENV}"));
-        }
         match req {
             Requirement::Fentry(func) => self.fentry(func),
             Requirement::Kprobe(func) => self.kprobe(func),
@@ -387,37 +384,6 @@ impl Prober {
             Err(format!("not in {}", self.tracefs.join("events").display()))
         }
     }
-}
-
-/// Test knob: a comma-separated list of BTF tracepoint names (say
-/// `sock_send_length`) and `cgroup` to treat as missing (and `tcp_seq` and
-/// `state_close`, below), so the suite can run the fallback variants of the tracepoint tier
-/// on a kernel that has the better ones (as on kernels before 6.3).
-const DISABLE_ENV: &str = "SOCKLENS_DISABLE";
-
-fn disabled_by_env(req: Requirement) -> bool {
-    match req {
-        Requirement::TpBtf(_, name) => knob_names(name),
-        Requirement::CgroupV2 => knob_names("cgroup"),
-        _ => false,
-    }
-}
-
-/// The same knob's `tcp_seq`: count TCP bytes per send and receive even where
-/// the sequence counters would serve (bench/bench.py compares the two).
-pub fn tcp_seq_disabled() -> bool {
-    knob_names("tcp_seq")
-}
-
-/// The same knob's `state_close`: the state hook ignores TCP_CLOSE, as when
-/// the kernel skips its run, so the suite can check that socket destruction
-/// still reports every close exactly.
-pub fn state_close_disabled() -> bool {
-    knob_names("state_close")
-}
-
-fn knob_names(name: &str) -> bool {
-    std::env::var(DISABLE_ENV).is_ok_and(|list| list.split(',').any(|k| k.trim() == name))
 }
 
 /// Programs in one batched fentry trial load (copies in src/bpf/probe.bpf.c).

@@ -11,10 +11,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::attach::loader::{self, BufferKind, Filters, LoadOptions, Session};
-use crate::attach::plan::{self, Hook, Plan, PlanOptions, Tier};
+use crate::attach::plan::{self, Hook, Knobs, Plan, PlanOptions, Tier};
 use crate::error::{Error, Result};
 use crate::host::cgroup::{self, CgroupPaths};
-use crate::host::probe::{self, KernelShape, Prober};
+use crate::host::probe::{self, Prober};
 use crate::host::system;
 use crate::model::{Conn, ConnEventKind, Event, SockEventKind};
 use crate::output::{Clock, Renderer};
@@ -98,6 +98,8 @@ pub struct TraceRequest {
     /// snapshots (`conns`, `top`, the agent), whose refreshes remove the
     /// flows of closed sockets. `trace` has no UDP events.
     pub udp_flows: bool,
+    /// Test knobs (`SOCKLENS_DISABLE`), read once by the command line.
+    pub knobs: Knobs,
 }
 
 impl TraceRequest {
@@ -183,7 +185,6 @@ pub struct Prepared {
     pub filters: Filters,
     pub plan: Plan,
     pub buffer: BufferKind,
-    pub shape: KernelShape,
 }
 
 /// Validates, checks the host and works out the plan, without loading anything.
@@ -213,6 +214,10 @@ pub fn prepare(req: &TraceRequest) -> Result<Prepared> {
             hooks,
             force: req.force,
             optional: req.optional_hooks(),
+            knobs: req.knobs.clone(),
+            shape: prober.kernel_shape(),
+            track_conns: req.tracks_conns(),
+            udp_flows: req.udp_flows,
         },
     )?;
     let buffer = match req.buffer {
@@ -224,7 +229,6 @@ pub fn prepare(req: &TraceRequest) -> Result<Prepared> {
         filters,
         plan,
         buffer,
-        shape: prober.kernel_shape(),
     })
 }
 
@@ -314,7 +318,6 @@ pub fn with_session<T>(
             max_conns: req.tracks_conns().then_some(req.max_conns),
             conn_events: req.conn_events,
             udp_flows: req.udp_flows,
-            shape: prepared.shape,
             btf: custom_btf(&req.btf),
         },
     )?;

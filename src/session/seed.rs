@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use libbpf_rs::{Iter, Link, MapCore, MapFlags};
 use nix::sched::{setns, CloneFlags};
 
-use crate::attach::loader::{Session, SEED_TCP, SEED_UDP};
+use crate::attach::loader::Session;
+use crate::attach::plan::{SEED_TCP, SEED_UDP};
 use crate::error::{Error, Result};
 use crate::model::Conn;
 use crate::skel::types::{sl_conn, sl_conn_flag, sl_udp_flow, sl_udp_key};
