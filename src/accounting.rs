@@ -90,7 +90,7 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub fn of(c: &Conn) -> Self {
+    fn of(c: &Conn) -> Self {
         Self {
             tx: c.tx_bytes,
             rx: c.rx_bytes,
@@ -460,6 +460,19 @@ impl View {
 }
 
 #[cfg(test)]
+impl Activity {
+    /// A connection's whole counters as one interval's share, for unit tests.
+    pub fn sample(conn: Conn, closed: bool) -> Self {
+        Self {
+            delta: Counters::of(&conn),
+            conn,
+            peer: None,
+            closed,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::Direction;
@@ -591,12 +604,7 @@ mod tests {
     }
 
     fn activity(c: Conn, closed: bool) -> Activity {
-        Activity {
-            delta: Counters::of(&c),
-            conn: c,
-            peer: None,
-            closed,
-        }
+        Activity::sample(c, closed)
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use crate::model::{c_string, ip_from, Comm, DecodeError, Event};
+use crate::model::raw::{c_string, ip_from, Comm, DecodeError};
 use crate::skel::policy::types::{slp_event, slp_event_kind, slp_op};
 
 /// One record of slp_events: an observed call or a policy verdict.
@@ -78,7 +78,7 @@ pub fn op_name(op: u8) -> &'static str {
 }
 
 /// Decodes one slp_events record.
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<CgEvent, DecodeError> {
     let mut raw = slp_event::default();
     plain::copy_from_bytes(&mut raw, bytes).map_err(|_| DecodeError::Short(bytes.len()))?;
     let e = CgEvent {
@@ -108,5 +108,5 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     if e.name() == "unknown" {
         return Err(DecodeError::UnknownKind(raw.kind));
     }
-    Ok(Event::Cg(e))
+    Ok(e)
 }

@@ -5,10 +5,11 @@ use std::net::IpAddr;
 
 use serde_json::{json, Value};
 
+use crate::host::cgroup::CgroupPaths;
 use crate::model::cg::{op_name, CgEvent};
 use crate::model::names::{level_name, type_name};
 use crate::model::{errno_name, family_name, proto_name};
-use crate::output::Renderer;
+use crate::output::rfc3339::Clock;
 use crate::skel::policy::types::{slp_action, slp_event_kind, slp_mode};
 
 fn opt_errno(ret: i32) -> Option<String> {
@@ -17,11 +18,11 @@ fn opt_errno(ret: i32) -> Option<String> {
 }
 
 /// One JSON object per event, with the fields bind/listen events have.
-pub fn json(r: &mut Renderer, e: &CgEvent) -> Value {
-    let cgroup = r.cgroups.as_mut().and_then(|c| c.path_of(e.cgroup_id));
+pub fn json(clock: &Clock, cgroups: Option<&mut CgroupPaths>, e: &CgEvent) -> Value {
+    let cgroup = cgroups.and_then(|c| c.path_of(e.cgroup_id));
     let mut v = json!({
         "event": e.name(),
-        "time": r.clock.iso(e.ts_ns),
+        "time": clock.iso(e.ts_ns),
         "time_ns": e.ts_ns,
         "pid": e.pid,
         "tid": e.tid,
@@ -76,8 +77,8 @@ pub fn json(r: &mut Renderer, e: &CgEvent) -> Value {
 }
 
 /// The columns form: time, event, pid, comm, then what the event is about.
-pub fn columns(r: &Renderer, e: &CgEvent) -> String {
-    let t = r.clock.wall(e.ts_ns);
+pub fn columns(clock: &Clock, e: &CgEvent) -> String {
+    let t = clock.wall(e.ts_ns);
     let what = match slp_event_kind(e.kind) {
         slp_event_kind::SLP_EV_SOCK_CREATE => format!(
             "{} {} {}",
@@ -146,7 +147,7 @@ fn fmt_addr(e: &CgEvent) -> String {
 mod tests {
     use super::*;
     use crate::model::cg::decode;
-    use crate::model::{DecodeError, Event};
+    use crate::model::DecodeError;
     use crate::skel::policy::types::{slp_event, slp_op};
 
     fn raw(kind: slp_event_kind) -> slp_event {
@@ -174,20 +175,16 @@ mod tests {
         unsafe { plain::as_bytes(r) }.to_vec()
     }
 
-    fn renderer() -> Renderer {
-        Renderer {
-            clock: crate::output::Clock::now(),
-            cgroups: None,
-            json: true,
-        }
+    fn json_of(e: &CgEvent) -> Value {
+        json(&Clock::now(), None, e)
     }
 
     #[test]
     fn deny_json_names_rule_and_errno() {
-        let Ok(Event::Cg(e)) = decode(&bytes(&raw(slp_event_kind::SLP_EV_POLICY_DENY))) else {
+        let Ok(e) = decode(&bytes(&raw(slp_event_kind::SLP_EV_POLICY_DENY))) else {
             panic!("decode");
         };
-        let v = json(&mut renderer(), &e);
+        let v = json_of(&e);
         assert_eq!(v["event"], "policy_deny");
         assert_eq!(v["op"], "connect");
         assert_eq!(v["rule_id"], 12);
@@ -199,18 +196,18 @@ mod tests {
 
     #[test]
     fn sock_create_has_no_address_and_release_has_lifetime() {
-        let Ok(Event::Cg(e)) = decode(&bytes(&raw(slp_event_kind::SLP_EV_SOCK_CREATE))) else {
+        let Ok(e) = decode(&bytes(&raw(slp_event_kind::SLP_EV_SOCK_CREATE))) else {
             panic!("decode");
         };
-        let v = json(&mut renderer(), &e);
+        let v = json_of(&e);
         assert_eq!(v["type"], "stream");
         assert!(v.get("addr").is_none());
         let mut r = raw(slp_event_kind::SLP_EV_SOCK_RELEASE);
         r.lifetime_ns = 0;
-        let Ok(Event::Cg(e)) = decode(&bytes(&r)) else {
+        let Ok(e) = decode(&bytes(&r)) else {
             panic!("decode");
         };
-        assert_eq!(json(&mut renderer(), &e)["lifetime_ns"], Value::Null);
+        assert_eq!(json_of(&e)["lifetime_ns"], Value::Null);
     }
 
     #[test]

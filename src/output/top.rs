@@ -369,19 +369,14 @@ pub fn write_json(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::accounting::{Counters, SortKey};
+    use crate::accounting::SortKey;
 
     fn conn(sk: u64, start_ns: u64, tx: u64, rx: u64) -> Conn {
         Conn::sample(sk, start_ns, tx, rx)
     }
 
     fn activity(c: Conn, closed: bool) -> Activity {
-        Activity {
-            delta: Counters::of(&c),
-            conn: c,
-            peer: None,
-            closed,
-        }
+        Activity::sample(c, closed)
     }
 
     use crate::model::Losses;

@@ -20,7 +20,6 @@ use serde_json::{json, Value};
 use crate::error::{Error, Result};
 use crate::host::cgroup::CgroupPaths;
 use crate::host::system;
-use crate::model::cg;
 use crate::model::names::type_name;
 use crate::model::{ip_from, Event};
 use crate::output::{Clock, Renderer};
@@ -98,7 +97,7 @@ pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64>
     {
         let queue = std::rc::Rc::clone(&queue);
         b.add(&maps.events, move |bytes: &[u8]| {
-            if let Ok(e) = cg::decode(bytes) {
+            if let Ok(e) = crate::model::decode_cg(bytes) {
                 queue.borrow_mut().push(e);
             }
             0

@@ -350,14 +350,14 @@ pub fn with_session<T>(
     if let Some(cg) = &cg_session {
         extras.push(ExtraSource {
             map: &cg.skel.maps.slp_events,
-            decode: crate::model::cg::decode,
+            decode: crate::model::decode_cg,
             lost: Box::new(|| crate::skel::percpu_sum(&cg.skel.maps.slp_lost, 0)),
         });
     }
     if let Some(maps) = &pinned {
         extras.push(ExtraSource {
             map: &maps.events,
-            decode: crate::model::cg::decode,
+            decode: crate::model::decode_cg,
             lost: Box::new(|| 0),
         });
     }
