@@ -369,6 +369,7 @@ mod tests {
     }
 
     #[test]
+    #[ignore = "needs root: ./test.sh"]
     fn a_new_netns_has_no_sockets_until_one_is_bound() {
         assert!(
             nix::unistd::geteuid().is_root(),
