@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use crate::plan::PlanError;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(
@@ -15,8 +13,9 @@ pub enum Error {
     /// Bad user input: a one-line message naming the problem.
     #[error("{0}")]
     Usage(String),
+    /// No attach method serves a hook (attach::plan::PlanError).
     #[error(transparent)]
-    Plan(#[from] PlanError),
+    Plan(Box<dyn std::error::Error + Send + Sync>),
     #[error("{what}: {detail}")]
     Kernel { what: String, detail: String },
 }
@@ -36,6 +35,21 @@ impl Error {
             detail: detail.to_string(),
         }
     }
+}
+
+/// Short errno-style name for a libbpf error, for one-line reasons.
+pub fn bpf_errno(err: &libbpf_rs::Error) -> String {
+    let name = match err.kind() {
+        libbpf_rs::ErrorKind::PermissionDenied => "EPERM",
+        libbpf_rs::ErrorKind::NotFound => "ENOENT",
+        libbpf_rs::ErrorKind::InvalidInput => "EINVAL",
+        libbpf_rs::ErrorKind::Unsupported => "EOPNOTSUPP",
+        libbpf_rs::ErrorKind::AlreadyExists => "EEXIST",
+        libbpf_rs::ErrorKind::OutOfMemory => "ENOMEM",
+        libbpf_rs::ErrorKind::WouldBlock => "EAGAIN",
+        _ => return err.to_string(),
+    };
+    name.to_owned()
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,26 +1,19 @@
 //! socklens: see and control every socket on a Linux host with eBPF.
 //!
-//! The modules read as the pipeline: `probe` (what the kernel can do) →
-//! `plan` (pure: capabilities + options → attach tier per hook) → `loader` →
-//! `events` (ring/perf buffer) → `model` (typed events) → `output`.
+//! The folders read as the pipeline (ARCHITECTURE.md): `host` (what the
+//! kernel offers) → `attach` (the pure plan, then loading it) → `session`
+//! (a live tracing session and its event stream) → `model` (typed records)
+//! → `accounting` (per-interval figures) → `output` (every rendering);
+//! `policy` and `agent` beside them, and the commands in `cmd`.
 
+pub mod accounting;
 pub mod agent;
-pub mod cgevents;
-pub mod cgroup;
-pub mod cgroup_attach;
-pub mod conns;
-pub mod doctor;
+pub mod attach;
+pub mod cmd;
 pub mod error;
-pub mod events;
-pub mod json_writer;
-pub mod loader;
+pub mod host;
 pub mod model;
 pub mod output;
-pub mod plan;
 pub mod policy;
-pub mod probe;
-pub mod rfc3339;
+pub mod session;
 pub mod skel;
-pub mod system;
-pub mod top;
-pub mod trace;

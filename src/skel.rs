@@ -83,3 +83,17 @@ mod policy_plain {
     unsafe impl plain::Plain for slp_create_rule {}
     unsafe impl plain::Plain for slp_rule_info {}
 }
+
+/// Sum over CPUs of slot `idx` of a per-CPU array of u64 counters.
+pub fn percpu_sum(map: &dyn libbpf_rs::MapCore, idx: u32) -> u64 {
+    map.lookup_percpu(&idx.to_ne_bytes(), libbpf_rs::MapFlags::ANY)
+        .ok()
+        .flatten()
+        .map(|cpus| {
+            cpus.iter()
+                .filter_map(|v| v.get(..8).and_then(|b| b.try_into().ok()))
+                .map(u64::from_ne_bytes)
+                .sum()
+        })
+        .unwrap_or(0)
+}

@@ -35,12 +35,14 @@ fn bad_pid() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn nonexistent_pid() {
     require_root();
     assert_one_line_error(&["trace", "--pid", "2147483000"], 2, "no such process");
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn nonexistent_cgroup() {
     require_root();
     assert_one_line_error(
@@ -65,6 +67,7 @@ fn unknown_attach_tier() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn missing_btf_is_one_line() {
     require_root();
     assert_one_line_error(
@@ -75,6 +78,7 @@ fn missing_btf_is_one_line() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn not_root_is_one_line() {
     require_root();
     let out = Command::new(SOCKLENS)
@@ -115,6 +119,7 @@ fn doctor_hooks(text: &str) -> Vec<(String, String, Vec<String>)> {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn doctor_reports_tier_per_hook_and_why_better_ones_lost() {
     require_root();
     let (code, out, err) = socklens(&["doctor"]);
@@ -179,6 +184,7 @@ fn doctor_reports_tier_per_hook_and_why_better_ones_lost() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn forced_tier_the_kernel_lacks_fails_with_the_reason() {
     require_root();
     let (_, doctor, _) = socklens(&["doctor"]);
@@ -209,6 +215,7 @@ fn forced_tier_the_kernel_lacks_fails_with_the_reason() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn forced_tier_the_kernel_has_is_used() {
     require_root();
     let (_, doctor, _) = socklens(&["doctor"]);
@@ -241,6 +248,7 @@ fn hook_line<'a>(doctor: &'a str, hook: &str) -> &'a str {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn tracepoint_tier_uses_syscall_exits_only_without_the_socket_tracepoints() {
     require_root();
     let has = |cat: &str, name: &str| {

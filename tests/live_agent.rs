@@ -396,6 +396,7 @@ fn sum_bytes(report: &Value, idx: &[usize]) -> f64 {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn prometheus_stores_exact_counters_of_a_known_workload_and_promtool_accepts_the_text() {
     require_root();
     let _guard = PolicyGuard::new();
@@ -594,6 +595,7 @@ fn prometheus_stores_exact_counters_of_a_known_workload_and_promtool_accepts_the
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn sighup_switches_policy_without_a_gap_and_bad_reloads_keep_the_old_config() {
     require_root();
     let _guard = PolicyGuard::new();
@@ -786,6 +788,7 @@ fn non_loopback_address() -> Option<IpAddr> {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn metrics_endpoint_defaults_to_loopback_only() {
     require_root();
     let dir = temp_dir("lo");

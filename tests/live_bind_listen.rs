@@ -88,11 +88,13 @@ fn binds_report_assigned_ports(netns: Option<&Netns>) {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn bind_port_zero_reports_assigned_port_host_netns() {
     binds_report_assigned_ports(None);
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn bind_port_zero_reports_assigned_port_test_netns() {
     let ns = Netns::new("b");
     binds_report_assigned_ports(Some(&ns));
@@ -104,6 +106,7 @@ fn free_port_v6_udp() -> u16 {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn bind_fixed_port_and_socket_options() {
     require_root();
     let comm = unique("slopt");
@@ -131,6 +134,7 @@ fn bind_fixed_port_and_socket_options() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn failed_bind_reports_errno_and_requested_address() {
     require_root();
     let holder = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -181,11 +185,13 @@ fn listen_backlogs(netns: Option<&Netns>) {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn listen_backlog_capped_by_somaxconn_host_netns() {
     listen_backlogs(None);
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn listen_backlog_capped_by_the_sockets_own_netns_somaxconn() {
     let ns = Netns::new("l");
     // A cap unlike the host's proves the netns' own sysctl is what applies.
@@ -194,6 +200,7 @@ fn listen_backlog_capped_by_the_sockets_own_netns_somaxconn() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn pid_filter_drops_other_processes() {
     require_root();
     let comm = unique("slpid");
@@ -223,6 +230,7 @@ fn wanted_pid(tb: &Value) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn netns_filter_keeps_only_that_namespace() {
     require_root();
     let ns = Netns::new("f");
@@ -258,6 +266,7 @@ fn netns_filter_keeps_only_that_namespace() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn family_filter_keeps_only_ipv6() {
     require_root();
     let comm = unique("slv6");
@@ -275,6 +284,7 @@ fn family_filter_keeps_only_ipv6() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn cgroup_filter_and_cgroup_path() {
     require_root();
     let cg = Cgroup::new("c");
@@ -308,6 +318,7 @@ fn cgroup_filter_and_cgroup_path() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn perf_buffer_fallback_delivers_events() {
     require_root();
     let comm = unique("slperf");
@@ -324,6 +335,7 @@ fn perf_buffer_fallback_delivers_events() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn sigterm_detaches_everything() {
     require_root();
     let before = socklens_programs();
@@ -346,6 +358,7 @@ fn sigterm_detaches_everything() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn columns_output_names_the_event() {
     require_root();
     let comm = unique("slcol");

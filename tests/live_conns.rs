@@ -158,21 +158,25 @@ fn check_bytes(client: &[&str], sent: u64, family: &str) {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn many_small_writes_exact() {
     check_bytes(&["send,0,100000,100"], 100_000, "inet");
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn one_large_write_exact() {
     check_bytes(&["send,0,4000000,4000000"], 4_000_000, "inet");
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn ipv6_exact() {
     check_bytes(&["send,0,250000,1000"], 250_000, "inet6");
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn trickling_sender_blocking_reader_not_overcounted() {
     require_root();
     // The reader blocks in recv() with a 1 MiB buffer while data trickles in:
@@ -205,6 +209,7 @@ fn trickling_sender_blocking_reader_not_overcounted() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn peek_is_not_counted() {
     require_root();
     let (server, _client, stopped) = exchange(
@@ -235,6 +240,7 @@ fn peek_is_not_counted() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn sendfile_bytes_equal_file_size() {
     require_root();
     let path = std::env::temp_dir().join(format!("sl-sendfile-{}", std::process::id()));
@@ -271,6 +277,7 @@ fn sendfile_bytes_equal_file_size() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn active_closer_reading_after_fin_keeps_one_record() {
     require_root();
     // The client half-closes, the server answers and closes: the client's
@@ -309,6 +316,7 @@ fn active_closer_reading_after_fin_keeps_one_record() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn reset_by_unread_close_counts_what_was_accepted_and_what_was_read() {
     require_root();
     // The server reads 1,000 of 5,000 bytes and closes: the unread data
@@ -339,6 +347,7 @@ fn reset_by_unread_close_counts_what_was_accepted_and_what_was_read() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn veth_between_two_netns_exact_with_each_sides_netns() {
     require_root();
     let pair = NetnsPair::new("v");
@@ -370,6 +379,7 @@ fn veth_between_two_netns_exact_with_each_sides_netns() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn failed_connect_is_refused() {
     require_root();
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -397,6 +407,7 @@ fn failed_connect_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn owner_cgroup_netns_and_comm_match_the_opener() {
     require_root();
     let cg = Cgroup::new("o");
@@ -445,6 +456,7 @@ fn owner_cgroup_netns_and_comm_match_the_opener() {
 /// An accepted socket is tracked in softirq, before anyone owns it: its first
 /// send or receive names the owner, whatever that first call is.
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn accepted_socket_is_owned_whatever_its_first_call() {
     require_root();
     let comm = unique("slfirst");
@@ -499,6 +511,7 @@ fn accepted_socket_is_owned_whatever_its_first_call() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn udp_unconnected_socket_to_three_peers_exact_per_peer() {
     require_root();
     let receivers = Bed::spawn(&[
@@ -558,6 +571,7 @@ fn udp_unconnected_socket_to_three_peers_exact_per_peer() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn udp_receiver_counts_per_sender() {
     require_root();
     let comm = unique("sludpq");
@@ -610,6 +624,7 @@ fn udp_receiver_counts_per_sender() {
 /// A UDP socket ends without an event: a snapshot must not list a closed
 /// one (its flows included), and must still list one that lives.
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn closed_udp_socket_leaves_the_snapshot_with_its_flows() {
     require_root();
     let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -640,6 +655,7 @@ fn closed_udp_socket_leaves_the_snapshot_with_its_flows() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn retransmits_equal_the_kernels_own_count_under_loss() {
     require_root();
     let pair = NetnsPair::new("r");
@@ -735,6 +751,7 @@ fn ss_rtt(port: u64) -> (f64, f64) {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn rtt_matches_ss_and_existing_connections_are_seeded() {
     require_root();
     // Established before socklens starts, then idle: srtt no longer moves.
@@ -782,6 +799,7 @@ fn rtt_matches_ss_and_existing_connections_are_seeded() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn connection_opened_before_start_counts_from_start() {
     require_root();
     let mut server = Bed::spawn(&[
@@ -905,6 +923,7 @@ fn waiting(map: &libbpf_rs::MapHandle, cookie: u64) -> u32 {
 
 /// 10,000 on the host; SOCKLENS_TEST_SCALE shrinks it in the VMs (1,000 at 0.1).
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn no_stale_entries_after_10000_short_connections() {
     require_root();
     let comm = unique("slchurn");
@@ -957,6 +976,7 @@ fn no_stale_entries_after_10000_short_connections() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn listener_opened_after_start_is_listed_with_its_owner() {
     require_root();
     let comm = unique("sllisten");

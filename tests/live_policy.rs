@@ -149,6 +149,7 @@ const SERVE_V4: [&str; 3] = [
 const SERVE_V6: [&str; 2] = ["serve,tcp6,::1,7050", "serve,tcp6,::1,7200"];
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn connect_denied_cidr_and_ports_fail_with_eacces_others_and_sibling_succeed() {
     let bed = Bed::new("pc");
     let p = bed.policy(
@@ -199,6 +200,7 @@ fn connect_denied_cidr_and_ports_fail_with_eacces_others_and_sibling_succeed() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn precedence_longest_prefix_then_narrowest_ports_then_deny() {
     let bed = Bed::new("pp");
     let p = bed.policy(
@@ -288,6 +290,7 @@ fn precedence_longest_prefix_then_narrowest_ports_then_deny() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn bind_to_denied_port_range_fails_tcp_udp_v4_v6() {
     let bed = Bed::new("pb");
     let p = bed.policy(
@@ -328,6 +331,7 @@ fn bind_to_denied_port_range_fails_tcp_udp_v4_v6() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn udp_sendto_denied_destination_fails_with_eperm() {
     let bed = Bed::new("ps");
     let p = bed.policy(
@@ -355,6 +359,7 @@ fn udp_sendto_denied_destination_fails_with_eperm() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn creating_denied_socket_types_fails() {
     let bed = Bed::new("pk");
     let p = bed.policy(
@@ -391,6 +396,7 @@ fn creating_denied_socket_types_fails() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn scope_default_deny_and_deny_events_name_the_rule() {
     let bed = Bed::new("pd");
     let p = bed.policy(
@@ -466,6 +472,7 @@ fn scope_default_deny_and_deny_events_name_the_rule() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn audit_mode_lets_calls_through_and_reports_the_rule() {
     let bed = Bed::new("pa");
     let p = bed.policy(
@@ -525,6 +532,7 @@ fn audit_mode_lets_calls_through_and_reports_the_rule() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn survives_kill_9_of_the_applier_then_remove_restores_and_leaves_nothing() {
     let bed = Bed::new("pq");
     let p = bed.policy(
@@ -593,6 +601,7 @@ fn survives_kill_9_of_the_applier_then_remove_restores_and_leaves_nothing() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn new_policy_applied_during_a_connect_loop_judges_every_attempt_by_old_or_new() {
     let bed = Bed::new("pw");
     let a = bed.policy(
@@ -671,6 +680,7 @@ fn new_policy_applied_during_a_connect_loop_judges_every_attempt_by_old_or_new()
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn reapply_keeps_links_and_flips_generation_and_down_removes_everything() {
     let bed = Bed::new("pr");
     let a = bed.policy(

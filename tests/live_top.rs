@@ -294,6 +294,7 @@ fn sum(plan: &[Exchange], f: impl Fn(&Exchange) -> usize) -> u64 {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn once_json_by_process_counts_exact_interval_bytes() {
     let _serial = in_process_traffic();
     let plan = vec![
@@ -354,6 +355,7 @@ fn once_json_by_process_counts_exact_interval_bytes() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn by_cgroup_puts_a_child_in_a_fresh_cgroup_in_its_own_row() {
     let _serial = in_process_traffic();
     let plan = vec![Exchange {
@@ -406,6 +408,7 @@ fn conn_row<'a>(rows: &[&'a Value], sport: u16, dport: u16) -> &'a Value {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn json_by_conn_gives_each_interval_its_own_bytes() {
     let _serial = in_process_traffic();
     let me = std::process::id().to_string();
@@ -454,6 +457,7 @@ fn json_by_conn_gives_each_interval_its_own_bytes() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn once_text_is_plain_with_a_totals_header() {
     let _serial = in_process_traffic();
     let me = std::process::id().to_string();
@@ -562,12 +566,14 @@ fn assert_tui_ran_and_restored(status: ExitStatus, out: &str) {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn tui_quits_on_q_and_restores_the_terminal() {
     let (status, out) = tui_session(b"q");
     assert_tui_ran_and_restored(status, &out);
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn tui_quits_on_ctrl_c_and_restores_the_terminal() {
     // Raw mode delivers Ctrl-C as a key (0x03), not as SIGINT.
     let (status, out) = tui_session(b"\x03");

@@ -99,6 +99,7 @@ fn show() -> String {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn every_bad_file_fails_check_and_apply_and_leaves_the_policy_in_force() {
     let bed = Bed::new("bad");
     let cases = corpus(&bed.cg.rel);
@@ -126,6 +127,7 @@ fn every_bad_file_fails_check_and_apply_and_leaves_the_policy_in_force() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn more_rules_than_the_maps_hold() {
     let bed = Bed::new("big");
     let mut text = format!(
@@ -155,6 +157,7 @@ fn more_rules_than_the_maps_hold() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn check_accepts_a_good_file_without_applying_it() {
     let bed = Bed::new("ok");
     let (code, _, err) = socklens(&["policy", "remove"]);

@@ -94,7 +94,7 @@ impl Default for Config {
             interval: Duration::from_secs_f64(DEFAULT_INTERVAL_S),
             remote_address_label: false,
             remote_ports: Vec::new(),
-            max_conns: crate::trace::DEFAULT_MAX_CONNS,
+            max_conns: crate::session::DEFAULT_MAX_CONNS,
             cgroup: None,
         }
     }
@@ -237,9 +237,9 @@ impl Config {
             line: *line,
             msg,
         };
-        let root = crate::system::cgroup2_root()
+        let root = crate::host::system::cgroup2_root()
             .ok_or_else(|| err(format!("cgroup '{given}': cgroup v2 is not mounted")))?;
-        crate::cgroup::resolve(&root, given)
+        crate::host::cgroup::resolve(&root, given)
             .map(|_| ())
             .ok_or_else(|| {
                 err(format!(

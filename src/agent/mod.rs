@@ -5,7 +5,7 @@
 //! per-connection counters: each interval adds what a connection's counters
 //! grew by since the last read, and a connection that closed adds its final
 //! figures (from the close event) minus the same baseline, so every byte is
-//! counted once (the accounting of `top`, src/top.rs). Connection
+//! counted once (src/accounting.rs, shared with `top`). Connection
 //! opened/closed/failed counts, binds, listeners and policy verdicts come
 //! from events.
 
@@ -22,16 +22,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::cgevents::op_name;
-use crate::conns::{settled_snapshot, snapshot};
+use crate::accounting::Accountant;
+use crate::attach::plan::{Knobs, Plan, Tier};
 use crate::error::{Error, Result};
-use crate::events::Losses;
+use crate::model::cg::op_name;
+use crate::model::Losses;
 use crate::model::{Conn, ConnEventKind, Event, SockEventKind};
-use crate::plan::{Plan, Tier};
 use crate::policy::{self, file as policy_file};
+use crate::session::snapshot::{settled_snapshot, snapshot};
+use crate::session::{with_session, Live, TraceEvent, TraceRequest, POLL};
 use crate::skel::policy::types::slp_event_kind;
-use crate::top::Accountant;
-use crate::trace::{with_session, Live, TraceEvent, TraceRequest, POLL};
 
 use config::{Config, EventLog};
 use metrics::{LabelRules, Labels, Metrics};
@@ -52,6 +52,7 @@ pub struct AgentArgs {
     pub explicit: bool,
     pub btf: PathBuf,
     pub force: Option<Tier>,
+    pub knobs: Knobs,
 }
 
 /// Validates the policy file the config names, before anything is changed.
@@ -60,7 +61,7 @@ fn load_policy(config: &Config) -> Result<Option<policy::Policy>> {
         return Ok(None);
     };
     let root = policy_file::cgroup_root()?;
-    Ok(Some(policy_file::load(path, &root)?))
+    Ok(Some(policy::load(path, &root)?))
 }
 
 fn apply_policy(p: &policy::Policy) -> Result<String> {
@@ -96,6 +97,7 @@ fn request(config: &Config, args: &AgentArgs, policy_events: bool) -> TraceReque
         max_conns: config.max_conns,
         conn_events: true,
         udp_flows: true,
+        knobs: args.knobs.clone(),
     }
 }
 
@@ -140,7 +142,7 @@ pub fn run(args: &AgentArgs, stop: &AtomicBool, hup: &AtomicBool) -> Result<()> 
     config.check_cgroup()?;
     let policy = load_policy(&config)?;
     let log = open_log(config.event_log.as_ref())?;
-    crate::system::check_privileges()?;
+    crate::host::system::check_privileges()?;
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(http::Shared {
         metrics: Arc::clone(&metrics),

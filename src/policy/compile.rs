@@ -453,8 +453,9 @@ mod tests {
         dirs.insert("/".to_owned(), 1);
         dirs.insert("/app".to_owned(), 2);
         let text = format!("[[scope]]\ncgroup = \"app\"\n{rules}");
-        let err = parse("p.toml", &text, &CgroupTree { dirs }).unwrap_err();
-        assert_eq!(err.line, 100, "{err}");
-        assert!(err.msg.starts_with("rule 17: more than 16 rules"), "{err}");
+        let policy = parse("p.toml", &text, &CgroupTree { dirs }).unwrap();
+        let (line, msg) = check_capacity(&policy).unwrap_err();
+        assert_eq!(line, 100, "{msg}");
+        assert!(msg.starts_with("rule 17: more than 16 rules"), "{msg}");
     }
 }

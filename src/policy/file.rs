@@ -330,7 +330,8 @@ pub fn load(path: &Path, cgroup_root: &Path) -> Result<Policy, PolicyError> {
     parse(&file, &text, &CgroupTree::scan(cgroup_root))
 }
 
-/// Parses and validates policy text; `file` names it in errors.
+/// Parses and validates policy text; `file` names it in errors. The capacity
+/// of the compiled tables is `compile::check_capacity`'s (`policy::load`).
 pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, PolicyError> {
     let src = Src::new(file, text);
     let raw: RawPolicy = toml::from_str(text).map_err(|e| {
@@ -458,18 +459,11 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
             ),
         });
     }
-    let policy = Policy {
+    Ok(Policy {
         file: file.to_owned(),
         attach,
         scopes,
-    };
-    // Capacity of the compiled tables (prefix entries, rules per prefix).
-    crate::policy::compile::check_capacity(&policy).map_err(|(line, msg)| PolicyError {
-        file: file.to_owned(),
-        line,
-        msg,
-    })?;
-    Ok(policy)
+    })
 }
 
 fn scopes_name(scopes: &[Scope], i: usize) -> &str {
@@ -906,7 +900,7 @@ fn ports(src: &Src<'_>, id: u32, p: &Spanned<toml::Value>) -> Result<(u16, u16),
 
 /// Resolves the cgroup v2 root for policy files.
 pub fn cgroup_root() -> Result<PathBuf, crate::error::Error> {
-    crate::system::cgroup2_root()
+    crate::host::system::cgroup2_root()
         .ok_or_else(|| crate::error::Error::Usage("cgroup v2 is not mounted on this host".into()))
 }
 

@@ -17,15 +17,28 @@ use std::time::Duration;
 use libbpf_rs::RingBufferBuilder;
 use serde_json::{json, Value};
 
-use crate::cgevents;
-use crate::cgroup::CgroupPaths;
 use crate::error::{Error, Result};
+use crate::host::cgroup::CgroupPaths;
+use crate::host::system;
+use crate::model::names::type_name;
 use crate::model::{ip_from, Event};
 use crate::output::{Clock, Renderer};
 use crate::skel::policy::types::{slp_action, slp_limit, slp_mode, slp_op};
-use crate::system;
 
 pub use file::{Policy, PolicyError};
+
+/// Reads and validates a policy file: against the cgroup tree under
+/// `cgroup_root`, then against the capacity of the compiled tables (prefix
+/// entries, rules per prefix).
+pub fn load(path: &Path, cgroup_root: &Path) -> Result<Policy, PolicyError> {
+    let policy = file::load(path, cgroup_root)?;
+    compile::check_capacity(&policy).map_err(|(line, msg)| PolicyError {
+        file: policy.file.clone(),
+        line,
+        msg,
+    })?;
+    Ok(policy)
+}
 
 fn io_err(e: std::io::Error) -> Error {
     Error::kernel("writing output", e)
@@ -34,7 +47,7 @@ fn io_err(e: std::io::Error) -> Error {
 /// `policy check`: validates the whole file and reports what it would do.
 pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
     let root = file::cgroup_root()?;
-    let policy = file::load(path, &root)?;
+    let policy = load(path, &root)?;
     writeln!(
         out,
         "{}: ok: {} scopes, {} rules, {} cgroups governed, attach at {}",
@@ -52,7 +65,7 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
 pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
     let root = file::cgroup_root()?;
-    let policy = file::load(path, &root)?;
+    let policy = load(path, &root)?;
     let done = state::apply(&policy, &root)?;
     writeln!(
         out,
@@ -78,13 +91,13 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
 pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64> {
     let maps =
         state::PinnedMaps::open()?.ok_or_else(|| Error::Usage("no policy is applied".into()))?;
-    cgevents::drain(&maps.events)?;
+    maps.drain_events()?;
     let queue = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
     let mut b = RingBufferBuilder::new();
     {
         let queue = std::rc::Rc::clone(&queue);
         b.add(&maps.events, move |bytes: &[u8]| {
-            if let Ok(e) = cgevents::decode(bytes) {
+            if let Ok(e) = crate::model::decode_cg(bytes) {
                 queue.borrow_mut().push(e);
             }
             0
@@ -141,11 +154,11 @@ pub fn remove(out: &mut dyn Write) -> Result<()> {
 /// `socklens down`: detach and unpin everything socklens ever pinned.
 pub fn down(out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
-    crate::cgroup_attach::remove_all()?;
+    crate::attach::cgroup_attach::remove_all()?;
     writeln!(
         out,
         "socklens is down: nothing pinned or attached under {}",
-        crate::cgroup_attach::PIN_ROOT
+        crate::attach::cgroup_attach::PIN_ROOT
     )
     .map_err(io_err)
 }
@@ -194,7 +207,7 @@ pub fn show_value() -> Result<Option<Value>> {
         .map(|(name, link)| {
             json!({
                 "program": name,
-                "cgroup_id": crate::cgroup_attach::link_cgroup(link),
+                "cgroup_id": crate::attach::cgroup_attach::link_cgroup(link),
             })
         })
         .collect();
@@ -234,7 +247,7 @@ pub fn show_value() -> Result<Option<Value>> {
             });
             v["type"] = json!(match r.sock_type {
                 0 => "any".to_owned(),
-                t => cgevents::type_name(u16::from(t)),
+                t => type_name(u16::from(t)),
             });
         } else {
             v["cidr"] = json!(if r.prefix == u8::MAX {

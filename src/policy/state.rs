@@ -15,17 +15,18 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
 use plain::Plain;
 
-use crate::cgroup_attach::{link_cgroup, CgroupTarget, Pins};
+use crate::attach::cgroup_attach::{link_cgroup, CgroupTarget, Pins};
+use crate::error::bpf_errno;
 use crate::error::{Error, Result};
+use crate::host::system;
 use crate::policy::compile::{compile, Tables};
 use crate::policy::file::Policy;
-use crate::probe::errno_name;
+use crate::skel::percpu_sum;
 use crate::skel::policy::types::{
     slp_cgroup_key, slp_config, slp_create_key, slp_limit, slp_lpm_key, slp_rule_info,
     slp_scope_info,
 };
 use crate::skel::policy::{PolicySkel, PolicySkelBuilder};
-use crate::system;
 
 pub const COMPONENT: &str = "policy";
 
@@ -71,7 +72,7 @@ pub fn decode<T: Plain + Default>(b: &[u8]) -> Option<T> {
 }
 
 fn map_err(what: &str) -> impl Fn(libbpf_rs::Error) -> Error + '_ {
-    move |e| Error::kernel(what, format!("{} ({e})", errno_name(&e)))
+    move |e| Error::kernel(what, format!("{} ({e})", bpf_errno(&e)))
 }
 
 /// Serializes concurrent `policy` commands: an advisory lock on the bpffs root.
@@ -124,7 +125,7 @@ fn load_enforcing<'obj>(
             "loading the policy programs",
             format!(
                 "{} ({e}); if maps pinned by another socklens version are in the way, run `socklens policy remove`",
-                errno_name(&e)
+                bpf_errno(&e)
             ),
         )
     })
@@ -317,7 +318,7 @@ impl PinnedMaps {
             MapHandle::from_pinned_path(pins.map(name)).map_err(|e| {
                 Error::kernel(
                     format!("opening pinned map {}", pins.map(name).display()),
-                    errno_name(&e),
+                    bpf_errno(&e),
                 )
             })
         };
@@ -359,10 +360,20 @@ impl PinnedMaps {
         decode(&v)
     }
 
+    /// Discards what the pinned event buffer queued before we started reading it.
+    pub fn drain_events(&self) -> Result<()> {
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(&self.events, |_: &[u8]| 0)
+            .map_err(|e| Error::kernel("opening the policy event buffer", e))?;
+        let rb = b
+            .build()
+            .map_err(|e| Error::kernel("opening the policy event buffer", e))?;
+        rb.consume()
+            .map_err(|e| Error::kernel("reading the policy event buffer", e))
+    }
+
     /// Records the kernel could not queue on slp_events.
     pub fn lost(&self) -> u64 {
         percpu_sum(&self.lost, 0)
     }
 }
-
-pub use crate::events::percpu_sum;

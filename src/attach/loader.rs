@@ -8,16 +8,10 @@ use std::path::PathBuf;
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject, ProgramType};
 
+use crate::attach::plan::{Plan, Program};
+use crate::error::bpf_errno;
 use crate::error::{Error, Result};
-use crate::plan::{uses_program, Hook, HookPlan, Plan};
-use crate::probe::{errno_name, KernelShape};
 use crate::skel::{SocklensSkel, SocklensSkelBuilder};
-
-/// Socket iterators that seed connections which existed before start; they
-/// need no attach tier (src/conns.rs runs them).
-pub const SEED_TCP: &str = "sl_seed_tcp";
-pub const SEED_UDP: &str = "sl_seed_udp";
-pub const SEED_PROGRAMS: [&str; 2] = [SEED_TCP, SEED_UDP];
 
 /// In-kernel filters; `None` matches everything.
 #[derive(Debug, Clone, Default)]
@@ -47,7 +41,6 @@ pub struct LoadOptions<'a> {
     pub conn_events: bool,
     /// Account UDP traffic per (socket, peer) too.
     pub udp_flows: bool,
-    pub shape: KernelShape,
     /// BTF for CO-RE relocation when not the running kernel's default.
     pub btf: Option<PathBuf>,
 }
@@ -84,7 +77,7 @@ impl Session<'_> {
 }
 
 fn load_err(what: &str) -> impl Fn(libbpf_rs::Error) -> Error + '_ {
-    move |e| Error::kernel(what, format!("{} ({e})", errno_name(&e)))
+    move |e| Error::kernel(what, format!("{} ({e})", bpf_errno(&e)))
 }
 
 pub fn load<'obj>(
@@ -129,24 +122,7 @@ pub fn load<'obj>(
             .set_max_entries(1)
             .map_err(load_err("seeded_waiting map"))?;
     }
-    let mut wanted: std::collections::BTreeSet<&str> = opts
-        .plan
-        .programs()
-        .into_iter()
-        .filter_map(|p| shaped(p, opts.shape))
-        .collect();
-    if opts.max_conns.is_some() {
-        // The UDP iterator runs only where UDP is tracked (src/conns.rs, seed).
-        wanted.insert(SEED_TCP);
-        if opts.udp_flows {
-            wanted.insert(SEED_UDP);
-        }
-    }
-    if sendfile_in_send_len(opts.plan) {
-        wanted.remove(SENDFILE_LEN);
-    }
-    let udp_release = udp_release_program(opts);
-    wanted.extend(udp_release);
+    let wanted = opts.plan.names();
     for mut prog in open.open_object_mut().progs_mut() {
         let keep = prog.name().to_str().is_some_and(|n| wanted.contains(n));
         prog.set_autoload(keep);
@@ -161,10 +137,7 @@ pub fn load<'obj>(
             .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
             .map_err(load_err("setting the cgroup filter"))?;
     }
-    let mut links = attach(&skel, opts.plan, opts.shape)?;
-    if let Some(name) = udp_release {
-        links.push(attach_named(&skel, name, Hook::Send.name(), "")?);
-    }
+    let links = attach(&skel, opts.plan)?;
     Ok(Session {
         skel,
         buffer: opts.buffer,
@@ -195,82 +168,20 @@ fn write_filters(
     ro.track_conns = opts.max_conns.is_some();
     ro.conn_events = opts.conn_events;
     ro.track_udp = opts.udp_flows;
-    // The send hook misses sendfile data on tcp_sendpage kernels, and when it
-    // counts send syscalls rather than sock_sendmsg.
-    ro.sendfile_adds_tx = opts.shape.sendfile_bypasses_sendmsg
-        || opts
-            .plan
-            .hooks
-            .iter()
-            .any(|h| h.hook == Hook::Send && h.via_syscalls());
-    ro.recvmsg_has_nonblock = opts.shape.recvmsg_has_nonblock;
-    ro.sendfile_in_send_len = sendfile_in_send_len(opts.plan);
-    ro.tcp_bytes_from_seq = ro.track_conns && tcp_bytes_from_seq(&opts.plan.hooks);
-    ro.tracing_has_cookie_helper = opts.shape.tracing_cookie_helper;
-    ro.state_skips_close = crate::probe::state_close_disabled();
+    ro.sendfile_adds_tx = opts.plan.sendfile_adds_tx;
+    ro.recvmsg_has_nonblock = opts.plan.shape.recvmsg_has_nonblock;
+    ro.sendfile_in_send_len = opts.plan.sendfile_in_send_len;
+    ro.tcp_bytes_from_seq = ro.track_conns && opts.plan.tcp_bytes_from_seq;
+    ro.tracing_has_cookie_helper = opts.plan.shape.tracing_cookie_helper;
+    ro.state_skips_close = opts.plan.state_skips_close;
     Ok(())
-}
-
-const SEND_LEN: &str = "sl_tp_send_len";
-const SENDFILE_LEN: &str = "sl_tp_sendfile_len";
-const UDP_RELEASE: &str = "sl_cg_sock_release";
-
-/// The tracepoint tier has no tracepoint where a UDP socket ends; a cgroup
-/// sock_release program at the cgroup v2 root sees every inet socket's
-/// release. Without cgroup v2, snapshot refreshes remove ended UDP sockets.
-fn udp_release_program(opts: &LoadOptions<'_>) -> Option<&'static str> {
-    let send_by_tracepoint = opts.plan.tier_of(Hook::Send) == Some(crate::plan::Tier::Tracepoint);
-    (opts.udp_flows && send_by_tracepoint && crate::system::cgroup2_root().is_some())
-        .then_some(UDP_RELEASE)
-}
-
-/// Both the send and the sendfile hook on sock:sock_send_length: the send
-/// program does the sendfile check too, and the sendfile program stays out
-/// (two programs on one tracepoint cost a second dispatch on every send).
-fn sendfile_in_send_len(plan: &Plan) -> bool {
-    uses_program(&plan.hooks, Hook::Send, SEND_LEN)
-        && uses_program(&plan.hooks, Hook::Sendfile, SENDFILE_LEN)
-}
-
-/// The TCP byte method these plans get (src/bpf/conn.bpf.h): the planner's
-/// choice, unless the `tcp_seq` test knob asks for per-call counting.
-pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
-    crate::plan::tcp_bytes_from_seq(hooks) && !crate::probe::tcp_seq_disabled()
-}
-
-/// The variant of a program written for this kernel's function signatures;
-/// None where this kernel needs no such program: with BTF casts the bind and
-/// listen exits read the syscall's arguments from the saved registers, so
-/// no syscall entry tracepoint is enabled for them (each one enabled costs
-/// every syscall of every task). The `_cast` and `_btf` variants load only
-/// where the kernel has BTF casts.
-pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str> {
-    Some(match program {
-        "sl_tp_bind_enter" | "sl_tp_listen_enter" if shape.btf_casts => return None,
-        "sl_fx_accept" if shape.accept_has_flags => "sl_fx_accept_old",
-        "sl_tp_accept4_exit" if shape.btf_casts => "sl_tp_accept4_exit_btf",
-        "sl_tp_accept_exit" if shape.btf_casts => "sl_tp_accept_exit_btf",
-        "sl_tp_bind_exit" if shape.btf_casts => "sl_tp_bind_exit_btf",
-        "sl_tp_listen_exit" if shape.btf_casts => "sl_tp_listen_exit_btf",
-        "sl_tp_set_state" if shape.btf_casts => "sl_tp_set_state_cast",
-        "sl_tp_tcp_destroy" if shape.btf_casts => "sl_tp_tcp_destroy_cast",
-        "sl_fe_tcp_set_state" if shape.btf_casts => "sl_fe_tcp_set_state_cast",
-        "sl_fe_tcp_destroy" if shape.btf_casts => "sl_fe_tcp_destroy_cast",
-        "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
-        "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
-        "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",
-        "sl_fx_tcp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_tcp_recvmsg_na",
-        "sl_fx_udp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_udp_recvmsg_na",
-        "sl_fx_udp6_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_udp6_recvmsg_na",
-        other => other,
-    })
 }
 
 /// cgroup sock_addr programs that only observe (UDP peers for the tracepoint
 /// tier) go at the cgroup v2 root, through a bpf_link: multi-attach, so they
 /// run beside whatever else is attached there and judge nothing.
 fn attach_at_cgroup_root(prog: &libbpf_rs::ProgramMut<'_>) -> libbpf_rs::Result<Link> {
-    let root = crate::system::cgroup2_root().ok_or_else(|| {
+    let root = crate::host::system::cgroup2_root().ok_or_else(|| {
         libbpf_rs::Error::from(std::io::Error::new(
             std::io::ErrorKind::NotFound,
             "no cgroup2 mount",
@@ -281,23 +192,12 @@ fn attach_at_cgroup_root(prog: &libbpf_rs::ProgramMut<'_>) -> libbpf_rs::Result<
 }
 
 /// Attaches the plan's programs one by one, so a failure names its hook.
-fn attach(skel: &SocklensSkel<'_>, plan: &Plan, shape: KernelShape) -> Result<Vec<Link>> {
-    let mut links = Vec::new();
-    let merged = sendfile_in_send_len(plan);
-    for hook in &plan.hooks {
-        for name in hook.programs().iter().filter_map(|p| shaped(p, shape)) {
-            if merged && name == SENDFILE_LEN {
-                continue;
-            }
-            links.push(attach_named(
-                skel,
-                name,
-                hook.hook.name(),
-                &format!("{} ", hook.tier),
-            )?);
-        }
-    }
-    Ok(links)
+fn attach(skel: &SocklensSkel<'_>, plan: &Plan) -> Result<Vec<Link>> {
+    plan.programs
+        .iter()
+        .filter(|p| p.hook.is_some())
+        .map(|p| attach_named(skel, p))
+        .collect()
 }
 
 fn attach_program(prog: &libbpf_rs::ProgramMut<'_>) -> libbpf_rs::Result<Link> {
@@ -307,18 +207,20 @@ fn attach_program(prog: &libbpf_rs::ProgramMut<'_>) -> libbpf_rs::Result<Link> {
     }
 }
 
-/// Attaches program `name` of `hook`; `tier` ("fentry ", or "" for a
-/// program outside the plan) is for the error.
-fn attach_named(skel: &SocklensSkel<'_>, name: &str, hook: &str, tier: &str) -> Result<Link> {
+/// Attaches one program; the error names its hook and tier.
+fn attach_named(skel: &SocklensSkel<'_>, p: &Program) -> Result<Link> {
+    let hook = p.hook.map_or("", |h| h.name());
+    let tier = p.tier.map(|t| format!("{t} ")).unwrap_or_default();
+    let name = p.name;
     let prog = skel
         .object()
         .progs_mut()
-        .find(|p| p.name() == name)
+        .find(|prog| prog.name() == name)
         .ok_or_else(|| Error::kernel(format!("{hook}: program {name}"), "missing from object"))?;
     attach_program(&prog).map_err(|e| {
         Error::kernel(
             format!("{hook}: attaching {tier}program {name}"),
-            format!("{} ({e})", errno_name(&e)),
+            format!("{} ({e})", bpf_errno(&e)),
         )
     })
 }
@@ -326,9 +228,10 @@ fn attach_named(skel: &SocklensSkel<'_>, name: &str, hook: &str, tier: &str) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::Tier;
+    use crate::attach::plan::{matrix, shaped, Hook, SEED_PROGRAMS};
+    use crate::host::probe::KernelShape;
 
-    /// Names in src/plan.rs and `shaped` must match programs in the object.
+    /// Names in src/attach/plan.rs and `shaped` must match programs in the object.
     #[test]
     fn every_planned_program_exists_in_the_object() {
         let mut storage = MaybeUninit::uninit();
@@ -370,52 +273,13 @@ mod tests {
         for p in SEED_PROGRAMS {
             assert!(names.iter().any(|n| n == p), "no program {p}");
         }
-    }
-
-    /// With BTF casts no syscall entry program is needed: the exits read
-    /// the arguments themselves.
-    #[test]
-    fn btf_casts_leave_no_syscall_entry_program() {
-        let casts = KernelShape {
-            btf_casts: true,
-            ..KernelShape::default()
-        };
-        for hook in [Hook::Bind, Hook::Listen] {
-            for spec in hook.tiers() {
-                let entries: Vec<&str> = spec
-                    .programs
-                    .iter()
-                    .filter_map(|p| shaped(p, casts))
-                    .filter(|p| p.ends_with("_enter"))
-                    .collect();
-                assert!(entries.is_empty(), "{hook}: {entries:?}");
-            }
-        }
-        assert_eq!(
-            shaped("sl_tp_bind_enter", KernelShape::default()),
-            Some("sl_tp_bind_enter")
-        );
-    }
-
-    /// The state and destroy hooks of the fentry and tracepoint tiers load
-    /// their `_cast` variants exactly where the kernel has BTF casts (the
-    /// variants call bpf_rdonly_cast, which older kernels refuse).
-    #[test]
-    fn state_and_destroy_cast_only_with_btf_casts() {
-        let casts = KernelShape {
-            btf_casts: true,
-            ..KernelShape::default()
-        };
-        for tier in [Tier::Fentry, Tier::Tracepoint] {
-            let spec = Hook::State
-                .tiers()
-                .iter()
-                .find(|s| s.tier == tier)
-                .expect("state tier");
-            for p in spec.programs {
-                assert_eq!(shaped(p, KernelShape::default()), Some(*p));
-                let cast = shaped(p, casts).expect("a program");
-                assert_eq!(cast, format!("{p}_cast"), "{tier}");
+        for (cell, plan) in matrix::plans() {
+            for p in &plan.programs {
+                assert!(
+                    names.iter().any(|n| n == p.name),
+                    "{cell}: no program {}",
+                    p.name
+                );
             }
         }
     }

@@ -13,7 +13,7 @@ use std::cell::Cell;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use crate::json_writer::put_digits;
+use crate::output::json::put_digits;
 
 const NANOS_PER_SEC: u64 = 1_000_000_000;
 
@@ -93,6 +93,55 @@ fn write_fraction(nanos: u32, out: &mut Vec<u8>) {
     // `append_in_place`).
     out.extend_from_slice(&fraction);
     out.truncate(out.len() - zeros);
+}
+
+/// Converts CLOCK_MONOTONIC stamps (bpf_ktime_get_ns) to wall-clock time.
+#[derive(Debug, Clone)]
+pub struct Clock {
+    realtime_minus_monotonic_ns: i128,
+    utc: UtcWriter,
+}
+
+fn clock_ns(id: nix::time::ClockId) -> i128 {
+    nix::time::clock_gettime(id)
+        .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
+        .unwrap_or(0)
+}
+
+impl Clock {
+    pub fn now() -> Self {
+        let mono = clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
+        let real = clock_ns(nix::time::ClockId::CLOCK_REALTIME);
+        Self::with_offset(real - mono)
+    }
+
+    pub(crate) fn with_offset(realtime_minus_monotonic_ns: i128) -> Self {
+        Self {
+            realtime_minus_monotonic_ns,
+            utc: UtcWriter::default(),
+        }
+    }
+
+    fn unix_ns(&self, mono_ns: u64) -> i128 {
+        i128::from(mono_ns) + self.realtime_minus_monotonic_ns
+    }
+
+    pub fn wall(&self, mono_ns: u64) -> OffsetDateTime {
+        OffsetDateTime::from_unix_timestamp_nanos(self.unix_ns(mono_ns))
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+
+    /// RFC 3339 UTC with nanoseconds, trailing zeros dropped.
+    pub fn iso(&self, mono_ns: u64) -> String {
+        let mut out = Vec::with_capacity(32);
+        self.write_iso(mono_ns, &mut out);
+        String::from_utf8(out).unwrap_or_default() // ASCII only
+    }
+
+    /// `iso`, appended to `out`.
+    pub fn write_iso(&self, mono_ns: u64, out: &mut Vec<u8>) {
+        self.utc.write(self.unix_ns(mono_ns), out);
+    }
 }
 
 #[cfg(test)]

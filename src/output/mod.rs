@@ -1,64 +1,21 @@
-//! Rendering events: bindsnoop/solisten-style columns and JSON lines.
+//! Every rendering: bindsnoop/solisten-style columns and JSON lines of each
+//! record type, and `top`'s intervals.
+
+pub mod cg;
+pub mod json;
+pub mod rfc3339;
+pub mod top;
+
+pub use rfc3339::Clock;
 
 use serde_json::{json, Value};
-use time::OffsetDateTime;
 
-use crate::cgroup::CgroupPaths;
-use crate::json_writer::JsonObject;
+use crate::host::cgroup::CgroupPaths;
 use crate::model::{
     errno_name, family_name, known_proto_name, proto_name, tcp_state_name, Conn, ConnEvent, Event,
     SockEvent, SockEventKind, UdpFlow,
 };
-use crate::rfc3339::UtcWriter;
-
-/// Converts CLOCK_MONOTONIC stamps (bpf_ktime_get_ns) to wall-clock time.
-#[derive(Debug, Clone)]
-pub struct Clock {
-    realtime_minus_monotonic_ns: i128,
-    utc: UtcWriter,
-}
-
-fn clock_ns(id: nix::time::ClockId) -> i128 {
-    nix::time::clock_gettime(id)
-        .map(|t| i128::from(t.tv_sec()) * 1_000_000_000 + i128::from(t.tv_nsec()))
-        .unwrap_or(0)
-}
-
-impl Clock {
-    pub fn now() -> Self {
-        let mono = clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
-        let real = clock_ns(nix::time::ClockId::CLOCK_REALTIME);
-        Self::with_offset(real - mono)
-    }
-
-    fn with_offset(realtime_minus_monotonic_ns: i128) -> Self {
-        Self {
-            realtime_minus_monotonic_ns,
-            utc: UtcWriter::default(),
-        }
-    }
-
-    fn unix_ns(&self, mono_ns: u64) -> i128 {
-        i128::from(mono_ns) + self.realtime_minus_monotonic_ns
-    }
-
-    pub fn wall(&self, mono_ns: u64) -> OffsetDateTime {
-        OffsetDateTime::from_unix_timestamp_nanos(self.unix_ns(mono_ns))
-            .unwrap_or(OffsetDateTime::UNIX_EPOCH)
-    }
-
-    /// RFC 3339 UTC with nanoseconds, trailing zeros dropped.
-    pub fn iso(&self, mono_ns: u64) -> String {
-        let mut out = Vec::with_capacity(32);
-        self.write_iso(mono_ns, &mut out);
-        String::from_utf8(out).unwrap_or_default() // ASCII only
-    }
-
-    /// `iso`, appended to `out`.
-    pub fn write_iso(&self, mono_ns: u64, out: &mut Vec<u8>) {
-        self.utc.write(self.unix_ns(mono_ns), out);
-    }
-}
+use crate::output::json::JsonObject;
 
 /// Everything needed to turn events into text.
 pub struct Renderer {
@@ -98,8 +55,10 @@ impl Renderer {
                 utf8(line)
             }
             Event::Conn(e) => self.conn_event_columns(e),
-            Event::Cg(e) if self.json => crate::cgevents::json(self, e).to_string(),
-            Event::Cg(e) => crate::cgevents::columns(self, e),
+            Event::Cg(e) if self.json => {
+                cg::json(&self.clock, self.cgroups.as_mut(), e).to_string()
+            }
+            Event::Cg(e) => cg::columns(&self.clock, e),
         }
     }
 
@@ -365,8 +324,8 @@ pub fn socket_addr(ip: std::net::IpAddr, port: u16) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attach::plan::Tier;
     use crate::model::{ConnEventKind, Direction, SockOpts};
-    use crate::plan::Tier;
     use std::net::{IpAddr, Ipv6Addr};
 
     fn listen_event() -> SockEvent {
@@ -544,7 +503,7 @@ mod tests {
     /// path (a figure, not a test):
     /// `cargo test --release --lib render_cost -- --ignored --nocapture`.
     #[test]
-    #[ignore]
+    #[ignore = "a measurement, not a test: see the comment above"]
     fn conn_event_render_cost() {
         let mut r = renderer(true);
         let mut events: Vec<Event> = conn_events(7).into_iter().map(Event::Conn).collect();

@@ -2,7 +2,8 @@
 //! usable here? Decided by trying (BTF lookup, trial load and attach), never
 //! by kernel version.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
 use std::io::{BufRead, BufReader};
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
@@ -10,24 +11,60 @@ use std::path::{Path, PathBuf};
 use libbpf_rs::btf::types::{Func, FuncProto, Typedef};
 use libbpf_rs::btf::{Btf, BtfKind, BtfType, ReferencesType, TypeId};
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{ErrorKind, MapType};
+use libbpf_rs::MapType;
 
-use crate::plan::{Capabilities, Hook, Requirement};
+use crate::error::bpf_errno;
+
 use crate::skel::{OpenProbeSkel, ProbeSkelBuilder};
 
-/// Short errno-style name for a libbpf error, for one-line reasons.
-pub fn errno_name(err: &libbpf_rs::Error) -> String {
-    let name = match err.kind() {
-        ErrorKind::PermissionDenied => "EPERM",
-        ErrorKind::NotFound => "ENOENT",
-        ErrorKind::InvalidInput => "EINVAL",
-        ErrorKind::Unsupported => "EOPNOTSUPP",
-        ErrorKind::AlreadyExists => "EEXIST",
-        ErrorKind::OutOfMemory => "ENOMEM",
-        ErrorKind::WouldBlock => "EAGAIN",
-        _ => return err.to_string(),
-    };
-    name.to_owned()
+/// Something a tier needs from the running kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Requirement {
+    /// A kernel function that an fentry/fexit program attaches to.
+    Fentry(&'static str),
+    /// A kernel function that a kprobe/kretprobe attaches to.
+    Kprobe(&'static str),
+    /// A tracepoint, as (category, name).
+    Tracepoint(&'static str, &'static str),
+    /// A BTF-typed tracepoint (tp_btf), as (category, name).
+    TpBtf(&'static str, &'static str),
+    /// A mounted cgroup v2 hierarchy, for cgroup sock_addr programs at its root.
+    CgroupV2,
+    /// A kernel function that exists (in BTF), for the way the kernel works.
+    BtfFunc(&'static str),
+}
+
+impl fmt::Display for Requirement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fentry(func) => write!(f, "fentry/{func}"),
+            Self::Kprobe(func) => write!(f, "kprobe/{func}"),
+            Self::Tracepoint(cat, name) => write!(f, "tracepoint {cat}:{name}"),
+            Self::TpBtf(cat, name) => write!(f, "tp_btf {cat}:{name}"),
+            Self::CgroupV2 => f.write_str("cgroup v2"),
+            Self::BtfFunc(func) => write!(f, "kernel function {func}"),
+        }
+    }
+}
+
+/// What probing found out about each requirement: `Ok` or why not.
+#[derive(Debug, Clone, Default)]
+pub struct Capabilities {
+    verdicts: BTreeMap<Requirement, Result<(), String>>,
+}
+
+impl Capabilities {
+    pub fn set(&mut self, req: Requirement, verdict: Result<(), String>) {
+        self.verdicts.insert(req, verdict);
+    }
+
+    /// A requirement nobody probed counts as unavailable.
+    pub fn check(&self, req: Requirement) -> Result<(), String> {
+        self.verdicts
+            .get(&req)
+            .cloned()
+            .unwrap_or_else(|| Err("not probed".to_owned()))
+    }
 }
 
 /// Kernel signature differences the BPF programs branch on (rodata).
@@ -71,11 +108,12 @@ const SHAPE_FUNCS: [&str; 4] = [
 ];
 
 impl BtfIndex {
-    fn new(btf: Btf<'static>) -> Self {
+    /// `known`: every requirement a plan can have.
+    fn new(btf: Btf<'static>, known: &BTreeSet<Requirement>) -> Self {
         let mut funcs: HashMap<String, Option<TypeId>> =
             SHAPE_FUNCS.iter().map(|f| (f.to_string(), None)).collect();
         let mut typedefs = HashMap::new();
-        for req in crate::plan::requirements(&Hook::ALL) {
+        for &req in known {
             match req {
                 Requirement::Fentry(f) | Requirement::BtfFunc(f) => {
                     funcs.insert(f.to_owned(), None);
@@ -128,10 +166,13 @@ fn tp_typedef(name: &str) -> String {
 }
 
 impl Prober {
-    pub fn new(tracefs: &Path, btf_path: &Path) -> Self {
+    /// `known`: every requirement a plan can have (`plan::requirements`).
+    pub fn new(tracefs: &Path, btf_path: &Path, known: &BTreeSet<Requirement>) -> Self {
         Self {
             tracefs: tracefs.to_owned(),
-            btf: Btf::from_path(btf_path).ok().map(BtfIndex::new),
+            btf: Btf::from_path(btf_path)
+                .ok()
+                .map(|btf| BtfIndex::new(btf, known)),
             kprobe_support: kprobe_support(tracefs),
         }
     }
@@ -184,9 +225,6 @@ impl Prober {
     }
 
     fn probe_one(&self, req: Requirement) -> Result<(), String> {
-        if disabled_by_env(req) {
-            return Err(format!("turned off by {DISABLE_ENV}"));
-        }
         match req {
             Requirement::Fentry(func) => self.fentry(func),
             Requirement::Kprobe(func) => self.kprobe(func),
@@ -194,7 +232,7 @@ impl Prober {
             Requirement::TpBtf(cat, name) => self
                 .tracepoint(cat, name)
                 .and_then(|()| self.btf_has_tp(name)),
-            Requirement::CgroupV2 => crate::system::cgroup2_root()
+            Requirement::CgroupV2 => crate::host::system::cgroup2_root()
                 .map(drop)
                 .ok_or_else(|| "no cgroup2 mount in /proc/mounts".to_owned()),
             Requirement::BtfFunc(func) => self.btf_has_func(func),
@@ -244,7 +282,7 @@ impl Prober {
         let open = open_probe(&mut storage, "sl_probe_cookie")?;
         open.load()
             .map(drop)
-            .map_err(|e| format!("{} on trial load", errno_name(&e)))
+            .map_err(|e| format!("{} on trial load", bpf_errno(&e)))
     }
 
     fn btf_has_func(&self, func: &str) -> Result<(), String> {
@@ -296,7 +334,7 @@ impl Prober {
             let verdict = prog
                 .attach()
                 .map(drop)
-                .map_err(|e| format!("{} on trial attach", errno_name(&e)));
+                .map_err(|e| format!("{} on trial attach", bpf_errno(&e)));
             if verdict.is_ok() && traceable.is_none() && funcs.len() > 1 {
                 traceable = Some(ftrace_listed(&self.tracefs, funcs));
             }
@@ -316,12 +354,12 @@ impl Prober {
             .map_err(|e| format!("retargeting probe: {e}"))?;
         let skel = open
             .load()
-            .map_err(|e| format!("{} on trial load", errno_name(&e)))?;
+            .map_err(|e| format!("{} on trial load", bpf_errno(&e)))?;
         skel.progs
             .sl_probe_fentry
             .attach()
             .map(drop)
-            .map_err(|e| format!("{} on trial attach", errno_name(&e)))
+            .map_err(|e| format!("{} on trial attach", bpf_errno(&e)))
     }
 
     fn kprobe(&self, func: &str) -> Result<(), String> {
@@ -330,12 +368,12 @@ impl Prober {
         let open = open_probe(&mut storage, "sl_probe_kprobe")?;
         let skel = open
             .load()
-            .map_err(|e| format!("{} on trial load", errno_name(&e)))?;
+            .map_err(|e| format!("{} on trial load", bpf_errno(&e)))?;
         skel.progs
             .sl_probe_kprobe
             .attach_kprobe(false, func)
             .map(drop)
-            .map_err(|e| format!("{} on trial attach", errno_name(&e)))
+            .map_err(|e| format!("{} on trial attach", bpf_errno(&e)))
     }
 
     fn tracepoint(&self, cat: &str, name: &str) -> Result<(), String> {
@@ -346,37 +384,6 @@ impl Prober {
             Err(format!("not in {}", self.tracefs.join("events").display()))
         }
     }
-}
-
-/// Test knob: a comma-separated list of BTF tracepoint names (say
-/// `sock_send_length`) and `cgroup` to treat as missing (and `tcp_seq` and
-/// `state_close`, below), so the suite can run the fallback variants of the tracepoint tier
-/// on a kernel that has the better ones (as on kernels before 6.3).
-const DISABLE_ENV: &str = "SOCKLENS_DISABLE";
-
-fn disabled_by_env(req: Requirement) -> bool {
-    match req {
-        Requirement::TpBtf(_, name) => knob_names(name),
-        Requirement::CgroupV2 => knob_names("cgroup"),
-        _ => false,
-    }
-}
-
-/// The same knob's `tcp_seq`: count TCP bytes per send and receive even where
-/// the sequence counters would serve (bench/bench.py compares the two).
-pub fn tcp_seq_disabled() -> bool {
-    knob_names("tcp_seq")
-}
-
-/// The same knob's `state_close`: the state hook ignores TCP_CLOSE, as when
-/// the kernel skips its run, so the suite can check that socket destruction
-/// still reports every close exactly.
-pub fn state_close_disabled() -> bool {
-    knob_names("state_close")
-}
-
-fn knob_names(name: &str) -> bool {
-    std::env::var(DISABLE_ENV).is_ok_and(|list| list.split(',').any(|k| k.trim() == name))
 }
 
 /// Programs in one batched fentry trial load (copies in src/bpf/probe.bpf.c).
@@ -445,8 +452,9 @@ mod tests {
 
     #[test]
     fn btf_index_agrees_with_a_walk_of_the_kernels_btf() {
-        let load = || Btf::from_path(crate::system::DEFAULT_BTF).expect("kernel BTF");
-        let index = BtfIndex::new(load());
+        let load = || Btf::from_path(crate::host::system::DEFAULT_BTF).expect("kernel BTF");
+        let known = crate::attach::plan::requirements(&crate::attach::plan::Hook::ALL);
+        let index = BtfIndex::new(load(), &known);
         let btf = load();
         assert!(index.funcs.len() > 10 && index.typedefs.len() > 3);
         let first_func = |name: &str| {

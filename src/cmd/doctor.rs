@@ -3,10 +3,10 @@
 use std::io::Write;
 use std::path::Path;
 
+use crate::attach::plan::{self, Hook, Knobs, Tier};
 use crate::error::{Error, Result};
-use crate::plan::{self, Hook, Tier};
-use crate::probe::{self, Prober};
-use crate::system;
+use crate::host::probe::{self, Prober};
+use crate::host::system;
 
 fn status<T: std::fmt::Display, E: std::fmt::Display>(r: &std::result::Result<T, E>) -> String {
     match r {
@@ -23,7 +23,7 @@ fn mount_line(m: &Result<system::MountStatus>) -> String {
     }
 }
 
-pub fn run(btf: &Path, force: Option<Tier>, out: &mut dyn Write) -> Result<()> {
+pub fn run(btf: &Path, force: Option<Tier>, knobs: &Knobs, out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
     let io = |e: std::io::Error| Error::kernel("writing report", e);
     let btf_ok = system::check_btf(btf).map(|()| btf.display().to_string());
@@ -47,17 +47,17 @@ pub fn run(btf: &Path, force: Option<Tier>, out: &mut dyn Write) -> Result<()> {
     writeln!(out, "cgroup v2    {}", status(&cgroup2)).map_err(io)?;
     let kprobes = probe::kprobes_status(&tracefs_path).map(|()| "kprobe PMU or kprobe_events");
     writeln!(out, "kprobes      {}", status(&kprobes)).map_err(io)?;
-    let prober = Prober::new(&tracefs_path, btf);
+    let prober = Prober::new(&tracefs_path, btf, &plan::requirements(&Hook::ALL));
     let caps = prober.probe(&plan::requirements(&Hook::ALL));
     let planned: Vec<_> = Hook::ALL
         .iter()
-        .map(|&hook| (hook, plan::plan_hook(&caps, hook, force)))
+        .map(|&hook| (hook, plan::plan_hook(&caps, knobs, hook, force)))
         .collect();
     let chosen: Vec<_> = planned
         .iter()
         .filter_map(|(_, p)| p.as_ref().ok().cloned())
         .collect();
-    let tcp_bytes = if crate::loader::tcp_bytes_from_seq(&chosen) {
+    let tcp_bytes = if plan::tcp_bytes_method(&chosen, knobs) {
         "from the sockets' sequence counters, at close and at each snapshot"
     } else {
         "from each send and receive"

@@ -1,17 +1,22 @@
 //! Typed events: records from the BPF side decoded into owned Rust values.
+//! Pure data: no loading code.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+pub mod cg;
+pub mod names;
+pub mod raw;
+
+pub use names::{errno_name, family_name, known_proto_name, proto_name, tcp_state_name};
+pub use raw::{c_string, ip_from, Comm, DecodeError};
+
+use std::net::IpAddr;
 
 use serde::Serialize;
 
-use crate::plan::Tier;
+use crate::attach::plan::Tier;
 use crate::skel::types::{
     sl_conn, sl_conn_event, sl_conn_flag, sl_direction, sl_event_kind, sl_sock_event, sl_sockopt,
     sl_tier, sl_udp_flow, sl_udp_key,
 };
-
-const AF_INET: u16 = libc::AF_INET as u16;
-const AF_INET6: u16 = libc::AF_INET6 as u16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -222,24 +227,6 @@ impl Conn {
     }
 }
 
-pub fn tcp_state_name(state: u8) -> &'static str {
-    match state {
-        1 => "ESTABLISHED",
-        2 => "SYN_SENT",
-        3 => "SYN_RECV",
-        4 => "FIN_WAIT1",
-        5 => "FIN_WAIT2",
-        6 => "TIME_WAIT",
-        7 => "CLOSE",
-        8 => "CLOSE_WAIT",
-        9 => "LAST_ACK",
-        10 => "LISTEN",
-        11 => "CLOSING",
-        12 => "NEW_SYN_RECV",
-        _ => "UNKNOWN",
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ConnEventKind {
@@ -308,41 +295,25 @@ impl UdpFlow {
 pub enum Event {
     Sock(SockEvent),
     Conn(ConnEvent),
-    /// A cgroup socket hook call or a policy verdict (src/cgevents.rs).
-    Cg(crate::cgevents::CgEvent),
+    /// A cgroup socket hook call or a policy verdict (src/model/cg.rs).
+    Cg(cg::CgEvent),
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
-    #[error("event record of {0} bytes is too short")]
-    Short(usize),
-    #[error("unknown event kind {0}")]
-    UnknownKind(u32),
-    #[error("unknown attach tier {0}")]
-    UnknownTier(u32),
-}
-
-/// A task's command name: at most 15 bytes, kept inline (no allocation).
-pub type Comm = compact_str::CompactString;
-
-/// The NUL-terminated prefix of a fixed-size kernel string.
-pub fn c_string(bytes: &[u8]) -> Comm {
-    let text = &bytes[..bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len())];
-    // Task names are nearly always UTF-8: a checked copy, where the lossy
-    // conversion builds the string piece by piece (measured on the per-event
-    // path: agent CPU per event 407-422 -> 364-375 ns under churn).
-    match std::str::from_utf8(text) {
-        Ok(valid) => Comm::new(valid),
-        Err(_) => Comm::from_utf8_lossy(text),
-    }
-}
-
-pub fn ip_from(family: u16, raw: &[u8; 16]) -> IpAddr {
-    if family == AF_INET6 {
-        IpAddr::V6(Ipv6Addr::from(*raw))
-    } else {
-        IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))
-    }
+/// Counters of what did not make it to the user.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Losses {
+    /// Records the kernel could not queue (ring full) or perf reported lost.
+    pub lost: u64,
+    /// Records that arrived but did not decode.
+    pub malformed: u64,
+    /// Connections not tracked because the conns map was full.
+    pub untracked: u64,
+    /// Hook runs the kernel skipped: a BPF tracing program does not run
+    /// while it is already running on the same CPU (say, a TCP state change
+    /// in softirq that interrupts its own run in process context).
+    pub missed: u64,
+    /// UDP flows not tracked because the udp_flows map was full.
+    pub udp_untracked: u64,
 }
 
 pub fn tier_from(raw: u32) -> Result<Tier, DecodeError> {
@@ -383,6 +354,11 @@ fn decode_sock(raw: &sl_sock_event) -> Result<SockEvent, DecodeError> {
     })
 }
 
+/// Decodes one record of slp_events (src/model/cg.rs).
+pub fn decode_cg(bytes: &[u8]) -> Result<Event, DecodeError> {
+    cg::decode(bytes).map(Event::Cg)
+}
+
 /// Decodes one ring/perf buffer record. Every record starts with its kind.
 pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     let kind = bytes
@@ -416,41 +392,6 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         }
         _ => Err(DecodeError::UnknownKind(kind)),
     }
-}
-
-pub fn family_name(family: u16) -> &'static str {
-    match family {
-        AF_INET => "inet",
-        AF_INET6 => "inet6",
-        _ => "other",
-    }
-}
-
-pub fn proto_name(proto: u16) -> String {
-    known_proto_name(proto).map_or_else(|| format!("proto{proto}"), str::to_owned)
-}
-
-/// The name of an IP protocol socklens knows by name.
-pub fn known_proto_name(proto: u16) -> Option<&'static str> {
-    Some(match i32::from(proto) {
-        libc::IPPROTO_TCP => "tcp",
-        libc::IPPROTO_UDP => "udp",
-        libc::IPPROTO_UDPLITE => "udplite",
-        libc::IPPROTO_SCTP => "sctp",
-        libc::IPPROTO_MPTCP => "mptcp",
-        libc::IPPROTO_ICMP => "icmp",
-        libc::IPPROTO_ICMPV6 => "icmpv6",
-        libc::IPPROTO_RAW => "raw",
-        _ => return None,
-    })
-}
-
-/// "EADDRINUSE" for -98; empty for 0.
-pub fn errno_name(ret: i32) -> String {
-    if ret >= 0 {
-        return String::new();
-    }
-    format!("{:?}", nix::errno::Errno::from_raw(-ret))
 }
 
 #[cfg(test)]
@@ -494,6 +435,9 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    const AF_INET6: u16 = libc::AF_INET6 as u16;
 
     fn raw_bind() -> sl_sock_event {
         let mut raw = sl_sock_event {
@@ -505,7 +449,7 @@ mod tests {
             uid: 0,
             netns: 4_026_531_840,
             ret: -98,
-            family: AF_INET,
+            family: libc::AF_INET as u16,
             proto: 6,
             sock_type: 1,
             port: 8080,

@@ -3,13 +3,18 @@
 //!
 //! Every logical hook lists, best first, the tiers that can serve it, what
 //! each tier needs from the kernel, and which BPF programs implement it. The
-//! loader keeps the programs of the chosen tier and turns off the rest.
+//! plan is also the only owner of the final program set: the kernel-shape
+//! variants, the special cases and the test knobs are its inputs, and the
+//! loader loads and attaches `Plan::programs`, turning off the rest.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
 
 use serde::Serialize;
+
+use crate::host::probe::KernelShape;
+pub use crate::host::probe::{Capabilities, Requirement};
 
 /// An attach method, best first: fentry/fexit are the cheapest, kprobes work
 /// on kernels without BTF trampolines, tracepoints work everywhere else.
@@ -121,36 +126,6 @@ impl Hook {
 impl fmt::Display for Hook {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// Something a tier needs from the running kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Requirement {
-    /// A kernel function that an fentry/fexit program attaches to.
-    Fentry(&'static str),
-    /// A kernel function that a kprobe/kretprobe attaches to.
-    Kprobe(&'static str),
-    /// A tracepoint, as (category, name).
-    Tracepoint(&'static str, &'static str),
-    /// A BTF-typed tracepoint (tp_btf), as (category, name).
-    TpBtf(&'static str, &'static str),
-    /// A mounted cgroup v2 hierarchy, for cgroup sock_addr programs at its root.
-    CgroupV2,
-    /// A kernel function that exists (in BTF), for the way the kernel works.
-    BtfFunc(&'static str),
-}
-
-impl fmt::Display for Requirement {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Fentry(func) => write!(f, "fentry/{func}"),
-            Self::Kprobe(func) => write!(f, "kprobe/{func}"),
-            Self::Tracepoint(cat, name) => write!(f, "tracepoint {cat}:{name}"),
-            Self::TpBtf(cat, name) => write!(f, "tp_btf {cat}:{name}"),
-            Self::CgroupV2 => f.write_str("cgroup v2"),
-            Self::BtfFunc(func) => write!(f, "kernel function {func}"),
-        }
     }
 }
 
@@ -475,28 +450,63 @@ const RETRANSMIT_TIERS: &[TierSpec] = &[
     },
 ];
 
-/// What probing found out about each requirement: `Ok` or why not.
+/// Test knobs: `SOCKLENS_DISABLE`, a comma-separated list parsed once by
+/// the command line. BTF tracepoint names (say `sock_send_length`) and
+/// `cgroup` count as missing, so the suite can run the fallback variants of
+/// the tracepoint tier on a kernel that has the better ones (as before 6.3);
+/// `tcp_seq` counts TCP bytes per send and receive even where the sequence
+/// counters would serve (bench/bench.py compares the two); `state_close`
+/// makes the state hook ignore TCP_CLOSE, as when the kernel skips its run,
+/// so the suite can check that socket destruction still reports every close.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Knobs {
+    off: BTreeSet<String>,
+}
+
+impl Knobs {
+    pub const ENV: &'static str = "SOCKLENS_DISABLE";
+
+    pub fn parse(list: &str) -> Self {
+        Self {
+            off: list
+                .split(',')
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+
+    /// The knobs of this process's environment.
+    pub fn from_env() -> Self {
+        std::env::var(Self::ENV).map_or_else(|_| Self::default(), |v| Self::parse(&v))
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.off.contains(name)
+    }
+
+    /// Whether a requirement counts as missing.
+    pub fn disables(&self, req: Requirement) -> bool {
+        match req {
+            Requirement::TpBtf(_, name) => self.has(name),
+            Requirement::CgroupV2 => self.has("cgroup"),
+            _ => false,
+        }
+    }
+
+    pub fn tcp_seq_off(&self) -> bool {
+        self.has("tcp_seq")
+    }
+
+    pub fn state_close_off(&self) -> bool {
+        self.has("state_close")
+    }
+}
+
+/// What the user asked for, and what the plan needs to know about the kernel
+/// beyond the capabilities.
 #[derive(Debug, Clone, Default)]
-pub struct Capabilities {
-    verdicts: BTreeMap<Requirement, Result<(), String>>,
-}
-
-impl Capabilities {
-    pub fn set(&mut self, req: Requirement, verdict: Result<(), String>) {
-        self.verdicts.insert(req, verdict);
-    }
-
-    /// A requirement nobody probed counts as unavailable.
-    pub fn check(&self, req: Requirement) -> Result<(), String> {
-        self.verdicts
-            .get(&req)
-            .cloned()
-            .unwrap_or_else(|| Err("not probed".to_owned()))
-    }
-}
-
-/// What the user asked for.
-#[derive(Debug, Clone)]
 pub struct PlanOptions {
     pub hooks: Vec<Hook>,
     /// Use this tier for every hook, or fail; `None` picks the best available.
@@ -504,6 +514,13 @@ pub struct PlanOptions {
     /// Hooks worth having only when cheap: left out (see `Plan::skipped`)
     /// when the way chosen for them would slow every syscall on the host.
     pub optional: Vec<Hook>,
+    pub knobs: Knobs,
+    /// The kernel's function signatures: which variant of a program loads.
+    pub shape: KernelShape,
+    /// Connections are tracked: the socket iterators seed the maps.
+    pub track_conns: bool,
+    /// UDP traffic is accounted per peer.
+    pub udp_flows: bool,
 }
 
 /// The chosen tier of one hook and why each better tier lost.
@@ -549,20 +566,44 @@ impl HookPlan {
     }
 }
 
+/// One program of the final set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Program {
+    /// Its name in src/bpf/socklens.bpf.c.
+    pub name: &'static str,
+    /// The hook it serves, which the loader attaches it for and names in
+    /// errors; `None` for the socket iterators, loaded but run by
+    /// src/session/seed.rs.
+    pub hook: Option<Hook>,
+    /// The tier it serves the hook as; `None` for a program outside the
+    /// tier tables.
+    pub tier: Option<Tier>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub hooks: Vec<HookPlan>,
     /// Optional hooks left out, and why.
     pub skipped: Vec<(Hook, String)>,
+    /// Every program to load, in attach order; the loader turns off the rest.
+    pub programs: Vec<Program>,
+    /// TCP bytes from the sockets' sequence counters (`tcp_bytes_from_seq`).
+    pub tcp_bytes_from_seq: bool,
+    /// The send program on sock:sock_send_length does the sendfile check too.
+    pub sendfile_in_send_len: bool,
+    /// sendfile data needs adding to tx: the send hook misses it on
+    /// tcp_sendpage kernels, and when it counts send syscalls.
+    pub sendfile_adds_tx: bool,
+    /// The state hook ignores TCP_CLOSE (the `state_close` knob).
+    pub state_skips_close: bool,
+    /// The kernel's function signatures the programs branch on (rodata).
+    pub shape: KernelShape,
 }
 
 impl Plan {
-    /// Programs to load; every other program in the object gets autoload off.
-    pub fn programs(&self) -> BTreeSet<&'static str> {
-        self.hooks
-            .iter()
-            .flat_map(|h| h.programs().iter().copied())
-            .collect()
+    /// The names of `programs`.
+    pub fn names(&self) -> BTreeSet<&'static str> {
+        self.programs.iter().map(|p| p.name).collect()
     }
 
     pub fn tier_of(&self, hook: Hook) -> Option<Tier> {
@@ -585,6 +626,12 @@ pub enum PlanError {
     },
 }
 
+impl From<PlanError> for crate::error::Error {
+    fn from(e: PlanError) -> Self {
+        Self::Plan(Box::new(e))
+    }
+}
+
 fn join_reasons(reasons: &[(Tier, String)]) -> String {
     reasons
         .iter()
@@ -594,20 +641,28 @@ fn join_reasons(reasons: &[(Tier, String)]) -> String {
 }
 
 /// Why a tier cannot serve its hook: the first unmet requirement.
-fn tier_verdict(caps: &Capabilities, spec: &TierSpec) -> Result<(), String> {
-    spec.requires
-        .iter()
-        .try_for_each(|&req| caps.check(req).map_err(|why| format!("{req}: {why}")))
+fn tier_verdict(caps: &Capabilities, knobs: &Knobs, spec: &TierSpec) -> Result<(), String> {
+    spec.requires.iter().try_for_each(|&req| {
+        if knobs.disables(req) {
+            return Err(format!("{req}: turned off by {}", Knobs::ENV));
+        }
+        caps.check(req).map_err(|why| format!("{req}: {why}"))
+    })
 }
 
 /// The first spec of `tier` that works, or why none does (every variant's reason).
-fn pick_variant(caps: &Capabilities, hook: Hook, tier: Tier) -> Result<usize, String> {
+fn pick_variant(
+    caps: &Capabilities,
+    knobs: &Knobs,
+    hook: Hook,
+    tier: Tier,
+) -> Result<usize, String> {
     let mut reasons = Vec::new();
     for (i, spec) in hook.tiers().iter().enumerate() {
         if spec.tier != tier {
             continue;
         }
-        match tier_verdict(caps, spec) {
+        match tier_verdict(caps, knobs, spec) {
             Ok(()) => return Ok(i),
             Err(why) => reasons.push(why),
         }
@@ -618,11 +673,12 @@ fn pick_variant(caps: &Capabilities, hook: Hook, tier: Tier) -> Result<usize, St
 /// Chooses the tier of one hook.
 pub fn plan_hook(
     caps: &Capabilities,
+    knobs: &Knobs,
     hook: Hook,
     force: Option<Tier>,
 ) -> Result<HookPlan, PlanError> {
     if let Some(tier) = force {
-        return match pick_variant(caps, hook, tier) {
+        return match pick_variant(caps, knobs, hook, tier) {
             Ok(variant) => Ok(HookPlan {
                 hook,
                 tier,
@@ -634,7 +690,7 @@ pub fn plan_hook(
     }
     let mut rejected = Vec::new();
     for tier in Tier::ALL {
-        match pick_variant(caps, hook, tier) {
+        match pick_variant(caps, knobs, hook, tier) {
             Ok(variant) => {
                 return Ok(HookPlan {
                     hook,
@@ -652,29 +708,120 @@ pub fn plan_hook(
     })
 }
 
-/// Chooses a tier for every requested hook; the first hook that cannot be
-/// served fails the whole plan, unless it is optional.
+/// Chooses a tier for every requested hook, then the final program set;
+/// the first hook that cannot be served fails the whole plan, unless it is
+/// optional.
 pub fn plan(caps: &Capabilities, opts: &PlanOptions) -> Result<Plan, PlanError> {
-    let mut plan = Plan {
-        hooks: Vec::new(),
-        skipped: Vec::new(),
-    };
+    let mut hooks = Vec::new();
+    let mut skipped = Vec::new();
     for &hook in &opts.hooks {
         let optional = opts.optional.contains(&hook);
-        match plan_hook(caps, hook, opts.force) {
-            Ok(hp) if optional && hp.via_syscalls() => plan.skipped.push((
+        match plan_hook(caps, &opts.knobs, hook, opts.force) {
+            Ok(hp) if optional && hp.via_syscalls() => skipped.push((
                 hook,
                 format!(
                     "{} would need syscall tracepoints, which slow every syscall",
                     hp.tier
                 ),
             )),
-            Ok(hp) => plan.hooks.push(hp),
-            Err(e) if optional => plan.skipped.push((hook, e.to_string())),
+            Ok(hp) => hooks.push(hp),
+            Err(e) if optional => skipped.push((hook, e.to_string())),
             Err(e) => return Err(e),
         }
     }
-    Ok(plan)
+    let sendfile_in_send_len = uses_program(&hooks, Hook::Send, SEND_LEN)
+        && uses_program(&hooks, Hook::Sendfile, SENDFILE_LEN);
+    let mut programs = Vec::new();
+    for hp in &hooks {
+        for name in hp.programs().iter().filter_map(|p| shaped(p, opts.shape)) {
+            if !(sendfile_in_send_len && name == SENDFILE_LEN) {
+                programs.push(Program {
+                    name,
+                    hook: Some(hp.hook),
+                    tier: Some(hp.tier),
+                });
+            }
+        }
+    }
+    // The tracepoint tier has no tracepoint where a UDP socket ends; a
+    // cgroup sock_release program at the cgroup v2 root sees every inet
+    // socket's release. Without cgroup v2, snapshot refreshes remove them.
+    let send_tier = hooks.iter().find(|h| h.hook == Hook::Send).map(|h| h.tier);
+    if opts.udp_flows
+        && send_tier == Some(Tier::Tracepoint)
+        && caps.check(Requirement::CgroupV2).is_ok()
+    {
+        programs.push(Program {
+            name: UDP_RELEASE,
+            hook: Some(Hook::Send),
+            tier: None,
+        });
+    }
+    if opts.track_conns {
+        // The UDP iterator runs only where UDP is tracked.
+        let seeds = if opts.udp_flows {
+            &SEED_PROGRAMS[..]
+        } else {
+            &SEED_PROGRAMS[..1]
+        };
+        programs.extend(seeds.iter().map(|&name| Program {
+            name,
+            hook: None,
+            tier: None,
+        }));
+    }
+    let sendfile_adds_tx = opts.shape.sendfile_bypasses_sendmsg
+        || hooks
+            .iter()
+            .any(|h| h.hook == Hook::Send && h.via_syscalls());
+    Ok(Plan {
+        tcp_bytes_from_seq: tcp_bytes_method(&hooks, &opts.knobs),
+        sendfile_in_send_len,
+        sendfile_adds_tx,
+        state_skips_close: opts.knobs.state_close_off(),
+        shape: opts.shape,
+        hooks,
+        skipped,
+        programs,
+    })
+}
+
+/// Socket iterators that seed connections which existed before start; they
+/// need no attach tier (src/session/seed.rs runs them).
+pub const SEED_TCP: &str = "sl_seed_tcp";
+pub const SEED_UDP: &str = "sl_seed_udp";
+pub const SEED_PROGRAMS: [&str; 2] = [SEED_TCP, SEED_UDP];
+
+const SEND_LEN: &str = "sl_tp_send_len";
+const SENDFILE_LEN: &str = "sl_tp_sendfile_len";
+const UDP_RELEASE: &str = "sl_cg_sock_release";
+
+/// The variant of a program written for this kernel's function signatures;
+/// None where this kernel needs no such program: with BTF casts the bind and
+/// listen exits read the syscall's arguments from the saved registers, so
+/// no syscall entry tracepoint is enabled for them (each one enabled costs
+/// every syscall of every task). The `_cast` and `_btf` variants load only
+/// where the kernel has BTF casts.
+pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str> {
+    Some(match program {
+        "sl_tp_bind_enter" | "sl_tp_listen_enter" if shape.btf_casts => return None,
+        "sl_fx_accept" if shape.accept_has_flags => "sl_fx_accept_old",
+        "sl_tp_accept4_exit" if shape.btf_casts => "sl_tp_accept4_exit_btf",
+        "sl_tp_accept_exit" if shape.btf_casts => "sl_tp_accept_exit_btf",
+        "sl_tp_bind_exit" if shape.btf_casts => "sl_tp_bind_exit_btf",
+        "sl_tp_listen_exit" if shape.btf_casts => "sl_tp_listen_exit_btf",
+        "sl_tp_set_state" if shape.btf_casts => "sl_tp_set_state_cast",
+        "sl_tp_tcp_destroy" if shape.btf_casts => "sl_tp_tcp_destroy_cast",
+        "sl_fe_tcp_set_state" if shape.btf_casts => "sl_fe_tcp_set_state_cast",
+        "sl_fe_tcp_destroy" if shape.btf_casts => "sl_fe_tcp_destroy_cast",
+        "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
+        "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
+        "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",
+        "sl_fx_tcp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_tcp_recvmsg_na",
+        "sl_fx_udp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_udp_recvmsg_na",
+        "sl_fx_udp6_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_udp6_recvmsg_na",
+        other => other,
+    })
 }
 
 /// Every requirement any tier of these hooks has, for the prober.
@@ -693,9 +840,15 @@ pub fn requirements(hooks: &[Hook]) -> BTreeSet<Requirement> {
 /// for every socket anyway (UDP needs them), and counting per call would cost
 /// a map update on every TCP send and receive.
 pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
-    uses_program(hooks, Hook::Send, "sl_tp_send_len")
+    uses_program(hooks, Hook::Send, SEND_LEN)
         && uses_program(hooks, Hook::Recv, "sl_tp_recv_len")
         && uses_program(hooks, Hook::State, "sl_tp_set_state")
+}
+
+/// The TCP byte method these hooks get: the planner's choice, unless the
+/// `tcp_seq` knob asks for per-call counting.
+pub fn tcp_bytes_method(hooks: &[HookPlan], knobs: &Knobs) -> bool {
+    tcp_bytes_from_seq(hooks) && !knobs.tcp_seq_off()
 }
 
 /// Whether `hook` is served by the BPF program `prog` in these plans.
@@ -703,6 +856,100 @@ pub fn uses_program(hooks: &[HookPlan], hook: Hook, prog: &str) -> bool {
     hooks
         .iter()
         .any(|h| h.hook == hook && h.programs().contains(&prog))
+}
+
+/// The kernels of the VM matrix (tests/vm) as the plan sees them: their
+/// shapes and capabilities, for unit tests of the final program set.
+#[cfg(test)]
+pub mod matrix {
+    use super::*;
+
+    /// (name, shape, what the kernel lacks) of each kernel.
+    pub fn kernels() -> Vec<(&'static str, KernelShape, Vec<Requirement>)> {
+        let no_byte_tracepoints = vec![
+            Requirement::TpBtf("sock", "sock_send_length"),
+            Requirement::TpBtf("sock", "sock_recv_length"),
+        ];
+        let old = KernelShape {
+            recvmsg_has_nonblock: false,
+            accept_has_flags: true,
+            sendfile_bypasses_sendmsg: true,
+            recvmsg_lacks_addr_len: false,
+            tracing_cookie_helper: true,
+            btf_casts: false,
+        };
+        let mut lacks_510 = no_byte_tracepoints.clone();
+        lacks_510.extend([
+            Requirement::BtfFunc("bpf_rdonly_cast"),
+            Requirement::BtfFunc("splice_to_socket"),
+        ]);
+        let current = KernelShape {
+            tracing_cookie_helper: true,
+            btf_casts: true,
+            ..KernelShape::default()
+        };
+        vec![
+            (
+                "5.10",
+                KernelShape {
+                    recvmsg_has_nonblock: true,
+                    tracing_cookie_helper: false,
+                    ..old
+                },
+                lacks_510.clone(),
+            ),
+            ("6.1", old, lacks_510),
+            ("6.12", current, Vec::new()),
+            (
+                "7",
+                KernelShape {
+                    recvmsg_lacks_addr_len: true,
+                    ..current
+                },
+                Vec::new(),
+            ),
+        ]
+    }
+
+    fn caps(lacks: &[Requirement]) -> Capabilities {
+        let mut caps = Capabilities::default();
+        for req in requirements(&Hook::ALL) {
+            let verdict = if lacks.contains(&req) {
+                Err("not in this kernel".to_owned())
+            } else {
+                Ok(())
+            };
+            caps.set(req, verdict);
+        }
+        caps
+    }
+
+    /// The plan of `conns`/`top` (every hook, UDP per peer) in every cell:
+    /// each kernel with auto and each forced tier.
+    pub fn plans() -> Vec<(String, Plan)> {
+        let mut out = Vec::new();
+        for (kernel, shape, lacks) in kernels() {
+            for force in [
+                None,
+                Some(Tier::Fentry),
+                Some(Tier::Kprobe),
+                Some(Tier::Tracepoint),
+            ] {
+                let opts = PlanOptions {
+                    hooks: Hook::ALL.to_vec(),
+                    force,
+                    shape,
+                    track_conns: true,
+                    udp_flows: true,
+                    ..PlanOptions::default()
+                };
+                let name = format!("{kernel}/{}", force.map_or("auto", Tier::name));
+                let plan = plan(&caps(&lacks), &opts).unwrap_or_else(|e| panic!("{name}: {e}"));
+                out.push((name, plan));
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -735,7 +982,7 @@ mod tests {
         PlanOptions {
             hooks: Hook::ALL.to_vec(),
             force,
-            optional: Vec::new(),
+            ..PlanOptions::default()
         }
     }
 
@@ -775,12 +1022,12 @@ mod tests {
             &PlanOptions {
                 hooks: vec![Hook::Bind, Hook::Listen],
                 force: None,
-                optional: Vec::new(),
+                ..PlanOptions::default()
             },
         )
         .unwrap();
         assert_eq!(
-            bind_listen.programs().into_iter().collect::<Vec<_>>(),
+            bind_listen.names().into_iter().collect::<Vec<_>>(),
             [
                 "sl_tp_bind_enter",
                 "sl_tp_bind_exit",
@@ -860,8 +1107,7 @@ mod tests {
     fn only_requested_hooks_are_planned() {
         let opts = PlanOptions {
             hooks: vec![Hook::Listen],
-            force: None,
-            optional: Vec::new(),
+            ..PlanOptions::default()
         };
         let plan = plan(&caps_with(&[Tier::Tracepoint]), &opts).unwrap();
         assert_eq!(plan.hooks.len(), 1);
@@ -885,22 +1131,22 @@ mod tests {
     #[test]
     fn tracepoint_tier_prefers_tp_btf_and_cgroup_then_syscalls() {
         let mut caps = caps_with(&[Tier::Tracepoint]);
-        let send = plan_hook(&caps, Hook::Send, None).unwrap();
+        let send = plan_hook(&caps, &Knobs::default(), Hook::Send, None).unwrap();
         assert!(!send.via_syscalls());
         assert!(send.programs().contains(&"sl_cg_udp_send4"));
         // No cgroup v2 (or, before 6.3, no sock_send_length): syscall exits.
         caps.set(Requirement::CgroupV2, Err("no cgroup2 mount".into()));
-        let send = plan_hook(&caps, Hook::Send, None).unwrap();
+        let send = plan_hook(&caps, &Knobs::default(), Hook::Send, None).unwrap();
         assert_eq!(send.tier, Tier::Tracepoint);
         assert!(send.via_syscalls());
         assert_eq!(send.how().as_deref(), Some("syscall tracepoints"));
-        let sendfile = plan_hook(&caps, Hook::Sendfile, None).unwrap();
+        let sendfile = plan_hook(&caps, &Knobs::default(), Hook::Sendfile, None).unwrap();
         assert!(!sendfile.via_syscalls(), "sendfile needs no cgroup");
         caps.set(
             Requirement::BtfFunc("splice_to_socket"),
             Err("no BTF function".into()),
         );
-        assert!(plan_hook(&caps, Hook::Sendfile, None)
+        assert!(plan_hook(&caps, &Knobs::default(), Hook::Sendfile, None)
             .unwrap()
             .via_syscalls());
     }
@@ -913,7 +1159,7 @@ mod tests {
             Err("no BTF function".into()),
         );
         for hook in [Hook::Send, Hook::Recv, Hook::Sendfile] {
-            let p = plan_hook(&caps, hook, None).unwrap();
+            let p = plan_hook(&caps, &Knobs::default(), hook, None).unwrap();
             assert_eq!(p.tier, Tier::Tracepoint, "{hook}");
             assert!(p.via_syscalls(), "{hook} without bpf_rdonly_cast");
         }
@@ -942,7 +1188,8 @@ mod tests {
             Requirement::Tracepoint("syscalls", "sys_enter_write"),
             Err("absent".into()),
         );
-        let err = plan_hook(&caps, Hook::Send, Some(Tier::Tracepoint)).unwrap_err();
+        let err =
+            plan_hook(&caps, &Knobs::default(), Hook::Send, Some(Tier::Tracepoint)).unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("cgroup v2: no cgroup2 mount"), "{msg}");
         assert!(msg.contains("sys_enter_write: absent"), "{msg}");
@@ -954,6 +1201,7 @@ mod tests {
             hooks: vec![Hook::Accept, Hook::Send],
             force: None,
             optional: vec![Hook::Accept],
+            ..PlanOptions::default()
         };
         let tp = plan(&caps_with(&[Tier::Tracepoint]), &opts).unwrap();
         assert_eq!(tp.tier_of(Hook::Accept), None);
@@ -970,5 +1218,210 @@ mod tests {
             assert_eq!(tier.name().parse::<Tier>(), Ok(tier));
         }
         assert!("uprobe".parse::<Tier>().is_err());
+    }
+
+    /// With BTF casts no syscall entry program is needed: the exits read
+    /// the arguments themselves.
+    #[test]
+    fn btf_casts_leave_no_syscall_entry_program() {
+        let casts = KernelShape {
+            btf_casts: true,
+            ..KernelShape::default()
+        };
+        for hook in [Hook::Bind, Hook::Listen] {
+            for spec in hook.tiers() {
+                let entries: Vec<&str> = spec
+                    .programs
+                    .iter()
+                    .filter_map(|p| shaped(p, casts))
+                    .filter(|p| p.ends_with("_enter"))
+                    .collect();
+                assert!(entries.is_empty(), "{hook}: {entries:?}");
+            }
+        }
+        assert_eq!(
+            shaped("sl_tp_bind_enter", KernelShape::default()),
+            Some("sl_tp_bind_enter")
+        );
+    }
+
+    /// The state and destroy hooks of the fentry and tracepoint tiers load
+    /// their `_cast` variants exactly where the kernel has BTF casts (the
+    /// variants call bpf_rdonly_cast, which older kernels refuse).
+    #[test]
+    fn state_and_destroy_cast_only_with_btf_casts() {
+        let casts = KernelShape {
+            btf_casts: true,
+            ..KernelShape::default()
+        };
+        for tier in [Tier::Fentry, Tier::Tracepoint] {
+            let spec = Hook::State
+                .tiers()
+                .iter()
+                .find(|s| s.tier == tier)
+                .expect("state tier");
+            for p in spec.programs {
+                assert_eq!(shaped(p, KernelShape::default()), Some(*p));
+                let cast = shaped(p, casts).expect("a program");
+                assert_eq!(cast, format!("{p}_cast"), "{tier}");
+            }
+        }
+    }
+
+    fn cell(name: &str) -> Plan {
+        matrix::plans()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, p)| p)
+            .unwrap_or_else(|| panic!("no cell {name}"))
+    }
+
+    /// Every cell of the VM matrix plans, loads the seed iterators, and
+    /// names each program once with the hook and tier it serves.
+    #[test]
+    fn every_matrix_cell_plans_each_program_once() {
+        for (name, plan) in matrix::plans() {
+            let names = plan.names();
+            assert_eq!(names.len(), plan.programs.len(), "{name}: a program twice");
+            assert!(
+                names.contains(SEED_TCP) && names.contains(SEED_UDP),
+                "{name}"
+            );
+            for p in &plan.programs {
+                if let (Some(hook), Some(tier)) = (p.hook, p.tier) {
+                    assert_eq!(plan.tier_of(hook), Some(tier), "{name}: {}", p.name);
+                }
+            }
+            let forced = name.rsplit('/').next().unwrap_or_default();
+            if let Ok(tier) = forced.parse::<Tier>() {
+                assert!(plan.hooks.iter().all(|h| h.tier == tier), "{name}");
+            }
+        }
+    }
+
+    /// The recvmsg and accept variants follow each kernel's signatures.
+    #[test]
+    fn fentry_variants_follow_each_kernels_signatures() {
+        let has = |cell: &str, p: &str| cell_has(cell, p);
+        assert!(has("5.10/fentry", "sl_fx_tcp_recvmsg_nb"));
+        assert!(has("5.10/fentry", "sl_fx_accept_old"));
+        assert!(has("6.1/fentry", "sl_fx_tcp_recvmsg"));
+        assert!(has("6.1/fentry", "sl_fx_accept_old"));
+        assert!(has("6.12/fentry", "sl_fx_tcp_recvmsg"));
+        assert!(has("6.12/fentry", "sl_fx_accept"));
+        assert!(has("6.12/fentry", "sl_fe_tcp_set_state_cast"));
+        assert!(has("7/fentry", "sl_fx_tcp_recvmsg_na"));
+        assert!(has("7/fentry", "sl_fx_udp6_recvmsg_na"));
+        assert!(!has("6.1/fentry", "sl_fe_tcp_set_state_cast"));
+        assert!(has("6.1/fentry", "sl_fe_tcp_set_state"));
+        for kernel in ["5.10", "6.1", "6.12", "7"] {
+            assert!(
+                has(&format!("{kernel}/auto"), "sl_fx_inet_bind"),
+                "{kernel}"
+            );
+            assert!(
+                has(&format!("{kernel}/kprobe"), "sl_kp_tcp_recvmsg"),
+                "{kernel}"
+            );
+        }
+    }
+
+    fn cell_has(name: &str, program: &str) -> bool {
+        cell(name).names().contains(program)
+    }
+
+    /// The tracepoint tier: syscall tracepoints before 6.3; from 6.12 the
+    /// byte tracepoints with sendfile merged into the send program, BTF casts
+    /// instead of syscall entry programs, and TCP bytes from the sequence
+    /// counters. Both end UDP sockets with the cgroup release program.
+    #[test]
+    fn tracepoint_tier_per_kernel() {
+        for kernel in ["5.10", "6.1"] {
+            let plan = cell(&format!("{kernel}/tracepoint"));
+            let names = plan.names();
+            for p in [
+                "sl_tp_bind_enter",
+                "sl_tp_bind_exit",
+                "sl_sys_write_enter",
+                "sl_tp_sendfile_enter",
+                "sl_tp_set_state",
+            ] {
+                assert!(names.contains(p), "{kernel}: {p}");
+            }
+            assert!(names.contains(UDP_RELEASE), "{kernel}");
+            assert!(
+                !plan.tcp_bytes_from_seq && !plan.sendfile_in_send_len,
+                "{kernel}"
+            );
+            assert!(plan.sendfile_adds_tx, "{kernel}");
+        }
+        for kernel in ["6.12", "7"] {
+            let plan = cell(&format!("{kernel}/tracepoint"));
+            let names = plan.names();
+            for p in [
+                SEND_LEN,
+                "sl_tp_recv_len",
+                UDP_RELEASE,
+                "sl_tp_bind_exit_btf",
+                "sl_tp_set_state_cast",
+            ] {
+                assert!(names.contains(p), "{kernel}: {p}");
+            }
+            assert!(
+                !names.contains(SENDFILE_LEN),
+                "{kernel}: merged into {SEND_LEN}"
+            );
+            assert!(
+                !names.iter().any(|p| p.ends_with("_enter")),
+                "{kernel}: {names:?}"
+            );
+            assert!(
+                plan.tcp_bytes_from_seq && plan.sendfile_in_send_len,
+                "{kernel}"
+            );
+            assert!(!plan.sendfile_adds_tx, "{kernel}");
+            let release = plan.programs.iter().find(|p| p.name == UDP_RELEASE);
+            assert_eq!(release.and_then(|p| p.hook), Some(Hook::Send), "{kernel}");
+        }
+    }
+
+    /// The knobs are plan inputs: a disabled byte tracepoint falls back to
+    /// syscall tracepoints, `tcp_seq` turns the sequence counters off, and
+    /// `state_close` reaches the plan; without UDP flows neither the UDP
+    /// iterator nor the release program loads.
+    #[test]
+    fn knobs_and_options_shape_the_program_set() {
+        let (_, shape, _) = matrix::kernels().remove(2);
+        let caps = caps_with(&[Tier::Tracepoint]);
+        let opts = |knobs: &str, udp_flows| PlanOptions {
+            hooks: Hook::ALL.to_vec(),
+            knobs: Knobs::parse(knobs),
+            shape,
+            track_conns: true,
+            udp_flows,
+            ..PlanOptions::default()
+        };
+        let p = plan(&caps, &opts("sock_send_length, sock_recv_length", true)).unwrap();
+        assert!(p.names().contains("sl_sys_write_enter"));
+        assert!(!p.names().contains(SEND_LEN) && !p.tcp_bytes_from_seq);
+        assert!(p.names().contains(UDP_RELEASE));
+        let send = p.hooks.iter().find(|h| h.hook == Hook::Send);
+        assert!(send.is_some_and(HookPlan::via_syscalls));
+        let p = plan(&caps, &opts("tcp_seq,state_close", false)).unwrap();
+        assert!(p.names().contains(SEND_LEN) && !p.tcp_bytes_from_seq);
+        assert!(p.state_skips_close);
+        assert!(!p.names().contains(SEED_UDP) && !p.names().contains(UDP_RELEASE));
+        let err = plan_hook(
+            &caps,
+            &Knobs::parse("sock_send_length"),
+            Hook::Send,
+            Some(Tier::Tracepoint),
+        );
+        assert!(err.is_ok());
+        let k = Knobs::parse("cgroup");
+        let why = pick_variant(&caps, &k, Hook::Send, Tier::Tracepoint);
+        assert!(why.is_ok());
+        assert!(tier_verdict(&caps, &k, &SEND_TIERS[2])
+            .is_err_and(|e| e == "cgroup v2: turned off by SOCKLENS_DISABLE"));
     }
 }

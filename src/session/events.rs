@@ -6,15 +6,15 @@ use std::os::fd::AsFd;
 use std::rc::Rc;
 use std::time::Duration;
 
-use libbpf_rs::{
-    ErrorKind, MapCore, MapFlags, PerfBuffer, PerfBufferBuilder, RingBuffer, RingBufferBuilder,
-};
+use libbpf_rs::{ErrorKind, MapCore, PerfBuffer, PerfBufferBuilder, RingBuffer, RingBufferBuilder};
 
 use crate::model::DecodeError;
 
+use crate::attach::loader::{BufferKind, Session};
 use crate::error::{Error, Result};
-use crate::loader::{BufferKind, Session};
+use crate::model::Losses;
 use crate::model::{decode, Event};
+use crate::skel::percpu_sum;
 use crate::skel::types::sl_stat;
 
 enum Source<'a> {
@@ -24,28 +24,11 @@ enum Source<'a> {
 }
 
 /// Another ring buffer polled with the session's own: e.g. the cgroup hook
-/// programs' (src/cgevents.rs), each with its own decoder and loss counter.
+/// programs' (src/session/cgobserve.rs), each with its own decoder and loss counter.
 pub struct ExtraSource<'a> {
     pub map: &'a dyn MapCore,
     pub decode: fn(&[u8]) -> Result<Event, DecodeError>,
     pub lost: Box<dyn Fn() -> u64 + 'a>,
-}
-
-/// Counters of what did not make it to the user.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Losses {
-    /// Records the kernel could not queue (ring full) or perf reported lost.
-    pub lost: u64,
-    /// Records that arrived but did not decode.
-    pub malformed: u64,
-    /// Connections not tracked because the conns map was full.
-    pub untracked: u64,
-    /// Hook runs the kernel skipped: a BPF tracing program does not run
-    /// while it is already running on the same CPU (say, a TCP state change
-    /// in softirq that interrupts its own run in process context).
-    pub missed: u64,
-    /// UDP flows not tracked because the udp_flows map was full.
-    pub udp_untracked: u64,
 }
 
 pub struct EventStream<'a> {
@@ -196,18 +179,4 @@ fn program_recursion_misses(session: &Session<'_>) -> u64 {
 /// Sum over CPUs of one slot of the BPF side's `stats` counters.
 fn kernel_stat(session: &Session<'_>, slot: sl_stat) -> u64 {
     percpu_sum(&session.skel.maps.stats, slot.0)
-}
-
-/// Sum over CPUs of slot `idx` of a per-CPU array of u64 counters.
-pub fn percpu_sum(map: &dyn MapCore, idx: u32) -> u64 {
-    map.lookup_percpu(&idx.to_ne_bytes(), MapFlags::ANY)
-        .ok()
-        .flatten()
-        .map(|cpus| {
-            cpus.iter()
-                .filter_map(|v| v.get(..8).and_then(|b| b.try_into().ok()))
-                .map(u64::from_ne_bytes)
-                .sum()
-        })
-        .unwrap_or(0)
 }

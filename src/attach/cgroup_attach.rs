@@ -23,9 +23,9 @@ use std::path::{Path, PathBuf};
 use libbpf_rs::query::LinkTypeInfo;
 use libbpf_rs::{Link, ProgramMut};
 
+use crate::error::bpf_errno;
 use crate::error::{Error, Result};
-use crate::probe::errno_name;
-use crate::system;
+use crate::host::system;
 
 /// Everything socklens pins lives under here.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/socklens";
@@ -81,7 +81,7 @@ impl Pins {
             let link = Link::open(&path).map_err(|e| {
                 Error::kernel(
                     format!("opening pinned link {}", path.display()),
-                    errno_name(&e),
+                    bpf_errno(&e),
                 )
             })?;
             out.push((name, link));
@@ -95,9 +95,8 @@ impl Pins {
         for (name, link) in links.iter_mut() {
             let path = self.link(name);
             let _ = fs::remove_file(&path);
-            link.pin(&path).map_err(|e| {
-                Error::kernel(format!("pinning {}", path.display()), errno_name(&e))
-            })?;
+            link.pin(&path)
+                .map_err(|e| Error::kernel(format!("pinning {}", path.display()), bpf_errno(&e)))?;
         }
         Ok(())
     }
@@ -151,7 +150,7 @@ fn open_link(path: &Path) -> Option<Link> {
 fn detach_and_unpin(path: &Path) -> Result<()> {
     if let Some(link) = open_link(path) {
         link.detach()
-            .map_err(|e| Error::kernel(format!("detaching {}", path.display()), errno_name(&e)))?;
+            .map_err(|e| Error::kernel(format!("detaching {}", path.display()), bpf_errno(&e)))?;
     }
     match fs::remove_file(path) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => {
@@ -238,7 +237,7 @@ impl CgroupTarget {
                     prog.name().to_string_lossy(),
                     self.path.display()
                 ),
-                format!("{} ({e})", errno_name(&e)),
+                format!("{} ({e})", bpf_errno(&e)),
             )
         })
     }

@@ -1,30 +1,28 @@
-//! Running a tracing session: validate, probe, plan, load, seed, then hand the
-//! live session to a command (`trace`, `conns`, `top`).
+//! A live tracing session: validate, probe, plan, load, seed, then hand the
+//! live session to a command (`trace`, `conns`, `top`, the agent).
 
-use std::io::{self, Write};
+pub mod cgobserve;
+pub mod events;
+pub mod seed;
+pub mod snapshot;
+
 use std::mem::MaybeUninit;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde_json::json;
-
-use crate::cgevents::{self, CgHook};
-use crate::cgroup::{self, CgroupPaths};
-use crate::conns::{self, Owners};
+use crate::attach::loader::{self, BufferKind, Filters, LoadOptions, Session};
+use crate::attach::plan::{self, Hook, Knobs, Plan, PlanOptions, Tier};
 use crate::error::{Error, Result};
-use crate::events::{EventStream, ExtraSource, Losses};
-use crate::loader::{self, BufferKind, Filters, LoadOptions, Session};
+use crate::host::cgroup::{self, CgroupPaths};
+use crate::host::probe::{self, Prober};
+use crate::host::system;
 use crate::model::{Conn, ConnEventKind, Event, SockEventKind};
 use crate::output::{Clock, Renderer};
-use crate::plan::{self, Hook, Plan, PlanOptions, Tier};
-use crate::probe::{self, KernelShape, Prober};
-use crate::system;
+use cgobserve::CgHook;
+use events::{EventStream, ExtraSource};
+use seed::Owners;
 
 pub const POLL: Duration = Duration::from_millis(100);
-/// `trace` writes its lines in blocks of about this many bytes: the size of
-/// the `BufWriter` on stdout (src/main.rs).
-const TEXT_BLOCK: usize = 1 << 16;
 /// The kernel keeps 15 bytes of a task's comm plus the NUL.
 const COMM_MAX: usize = 15;
 pub const DEFAULT_MAX_CONNS: u32 = 65_536;
@@ -59,7 +57,7 @@ impl TraceEvent {
     }
 
     /// Which of these an event is; cgroup hook events are asked for apart.
-    fn of(event: &Event) -> Option<Self> {
+    pub fn of(event: &Event) -> Option<Self> {
         Some(match event {
             Event::Sock(s) => match s.kind {
                 SockEventKind::Bind => Self::Bind,
@@ -100,6 +98,8 @@ pub struct TraceRequest {
     /// snapshots (`conns`, `top`, the agent), whose refreshes remove the
     /// flows of closed sockets. `trace` has no UDP events.
     pub udp_flows: bool,
+    /// Test knobs (`SOCKLENS_DISABLE`), read once by the command line.
+    pub knobs: Knobs,
 }
 
 impl TraceRequest {
@@ -138,12 +138,6 @@ impl TraceRequest {
         hooks.dedup();
         hooks
     }
-}
-
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Summary {
-    pub events: u64,
-    pub losses: Losses,
 }
 
 /// Checks everything the user typed before touching the system.
@@ -191,7 +185,6 @@ pub struct Prepared {
     pub filters: Filters,
     pub plan: Plan,
     pub buffer: BufferKind,
-    pub shape: KernelShape,
 }
 
 /// Validates, checks the host and works out the plan, without loading anything.
@@ -200,7 +193,7 @@ pub fn prepare(req: &TraceRequest) -> Result<Prepared> {
     system::check_privileges()?;
     system::check_btf(&req.btf)?;
     let tracefs = system::ensure_tracefs()?;
-    let prober = Prober::new(&tracefs.path, &req.btf);
+    let prober = Prober::new(&tracefs.path, &req.btf, &plan::requirements(&Hook::ALL));
     let hooks = req.hooks();
     // A forced tier is planned from its own requirements alone: probing the
     // others (trial loads and attaches) would only cost time, seconds per
@@ -221,6 +214,10 @@ pub fn prepare(req: &TraceRequest) -> Result<Prepared> {
             hooks,
             force: req.force,
             optional: req.optional_hooks(),
+            knobs: req.knobs.clone(),
+            shape: prober.kernel_shape(),
+            track_conns: req.tracks_conns(),
+            udp_flows: req.udp_flows,
         },
     )?;
     let buffer = match req.buffer {
@@ -232,7 +229,6 @@ pub fn prepare(req: &TraceRequest) -> Result<Prepared> {
         filters,
         plan,
         buffer,
-        shape: prober.kernel_shape(),
     })
 }
 
@@ -322,7 +318,6 @@ pub fn with_session<T>(
             max_conns: req.tracks_conns().then_some(req.max_conns),
             conn_events: req.conn_events,
             udp_flows: req.udp_flows,
-            shape: prepared.shape,
             btf: custom_btf(&req.btf),
         },
     )?;
@@ -335,7 +330,7 @@ pub fn with_session<T>(
             None => system::cgroup2_root()
                 .ok_or_else(|| Error::Usage("cgroup v2 is not mounted on this host".into()))?,
         };
-        Some(cgevents::load(
+        Some(cgobserve::load(
             &mut cg_storage,
             &req.cg_hooks,
             &prepared.filters,
@@ -346,7 +341,7 @@ pub fn with_session<T>(
         let maps = crate::policy::state::PinnedMaps::open()?.ok_or_else(|| {
             Error::Usage("--events policy: no policy is applied (socklens policy apply)".into())
         })?;
-        cgevents::drain(&maps.events)?;
+        maps.drain_events()?;
         Some(maps)
     } else {
         None
@@ -355,14 +350,14 @@ pub fn with_session<T>(
     if let Some(cg) = &cg_session {
         extras.push(ExtraSource {
             map: &cg.skel.maps.slp_events,
-            decode: cgevents::decode,
-            lost: Box::new(|| crate::policy::state::percpu_sum(&cg.skel.maps.slp_lost, 0)),
+            decode: crate::model::decode_cg,
+            lost: Box::new(|| crate::skel::percpu_sum(&cg.skel.maps.slp_lost, 0)),
         });
     }
     if let Some(maps) = &pinned {
         extras.push(ExtraSource {
             map: &maps.events,
-            decode: cgevents::decode,
+            decode: crate::model::decode_cg,
             lost: Box::new(|| 0),
         });
     }
@@ -370,7 +365,7 @@ pub fn with_session<T>(
     if req.tracks_conns() {
         // After attach, so nothing opened meanwhile is missed; the iterators
         // skip sockets the live hooks already track.
-        conns::seed(&session, true)?;
+        seed::seed(&session, true)?;
     }
     let cgroup2 = system::cgroup2_root();
     let cgroup_rel = prepared.filters.cgroup.as_ref().and_then(|dir| {
@@ -406,115 +401,34 @@ pub fn with_session<T>(
     body(&mut live)
 }
 
-fn is_broken_pipe(e: &io::Error) -> bool {
-    e.kind() == io::ErrorKind::BrokenPipe
-}
-
-fn write_err(e: io::Error) -> Error {
-    Error::kernel("writing events", e)
-}
-
-/// `socklens trace`: one line per event until `stop` is set.
-pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result<Summary> {
-    with_session(req, |live| {
-        let summary = stream_events(req, live, stop, out)?;
-        if let Some(summary) = summary {
-            if req.json {
-                write_summary(live.plan, &req.cg_hooks, &summary, out)?;
-            }
-            return Ok(summary);
-        }
-        Ok(Summary::default())
-    })
-}
-
-/// The event loop; `None` when the reader went away (broken pipe).
-fn stream_events(
-    req: &TraceRequest,
-    live: &mut Live<'_>,
-    stop: &AtomicBool,
-    out: &mut dyn Write,
-) -> Result<Option<Summary>> {
-    let mut summary = Summary::default();
-    let mut result = match live.renderer.header() {
-        Some(h) => writeln!(out, "{h}"),
-        None => Ok(()),
+/// Whether a policy verdict passes the trace filters. The pinned policy's
+/// programs emit every verdict; the observer programs filter in the kernel, so
+/// every other event passes.
+pub fn verdict_wanted(
+    event: &Event,
+    f: &Filters,
+    cgroup_rel: Option<&str>,
+    r: &mut Renderer,
+) -> bool {
+    let Event::Cg(e) = event else {
+        return true;
     };
-    // Reused for every batch: the events, and their lines, handed to `out`
-    // in blocks (stdout's `BufWriter` passes a block its size straight
-    // through rather than copying each line into its buffer).
-    let mut batch = Vec::new();
-    let mut text = Vec::with_capacity(TEXT_BLOCK + 4096);
-    loop {
-        // Read the stop flag before polling, so a final pass drains what the
-        // kernel queued before the signal.
-        let stopping = stop.load(Ordering::Relaxed);
-        let timeout = if stopping { Duration::ZERO } else { POLL };
-        live.stream.poll_into(timeout, &mut batch)?;
-        for mut event in batch.drain(..) {
-            if TraceEvent::of(&event).is_some_and(|e| !req.events.contains(&e)) {
-                continue;
-            }
-            // The pinned policy's verdicts come unfiltered: filter them here.
-            let rel = live.cgroup_rel.as_deref();
-            if !cgevents::verdict_wanted(&event, live.filters, rel, &mut live.renderer) {
-                continue;
-            }
-            if let Event::Conn(c) = &mut event {
-                if !live.settle(&mut c.conn) {
-                    continue;
-                }
-            }
-            summary.events += 1;
-            live.renderer.render_into(&event, &mut text);
-            text.push(b'\n');
-            if text.len() >= TEXT_BLOCK {
-                result = result.and_then(|()| out.write_all(&text));
-                text.clear();
-            }
-        }
-        result = result
-            .and_then(|()| out.write_all(&text))
-            .and_then(|()| out.flush());
-        text.clear();
-        if stopping || result.is_err() {
-            break;
-        }
+    if !e.is_verdict() {
+        return true;
     }
-    summary.losses = live.stream.losses();
-    match result {
-        Err(e) if is_broken_pipe(&e) => Ok(None),
-        Err(e) => Err(write_err(e)),
-        Ok(()) => Ok(Some(summary)),
+    if f.pid.is_some_and(|p| p != e.pid)
+        || f.comm.as_ref().is_some_and(|c| *c != e.comm)
+        || f.netns.is_some_and(|n| n != e.netns)
+        || f.family.is_some_and(|fam| fam != e.family)
+    {
+        return false;
     }
-}
-
-fn write_summary(
-    plan: &Plan,
-    cg_hooks: &[CgHook],
-    summary: &Summary,
-    out: &mut dyn Write,
-) -> Result<()> {
-    let mut attach: serde_json::Map<String, serde_json::Value> = plan
-        .hooks
-        .iter()
-        .map(|h| (h.hook.name().to_owned(), json!(h.tier)))
-        .collect();
-    for h in cg_hooks {
-        attach.insert(h.name().to_owned(), json!("cgroup"));
-    }
-    let line = json!({
-        "event": "summary",
-        "events": summary.events,
-        "lost": summary.losses.lost,
-        "malformed": summary.losses.malformed,
-        "untracked": summary.losses.untracked,
-        "udp_untracked": summary.losses.udp_untracked,
-        "missed": summary.losses.missed,
-        "attach": attach,
-    });
-    match writeln!(out, "{line}").and_then(|()| out.flush()) {
-        Err(e) if !is_broken_pipe(&e) => Err(write_err(e)),
-        _ => Ok(()),
+    match cgroup_rel {
+        None => true,
+        Some(rel) => r
+            .cgroups
+            .as_mut()
+            .and_then(|c| c.path_of(e.cgroup_id))
+            .is_some_and(|p| rel == "/" || p == rel || p.starts_with(&format!("{rel}/"))),
     }
 }

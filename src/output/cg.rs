@@ -1,0 +1,221 @@
+//! Cgroup hook events and policy verdicts as JSON and columns, with the
+//! conventions of bind/listen events.
+
+use std::net::IpAddr;
+
+use serde_json::{json, Value};
+
+use crate::host::cgroup::CgroupPaths;
+use crate::model::cg::{op_name, CgEvent};
+use crate::model::names::{level_name, type_name};
+use crate::model::{errno_name, family_name, proto_name};
+use crate::output::rfc3339::Clock;
+use crate::skel::policy::types::{slp_action, slp_event_kind, slp_mode};
+
+fn opt_errno(ret: i32) -> Option<String> {
+    let n = errno_name(ret);
+    (!n.is_empty()).then_some(n)
+}
+
+/// One JSON object per event, with the fields bind/listen events have.
+pub fn json(clock: &Clock, cgroups: Option<&mut CgroupPaths>, e: &CgEvent) -> Value {
+    let cgroup = cgroups.and_then(|c| c.path_of(e.cgroup_id));
+    let mut v = json!({
+        "event": e.name(),
+        "time": clock.iso(e.ts_ns),
+        "time_ns": e.ts_ns,
+        "pid": e.pid,
+        "tid": e.tid,
+        "uid": e.uid,
+        "comm": e.comm,
+        "cgroup_id": e.cgroup_id,
+        "cgroup": cgroup,
+        "netns": e.netns,
+        "family": family_name(e.family),
+        "type": type_name(e.sock_type),
+        "proto": proto_name(e.proto),
+        "attach": "cgroup",
+    });
+    if !matches!(slp_event_kind(e.kind), slp_event_kind::SLP_EV_GETSOCKOPT) {
+        v["cookie"] = json!(e.cookie);
+    }
+    if e.has_addr() {
+        v["addr"] = json!(e.addr.to_string());
+        v["port"] = json!(e.port);
+    }
+    match slp_event_kind(e.kind) {
+        slp_event_kind::SLP_EV_SOCK_RELEASE => {
+            v["lifetime_ns"] = json!((e.lifetime_ns != 0).then_some(e.lifetime_ns));
+        }
+        slp_event_kind::SLP_EV_GETSOCKOPT => {
+            v["level"] = json!(e.level);
+            v["level_name"] = json!(level_name(e.level));
+            v["optname"] = json!(e.optname);
+            v["ret"] = json!(e.ret);
+            v["errno"] = json!(opt_errno(e.ret));
+        }
+        _ if e.is_verdict() => {
+            v["op"] = json!(op_name(e.op));
+            v["rule_id"] = json!(e.rule_id);
+            v["default"] = json!(e.rule_id == 0);
+            v["mode"] = json!(if u32::from(e.mode) == slp_mode::SLP_MODE_AUDIT.0 {
+                "audit"
+            } else {
+                "enforce"
+            });
+            v["action"] = json!(if u32::from(e.action) == slp_action::SLP_DENY.0 {
+                "deny"
+            } else {
+                "allow"
+            });
+            v["ret"] = json!(e.ret);
+            v["errno"] = json!(opt_errno(e.ret));
+        }
+        _ => {}
+    }
+    v
+}
+
+/// The columns form: time, event, pid, comm, then what the event is about.
+pub fn columns(clock: &Clock, e: &CgEvent) -> String {
+    let t = clock.wall(e.ts_ns);
+    let what = match slp_event_kind(e.kind) {
+        slp_event_kind::SLP_EV_SOCK_CREATE => format!(
+            "{} {} {}",
+            family_name(e.family),
+            type_name(e.sock_type),
+            proto_name(e.proto)
+        ),
+        slp_event_kind::SLP_EV_GETSOCKOPT => format!(
+            "level {} optname {} ret {}",
+            level_name(e.level).map_or_else(|| e.level.to_string(), str::to_owned),
+            e.optname,
+            e.ret
+        ),
+        slp_event_kind::SLP_EV_SOCK_RELEASE => format!(
+            "{} {} lifetime {}",
+            proto_name(e.proto),
+            fmt_addr(e),
+            if e.lifetime_ns == 0 {
+                "?".to_owned()
+            } else {
+                format!("{:.3}ms", e.lifetime_ns as f64 / 1e6)
+            }
+        ),
+        _ if e.is_verdict() => {
+            let target = if e.has_addr() {
+                format!("{} {}", proto_name(e.proto), fmt_addr(e))
+            } else {
+                format!(
+                    "{} {} {}",
+                    family_name(e.family),
+                    type_name(e.sock_type),
+                    proto_name(e.proto)
+                )
+            };
+            let rule = if e.rule_id == 0 {
+                "default".to_owned()
+            } else {
+                format!("rule {}", e.rule_id)
+            };
+            format!("{} {target} by {rule} {}", op_name(e.op), errno_name(e.ret))
+        }
+        _ => format!("{} {}", proto_name(e.proto), fmt_addr(e)),
+    };
+    format!(
+        "{:02}:{:02}:{:02}.{:03} {:<12} {:>7} {:<16} {:>10}  {}",
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond(),
+        e.name(),
+        e.pid,
+        e.comm,
+        e.netns,
+        what.trim_end()
+    )
+}
+
+fn fmt_addr(e: &CgEvent) -> String {
+    match e.addr {
+        IpAddr::V6(a) => format!("[{a}]:{}", e.port),
+        IpAddr::V4(a) => format!("{a}:{}", e.port),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::cg::decode;
+    use crate::model::DecodeError;
+    use crate::skel::policy::types::{slp_event, slp_op};
+
+    fn raw(kind: slp_event_kind) -> slp_event {
+        let mut r = slp_event {
+            kind: kind.0,
+            pid: 5,
+            family: libc::AF_INET6 as u16,
+            sock_type: libc::SOCK_STREAM as u16,
+            proto: 6,
+            port: 443,
+            rule_id: 12,
+            op: slp_op::SLP_OP_CONNECT6.0 as u8,
+            mode: slp_mode::SLP_MODE_ENFORCE.0 as u8,
+            action: slp_action::SLP_DENY.0 as u8,
+            ret: -13,
+            ..Default::default()
+        };
+        r.addr = std::net::Ipv6Addr::LOCALHOST.octets();
+        r.comm[..3].copy_from_slice(b"app");
+        r
+    }
+
+    fn bytes(r: &slp_event) -> Vec<u8> {
+        // SAFETY: slp_event is a plain C struct.
+        unsafe { plain::as_bytes(r) }.to_vec()
+    }
+
+    fn json_of(e: &CgEvent) -> Value {
+        json(&Clock::now(), None, e)
+    }
+
+    #[test]
+    fn deny_json_names_rule_and_errno() {
+        let Ok(e) = decode(&bytes(&raw(slp_event_kind::SLP_EV_POLICY_DENY))) else {
+            panic!("decode");
+        };
+        let v = json_of(&e);
+        assert_eq!(v["event"], "policy_deny");
+        assert_eq!(v["op"], "connect");
+        assert_eq!(v["rule_id"], 12);
+        assert_eq!(v["errno"], "EACCES");
+        assert_eq!(v["addr"], "::1");
+        assert_eq!(v["port"], 443);
+        assert_eq!(v["attach"], "cgroup");
+    }
+
+    #[test]
+    fn sock_create_has_no_address_and_release_has_lifetime() {
+        let Ok(e) = decode(&bytes(&raw(slp_event_kind::SLP_EV_SOCK_CREATE))) else {
+            panic!("decode");
+        };
+        let v = json_of(&e);
+        assert_eq!(v["type"], "stream");
+        assert!(v.get("addr").is_none());
+        let mut r = raw(slp_event_kind::SLP_EV_SOCK_RELEASE);
+        r.lifetime_ns = 0;
+        let Ok(e) = decode(&bytes(&r)) else {
+            panic!("decode");
+        };
+        assert_eq!(json_of(&e)["lifetime_ns"], Value::Null);
+    }
+
+    #[test]
+    fn unknown_kinds_are_malformed() {
+        let r = slp_event {
+            kind: 3,
+            ..Default::default()
+        };
+        assert_eq!(decode(&bytes(&r)), Err(DecodeError::UnknownKind(3)));
+    }
+}
