@@ -208,6 +208,7 @@ fn write_filters(
     ro.tcp_bytes_from_seq = ro.track_conns && tcp_bytes_from_seq(&opts.plan.hooks);
     ro.tracing_has_cookie_helper = opts.shape.tracing_cookie_helper;
     ro.state_skips_close = crate::probe::state_close_disabled();
+    ro.state_skips_start = crate::probe::state_start_disabled();
     Ok(())
 }
 

@@ -687,15 +687,12 @@ pub fn requirements(hooks: &[Hook]) -> BTreeSet<Requirement> {
 }
 
 /// Whether TCP byte counts come from the sockets' own sequence counters
-/// (src/bpf/conn.bpf.h) rather than from each send and receive: when send,
-/// receive and state changes are all tp_btf programs, whose BTF pointers the
-/// counter reads need. There the byte tracepoints fire
-/// for every socket anyway (UDP needs them), and counting per call would cost
-/// a map update on every TCP send and receive.
+/// (src/bpf/conn.bpf.h) rather than from each send and receive: on every
+/// tier, wherever state changes are hooked (the counters are read at close,
+/// at destruction and at snapshots). A send or receive run the kernel skips
+/// then loses no byte.
 pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
-    uses_program(hooks, Hook::Send, "sl_tp_send_len")
-        && uses_program(hooks, Hook::Recv, "sl_tp_recv_len")
-        && uses_program(hooks, Hook::State, "sl_tp_set_state")
+    hooks.iter().any(|h| h.hook == Hook::State)
 }
 
 /// Whether `hook` is served by the BPF program `prog` in these plans.
@@ -920,18 +917,24 @@ mod tests {
     }
 
     #[test]
-    fn tcp_bytes_come_from_sequence_counters_only_with_btf_byte_and_state_programs() {
+    fn tcp_bytes_come_from_sequence_counters_on_every_tier_with_state_changes() {
         let mut caps = caps_with(&[Tier::Tracepoint]);
         let tp = plan(&caps, &all_hooks(None)).unwrap();
         assert!(tcp_bytes_from_seq(&tp.hooks));
-        // The syscall way counts per call.
         caps.set(Requirement::CgroupV2, Err("no cgroup2 mount".into()));
         let sys = plan(&caps, &all_hooks(None)).unwrap();
-        assert!(!tcp_bytes_from_seq(&sys.hooks));
+        assert!(tcp_bytes_from_seq(&sys.hooks));
         for other in [Tier::Fentry, Tier::Kprobe] {
             let p = plan(&caps_with(&[other]), &all_hooks(None)).unwrap();
-            assert!(!tcp_bytes_from_seq(&p.hooks), "{other}");
+            assert!(tcp_bytes_from_seq(&p.hooks), "{other}");
         }
+        let opts = PlanOptions {
+            hooks: vec![Hook::Bind, Hook::Send],
+            force: None,
+            optional: Vec::new(),
+        };
+        let no_state = plan(&caps_with(&[Tier::Fentry]), &opts).unwrap();
+        assert!(!tcp_bytes_from_seq(&no_state.hooks));
     }
 
     #[test]

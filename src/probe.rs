@@ -375,6 +375,13 @@ pub fn state_close_disabled() -> bool {
     knob_names("state_close")
 }
 
+/// The same knob's `state_start`: the state hook ignores the start of every
+/// connection, as when the kernel skips those runs, so the suite can check
+/// that each is still tracked from its first use or active open, exactly.
+pub fn state_start_disabled() -> bool {
+    knob_names("state_start")
+}
+
 fn knob_names(name: &str) -> bool {
     std::env::var(DISABLE_ENV).is_ok_and(|list| list.split(',').any(|k| k.trim() == name))
 }

@@ -36,6 +36,7 @@ enum sl_stat {
 	SL_STAT_EVENTS_LOST = 0,
 	SL_STAT_UNTRACKED = 1,     /* connections not tracked: the conns map was full */
 	SL_STAT_UDP_UNTRACKED = 2, /* UDP flows not tracked: the udp_flows map was full */
+	SL_STAT_RET_MISSED = 3,    /* kretprobe runs found dropped (socklens.bpf.c, stash_put) */
 	SL_STAT_MAX = 4,
 };
 
