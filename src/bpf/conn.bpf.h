@@ -582,12 +582,14 @@ static __always_inline struct sl_conn *conn_recover(struct sock *sk, __u64 cooki
 	struct sl_conn *c;
 	int err;
 
-	if (!tcp_bytes_from_seq)
+	/* Outside its owner's process a task filter cannot tell whose it is. */
+	if (!tcp_bytes_from_seq || (!in_task && (filter_pid || filter_comm || filter_cgroup)))
 		return NULL;
 	c = conn_fresh(sk, cookie, active ? SL_DIR_OUT : SL_DIR_IN, in_task, btf);
 	if (!c)
 		return NULL;
 	tcp_seq_base_start(c, active);
+	c->flags |= SL_CONN_FOUND_LATE;
 	err = conn_put(sk, c, BPF_NOEXIST);
 	if (err && err != -SL_EEXIST)
 		return NULL;
@@ -613,6 +615,12 @@ static __always_inline void on_state(void *ctx, struct sock *sk, int old, int ne
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (!c && new == SL_TCP_ESTABLISHED && old == SL_TCP_SYN_SENT)
 		c = conn_recover(sk, sock_cookie(sk, btf), true, false, btf);
+	/* An established connection never seen: its last chance (the runs that
+	 * missed its start can miss its first use too, when one preempted run
+	 * makes the kernel skip the program on that CPU for a while). */
+	if (!c && new == SL_TCP_CLOSE && old != SL_TCP_LISTEN && old != SL_TCP_SYN_SENT &&
+	    old != SL_TCP_SYN_RECV && !state_skips_close)
+		c = conn_recover(sk, sock_cookie(sk, btf), tcp_active_open(sk, btf), false, btf);
 	if (!c || (new == SL_TCP_CLOSE && state_skips_close))
 		return;
 	if (starts && tcp_bytes_from_seq)
