@@ -174,6 +174,7 @@ fn write_filters(
     ro.tcp_bytes_from_seq = ro.track_conns && opts.plan.tcp_bytes_from_seq;
     ro.tracing_has_cookie_helper = opts.plan.shape.tracing_cookie_helper;
     ro.state_skips_close = opts.plan.state_skips_close;
+    ro.state_skips_start = opts.plan.state_skips_start;
     Ok(())
 }
 

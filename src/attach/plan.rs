@@ -457,7 +457,9 @@ const RETRANSMIT_TIERS: &[TierSpec] = &[
 /// `tcp_seq` counts TCP bytes per send and receive even where the sequence
 /// counters would serve (bench/bench.py compares the two); `state_close`
 /// makes the state hook ignore TCP_CLOSE, as when the kernel skips its run,
-/// so the suite can check that socket destruction still reports every close.
+/// so the suite can check that socket destruction still reports every close;
+/// `state_start` makes it ignore every start, so the suite can check that
+/// each connection is still tracked from its first use or active open.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Knobs {
     off: BTreeSet<String>,
@@ -501,6 +503,10 @@ impl Knobs {
 
     pub fn state_close_off(&self) -> bool {
         self.has("state_close")
+    }
+
+    pub fn state_start_off(&self) -> bool {
+        self.has("state_start")
     }
 }
 
@@ -596,6 +602,8 @@ pub struct Plan {
     pub sendfile_adds_tx: bool,
     /// The state hook ignores TCP_CLOSE (the `state_close` knob).
     pub state_skips_close: bool,
+    /// The state hook ignores connection starts (the `state_start` knob).
+    pub state_skips_start: bool,
     /// The kernel's function signatures the programs branch on (rodata).
     pub shape: KernelShape,
 }
@@ -779,6 +787,7 @@ pub fn plan(caps: &Capabilities, opts: &PlanOptions) -> Result<Plan, PlanError> 
         sendfile_in_send_len,
         sendfile_adds_tx,
         state_skips_close: opts.knobs.state_close_off(),
+        state_skips_start: opts.knobs.state_start_off(),
         shape: opts.shape,
         hooks,
         skipped,
@@ -834,15 +843,12 @@ pub fn requirements(hooks: &[Hook]) -> BTreeSet<Requirement> {
 }
 
 /// Whether TCP byte counts come from the sockets' own sequence counters
-/// (src/bpf/conn.bpf.h) rather than from each send and receive: when send,
-/// receive and state changes are all tp_btf programs, whose BTF pointers the
-/// counter reads need. There the byte tracepoints fire
-/// for every socket anyway (UDP needs them), and counting per call would cost
-/// a map update on every TCP send and receive.
+/// (src/bpf/conn.bpf.h) rather than from each send and receive: on every
+/// tier, wherever state changes are hooked (the counters are read at close,
+/// at destruction and at snapshots). A send or receive run the kernel skips
+/// then loses no byte.
 pub fn tcp_bytes_from_seq(hooks: &[HookPlan]) -> bool {
-    uses_program(hooks, Hook::Send, SEND_LEN)
-        && uses_program(hooks, Hook::Recv, "sl_tp_recv_len")
-        && uses_program(hooks, Hook::State, "sl_tp_set_state")
+    hooks.iter().any(|h| h.hook == Hook::State)
 }
 
 /// The TCP byte method these hooks get: the planner's choice, unless the
@@ -1166,18 +1172,23 @@ mod tests {
     }
 
     #[test]
-    fn tcp_bytes_come_from_sequence_counters_only_with_btf_byte_and_state_programs() {
+    fn tcp_bytes_come_from_sequence_counters_on_every_tier_with_state_changes() {
         let mut caps = caps_with(&[Tier::Tracepoint]);
         let tp = plan(&caps, &all_hooks(None)).unwrap();
         assert!(tcp_bytes_from_seq(&tp.hooks));
-        // The syscall way counts per call.
         caps.set(Requirement::CgroupV2, Err("no cgroup2 mount".into()));
         let sys = plan(&caps, &all_hooks(None)).unwrap();
-        assert!(!tcp_bytes_from_seq(&sys.hooks));
+        assert!(tcp_bytes_from_seq(&sys.hooks));
         for other in [Tier::Fentry, Tier::Kprobe] {
             let p = plan(&caps_with(&[other]), &all_hooks(None)).unwrap();
-            assert!(!tcp_bytes_from_seq(&p.hooks), "{other}");
+            assert!(tcp_bytes_from_seq(&p.hooks), "{other}");
         }
+        let opts = PlanOptions {
+            hooks: vec![Hook::Bind, Hook::Send],
+            ..PlanOptions::default()
+        };
+        let no_state = plan(&caps_with(&[Tier::Fentry]), &opts).unwrap();
+        assert!(!tcp_bytes_from_seq(&no_state.hooks));
     }
 
     #[test]
@@ -1350,7 +1361,7 @@ mod tests {
             }
             assert!(names.contains(UDP_RELEASE), "{kernel}");
             assert!(
-                !plan.tcp_bytes_from_seq && !plan.sendfile_in_send_len,
+                plan.tcp_bytes_from_seq && !plan.sendfile_in_send_len,
                 "{kernel}"
             );
             assert!(plan.sendfile_adds_tx, "{kernel}");
@@ -1403,13 +1414,13 @@ mod tests {
         };
         let p = plan(&caps, &opts("sock_send_length, sock_recv_length", true)).unwrap();
         assert!(p.names().contains("sl_sys_write_enter"));
-        assert!(!p.names().contains(SEND_LEN) && !p.tcp_bytes_from_seq);
+        assert!(!p.names().contains(SEND_LEN) && p.tcp_bytes_from_seq);
         assert!(p.names().contains(UDP_RELEASE));
         let send = p.hooks.iter().find(|h| h.hook == Hook::Send);
         assert!(send.is_some_and(HookPlan::via_syscalls));
-        let p = plan(&caps, &opts("tcp_seq,state_close", false)).unwrap();
+        let p = plan(&caps, &opts("tcp_seq,state_close,state_start", false)).unwrap();
         assert!(p.names().contains(SEND_LEN) && !p.tcp_bytes_from_seq);
-        assert!(p.state_skips_close);
+        assert!(p.state_skips_close && p.state_skips_start);
         assert!(!p.names().contains(SEED_UDP) && !p.names().contains(UDP_RELEASE));
         let err = plan_hook(
             &caps,

@@ -12,6 +12,7 @@
 //!   send,SOCKET,BYTES,CHUNK[,GAP_MS] write BYTES in CHUNK-sized send() calls, pausing between
 //!   churn,PROTO,ADDR,PORT,N         N short connections: connect, close
 //!   acceptloop,SOCKET,N             accept and close N connections
+//!   load,CONNS,ROUNDS,SEED,FILE     concurrent pipelined connections on one CPU (load.rs)
 //!   recv,SOCKET,BYTES,BUF           blocking recv() with a BUF-byte buffer until BYTES arrived
 //!   recvall,SOCKET,BUF              recv() until EOF
 //!   peek,SOCKET,BUF                 one recv(MSG_PEEK)
@@ -32,6 +33,8 @@
 
 #[path = "testbed/cg_steps.rs"]
 mod cg_steps;
+#[path = "testbed/load.rs"]
+mod load;
 
 use std::ffi::CString;
 use std::fs;
@@ -423,6 +426,7 @@ fn run_step(step: &str, sockets: &mut Vec<OwnedFd>) -> Result<Value> {
         "tcpinfo" => tcpinfo_step(rest, sockets),
         "churn" => churn_step(rest),
         "acceptloop" => acceptloop_step(rest, sockets),
+        "load" => load::run(rest),
         "linger0" => {
             let [idx] = rest else {
                 bail!("linger0 needs SOCKET")

@@ -33,21 +33,21 @@ const volatile bool track_udp = false;
  * sees only the send syscalls. */
 const volatile bool sendfile_adds_tx = false;
 
-/* TCP bytes from the socket's own counters instead of per-call hooks. Set by
- * the loader when send, receive and state changes are all tp_btf programs
- * (sock_send_length/sock_recv_length, 6.3+). Those two tracepoints fire on
- * every send and receive of every socket, and are still needed for UDP; for
- * TCP they then only claim an accepted socket for its owner (see
- * tcp_maybe_first_use) and finish a closed one whose data was still unread. The
- * counters (tcp_tx_total, tcp_rx_total) are read at close and at each
- * snapshot refresh. Every use below is behind this read-only flag, so
- * programs of the other tiers never reach the BTF loads and helpers it
- * needs (the verifier drops the dead branch). */
+/* TCP bytes from the socket's own counters instead of per-call hooks, on
+ * every tier (the loader sets it wherever connections are tracked): a hook
+ * run the kernel skips (recursion, a preempted program, a dropped
+ * kretprobe) cannot lose bytes. The counters (tcp_tx_total, tcp_rx_total)
+ * are read at close, at destruction and at each snapshot refresh; the send
+ * and receive hooks then only claim a socket for its owner, track one whose
+ * start was missed, and finish a closed one whose data was still unread
+ * (tcp_touch). */
 const volatile bool tcp_bytes_from_seq = false;
 
-/* Test knob (SOCKLENS_DISABLE=state_close): the state hook ignores TCP_CLOSE,
- * as when the kernel skips its run, so every close comes from on_destroy. */
+/* Test knobs (SOCKLENS_DISABLE=state_close, state_start): the state hook
+ * ignores TCP_CLOSE, or the start of a connection (SYN_SENT, and a passive
+ * open's ESTABLISHED), as when the kernel skips its run. */
 const volatile bool state_skips_close = false;
+const volatile bool state_skips_start = false;
 
 /* TCP sockets whose owner is not known yet: their first send or receive, in
  * process context, claims them (tcp_touch). Two kinds, each found so that the
@@ -280,14 +280,16 @@ static __always_inline void waiting_done(struct sl_conn *c)
  * minus what still waits unread. That is every byte recvmsg or splice
  * delivered, MSG_PEEK excluded (it moves neither), plus a FIN once read.
  * Retransmissions move neither count. */
-static __always_inline __u64 tcp_tx_total(struct tcp_sock *tp)
+static __always_inline __u64 tcp_tx_total(struct tcp_sock *tp, int btf)
 {
-	return tp->bytes_acked + (__u32)(tp->write_seq - tp->snd_una);
+	return SL_READ(btf, tp, bytes_acked) +
+	       (__u32)(SL_READ(btf, tp, write_seq) - SL_READ(btf, tp, snd_una));
 }
 
-static __always_inline __u64 tcp_rx_total(struct tcp_sock *tp)
+static __always_inline __u64 tcp_rx_total(struct tcp_sock *tp, int btf)
 {
-	return tp->bytes_received - (__u32)(tp->rcv_nxt - tp->copied_seq);
+	return SL_READ(btf, tp, bytes_received) -
+	       (__u32)(SL_READ(btf, tp, rcv_nxt) - SL_READ(btf, tp, copied_seq));
 }
 
 /* A FIN is queued exactly when the socket enters FIN_WAIT1 (close or
@@ -302,16 +304,17 @@ static __always_inline bool tcp_fin_queued(int state)
 
 /* The peer's FIN arrived (tcp_fin sets SOCK_DONE) and the application read
  * up to it: read() returned 0, which moved copied_seq past the FIN. */
-static __always_inline bool tcp_fin_received(struct tcp_sock *tp)
+static __always_inline bool tcp_fin_received(struct tcp_sock *tp, int btf)
 {
 	unsigned long done = 1UL << bpf_core_enum_value(enum sock_flags, SOCK_DONE);
 
-	return tp->inet_conn.icsk_inet.sk.__sk_common.skc_flags & done;
+	return SL_READ(btf, tp, inet_conn.icsk_inet.sk.__sk_common.skc_flags) & done;
 }
 
-static __always_inline bool tcp_fin_read(struct tcp_sock *tp)
+static __always_inline bool tcp_fin_read(struct tcp_sock *tp, int btf)
 {
-	return tcp_fin_received(tp) && tp->copied_seq == tp->rcv_nxt;
+	return tcp_fin_received(tp, btf) &&
+	       SL_READ(btf, tp, copied_seq) == SL_READ(btf, tp, rcv_nxt);
 }
 
 /* Whether a child socket's (accepted) application had neither sent nor read
@@ -322,11 +325,11 @@ static __always_inline bool tcp_fin_read(struct tcp_sock *tp)
  * open count their SYN: their first successful send does not pass, so a
  * client that speaks first costs no lookup; their first receive does when
  * the peer speaks first, one lookup of an entry their owner already holds. */
-static __always_inline bool tcp_maybe_first_use(struct tcp_sock *tp, long ret, bool recv)
+static __always_inline bool tcp_maybe_first_use(struct tcp_sock *tp, long ret, bool recv, int btf)
 {
 	__u64 now = ret > 0 ? ret : 0;
-	__u64 tx = tcp_tx_total(tp);
-	__u64 rx = tcp_rx_total(tp) - tcp_fin_read(tp);
+	__u64 tx = tcp_tx_total(tp, btf);
+	__u64 rx = tcp_rx_total(tp, btf) - tcp_fin_read(tp, btf);
 
 	if (recv)
 		return rx <= now && tx <= 1;
@@ -339,23 +342,15 @@ static __always_inline __u64 seq_delta(__u64 total, __u64 base, __u64 fin)
 }
 
 /* tx of `c` from the counters; `fin_queued`: a FIN took a sequence number. */
-static __always_inline void tcp_seq_sync_tx(struct sl_conn *c, struct tcp_sock *tp, bool fin_queued)
+static __always_inline void tcp_seq_sync_tx(struct sl_conn *c, struct tcp_sock *tp, bool fin_queued,
+					    int btf)
 {
-	c->tx_bytes = seq_delta(tcp_tx_total(tp), c->tx_base, fin_queued);
+	c->tx_bytes = seq_delta(tcp_tx_total(tp, btf), c->tx_base, fin_queued);
 }
 
-static __always_inline void tcp_seq_sync_rx(struct sl_conn *c, struct tcp_sock *tp)
+static __always_inline void tcp_seq_sync_rx(struct sl_conn *c, struct tcp_sock *tp, int btf)
 {
-	c->rx_bytes = seq_delta(tcp_rx_total(tp), c->rx_base, tcp_fin_read(tp));
-}
-
-/* Whether a state or destroy body reads the counters. Only tp_btf programs
- * do (the loader's rule for tcp_bytes_from_seq), whose `tp` is the checked
- * pointer of tcp_sk_of; `btf` drops the block from kprobe programs at
- * compile time. */
-static __always_inline bool seq_counted(int btf)
-{
-	return btf && tcp_bytes_from_seq;
+	c->rx_bytes = seq_delta(tcp_rx_total(tp, btf), c->rx_base, tcp_fin_read(tp, btf));
 }
 
 /* Counting from the start of a new connection: the counters start at zero on
@@ -370,8 +365,16 @@ static __always_inline void tcp_seq_base_start(struct sl_conn *c, bool active)
 /* Counting from now: for sockets that existed before start. */
 static __always_inline void tcp_seq_base_now(struct sl_conn *c, struct tcp_sock *tp)
 {
-	c->tx_base = tcp_tx_total(tp);
-	c->rx_base = tcp_rx_total(tp);
+	c->tx_base = tcp_tx_total(tp, SL_BTF);
+	c->rx_base = tcp_rx_total(tp, SL_BTF);
+}
+
+/* Whether a socket found without an entry opened actively, so that its SYN
+ * is in its tx count: an accepted socket is a copy of its listener and keeps
+ * the listener's backlog; one that connected never had one. */
+static __always_inline bool tcp_active_open(struct sock *sk, int btf)
+{
+	return !SL_READ(btf, sk, sk_max_ack_backlog);
 }
 
 /* A new entry for a socket, built in the per-CPU scratch and not inserted
@@ -568,6 +571,31 @@ static __always_inline int conn_start(struct sock *sk, int new, int btf)
 	return conn_put(sk, c, BPF_NOEXIST);
 }
 
+/* The entry of a connection whose start no hook saw (the kernel skipped the
+ * run), made later: at an active open's ESTABLISHED, at a first use, or by a
+ * snapshot refresh. It counts from the socket's start, so its bytes are all
+ * there; only with the counters. */
+static __always_inline struct sl_conn *conn_recover(struct sock *sk, __u64 cookie, bool active,
+						    bool in_task, int btf)
+{
+	__u64 key = (__u64)sk;
+	struct sl_conn *c;
+	int err;
+
+	/* Outside its owner's process a task filter cannot tell whose it is. */
+	if (!tcp_bytes_from_seq || (!in_task && (filter_pid || filter_comm || filter_cgroup)))
+		return NULL;
+	c = conn_fresh(sk, cookie, active ? SL_DIR_OUT : SL_DIR_IN, in_task, btf);
+	if (!c)
+		return NULL;
+	tcp_seq_base_start(c, active);
+	c->flags |= SL_CONN_FOUND_LATE;
+	err = conn_put(sk, c, BPF_NOEXIST);
+	if (err && err != -SL_EEXIST)
+		return NULL;
+	return bpf_map_lookup_elem(&conns, &key);
+}
+
 /* The cookie is taken only for a new entry: two of a short connection's five
  * state changes that get here. */
 static __always_inline void on_state(void *ctx, struct sock *sk, int old, int new, __u32 tier,
@@ -580,9 +608,19 @@ static __always_inline void on_state(void *ctx, struct sock *sk, int old, int ne
 
 	if (sock_proto(sk, btf) != IPPROTO_TCP)
 		return;
+	if (starts && state_skips_start)
+		return;
 	if (starts && conn_start(sk, new, btf) != -SL_EEXIST)
 		return;
 	c = bpf_map_lookup_elem(&conns, &key);
+	if (!c && new == SL_TCP_ESTABLISHED && old == SL_TCP_SYN_SENT)
+		c = conn_recover(sk, sock_cookie(sk, btf), true, false, btf);
+	/* An established connection never seen: its last chance (the runs that
+	 * missed its start can miss its first use too, when one preempted run
+	 * makes the kernel skip the program on that CPU for a while). */
+	if (!c && new == SL_TCP_CLOSE && old != SL_TCP_LISTEN && old != SL_TCP_SYN_SENT &&
+	    old != SL_TCP_SYN_RECV && !state_skips_close)
+		c = conn_recover(sk, sock_cookie(sk, btf), tcp_active_open(sk, btf), false, btf);
 	if (!c || (new == SL_TCP_CLOSE && state_skips_close))
 		return;
 	if (starts && tcp_bytes_from_seq)
@@ -605,9 +643,9 @@ static __always_inline void on_state(void *ctx, struct sock *sk, int old, int ne
 		}
 		return;
 	}
-	if (seq_counted(btf)) {
-		tcp_seq_sync_tx(c, tp, tcp_fin_queued(old));
-		tcp_seq_sync_rx(c, tp);
+	if (tcp_bytes_from_seq) {
+		tcp_seq_sync_tx(c, tp, tcp_fin_queued(old), btf);
+		tcp_seq_sync_rx(c, tp, btf);
 	}
 	on_closed(ctx, sk, tp, c, old, tier, btf);
 }
@@ -616,15 +654,17 @@ static __always_inline void on_state(void *ctx, struct sock *sk, int old, int ne
  * (close or shutdown), not reset or timed out (sk_err), and not closed with
  * unread data (that sends a reset instead; the unread bytes stay between
  * copied_seq and rcv_nxt, a FIN received taking one). */
-static __always_inline bool tcp_fin_queued_at_destroy(struct tcp_sock *tp)
+static __always_inline bool tcp_fin_queued_at_destroy(struct tcp_sock *tp, int btf)
 {
 	struct sock *sk = &tp->inet_conn.icsk_inet.sk;
-	__u8 shutdown = BPF_CORE_READ_BITFIELD(sk, sk_shutdown); /* a bitfield before 6.5 */
-	__u32 unread = tp->rcv_nxt - tp->copied_seq;
+	/* a bitfield before 6.5 */
+	__u8 shutdown = btf ? BPF_CORE_READ_BITFIELD(sk, sk_shutdown)
+			    : BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
+	__u32 unread = SL_READ(btf, tp, rcv_nxt) - SL_READ(btf, tp, copied_seq);
 
-	if (unread && tcp_fin_received(tp))
+	if (unread && tcp_fin_received(tp, btf))
 		unread--;
-	return (shutdown & 2 /* SEND_SHUTDOWN */) && !sk->sk_err && !unread;
+	return (shutdown & 2 /* SEND_SHUTDOWN */) && !SL_READ(btf, sk, sk_err) && !unread;
 }
 
 /* The kernel is about to free a TCP socket. Its entry normally left at
@@ -663,11 +703,11 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, i
 	}
 	if (!c->sport)
 		c->sport = bpf_ntohs(SL_READ(btf, tp, inet_conn.icsk_inet.inet_sport));
-	if (seq_counted(btf) && !wiped) {
+	if (tcp_bytes_from_seq && !wiped) {
 		/* A draining entry's tx was final at TCP_CLOSE. */
 		if (!(c->flags & SL_CONN_DRAINING))
-			tcp_seq_sync_tx(c, tp, tcp_fin_queued_at_destroy(tp));
-		tcp_seq_sync_rx(c, tp);
+			tcp_seq_sync_tx(c, tp, tcp_fin_queued_at_destroy(tp, btf), btf);
+		tcp_seq_sync_rx(c, tp, btf);
 	}
 	c->state = SL_TCP_CLOSE;
 	finish(ctx, sk, c, tier);
@@ -800,6 +840,52 @@ static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long by
 	}
 }
 
+/* A TCP send or receive of `ret` bytes when the bytes come from the counters
+ * (tcp_bytes_from_seq): the hook's only work is the socket that needs it: one
+ * waiting for its owner (see `seeded_waiting`), one whose start no hook saw
+ * (its first use tracks it), or one closed with data unread. SL_CAST
+ * programs (the tp_btf tier, on every send and receive of every socket) look
+ * the entry up only for those; the others look it up every time, as they
+ * always did, and read the counters only without one. `cookie` 0: take it
+ * here if needed. */
+static __always_inline void tcp_touch(void *ctx, struct sock *sk, __u64 cookie, long ret,
+				      bool recv, __u32 tier, int btf)
+{
+	__u64 key = (__u64)sk;
+	/* A cast where the checked conversion would be a helper call per call. */
+	struct tcp_sock *tp = tcp_sk_of(sk, btf);
+	bool closed = SL_READ(btf, sk, __sk_common.skc_state) == SL_TCP_CLOSE;
+	bool first = false;
+	struct sl_conn *c;
+
+	if (!tp)
+		return;
+	if (btf == SL_CAST) {
+		first = tcp_maybe_first_use(tp, ret, recv, btf);
+		if (!first && !maybe_waiting(sk) && !(closed && recv))
+			return;
+	}
+	c = bpf_map_lookup_elem(&conns, &key);
+	if (!c) {
+		if (closed || !(btf == SL_CAST ? first : tcp_maybe_first_use(tp, ret, recv, btf)))
+			return;
+		if (!cookie)
+			cookie = sock_cookie(sk, btf);
+		c = conn_recover(sk, cookie, tcp_active_open(sk, btf), true, btf);
+		if (!c)
+			return;
+	}
+	/* Its first use, in its owner's process. */
+	waiting_done(c);
+	set_owner(c, btf);
+	if (!recv || !closed || !(c->flags & SL_CONN_DRAINING))
+		return;
+	/* Closed with data unread: its record waits for this read. */
+	tcp_seq_sync_rx(c, tp, btf); /* tx was final at TCP_CLOSE */
+	if (!SL_READ(btf, sk, sk_receive_queue.qlen))
+		finish(ctx, sk, c, tier);
+}
+
 /* The byte hooks run on every send and receive: they leave RTT and the
  * retransmission count alone (state changes, retransmits and snapshots read
  * those), as each kernel read is a helper call here. */
@@ -812,6 +898,10 @@ static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 co
 
 	if (ret <= 0 || (proto == IPPROTO_UDP && !track_udp))
 		return;
+	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
+		tcp_touch(NULL, sk, cookie, ret, false, 0, btf);
+		return;
+	}
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN, btf);
 	if (!c)
 		return;
@@ -844,6 +934,10 @@ static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 prot
 
 	if (ret < 0 || (flags & MSG_PEEK) || (proto == IPPROTO_UDP && !track_udp))
 		return;
+	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
+		tcp_touch(ctx, sk, cookie, ret, true, tier, btf);
+		return;
+	}
 	if (!ret) {
 		/* End of stream: nothing to count, but it names the owner of an
 		 * accepted socket whose only use this is. */
@@ -891,7 +985,7 @@ static __always_inline void on_sendfile_sk(struct sock *sk, long ret)
 	 * counters are past zero now) belongs to the caller. */
 	set_owner(c, SL_PROBED);
 	__sync_fetch_and_add(&c->sendfile_bytes, ret);
-	if (sendfile_adds_tx)
+	if (sendfile_adds_tx && !tcp_bytes_from_seq)
 		__sync_fetch_and_add(&c->tx_bytes, ret);
 }
 

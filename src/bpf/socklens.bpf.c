@@ -705,12 +705,24 @@ struct {
 	__type(value, struct msg_stash);
 } recv_stash SEC(".maps");
 
+/* A kprobe's stash for its kretprobe, by thread. Before 6.7 the kernel counts
+ * no dropped kretprobe run (more threads inside the function than its
+ * instances, or a skipped program): one shows as a stash still there at the
+ * thread's next entry, or none at an exit; both count in SL_STAT_RET_MISSED. */
+static __always_inline void stash_put(void *map, __u64 *id, void *st)
+{
+	if (bpf_map_update_elem(map, id, st, BPF_NOEXIST)) {
+		stat_inc(SL_STAT_RET_MISSED);
+		bpf_map_update_elem(map, id, st, BPF_ANY);
+	}
+}
+
 static __always_inline int stash_msg(void *map, struct sock *sk, struct msghdr *msg, int flags)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 	struct msg_stash st = { .sk = (__u64)sk, .msg = (__u64)msg, .flags = flags };
 
-	bpf_map_update_elem(map, &id, &st, BPF_ANY);
+	stash_put(map, &id, &st);
 	return 0;
 }
 
@@ -719,8 +731,10 @@ static __always_inline int take_msg(void *map, struct msg_stash *out)
 	__u64 id = bpf_get_current_pid_tgid();
 	struct msg_stash *st = bpf_map_lookup_elem(map, &id);
 
-	if (!st)
+	if (!st) {
+		stat_inc(SL_STAT_RET_MISSED);
 		return 0;
+	}
 	*out = *st;
 	bpf_map_delete_elem(map, &id);
 	return 1;
@@ -978,40 +992,6 @@ static __always_inline bool in_sendfile(void)
 	return regs && SYSCALL_NR(regs) == SL_NR_SENDFILE;
 }
 
-/* A TCP send or receive of `ret` bytes when the bytes come from the sequence
- * counters (tcp_bytes_from_seq): the hook's only work is the rare socket that
- * needs it: one waiting for its owner (see `seeded_waiting`), or one closed
- * with data unread. */
-static __always_inline void tcp_touch(void *ctx, struct sock *sk, long ret, bool recv)
-{
-	__u64 key = (__u64)sk;
-	__u8 state = sk->__sk_common.skc_state;
-	/* A cast, where the checked conversion is a helper call per send and
-	 * receive. */
-	struct tcp_sock *tp = tcp_sk_of(sk, SL_CAST);
-	struct sl_conn *c;
-
-	if (!tp)
-		return;
-	if (maybe_waiting(sk) || tcp_maybe_first_use(tp, ret, recv)) {
-		/* Its first use, in its owner's process. */
-		c = bpf_map_lookup_elem(&conns, &key);
-		if (c) {
-			waiting_done(c);
-			set_owner(c, SL_CAST);
-		}
-	}
-	if (state != SL_TCP_CLOSE || !recv)
-		return;
-	/* Closed with data unread: its record waits for this read. */
-	c = bpf_map_lookup_elem(&conns, &key);
-	if (!c || !(c->flags & SL_CONN_DRAINING))
-		return;
-	tcp_seq_sync_rx(c, tp); /* tx was final at TCP_CLOSE */
-	if (!sk->sk_receive_queue.qlen)
-		finish(ctx, sk, c, SL_TIER_TRACEPOINT);
-}
-
 SEC("tp_btf/sock_send_length")
 int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 {
@@ -1025,7 +1005,7 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 		if (sendfile_in_send_len && ret > 0 && in_sendfile())
 			on_sendfile_sk(sk, ret);
 		if (tcp_bytes_from_seq) {
-			tcp_touch(ctx, sk, ret, false);
+			tcp_touch(ctx, sk, 0, ret, false, SL_TIER_TRACEPOINT, SL_CAST);
 			return 0;
 		}
 	}
@@ -1046,7 +1026,7 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 	if (!proto)
 		return 0;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
-		tcp_touch(ctx, sk, ret, true);
+		tcp_touch(ctx, sk, 0, ret, true, SL_TIER_TRACEPOINT, SL_CAST);
 		return 0;
 	}
 	cookie = tracing_cookie(sk);
@@ -1173,7 +1153,7 @@ static __always_inline int sendfile_enter(int out_fd)
 {
 	__u64 id = bpf_get_current_pid_tgid();
 
-	bpf_map_update_elem(&sendfile_stash, &id, &out_fd, BPF_ANY);
+	stash_put(&sendfile_stash, &id, &out_fd);
 	return 0;
 }
 
@@ -1183,8 +1163,10 @@ static __always_inline int sendfile_exit(long ret)
 	__s32 *fd = bpf_map_lookup_elem(&sendfile_stash, &id);
 	__s32 out_fd;
 
-	if (!fd)
+	if (!fd) {
+		stat_inc(SL_STAT_RET_MISSED);
 		return 0;
+	}
 	out_fd = *fd;
 	bpf_map_delete_elem(&sendfile_stash, &id);
 	if (ret > 0)
@@ -1276,8 +1258,8 @@ static __always_inline void seed_refresh(struct sl_conn *c, struct sock *sk, str
 	c->state = sk->__sk_common.skc_state;
 	read_tcp_info(c, tp, SL_BTF);
 	if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE) {
-		tcp_seq_sync_tx(c, tp, tcp_fin_queued(c->state));
-		tcp_seq_sync_rx(c, tp);
+		tcp_seq_sync_tx(c, tp, tcp_fin_queued(c->state), SL_BTF);
+		tcp_seq_sync_rx(c, tp, SL_BTF);
 	}
 }
 
@@ -1303,9 +1285,16 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 		}
 		/* A refresh adopts new listeners too: without bind/listen
 		 * events the listen hook stays off on the tracepoint tier
-		 * (syscall tracepoints). */
-		if (sk->__sk_common.skc_state != SL_TCP_LISTEN)
+		 * (syscall tracepoints). And connections whose start every
+		 * hook missed: the start pass took all older ones. */
+		if (sk->__sk_common.skc_state != SL_TCP_LISTEN) {
+			if (tp)
+				c = conn_recover(sk, tracing_cookie(sk),
+						 tcp_active_open(sk, SL_BTF), false, SL_BTF);
+			if (c)
+				seed_refresh(c, sk, tp, gen);
 			return;
+		}
 	}
 	c = conn_fresh(sk, tracing_cookie(sk), SL_DIR_UNKNOWN, false, SL_BTF);
 	if (!c)

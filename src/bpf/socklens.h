@@ -36,6 +36,7 @@ enum sl_stat {
 	SL_STAT_EVENTS_LOST = 0,
 	SL_STAT_UNTRACKED = 1,     /* connections not tracked: the conns map was full */
 	SL_STAT_UDP_UNTRACKED = 2, /* UDP flows not tracked: the udp_flows map was full */
+	SL_STAT_RET_MISSED = 3,    /* kretprobe runs found dropped (socklens.bpf.c, stash_put) */
 	SL_STAT_MAX = 4,
 };
 
@@ -52,6 +53,7 @@ enum sl_conn_flag {
 	SL_CONN_DRAINING = 8,    /* closed while data it received was still unread */
 	SL_CONN_CLOSED_AT_DESTROY = 16, /* its close was seen only when the kernel freed it */
 	SL_CONN_WAITING = 32,    /* seeded, counted in seeded_waiting until its owner's first use */
+	SL_CONN_FOUND_LATE = 64, /* its start was missed: tracked later, from its socket's start */
 };
 
 /* bind and listen. Every event record starts with `kind`. */

@@ -164,6 +164,8 @@ pub struct Conn {
     pub established: bool,
     /// The close was seen only when the kernel freed the socket.
     pub closed_at_destroy: bool,
+    /// Its start was missed: tracked later, its counts from the socket's start.
+    pub found_late: bool,
 }
 
 impl Conn {
@@ -199,6 +201,7 @@ impl Conn {
             seeded: flag(sl_conn_flag::SL_CONN_SEEDED),
             established: flag(sl_conn_flag::SL_CONN_ESTABLISHED),
             closed_at_destroy: flag(sl_conn_flag::SL_CONN_CLOSED_AT_DESTROY),
+            found_late: flag(sl_conn_flag::SL_CONN_FOUND_LATE),
         }
     }
 
@@ -428,6 +431,7 @@ impl Conn {
             seeded: false,
             established: true,
             closed_at_destroy: false,
+            found_late: false,
         }
     }
 }

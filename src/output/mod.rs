@@ -156,6 +156,9 @@ impl Renderer {
         obj.value("failure", &c.failure());
         obj.bool("seeded", c.seeded);
         // Only on the rare close the state hook missed (see README).
+        if c.found_late {
+            obj.bool("found_late", true);
+        }
         if c.closed_at_destroy {
             obj.bool("close_at_destroy", true);
         }

@@ -152,14 +152,16 @@ impl<'a> EventStream<'a> {
                 + self.extra_lost.iter().map(|f| f()).sum::<u64>(),
             malformed: self.malformed.get(),
             untracked: kernel_stat(self.session, sl_stat::SL_STAT_UNTRACKED),
-            missed: recursion_misses(self.session),
+            missed: recursion_misses(self.session)
+                + kernel_stat(self.session, sl_stat::SL_STAT_RET_MISSED),
             udp_untracked: kernel_stat(self.session, sl_stat::SL_STAT_UDP_UNTRACKED),
         }
     }
 }
 
 /// The kernel's own count of skipped runs over this session's programs:
-/// bpf_prog_info.recursion_misses, and the kprobes' own misses.
+/// bpf_prog_info.recursion_misses, and the kprobes' own misses (6.7+;
+/// before, the programs count dropped kretprobe runs, SL_STAT_RET_MISSED).
 fn recursion_misses(session: &Session<'_>) -> u64 {
     program_recursion_misses(session) + session.kprobe_misses()
 }

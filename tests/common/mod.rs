@@ -131,10 +131,16 @@ pub struct Stopped {
 impl Tracer {
     /// Starts `socklens trace --json ARGS` and waits until it is attached.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_env(args, &[])
+    }
+
+    /// The same with these environment variables set for socklens.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let attach = attach_arg();
         let mut child = Command::new(SOCKLENS)
             .args(["trace", "--json", "--attach", &attach])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
