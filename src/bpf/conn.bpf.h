@@ -325,7 +325,8 @@ static __always_inline bool tcp_fin_read(struct tcp_sock *tp, int btf)
  * open count their SYN: their first successful send does not pass, so a
  * client that speaks first costs no lookup; their first receive does when
  * the peer speaks first, one lookup of an entry their owner already holds. */
-static __always_inline bool tcp_maybe_first_use(struct tcp_sock *tp, long ret, bool recv, int btf)
+static __always_inline bool tcp_maybe_first_use(struct tcp_sock *tp, long ret, bool recv, bool syn,
+						int btf)
 {
 	__u64 now = ret > 0 ? ret : 0;
 	__u64 tx = tcp_tx_total(tp, btf);
@@ -333,7 +334,7 @@ static __always_inline bool tcp_maybe_first_use(struct tcp_sock *tp, long ret, b
 
 	if (recv)
 		return rx <= now && tx <= 1;
-	return tx <= now + (ret <= 0) && !rx;
+	return tx <= now + syn + (ret <= 0) && !rx;
 }
 
 static __always_inline __u64 seq_delta(__u64 total, __u64 base, __u64 fin)
@@ -855,23 +856,26 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, __u64 cookie, 
 	/* A cast where the checked conversion would be a helper call per call. */
 	struct tcp_sock *tp = tcp_sk_of(sk, btf);
 	bool closed = SL_READ(btf, sk, __sk_common.skc_state) == SL_TCP_CLOSE;
-	bool first = false;
+	bool first = false, active;
 	struct sl_conn *c;
 
 	if (!tp)
 		return;
 	if (btf == SL_CAST) {
-		first = tcp_maybe_first_use(tp, ret, recv, btf);
+		first = tcp_maybe_first_use(tp, ret, recv, false, btf);
 		if (!first && !maybe_waiting(sk) && !(closed && recv))
 			return;
 	}
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (!c) {
-		if (closed || !(btf == SL_CAST ? first : tcp_maybe_first_use(tp, ret, recv, btf)))
+		/* Where every call looks up, an active open's first send (its SYN
+		 * counted) is fresh too. */
+		active = tcp_active_open(sk, btf);
+		if (closed || !(btf == SL_CAST ? first : tcp_maybe_first_use(tp, ret, recv, active, btf)))
 			return;
 		if (!cookie)
 			cookie = sock_cookie(sk, btf);
-		c = conn_recover(sk, cookie, tcp_active_open(sk, btf), true, btf);
+		c = conn_recover(sk, cookie, active, true, btf);
 		if (!c)
 			return;
 	}
