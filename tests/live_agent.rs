@@ -852,3 +852,161 @@ fn metrics_endpoint_defaults_to_loopback_only() {
     agent.stop();
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Sends `bytes` on a fresh connection and reads the status of the answer.
+fn raw_status(addr: SocketAddr, bytes: &[u8]) -> u16 {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).expect("send");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw);
+    raw.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {raw:?}"))
+}
+
+/// Prometheus gives up on a scrape after its scrape_timeout (1 s in these
+/// tests' Prometheus): a scrape answered later is a lost scrape.
+const SCRAPE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// One scrape that must be answered with 200 within [`SCRAPE_DEADLINE`].
+fn scrape_in_time(addr: SocketAddr) {
+    let start = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, SCRAPE_DEADLINE).expect("connect");
+    s.set_read_timeout(Some(SCRAPE_DEADLINE)).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)
+        .unwrap_or_else(|e| panic!("scrape not answered: {e}"));
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw:.200}");
+    assert!(raw.contains("socklens_config_last_reload_success 1"));
+    assert!(
+        start.elapsed() < SCRAPE_DEADLINE,
+        "scrape answered after the scrape deadline: {:?}",
+        start.elapsed()
+    );
+}
+
+fn proc_count(pid: u32, what: &str) -> usize {
+    fs::read_dir(format!("/proc/{pid}/{what}"))
+        .expect("read /proc")
+        .count()
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .expect("VmRSS")
+}
+
+/// Clients that connect and send nothing, or trickle a byte a second, or
+/// send garbage, must not cost a scrape its deadline; connection floods
+/// leave the agent's threads, descriptors and memory bounded; requests
+/// that are not a scrape get a 4xx.
+#[test]
+fn metrics_endpoint_serves_scrapes_beside_idle_slow_and_hostile_clients() {
+    require_root();
+    let dir = temp_dir("http");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent = Agent::start(&dir, &format!("listen = \"{addr}\"\n"), addr);
+    let pid = agent.child.id();
+    let (threads, fds, rss) = (
+        proc_count(pid, "task"),
+        proc_count(pid, "fd"),
+        vm_rss_kib(pid),
+    );
+
+    // 64 silent clients and 16 that send a scrape's first bytes one a second.
+    let idle: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickle = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut slow: Vec<TcpStream> = (0..16)
+                .map(|_| TcpStream::connect(addr).expect("connect"))
+                .collect();
+            for &b in b"GET /metrics HTTP/1.1\r\n".iter().cycle() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                for s in &mut slow {
+                    let _ = s.write_all(&[b]);
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    // The agent holds them all (one descriptor each) while it answers.
+    let deadline = Instant::now() + WAIT;
+    while proc_count(pid, "fd") < fds + 80 {
+        assert!(Instant::now() < deadline, "agent did not accept 80 clients");
+        thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..20 {
+        scrape_in_time(addr);
+        thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        proc_count(pid, "fd") >= fds + 80,
+        "slow clients dropped early"
+    );
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().unwrap();
+    drop(idle);
+
+    // Requests that are not a scrape.
+    let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_eq!(raw_status(addr, b"\x00\x01\x02 garbage\r\n\r\n"), 400);
+    assert_eq!(raw_status(addr, format!("{get}{get}").as_bytes()), 400);
+    let big = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+    assert_eq!(raw_status(addr, big.as_bytes()), 431);
+    let body = "GET /metrics HTTP/1.1\r\nContent-Length: 4\r\n\r\nabcd";
+    assert_eq!(raw_status(addr, body.as_bytes()), 400);
+    assert_eq!(raw_status(addr, b"POST /metrics HTTP/1.1\r\n\r\n"), 405);
+    assert_eq!(raw_status(addr, get.as_bytes()), 200);
+
+    // A flood of connection attempts, 400 held open at a time (more than
+    // the 256 the agent keeps), every tenth sending garbage; scrapes go on.
+    let attempts = scaled(10_000);
+    let mut held = std::collections::VecDeque::new();
+    let (mut max_threads, mut max_fds) = (0, 0);
+    for i in 0..attempts {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+            continue;
+        };
+        if i % 10 == 0 {
+            let _ = s.write_all(b"\x16\x03\x01 not http\r\n\r\n");
+        }
+        held.push_back(s);
+        if held.len() > 400 {
+            held.pop_front();
+        }
+        if i % 500 == 0 {
+            max_threads = max_threads.max(proc_count(pid, "task"));
+            max_fds = max_fds.max(proc_count(pid, "fd"));
+            scrape_in_time(addr);
+        }
+    }
+    drop(held);
+    assert!(
+        max_threads <= threads,
+        "threads grew from {threads} to {max_threads}"
+    );
+    // The agent opens a few files of its own at times (/proc, cgroups).
+    assert!(
+        max_fds <= fds + 256 + 16,
+        "descriptors grew from {fds} to {max_fds}: more connections kept than the cap"
+    );
+    let grown = vm_rss_kib(pid).saturating_sub(rss);
+    assert!(grown < 32 * 1024, "RSS grew by {grown} KiB");
+    scrape_in_time(addr);
+    agent.stop();
+    let _ = fs::remove_dir_all(&dir);
+}
