@@ -24,3 +24,4 @@ pub mod skel;
 pub mod system;
 pub mod top;
 pub mod trace;
+pub mod trust;

@@ -136,6 +136,18 @@ impl Agent {
     }
 
     fn start_with(args: &[&str], config: PathBuf, addr: SocketAddr) -> Self {
+        Self::spawn(args, config, addr, |a| {
+            matches!(http_get(a.addr, "/healthz", None), Ok((200, _)))
+        })
+    }
+
+    /// Starts the agent and waits until `ready` says so.
+    fn spawn(
+        args: &[&str],
+        config: PathBuf,
+        addr: SocketAddr,
+        ready: impl Fn(&Self) -> bool,
+    ) -> Self {
         let mut child = Command::new(SOCKLENS)
             .args(["agent", "--attach", &attach_arg()])
             .args(args)
@@ -152,7 +164,7 @@ impl Agent {
         };
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Ok((200, _)) = http_get(addr, "/healthz", None) {
+            if ready(&agent) {
                 break;
             }
             if let Ok(Some(st)) = agent.child.try_wait() {
@@ -227,13 +239,23 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(dir: &Path, target: SocketAddr) -> Self {
+        Self::with_jobs(
+            dir,
+            &format!(
+                "  - job_name: socklens\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+    }
+
+    /// Prometheus with these `scrape_configs` entries (YAML, indented).
+    fn with_jobs(dir: &Path, jobs: &str) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let cfg = dir.join("prometheus.yml");
         fs::write(
             &cfg,
             format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: socklens\n    static_configs:\n      - targets: ['{target}']\n"
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{jobs}"
             ),
         )
         .unwrap();
@@ -1008,5 +1030,89 @@ fn metrics_endpoint_serves_scrapes_beside_idle_slow_and_hostile_clients() {
     assert!(grown < 32 * 1024, "RSS grew by {grown} KiB");
     scrape_in_time(addr);
     agent.stop();
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// The endpoint with TLS (client certificates required and verified) and
+/// basic auth, scraped by a real Prometheus: the job with the right
+/// password and certificate is up and stores the agent's samples; a wrong
+/// password, no client certificate, and plain HTTP are all refused.
+#[test]
+fn prometheus_scrapes_over_tls_with_basic_auth_and_others_are_refused() {
+    require_root();
+    let dir = temp_dir("tls");
+    make_certs(&dir);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let hash = bcrypt::hash("s3cret", 10).unwrap();
+    let config = format!(
+        "listen = \"{addr}\"\n[tls_server_config]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\nclient_ca_file = \"ca.pem\"\nclient_auth_type = \"RequireAndVerifyClientCert\"\n[basic_auth_users]\nprom = \"{hash}\"\n"
+    );
+    let path = dir.join("agent.toml");
+    fs::write(&path, config).unwrap();
+    let agent = Agent::spawn(
+        &["--config", path.to_str().unwrap()],
+        path.clone(),
+        addr,
+        |a| a.stderr().contains("agent ready"),
+    );
+    assert!(!agent.stderr().contains("warning"), "{}", agent.stderr());
+
+    // Plain HTTP to the TLS port gets no HTTP answer at all.
+    let plain = http_get(addr, "/metrics", None);
+    assert!(
+        !matches!(plain, Ok((200, _))),
+        "plain HTTP answered: {plain:?}"
+    );
+
+    let d = dir.display();
+    let job = |name: &str, scheme: &str, tls: &str, password: &str| {
+        format!(
+            "  - job_name: {name}\n    scheme: {scheme}\n{tls}    basic_auth:\n      username: prom\n      password: {password}\n    static_configs:\n      - targets: ['{addr}']\n"
+        )
+    };
+    let with_cert = format!(
+        "    tls_config:\n      ca_file: {d}/ca.pem\n      cert_file: {d}/client.pem\n      key_file: {d}/client.key\n"
+    );
+    let no_cert = format!("    tls_config:\n      ca_file: {d}/ca.pem\n");
+    let jobs = [
+        job("good", "https", &with_cert, "s3cret"),
+        job("wrong_password", "https", &with_cert, "guess"),
+        job("no_client_cert", "https", &no_cert, "s3cret"),
+        job("plain_http", "http", "", "s3cret"),
+    ]
+    .concat();
+    let prom = Prometheus::with_jobs(&dir, &jobs);
+    prom.assert_settles("up{job=\"good\"}", 1.0);
+    prom.assert_settles("socklens_config_last_reload_success{job=\"good\"}", 1.0);
+    for bad in ["wrong_password", "no_client_cert", "plain_http"] {
+        prom.assert_settles(&format!("up{{job=\"{bad}\"}}"), 0.0);
+    }
+    drop(prom);
+    agent.stop();
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// The event log is private: 0600 even where an older file was readable by
+/// all, and its lines are the agent's JSON events.
+#[test]
+fn event_log_is_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    let dir = temp_dir("log");
+    let log = dir.join("events.jsonl");
+    fs::write(&log, "").unwrap();
+    fs::set_permissions(&log, fs::Permissions::from_mode(0o644)).unwrap();
+    let fresh = dir.join("fresh.jsonl");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    for path in [&log, &fresh] {
+        let agent = Agent::start(
+            &dir,
+            &format!("listen = \"{addr}\"\nevent_log = \"{}\"\n", path.display()),
+            addr,
+        );
+        let mode = fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "{}: mode {mode:o}", path.display());
+        agent.stop();
+    }
     let _ = fs::remove_dir_all(&dir);
 }

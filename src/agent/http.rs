@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+use super::config::Web;
 use super::metrics::{to_prometheus_text, Metrics};
+use super::web::{self, Auth, Verdict};
 use crate::error::{Error, Result};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -34,6 +36,8 @@ const DEADLINE: Duration = Duration::from_secs(5);
 /// rendering, and bodies held by slow readers are shared.
 const BODY_REUSE: Duration = Duration::from_millis(100);
 const LISTENER: Token = Token(usize::MAX);
+/// The bcrypt thread has answers.
+const WAKER: Token = Token(usize::MAX - 1);
 
 /// What the server shares with the agent loop.
 pub struct Shared {
@@ -42,8 +46,10 @@ pub struct Shared {
     pub ready: AtomicBool,
 }
 
-/// Binds `addr` now (so a busy port is a startup error) and serves on a thread.
-pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr> {
+/// Binds `addr` now (so a busy port, or TLS files that cannot be used, are
+/// startup errors) and serves on a thread.
+pub fn serve(addr: SocketAddr, shared: Arc<Shared>, config: &Web) -> Result<SocketAddr> {
+    let tls = config.tls.as_ref().map(web::server_config).transpose()?;
     let listener = std::net::TcpListener::bind(addr)
         .and_then(|l| l.set_nonblocking(true).map(|()| l))
         .map_err(|e| Error::kernel(format!("listening on {addr} for metrics"), e))?;
@@ -51,6 +57,15 @@ pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr> {
         .local_addr()
         .map_err(|e| Error::kernel("reading the metrics address", e))?;
     let poll = Poll::new().map_err(|e| Error::kernel("creating the metrics poller", e))?;
+    let auth = if config.users.is_empty() {
+        None
+    } else {
+        let waker = mio::Waker::new(poll.registry(), WAKER)
+            .map_err(|e| Error::kernel("creating the metrics waker", e))?;
+        Some(Auth::start(config.users.clone(), move || {
+            let _ = waker.wake();
+        })?)
+    };
     let mut server = Server {
         listener: TcpListener::from_std(listener),
         poll,
@@ -58,6 +73,8 @@ pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr> {
         next: 0,
         shared,
         bodies: Bodies::default(),
+        tls,
+        auth,
     };
     server
         .poll
@@ -77,6 +94,7 @@ pub struct Request {
     pub method: String,
     pub path: String,
     pub accept: String,
+    pub authorization: String,
 }
 
 /// What a request head read so far amounts to.
@@ -110,7 +128,7 @@ pub fn parse(buf: &[u8]) -> Parsed {
     if buf.len() > head_len {
         return Parsed::Bad(BAD_REQUEST);
     }
-    let mut accept = String::new();
+    let (mut accept, mut authorization) = (String::new(), String::new());
     for h in req.headers.iter() {
         let body = (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
             || h.name.eq_ignore_ascii_case("transfer-encoding");
@@ -120,11 +138,15 @@ pub fn parse(buf: &[u8]) -> Parsed {
         if h.name.eq_ignore_ascii_case("accept") {
             accept = String::from_utf8_lossy(h.value).trim().to_owned();
         }
+        if h.name.eq_ignore_ascii_case("authorization") {
+            authorization = String::from_utf8_lossy(h.value).into_owned();
+        }
     }
     Parsed::Done(Request {
         method: req.method.unwrap_or_default().to_owned(),
         path: req.path.unwrap_or_default().to_owned(),
         accept,
+        authorization,
     })
 }
 
@@ -181,6 +203,7 @@ fn respond(req: &Request, shared: &Shared, bodies: &mut Bodies) -> Response {
             Response {
                 status: "200 OK",
                 ctype: if om { OPENMETRICS } else { PROMETHEUS_TEXT },
+                extra: "",
                 body: bodies.get(&shared.metrics, om),
             }
         }
@@ -193,6 +216,8 @@ fn respond(req: &Request, shared: &Shared, bodies: &mut Bodies) -> Response {
 struct Response {
     status: &'static str,
     ctype: &'static str,
+    /// More header lines, each ending in CRLF.
+    extra: &'static str,
     body: Arc<[u8]>,
 }
 
@@ -201,16 +226,25 @@ impl Response {
         Self {
             status,
             ctype: "text/plain",
+            extra: "",
             body: Arc::from(body.as_bytes()),
+        }
+    }
+
+    fn unauthorized() -> Self {
+        Self {
+            extra: "WWW-Authenticate: Basic realm=\"socklens\"\r\n",
+            ..Self::text("401 Unauthorized", "unauthorized\n")
         }
     }
 
     fn head(&self) -> Vec<u8> {
         format!(
-            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "HTTP/1.1 {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n",
             self.status,
             self.ctype,
-            self.body.len()
+            self.body.len(),
+            self.extra
         )
         .into_bytes()
     }
@@ -220,6 +254,8 @@ impl Response {
 enum Phase {
     /// Reading the request head into `buf`.
     Reading,
+    /// Waiting for the bcrypt thread's verdict on its password.
+    Verifying(Request),
     /// Writing `head` then `body` from `sent`.
     Writing {
         head: Vec<u8>,
@@ -233,9 +269,96 @@ enum Phase {
 
 struct Conn {
     stream: TcpStream,
+    tls: Option<Box<rustls::ServerConnection>>,
     deadline: Instant,
     buf: Vec<u8>,
     phase: Phase,
+}
+
+/// What a read from the client brought.
+enum Input {
+    More,
+    /// Nothing to read now.
+    Blocked,
+    Eof,
+}
+
+impl Conn {
+    /// Reads what the client sent (decrypted) into `buf`, keeping at most
+    /// `limit` bytes of it.
+    fn fill(&mut self, limit: usize) -> io::Result<Input> {
+        let mut chunk = [0u8; 2048];
+        let Some(tls) = &mut self.tls else {
+            return match self.stream.read(&mut chunk) {
+                Ok(0) => Ok(Input::Eof),
+                Ok(n) => {
+                    keep(&mut self.buf, &chunk[..n], limit);
+                    Ok(Input::More)
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(Input::Blocked),
+                Err(e) if e.kind() == ErrorKind::Interrupted => Ok(Input::More),
+                Err(e) => Err(e),
+            };
+        };
+        let eof = match tls.read_tls(&mut self.stream) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Input::Blocked),
+            Err(e) if e.kind() == ErrorKind::Interrupted => return Ok(Input::More),
+            Err(e) => return Err(e),
+        };
+        if let Err(e) = tls.process_new_packets() {
+            // The alert goes out best effort; the connection ends either way.
+            let _ = tls.write_tls(&mut self.stream);
+            return Err(io::Error::other(e));
+        }
+        loop {
+            match tls.reader().read(&mut chunk) {
+                Ok(0) => return Ok(Input::Eof),
+                Ok(n) => keep(&mut self.buf, &chunk[..n], limit),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(if eof { Input::Eof } else { Input::More })
+    }
+
+    /// Writes as much of `data` as the socket takes now: bytes consumed.
+    fn send(&mut self, data: &[u8]) -> io::Result<usize> {
+        let Some(tls) = &mut self.tls else {
+            return match self.stream.write(data) {
+                Ok(n) => Ok(n),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(0),
+                Err(e) if e.kind() == ErrorKind::Interrupted => Ok(0),
+                Err(e) => Err(e),
+            };
+        };
+        let n = tls.writer().write(data)?;
+        self.flush()?;
+        Ok(n)
+    }
+
+    /// Pushes pending TLS records out: Ok(true) when none are left.
+    fn flush(&mut self) -> io::Result<bool> {
+        let Some(tls) = &mut self.tls else {
+            return Ok(true);
+        };
+        while tls.wants_write() {
+            match tls.write_tls(&mut self.stream) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// Appends `data` to `buf` up to one byte past `limit` (enough to say 431).
+fn keep(buf: &mut Vec<u8>, data: &[u8], limit: usize) {
+    let room = (limit + 1).saturating_sub(buf.len());
+    buf.extend_from_slice(&data[..data.len().min(room)]);
 }
 
 struct Server {
@@ -246,6 +369,8 @@ struct Server {
     next: usize,
     shared: Arc<Shared>,
     bodies: Bodies,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    auth: Option<Auth>,
 }
 
 impl Server {
@@ -266,6 +391,7 @@ impl Server {
             for ev in &events {
                 match ev.token() {
                     LISTENER => self.accept(),
+                    WAKER => self.verdicts(),
                     Token(t) => self.step(t),
                 }
             }
@@ -290,8 +416,15 @@ impl Server {
             if self.conns.len() >= MAX_CONNS {
                 self.close_oldest();
             }
+            let tls = match &self.tls {
+                None => None,
+                Some(cfg) => match rustls::ServerConnection::new(Arc::clone(cfg)) {
+                    Ok(c) => Some(Box::new(c)),
+                    Err(_) => continue,
+                },
+            };
             let token = self.next;
-            self.next = self.next.wrapping_add(1) % (usize::MAX - 1);
+            self.next = (self.next + 1) % (usize::MAX - 2);
             if self
                 .poll
                 .registry()
@@ -306,6 +439,7 @@ impl Server {
             }
             let conn = Conn {
                 stream,
+                tls,
                 deadline: Instant::now() + DEADLINE,
                 buf: Vec::new(),
                 phase: Phase::Reading,
@@ -339,12 +473,32 @@ impl Server {
         }
     }
 
+    /// Answers the connections whose password the bcrypt thread checked.
+    fn verdicts(&mut self) {
+        let answers = self.auth.as_mut().map(Auth::answers).unwrap_or_default();
+        for (token, allowed) in answers {
+            let Some(c) = self.conns.get_mut(&token) else {
+                continue;
+            };
+            let Phase::Verifying(req) = std::mem::replace(&mut c.phase, Phase::Draining) else {
+                continue;
+            };
+            let resp = if allowed {
+                respond(&req, &self.shared, &mut self.bodies)
+            } else {
+                Response::unauthorized()
+            };
+            c.phase = writing(resp, req.method == "HEAD");
+            self.step(token);
+        }
+    }
+
     /// Advances one connection as far as its socket allows.
     fn step(&mut self, token: usize) {
         let Some(mut c) = self.conns.remove(&token) else {
             return;
         };
-        match self.advance(&mut c) {
+        match self.advance(token, &mut c) {
             Ok(true) => self.close(c),
             Ok(false) => {
                 self.conns.insert(token, c);
@@ -354,64 +508,63 @@ impl Server {
     }
 
     /// Ok(true) when the exchange is over.
-    fn advance(&mut self, c: &mut Conn) -> io::Result<bool> {
+    fn advance(&mut self, token: usize, c: &mut Conn) -> io::Result<bool> {
         if let Phase::Reading = c.phase {
-            let mut chunk = [0u8; 2048];
             loop {
-                match c.stream.read(&mut chunk) {
-                    Ok(0) => return Ok(true),
-                    Ok(n) => {
-                        // One byte past the limit is enough to say 431.
-                        let room = (MAX_HEAD + 1).saturating_sub(c.buf.len());
-                        c.buf.extend_from_slice(&chunk[..n.min(room)]);
-                        if c.buf.len() > MAX_HEAD {
-                            break;
-                        }
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
+                match c.fill(MAX_HEAD)? {
+                    Input::Eof => return Ok(true),
+                    Input::Blocked => break,
+                    Input::More if c.buf.len() > MAX_HEAD => break,
+                    Input::More => {}
                 }
             }
-            let (resp, head_only) = match parse(&c.buf) {
+            // A TLS handshake answers before any request arrives.
+            if !c.flush()? {
+                return Ok(false);
+            }
+            c.phase = match parse(&c.buf) {
                 Parsed::Partial => return Ok(false),
-                Parsed::Done(req) => (
-                    respond(&req, &self.shared, &mut self.bodies),
-                    req.method == "HEAD",
-                ),
-                Parsed::Bad(status) => (Response::text(status, "not a scrape request\n"), false),
+                Parsed::Done(req) => self.answer(token, req),
+                Parsed::Bad(status) => {
+                    writing(Response::text(status, "not a scrape request\n"), false)
+                }
             };
             c.buf = Vec::new();
-            c.phase = Phase::Writing {
-                head: resp.head(),
-                body: if head_only {
-                    Arc::from(&[][..])
-                } else {
-                    resp.body
-                },
-                sent: 0,
-            };
+        }
+        if let Phase::Verifying(_) = c.phase {
+            return Ok(false);
         }
         if let Phase::Writing { head, body, sent } = &mut c.phase {
-            loop {
-                let rest: &[u8] = if *sent < head.len() {
-                    &head[*sent..]
-                } else if *sent < head.len() + body.len() {
-                    &body[*sent - head.len()..]
+            let (head, body) = (std::mem::take(head), Arc::clone(body));
+            let mut done = *sent;
+            let total = head.len() + body.len();
+            while done < total {
+                let rest = if done < head.len() {
+                    &head[done..]
                 } else {
-                    break;
+                    &body[done - head.len()..]
                 };
-                match c.stream.write(rest) {
-                    Ok(0) => return Ok(true),
-                    Ok(n) => *sent += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(false),
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
+                match c.send(rest)? {
+                    0 => {
+                        c.phase = Phase::Writing {
+                            head,
+                            body,
+                            sent: done,
+                        };
+                        return Ok(false);
+                    }
+                    n => done += n,
                 }
             }
-            c.stream.shutdown(Shutdown::Write)?;
+            if let Some(tls) = &mut c.tls {
+                tls.send_close_notify();
+            }
             c.phase = Phase::Draining;
         }
+        if !c.flush()? {
+            return Ok(false);
+        }
+        let _ = c.stream.shutdown(Shutdown::Write);
         let mut sink = [0u8; 2048];
         loop {
             match c.stream.read(&mut sink) {
@@ -422,6 +575,35 @@ impl Server {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// The phase after a well-formed request: its answer, or a wait for bcrypt.
+    fn answer(&mut self, token: usize, req: Request) -> Phase {
+        let head_only = req.method == "HEAD";
+        let Some(auth) = &mut self.auth else {
+            return writing(respond(&req, &self.shared, &mut self.bodies), head_only);
+        };
+        match auth.check(token, &req.authorization) {
+            Verdict::Allowed => writing(respond(&req, &self.shared, &mut self.bodies), head_only),
+            Verdict::Denied => writing(Response::unauthorized(), head_only),
+            Verdict::Busy => writing(
+                Response::text("429 Too Many Requests", "too many logins at once\n"),
+                head_only,
+            ),
+            Verdict::Pending => Phase::Verifying(req),
+        }
+    }
+}
+
+fn writing(resp: Response, head_only: bool) -> Phase {
+    Phase::Writing {
+        head: resp.head(),
+        body: if head_only {
+            Arc::from(&[][..])
+        } else {
+            resp.body
+        },
+        sent: 0,
     }
 }
 
@@ -449,6 +631,7 @@ mod tests {
             method: "GET".into(),
             path: path.into(),
             accept: String::new(),
+            authorization: String::new(),
         };
         let mut status = |path: &str| respond(&get(path), &shared, &mut bodies).status;
         assert!(status("/healthz").starts_with("503"));
