@@ -5,6 +5,7 @@
 //! `events` (ring/perf buffer) → `model` (typed events) → `output`.
 
 pub mod agent;
+pub mod caps;
 pub mod cgevents;
 pub mod cgroup;
 pub mod cgroup_attach;

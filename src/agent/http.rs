@@ -50,8 +50,9 @@ pub struct Shared {
 /// startup errors) and serves on a thread.
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>, config: &Web) -> Result<SocketAddr> {
     let tls = config.tls.as_ref().map(web::server_config).transpose()?;
-    let listener = std::net::TcpListener::bind(addr)
-        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+    // mio's bind: a 1024-deep accept queue (std's is 128), so a burst of
+    // connections does not drop a scrape's SYN into a 1 s retry.
+    let listener = TcpListener::bind(addr)
         .map_err(|e| Error::kernel(format!("listening on {addr} for metrics"), e))?;
     let local = listener
         .local_addr()
@@ -67,7 +68,7 @@ pub fn serve(addr: SocketAddr, shared: Arc<Shared>, config: &Web) -> Result<Sock
         })?)
     };
     let mut server = Server {
-        listener: TcpListener::from_std(listener),
+        listener,
         poll,
         conns: BTreeMap::new(),
         next: 0,
@@ -83,7 +84,14 @@ pub fn serve(addr: SocketAddr, shared: Arc<Shared>, config: &Web) -> Result<Sock
         .map_err(|e| Error::kernel("registering the metrics listener", e))?;
     thread::Builder::new()
         .name("metrics-http".into())
-        .spawn(move || server.run())
+        .spawn(move || {
+            // This thread only talks to the network: it keeps no capability.
+            if let Err(e) = crate::caps::keep_only(&[]) {
+                eprintln!("socklens: metrics endpoint not started: {e}");
+                return;
+            }
+            server.run();
+        })
         .map_err(|e| Error::kernel("starting the metrics thread", e))?;
     Ok(local)
 }

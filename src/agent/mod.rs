@@ -172,6 +172,11 @@ pub fn run(args: &AgentArgs, stop: &AtomicBool, hup: &AtomicBool) -> Result<()> 
         let mut agent = Agent::new(config, args.clone(), metrics, log, policy.is_some());
         agent.export_plan(live.plan);
         agent.acct = Accountant::new(&snapshot(live.session).0);
+        let kept = crate::caps::keep_only(&crate::caps::AGENT_KEEPS)?;
+        eprintln!(
+            "socklens: programs attached; capabilities kept: {}; all others dropped",
+            kept.join(", ")
+        );
         shared.ready.store(true, Ordering::Relaxed);
         notify_ready();
         eprintln!("socklens: agent ready: metrics on http://{addr}/metrics, readiness on /healthz");
