@@ -135,6 +135,19 @@ impl Agent {
         Self::start_with(&["--config", path.to_str().unwrap()], path.clone(), addr)
     }
 
+    /// `start` for an endpoint that wants a password (on /healthz too): ready
+    /// is the agent's own line.
+    fn start_protected(dir: &Path, config: &str, addr: SocketAddr) -> Self {
+        let path = dir.join("agent.toml");
+        fs::write(&path, config).expect("write config");
+        Self::spawn(
+            &["--config", path.to_str().unwrap()],
+            path.clone(),
+            addr,
+            |a| a.stderr().contains("agent ready"),
+        )
+    }
+
     fn start_with(args: &[&str], config: PathBuf, addr: SocketAddr) -> Self {
         Self::spawn(args, config, addr, |a| {
             matches!(http_get(a.addr, "/healthz", None), Ok((200, _)))
@@ -1062,14 +1075,7 @@ fn prometheus_scrapes_over_tls_with_basic_auth_and_others_are_refused() {
     let config = format!(
         "listen = \"{addr}\"\n[tls_server_config]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\nclient_ca_file = \"ca.pem\"\nclient_auth_type = \"RequireAndVerifyClientCert\"\n[basic_auth_users]\nprom = \"{hash}\"\n"
     );
-    let path = dir.join("agent.toml");
-    fs::write(&path, config).unwrap();
-    let agent = Agent::spawn(
-        &["--config", path.to_str().unwrap()],
-        path.clone(),
-        addr,
-        |a| a.stderr().contains("agent ready"),
-    );
+    let agent = Agent::start_protected(&dir, &config, addr);
     assert!(!agent.stderr().contains("warning"), "{}", agent.stderr());
 
     // Plain HTTP to the TLS port gets no HTTP answer at all.
@@ -1148,18 +1154,10 @@ fn agent_drops_capabilities_it_no_longer_needs() {
     let dir = temp_dir("caps");
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let hash = bcrypt::hash("pw", 4).unwrap();
-    let path = dir.join("agent.toml");
-    fs::write(
-        &path,
-        format!("listen = \"{addr}\"\n[basic_auth_users]\nprom = \"{hash}\"\n"),
-    )
-    .unwrap();
-    // /healthz wants the password too: ready is the agent's own line.
-    let agent = Agent::spawn(
-        &["--config", path.to_str().unwrap()],
-        path.clone(),
+    let agent = Agent::start_protected(
+        &dir,
+        &format!("listen = \"{addr}\"\n[basic_auth_users]\nprom = \"{hash}\"\n"),
         addr,
-        |a| a.stderr().contains("agent ready"),
     );
     // CAP_DAC_READ_SEARCH 2, NET_ADMIN 12, SYS_PTRACE 19, SYS_ADMIN 21, PERFMON 38, BPF 39.
     let want: u64 = [2, 12, 19, 21, 38, 39].iter().map(|b| 1u64 << b).sum();
