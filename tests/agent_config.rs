@@ -4,6 +4,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use common::*;
@@ -122,4 +123,80 @@ fn bad_policy_named_by_the_config_is_refused_before_anything_is_applied() {
     );
     assert_eq!(code, 2, "{err}");
     assert_one_line(&err, &format!("{}:3: ", d.join("p.toml").display()));
+}
+
+/// The files the agent trusts (its config, the policy it names, TLS key,
+/// certificate and client CA) are refused when group or others may write
+/// them, or when another non-root user owns them: one line naming the file
+/// and its mode, exit 2.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn trusted_files_writable_by_others_or_owned_by_another_user_are_refused() {
+    require_root();
+    let d = dir("trust");
+    let config = d.join("agent.toml");
+    let refused = |want: &str| {
+        let (code, _, err) = socklens(&["agent", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 2, "{err}");
+        assert_one_line(&err, want);
+    };
+    fs::write(&config, "interval = 1.0\n").unwrap();
+    for mode in [0o664, 0o646, 0o666] {
+        fs::set_permissions(&config, fs::Permissions::from_mode(mode)).unwrap();
+        refused(&format!(
+            "{}: writable by group or others (mode 0{mode:o})",
+            config.display()
+        ));
+    }
+    fs::set_permissions(&config, fs::Permissions::from_mode(0o644)).unwrap();
+    nix::unistd::chown(&config, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    refused(&format!("{}: owned by uid 65534", config.display()));
+    nix::unistd::chown(&config, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+
+    // Each file the config names, in turn writable by its group.
+    make_certs(&d.0);
+    fs::write(d.join("policy.toml"), "").unwrap();
+    fs::write(
+        &config,
+        "policy = \"policy.toml\"\n[tls_server_config]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\nclient_ca_file = \"ca.pem\"\nclient_auth_type = \"RequireAndVerifyClientCert\"\n",
+    )
+    .unwrap();
+    for f in ["policy.toml", "cert.pem", "key.pem", "ca.pem"] {
+        let path = d.join(f);
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o620)).unwrap();
+        let (code, _, err) = socklens(&["agent", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 2, "{f}: {err}");
+        assert_eq!(err.lines().count(), 1, "{f}: {err}");
+        assert!(
+            err.contains(&format!(
+                "{}: writable by group or others (mode 0620)",
+                path.display()
+            )),
+            "{f}: {err}"
+        );
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+}
+
+#[test]
+fn web_config_errors_name_file_line_and_value() {
+    for (text, want) in [
+        ("[tls_server_config]\ncert_file = \"c.pem\"\n", ":1: tls_server_config: key_file is missing"),
+        (
+            "[tls_server_config]\ncert_file = \"c\"\nkey_file = \"k\"\nclient_auth_type = \"Maybe\"\n",
+            ":4: client_auth_type 'Maybe'",
+        ),
+        (
+            "[tls_server_config]\ncert_file = \"c\"\nkey_file = \"k\"\nclient_ca_file = \"ca\"\n",
+            ":1: tls_server_config: client_ca_file is set without a client_auth_type",
+        ),
+        (
+            "[basic_auth_users]\nprom = \"secret\"\n",
+            ":2: basic_auth_users: the password of 'prom' is not a bcrypt hash",
+        ),
+    ] {
+        let (code, err, path) = agent_with("web", text);
+        assert_eq!(code, 2, "{err}");
+        assert_one_line(&err, &format!("{}{want}", path.display()));
+    }
 }

@@ -52,6 +52,24 @@ fn nonexistent_cgroup() {
     );
 }
 
+/// Paths that leave the cgroup v2 root, or name something in it that is not
+/// a cgroup, are refused before anything is loaded.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn cgroup_outside_the_root_or_not_a_cgroup_is_refused() {
+    require_root();
+    let root = cgroup2_root();
+    let outside = format!("{}/../../..", root.display());
+    for given in ["../../../", "a/../../..", outside.as_str(), "/../etc"] {
+        assert_one_line_error(
+            &["trace", "--cgroup", given],
+            2,
+            &format!("--cgroup '{given}': outside the cgroup v2 root"),
+        );
+    }
+    assert_one_line_error(&["trace", "--cgroup", "cgroup.procs"], 2, "is not a cgroup");
+}
+
 #[test]
 fn comm_too_long() {
     assert_one_line_error(

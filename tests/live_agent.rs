@@ -135,7 +135,32 @@ impl Agent {
         Self::start_with(&["--config", path.to_str().unwrap()], path.clone(), addr)
     }
 
+    /// `start` for an endpoint that wants a password (on /healthz too): ready
+    /// is the agent's own line.
+    fn start_protected(dir: &Path, config: &str, addr: SocketAddr) -> Self {
+        let path = dir.join("agent.toml");
+        fs::write(&path, config).expect("write config");
+        Self::spawn(
+            &["--config", path.to_str().unwrap()],
+            path.clone(),
+            addr,
+            |a| a.stderr().contains("agent ready"),
+        )
+    }
+
     fn start_with(args: &[&str], config: PathBuf, addr: SocketAddr) -> Self {
+        Self::spawn(args, config, addr, |a| {
+            matches!(http_get(a.addr, "/healthz", None), Ok((200, _)))
+        })
+    }
+
+    /// Starts the agent and waits until `ready` says so.
+    fn spawn(
+        args: &[&str],
+        config: PathBuf,
+        addr: SocketAddr,
+        ready: impl Fn(&Self) -> bool,
+    ) -> Self {
         let mut child = Command::new(SOCKLENS)
             .args(["agent", "--attach", &attach_arg()])
             .args(args)
@@ -152,7 +177,7 @@ impl Agent {
         };
         let deadline = Instant::now() + WAIT;
         loop {
-            if let Ok((200, _)) = http_get(addr, "/healthz", None) {
+            if ready(&agent) {
                 break;
             }
             if let Ok(Some(st)) = agent.child.try_wait() {
@@ -227,13 +252,23 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(dir: &Path, target: SocketAddr) -> Self {
+        Self::with_jobs(
+            dir,
+            &format!(
+                "  - job_name: socklens\n    static_configs:\n      - targets: ['{target}']\n"
+            ),
+        )
+    }
+
+    /// Prometheus with these `scrape_configs` entries (YAML, indented).
+    fn with_jobs(dir: &Path, jobs: &str) -> Self {
         let port = free_port();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let cfg = dir.join("prometheus.yml");
         fs::write(
             &cfg,
             format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: socklens\n    static_configs:\n      - targets: ['{target}']\n"
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n{jobs}"
             ),
         )
         .unwrap();
@@ -852,6 +887,306 @@ fn metrics_endpoint_defaults_to_loopback_only() {
     let err = TcpStream::connect_timeout(&SocketAddr::new(other, 9464), Duration::from_secs(3))
         .expect_err("the endpoint must not be reachable on a non-loopback address");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    agent.stop();
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Sends `bytes` on a fresh connection and reads the status of the answer.
+fn raw_status(addr: SocketAddr, bytes: &[u8]) -> u16 {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).expect("send");
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let raw = String::from_utf8_lossy(&raw);
+    raw.split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no HTTP status in {raw:?}"))
+}
+
+/// Prometheus gives up on a scrape after its scrape_timeout (1 s in these
+/// tests' Prometheus): a scrape answered later is a lost scrape.
+const SCRAPE_DEADLINE: Duration = Duration::from_secs(1);
+
+/// One scrape that must be answered with 200 within [`SCRAPE_DEADLINE`].
+fn scrape_in_time(addr: SocketAddr) {
+    let start = Instant::now();
+    let mut s = TcpStream::connect_timeout(&addr, SCRAPE_DEADLINE).expect("connect");
+    s.set_read_timeout(Some(SCRAPE_DEADLINE)).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)
+        .unwrap_or_else(|e| panic!("scrape not answered: {e}"));
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw:.200}");
+    assert!(raw.contains("socklens_config_last_reload_success 1"));
+    assert!(
+        start.elapsed() < SCRAPE_DEADLINE,
+        "scrape answered after the scrape deadline: {:?}",
+        start.elapsed()
+    );
+}
+
+fn proc_count(pid: u32, what: &str) -> usize {
+    fs::read_dir(format!("/proc/{pid}/{what}"))
+        .expect("read /proc")
+        .count()
+}
+
+/// The process's open sockets (its other descriptors come and go with
+/// /proc and cgroup reads).
+fn sockets(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read /proc")
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse().ok())
+        .expect("VmRSS")
+}
+
+/// Clients that connect and send nothing, or trickle a byte a second, or
+/// send garbage, must not cost a scrape its deadline; connection floods
+/// leave the agent's threads, descriptors and memory bounded; requests
+/// that are not a scrape get a 4xx.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn metrics_endpoint_serves_scrapes_beside_idle_slow_and_hostile_clients() {
+    require_root();
+    let dir = temp_dir("http");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let agent = Agent::start(&dir, &format!("listen = \"{addr}\"\n"), addr);
+    let pid = agent.child.id();
+    // Until the readiness probe's connection is gone.
+    thread::sleep(Duration::from_millis(300));
+    let (threads, fds, rss) = (
+        proc_count(pid, "task"),
+        proc_count(pid, "fd"),
+        vm_rss_kib(pid),
+    );
+    let socks = sockets(pid);
+
+    // 64 silent clients and 16 that send a scrape's first bytes one a second.
+    let idle: Vec<TcpStream> = (0..64)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let trickle = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let mut slow: Vec<TcpStream> = (0..16)
+                .map(|_| TcpStream::connect(addr).expect("connect"))
+                .collect();
+            for &b in b"GET /metrics HTTP/1.1\r\n".iter().cycle() {
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                for s in &mut slow {
+                    let _ = s.write_all(&[b]);
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+        })
+    };
+    // The agent holds them all (one descriptor each) while it answers.
+    let deadline = Instant::now() + WAIT;
+    while sockets(pid) < socks + 80 {
+        assert!(
+            Instant::now() < deadline,
+            "agent did not accept 80 clients: {} sockets, {socks} before",
+            sockets(pid)
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    // (The agent closes any connection 5 s after accepting it.)
+    for _ in 0..10 {
+        assert!(sockets(pid) >= socks + 80, "slow clients dropped");
+        scrape_in_time(addr);
+        thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().unwrap();
+    drop(idle);
+
+    // Requests that are not a scrape.
+    let get = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    assert_eq!(raw_status(addr, b"\x00\x01\x02 garbage\r\n\r\n"), 400);
+    assert_eq!(raw_status(addr, format!("{get}{get}").as_bytes()), 400);
+    let big = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
+    assert_eq!(raw_status(addr, big.as_bytes()), 431);
+    let body = "GET /metrics HTTP/1.1\r\nContent-Length: 4\r\n\r\nabcd";
+    assert_eq!(raw_status(addr, body.as_bytes()), 400);
+    assert_eq!(raw_status(addr, b"POST /metrics HTTP/1.1\r\n\r\n"), 405);
+    assert_eq!(raw_status(addr, get.as_bytes()), 200);
+
+    // A flood of connection attempts, 400 held open at a time (more than
+    // the 256 the agent keeps), every tenth sending garbage; scrapes go on.
+    let attempts = scaled(10_000);
+    let mut held = std::collections::VecDeque::new();
+    let (mut max_threads, mut max_fds) = (0, 0);
+    for i in 0..attempts {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
+            continue;
+        };
+        if i % 10 == 0 {
+            let _ = s.write_all(b"\x16\x03\x01 not http\r\n\r\n");
+        }
+        held.push_back(s);
+        if held.len() > 400 {
+            held.pop_front();
+        }
+        if i % 500 == 0 {
+            max_threads = max_threads.max(proc_count(pid, "task"));
+            max_fds = max_fds.max(proc_count(pid, "fd"));
+            scrape_in_time(addr);
+        }
+    }
+    drop(held);
+    assert!(
+        max_threads <= threads,
+        "threads grew from {threads} to {max_threads}"
+    );
+    // The agent opens a few files of its own at times (/proc, cgroups).
+    assert!(
+        max_fds <= fds + 256 + 16,
+        "descriptors grew from {fds} to {max_fds}: more connections kept than the cap"
+    );
+    let grown = vm_rss_kib(pid).saturating_sub(rss);
+    assert!(grown < 32 * 1024, "RSS grew by {grown} KiB");
+    scrape_in_time(addr);
+    agent.stop();
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// The endpoint with TLS (client certificates required and verified) and
+/// basic auth, scraped by a real Prometheus: the job with the right
+/// password and certificate is up and stores the agent's samples; a wrong
+/// password, no client certificate, and plain HTTP are all refused.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn prometheus_scrapes_over_tls_with_basic_auth_and_others_are_refused() {
+    require_root();
+    let dir = temp_dir("tls");
+    make_certs(&dir);
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let hash = bcrypt::hash("s3cret", 10).unwrap();
+    let config = format!(
+        "listen = \"{addr}\"\n[tls_server_config]\ncert_file = \"cert.pem\"\nkey_file = \"key.pem\"\nclient_ca_file = \"ca.pem\"\nclient_auth_type = \"RequireAndVerifyClientCert\"\n[basic_auth_users]\nprom = \"{hash}\"\n"
+    );
+    let agent = Agent::start_protected(&dir, &config, addr);
+    assert!(!agent.stderr().contains("warning"), "{}", agent.stderr());
+
+    // Plain HTTP to the TLS port gets no HTTP answer at all.
+    let plain = http_get(addr, "/metrics", None);
+    assert!(
+        !matches!(plain, Ok((200, _))),
+        "plain HTTP answered: {plain:?}"
+    );
+
+    let d = dir.display();
+    let job = |name: &str, scheme: &str, tls: &str, password: &str| {
+        format!(
+            "  - job_name: {name}\n    scheme: {scheme}\n{tls}    basic_auth:\n      username: prom\n      password: {password}\n    static_configs:\n      - targets: ['{addr}']\n"
+        )
+    };
+    let with_cert = format!(
+        "    tls_config:\n      ca_file: {d}/ca.pem\n      cert_file: {d}/client.pem\n      key_file: {d}/client.key\n"
+    );
+    let no_cert = format!("    tls_config:\n      ca_file: {d}/ca.pem\n");
+    let jobs = [
+        job("good", "https", &with_cert, "s3cret"),
+        job("wrong_password", "https", &with_cert, "guess"),
+        job("no_client_cert", "https", &no_cert, "s3cret"),
+        job("plain_http", "http", "", "s3cret"),
+    ]
+    .concat();
+    let prom = Prometheus::with_jobs(&dir, &jobs);
+    prom.assert_settles("up{job=\"good\"}", 1.0);
+    prom.assert_settles("socklens_config_last_reload_success{job=\"good\"}", 1.0);
+    for bad in ["wrong_password", "no_client_cert", "plain_http"] {
+        prom.assert_settles(&format!("up{{job=\"{bad}\"}}"), 0.0);
+    }
+    drop(prom);
+    agent.stop();
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// The event log is private: 0600 even where an older file was readable by
+/// all, and its lines are the agent's JSON events.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn event_log_is_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root();
+    let dir = temp_dir("log");
+    let log = dir.join("events.jsonl");
+    fs::write(&log, "").unwrap();
+    fs::set_permissions(&log, fs::Permissions::from_mode(0o644)).unwrap();
+    let fresh = dir.join("fresh.jsonl");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    for path in [&log, &fresh] {
+        let agent = Agent::start(
+            &dir,
+            &format!("listen = \"{addr}\"\nevent_log = \"{}\"\n", path.display()),
+            addr,
+        );
+        let mode = fs::metadata(path).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o600, "{}: mode {mode:o}", path.display());
+        agent.stop();
+    }
+    let _ = fs::remove_dir_all(&dir);
+}
+
+fn cap_eff(status: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|h| u64::from_str_radix(h.trim(), 16).ok())
+        .expect("CapEff")
+}
+
+/// Once attached, the agent's main thread keeps only the capabilities its
+/// loop and reloads use (and says which), and the metrics threads none.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn agent_drops_capabilities_it_no_longer_needs() {
+    require_root();
+    let dir = temp_dir("caps");
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    let agent = Agent::start_protected(
+        &dir,
+        &format!("listen = \"{addr}\"\n[basic_auth_users]\nprom = \"{hash}\"\n"),
+        addr,
+    );
+    // CAP_DAC_READ_SEARCH 2, NET_ADMIN 12, SYS_PTRACE 19, SYS_ADMIN 21, PERFMON 38, BPF 39.
+    let want: u64 = [2, 12, 19, 21, 38, 39].iter().map(|b| 1u64 << b).sum();
+    let pid = agent.child.id();
+    let mut seen = Vec::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = fs::read_to_string(task.join("comm")).unwrap();
+        let eff = cap_eff(&fs::read_to_string(task.join("status")).unwrap());
+        match comm.trim() {
+            "metrics-http" | "metrics-auth" => assert_eq!(eff, 0, "{comm}"),
+            _ => assert_eq!(eff, want, "{comm}: CapEff {eff:x}, want {want:x}"),
+        }
+        seen.push(comm.trim().to_owned());
+    }
+    assert!(seen.iter().any(|c| c == "metrics-http"), "{seen:?}");
+    assert!(seen.iter().any(|c| c == "metrics-auth"), "{seen:?}");
+    let err = agent.stderr();
+    assert!(
+        err.contains("capabilities kept: CAP_BPF, CAP_DAC_READ_SEARCH, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN, CAP_SYS_PTRACE; all others dropped"),
+        "{err}"
+    );
     agent.stop();
     let _ = fs::remove_dir_all(&dir);
 }

@@ -126,6 +126,47 @@ fn every_bad_file_fails_check_and_apply_and_leaves_the_policy_in_force() {
     }
 }
 
+/// A policy file others may write, or another user owns, is refused by
+/// check and apply: one line naming it and its mode, exit 2.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn policy_files_writable_by_others_or_owned_by_another_user_are_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let bed = Bed::new("mode");
+    let path = bed.dir.join("p.toml");
+    fs::write(
+        &path,
+        format!(
+            "attach = \"{r}\"\n[[scope]]\ncgroup = \"{r}/gov\"\n",
+            r = bed.cg.rel
+        ),
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let refused = |want: &str| {
+        for cmd in ["check", "apply"] {
+            let (code, out, err) = socklens(&["policy", cmd, p]);
+            assert_eq!(code, 2, "{cmd}: {err}");
+            assert_eq!(err.lines().count(), 1, "{cmd}: {err}");
+            assert!(
+                err.starts_with(&format!("socklens: {p}: {want}")),
+                "{cmd}: {err}"
+            );
+            assert!(out.is_empty());
+        }
+    };
+    for mode in [0o664, 0o606] {
+        fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+        refused(&format!("writable by group or others (mode 0{mode:o})"));
+    }
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    refused("owned by uid 65534");
+    nix::unistd::chown(&path, Some(nix::unistd::Uid::from_raw(0)), None).unwrap();
+    let (code, _, err) = socklens(&["policy", "check", p]);
+    assert_eq!(code, 0, "{err}");
+}
+
 #[test]
 #[ignore = "needs root: ./test.sh"]
 fn more_rules_than_the_maps_hold() {

@@ -1,8 +1,8 @@
 //! The agent's configuration file (TOML). Every error is one line naming the
 //! file, the line and the offending value, like the policy file's.
 
+use std::collections::BTreeMap;
 use std::fmt;
-use std::fs;
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -52,6 +52,45 @@ struct RawConfig {
     remote_ports: Option<Spanned<Vec<Spanned<i64>>>>,
     max_conns: Option<Spanned<i64>>,
     cgroup: Option<Spanned<String>>,
+    event_log_group: Option<Spanned<String>>,
+    tls_server_config: Option<Spanned<RawTls>>,
+    basic_auth_users: Option<BTreeMap<String, Spanned<String>>>,
+}
+
+/// Prometheus exporters' `tls_server_config`, same keys and meaning.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: Option<Spanned<String>>,
+    key_file: Option<Spanned<String>>,
+    client_ca_file: Option<Spanned<String>>,
+    client_auth_type: Option<Spanned<String>>,
+}
+
+/// Which client certificates the endpoint asks for (exporter-toolkit's
+/// `client_auth_type`, Go's tls.ClientAuthType).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    NoClientCert,
+    VerifyClientCertIfGiven,
+    RequireAndVerifyClientCert,
+}
+
+/// TLS for the metrics endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub client_ca_file: Option<PathBuf>,
+    pub client_auth: ClientAuth,
+}
+
+/// TLS and basic auth of the metrics endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Web {
+    pub tls: Option<Tls>,
+    /// User name to bcrypt hash; empty means no authentication.
+    pub users: BTreeMap<String, String>,
 }
 
 /// Where events go as JSON lines.
@@ -80,6 +119,9 @@ pub struct Config {
     /// Only tasks in this cgroup v2 (path under the root) and below: the
     /// kernel-side filter of `trace --cgroup`. With the line it came from.
     pub cgroup: Option<(String, usize)>,
+    /// The event log file is 0600, or 0640 with this group (gid) reading it.
+    pub event_log_group: Option<u32>,
+    pub web: Web,
 }
 
 impl Default for Config {
@@ -96,6 +138,8 @@ impl Default for Config {
             remote_ports: Vec::new(),
             max_conns: crate::session::DEFAULT_MAX_CONNS,
             cgroup: None,
+            event_log_group: None,
+            web: Web::default(),
         }
     }
 }
@@ -129,16 +173,25 @@ impl Src<'_> {
 /// file is an error rather than "use the defaults".
 pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
     let file = path.display().to_string();
-    let text = match fs::read_to_string(path) {
+    let text = match crate::host::trust::read_trusted(path) {
         Ok(t) => t,
-        Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => {
+        Err(crate::host::trust::Refused::Io(e))
+            if !explicit && e.kind() == std::io::ErrorKind::NotFound =>
+        {
             return Ok(Config::default());
+        }
+        Err(crate::host::trust::Refused::Io(e)) => {
+            return Err(ConfigError {
+                file,
+                line: 0,
+                msg: format!("cannot read the config: {e}"),
+            })
         }
         Err(e) => {
             return Err(ConfigError {
                 file,
                 line: 0,
-                msg: format!("cannot read the config: {e}"),
+                msg: e.to_string(),
             })
         }
     };
@@ -220,7 +273,84 @@ pub fn parse(file: &str, text: &str, dir: &Path) -> Result<Config, ConfigError> 
         }
         c.cgroup = Some((g.get_ref().clone(), src.line(g.span().start)));
     }
+    if let Some(g) = &raw.event_log_group {
+        let group = nix::unistd::Group::from_name(g.get_ref()).ok().flatten();
+        let gid = group.map(|g| g.gid.as_raw()).ok_or_else(|| {
+            src.err(
+                g.span(),
+                format!("event_log_group '{}': no such group", g.get_ref()),
+            )
+        })?;
+        c.event_log_group = Some(gid);
+    }
+    if let Some(t) = &raw.tls_server_config {
+        c.web.tls = Some(tls(&src, t, dir)?);
+    }
+    for (user, hash) in raw.basic_auth_users.iter().flatten() {
+        if user.is_empty() || user.contains(':') {
+            return Err(src.err(
+                hash.span(),
+                format!("basic_auth_users: '{user}' is not a user name (empty or with ':')"),
+            ));
+        }
+        if hash.get_ref().parse::<bcrypt::HashParts>().is_err() {
+            return Err(src.err(
+                hash.span(),
+                format!("basic_auth_users: the password of '{user}' is not a bcrypt hash (htpasswd -nBC 10 USER)"),
+            ));
+        }
+        c.web.users.insert(user.clone(), hash.get_ref().clone());
+    }
     Ok(c)
+}
+
+fn tls(src: &Src<'_>, t: &Spanned<RawTls>, dir: &Path) -> Result<Tls, ConfigError> {
+    let r = t.get_ref();
+    let file = |v: &Option<Spanned<String>>, key: &str| -> Result<Option<PathBuf>, ConfigError> {
+        v.as_ref()
+            .map(|v| non_empty_path(src, v, key).map(|p| dir.join(p)))
+            .transpose()
+    };
+    let missing = |key: &str| src.err(t.span(), format!("tls_server_config: {key} is missing"));
+    let cert_file = file(&r.cert_file, "cert_file")?.ok_or_else(|| missing("cert_file"))?;
+    let key_file = file(&r.key_file, "key_file")?.ok_or_else(|| missing("key_file"))?;
+    let client_ca_file = file(&r.client_ca_file, "client_ca_file")?;
+    let client_auth = match r.client_auth_type.as_ref().map(|a| (a.get_ref().as_str(), a.span())) {
+        None | Some(("NoClientCert" | "", _)) => ClientAuth::NoClientCert,
+        Some(("VerifyClientCertIfGiven", _)) => ClientAuth::VerifyClientCertIfGiven,
+        Some(("RequireAndVerifyClientCert", _)) => ClientAuth::RequireAndVerifyClientCert,
+        // Accepting any certificate unverified is not authentication.
+        Some((other @ ("RequestClientCert" | "RequireAnyClientCert" | "RequireClientCert"), span)) => {
+            return Err(src.err(
+                span,
+                format!("client_auth_type '{other}': client certificates are always verified here (VerifyClientCertIfGiven or RequireAndVerifyClientCert, with client_ca_file)"),
+            ))
+        }
+        Some((other, span)) => {
+            return Err(src.err(
+                span,
+                format!("client_auth_type '{other}': one of NoClientCert, VerifyClientCertIfGiven, RequireAndVerifyClientCert"),
+            ))
+        }
+    };
+    match (&client_ca_file, client_auth) {
+        (Some(_), ClientAuth::NoClientCert) => Err(src.err(
+            t.span(),
+            "tls_server_config: client_ca_file is set without a client_auth_type",
+        )),
+        (None, ClientAuth::VerifyClientCertIfGiven | ClientAuth::RequireAndVerifyClientCert) => {
+            Err(src.err(
+                t.span(),
+                "tls_server_config: verifying client certificates needs client_ca_file",
+            ))
+        }
+        _ => Ok(Tls {
+            cert_file,
+            key_file,
+            client_ca_file,
+            client_auth,
+        }),
+    }
 }
 
 impl Config {
@@ -241,12 +371,7 @@ impl Config {
             .ok_or_else(|| err(format!("cgroup '{given}': cgroup v2 is not mounted")))?;
         crate::host::cgroup::resolve(&root, given)
             .map(|_| ())
-            .ok_or_else(|| {
-                err(format!(
-                    "cgroup '{given}': no such cgroup under {}",
-                    root.display()
-                ))
-            })
+            .map_err(|why| err(format!("cgroup '{given}': {why}")))
     }
 }
 

@@ -12,9 +12,9 @@
 pub mod config;
 pub mod http;
 pub mod metrics;
+pub mod web;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -121,15 +121,29 @@ fn notify_ready() {
     };
 }
 
-fn open_log(target: Option<&EventLog>) -> Result<Option<Box<dyn Write>>> {
+/// The warning for a metrics endpoint reachable from other hosts unprotected.
+fn exposure_warning(config: &Config) -> Option<String> {
+    let ip = config.listen.ip();
+    let open = !ip.is_loopback() && (config.web.tls.is_none() || config.web.users.is_empty());
+    open.then(|| {
+        let missing = match (config.web.tls.is_none(), config.web.users.is_empty()) {
+            (true, true) => "without TLS or basic auth",
+            (true, false) => "without TLS (passwords travel in clear)",
+            _ => "without basic auth",
+        };
+        format!(
+            "metrics on {} {missing}: set tls_server_config and basic_auth_users in the config",
+            config.listen
+        )
+    })
+}
+
+fn open_log(target: Option<&EventLog>, group: Option<u32>) -> Result<Option<Box<dyn Write>>> {
     Ok(match target {
         None => None,
         Some(EventLog::Stdout) => Some(Box::new(io::stdout())),
         Some(EventLog::File(path)) => {
-            let f = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
+            let f = crate::host::trust::open_private_append(path, group)
                 .map_err(|e| Error::kernel(format!("opening event log {}", path.display()), e))?;
             Some(Box::new(io::BufWriter::new(f)))
         }
@@ -141,14 +155,17 @@ pub fn run(args: &AgentArgs, stop: &AtomicBool, hup: &AtomicBool) -> Result<()> 
     let config = config::load(&args.config, args.explicit)?;
     config.check_cgroup()?;
     let policy = load_policy(&config)?;
-    let log = open_log(config.event_log.as_ref())?;
+    let log = open_log(config.event_log.as_ref(), config.event_log_group)?;
     crate::host::system::check_privileges()?;
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(http::Shared {
         metrics: Arc::clone(&metrics),
         ready: AtomicBool::new(false),
     });
-    let addr = http::serve(config.listen, Arc::clone(&shared))?;
+    let addr = http::serve(config.listen, Arc::clone(&shared), &config.web)?;
+    if let Some(warning) = exposure_warning(&config) {
+        eprintln!("socklens: warning: {warning}");
+    }
     if let Some(p) = &policy {
         eprintln!("socklens: {}", apply_policy(p)?);
     }
@@ -157,6 +174,11 @@ pub fn run(args: &AgentArgs, stop: &AtomicBool, hup: &AtomicBool) -> Result<()> 
         let mut agent = Agent::new(config, args.clone(), metrics, log, policy.is_some());
         agent.export_plan(live.plan);
         agent.acct = Accountant::new(&snapshot(live.session).0);
+        let kept = crate::host::caps::keep_only(&crate::host::caps::AGENT_KEEPS)?;
+        eprintln!(
+            "socklens: programs attached; capabilities kept: {}; all others dropped",
+            kept.join(", ")
+        );
         shared.ready.store(true, Ordering::Relaxed);
         notify_ready();
         eprintln!("socklens: agent ready: metrics on http://{addr}/metrics, readiness on /healthz");
@@ -475,7 +497,7 @@ impl Agent {
         let config = config::load(&self.args.config, self.args.explicit)?;
         let policy = load_policy(&config)?;
         // Reopened even when unchanged: log rotation sends SIGHUP too.
-        let log = open_log(config.event_log.as_ref())?;
+        let log = open_log(config.event_log.as_ref(), config.event_log_group)?;
         let mut notes = Vec::new();
         if let Some(p) = &policy {
             notes.push(apply_policy(p)?);
@@ -490,6 +512,10 @@ impl Agent {
                 "cgroup",
                 config.cgroup.as_ref().map(|c| &c.0) != self.config.cgroup.as_ref().map(|c| &c.0),
             ),
+            (
+                "tls_server_config and basic_auth_users",
+                config.web != self.config.web,
+            ),
         ] {
             if changed {
                 notes.push(format!("{what} takes effect at the next restart"));
@@ -498,12 +524,14 @@ impl Agent {
         let keep_listen = self.config.listen;
         let keep_max = self.config.max_conns;
         let keep_cgroup = self.config.cgroup.clone();
+        let keep_web = self.config.web.clone();
         self.rules = rules_of(&config);
         self.log = log;
         self.config = Config {
             listen: keep_listen,
             max_conns: keep_max,
             cgroup: keep_cgroup,
+            web: keep_web,
             ..config
         };
         let file = self
@@ -522,5 +550,29 @@ impl Agent {
 fn inc(family: &Family<Labels, Counter>, labels: &Labels, by: u64) {
     if by > 0 {
         family.get_or_create(labels).inc_by(by);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unprotected_non_loopback_endpoints_get_one_warning_line() {
+        let mut c = Config::default();
+        assert_eq!(exposure_warning(&c), None, "loopback is the default");
+        c.listen = "0.0.0.0:9464".parse().unwrap();
+        let w = exposure_warning(&c).expect("warning");
+        assert!(w.contains("0.0.0.0:9464 without TLS or basic auth"), "{w}");
+        assert_eq!(w.lines().count(), 1);
+        c.web.users.insert("prom".into(), "$2b$10$x".into());
+        assert!(exposure_warning(&c).is_some_and(|w| w.contains("without TLS")));
+        c.web.tls = Some(config::Tls {
+            cert_file: "c".into(),
+            key_file: "k".into(),
+            client_ca_file: None,
+            client_auth: config::ClientAuth::NoClientCert,
+        });
+        assert_eq!(exposure_warning(&c), None);
     }
 }

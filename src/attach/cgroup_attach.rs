@@ -67,7 +67,9 @@ impl Pins {
     pub fn create_dirs(&self) -> Result<()> {
         system::ensure_bpffs()?;
         for d in [self.maps_dir(), self.links_dir()] {
-            fs::create_dir_all(&d)
+            // Pins are root's alone (the kernel makes pinned files 0600).
+            std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+                .create(&d)
                 .map_err(|e| Error::kernel(format!("creating {}", d.display()), e))?;
         }
         Ok(())

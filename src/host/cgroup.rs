@@ -101,15 +101,49 @@ fn relative(root: &Path, dir: &Path) -> String {
     }
 }
 
-/// Resolves a user-given cgroup: absolute inside the v2 mount, or relative to it.
-pub fn resolve(root: &Path, given: &str) -> Option<PathBuf> {
+/// Resolves a user-given cgroup, absolute inside the v2 mount or relative to
+/// it, to a real cgroup directory inside the mount: symlinks and `..` are
+/// resolved first, so nothing outside the v2 root is ever opened. The error
+/// says why, for a one-line message after the value.
+pub fn resolve(root: &Path, given: &str) -> Result<PathBuf, String> {
     let path = Path::new(given);
     let candidate = if path.starts_with(root) {
         path.to_owned()
     } else {
         root.join(given.trim_start_matches('/'))
     };
-    candidate.is_dir().then_some(candidate)
+    let root = fs::canonicalize(root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let real = match fs::canonicalize(&candidate) {
+        Ok(p) => p,
+        Err(_) if !escapes(&root, &candidate) => {
+            return Err(format!("no such cgroup under {}", root.display()))
+        }
+        Err(_) => return Err(format!("outside the cgroup v2 root {}", root.display())),
+    };
+    if !real.starts_with(&root) {
+        return Err(format!("outside the cgroup v2 root {}", root.display()));
+    }
+    // Every cgroup v2 directory has cgroup.procs; plain directories and
+    // files in the mount do not.
+    if !real.join("cgroup.procs").is_file() {
+        return Err(format!("{} is not a cgroup", real.display()));
+    }
+    Ok(real)
+}
+
+/// Whether `path`'s `..` components, taken literally, leave `root`.
+fn escapes(root: &Path, path: &Path) -> bool {
+    let mut depth: Vec<std::path::Component<'_>> = Vec::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                depth.pop();
+            }
+            std::path::Component::CurDir => {}
+            c => depth.push(c),
+        }
+    }
+    !depth.iter().collect::<PathBuf>().starts_with(root)
 }
 
 #[cfg(test)]
@@ -125,9 +159,20 @@ mod tests {
         let mut paths = CgroupPaths::new(tmp.clone());
         assert_eq!(paths.path_of(ino).as_deref(), Some("/a/b"));
         assert_eq!(paths.path_of(root_ino).as_deref(), Some("/"));
-        assert_eq!(resolve(&tmp, "a/b"), Some(tmp.join("a/b")));
-        assert_eq!(resolve(&tmp, "/a"), Some(tmp.join("a")));
-        assert_eq!(resolve(&tmp, "nope"), None);
+        for d in ["", "a", "a/b"] {
+            fs::write(tmp.join(d).join("cgroup.procs"), "").unwrap();
+        }
+        fs::create_dir_all(tmp.join("a/plain")).unwrap();
+        let real = fs::canonicalize(&tmp).unwrap();
+        assert_eq!(resolve(&tmp, "a/b"), Ok(real.join("a/b")));
+        assert_eq!(resolve(&tmp, "/a"), Ok(real.join("a")));
+        assert_eq!(resolve(&tmp, "a/b/../.."), Ok(real.clone()));
+        let err = |given: &str| resolve(&tmp, given).unwrap_err();
+        assert!(err("nope").starts_with("no such cgroup"), "{}", err("nope"));
+        assert!(err("../../../").starts_with("outside the cgroup v2 root"));
+        assert!(err("a/../../x").starts_with("outside the cgroup v2 root"));
+        assert!(err("a/plain").ends_with("is not a cgroup"));
+        assert!(err("a/b/cgroup.procs").ends_with("is not a cgroup"));
         fs::remove_dir_all(&tmp).unwrap();
     }
 }

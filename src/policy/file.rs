@@ -254,6 +254,11 @@ fn normalize(path: &str) -> String {
     format!("/{}", parts.join("/"))
 }
 
+/// A `.` or `..` component: a pattern names cgroups under the root only.
+fn leaves_root(path: &str) -> bool {
+    path.split('/').any(|p| p == ".." || p == ".")
+}
+
 fn is_under(rel: &str, ancestor: &str) -> bool {
     ancestor == "/" || rel == ancestor || rel.starts_with(&format!("{ancestor}/"))
 }
@@ -322,10 +327,13 @@ fn value_text(v: &toml::Value) -> String {
 /// Reads and validates a policy file against the cgroup tree under `cgroup_root`.
 pub fn load(path: &Path, cgroup_root: &Path) -> Result<Policy, PolicyError> {
     let file = path.display().to_string();
-    let text = fs::read_to_string(path).map_err(|e| PolicyError {
+    let text = crate::host::trust::read_trusted(path).map_err(|e| PolicyError {
         file: file.clone(),
         line: 0,
-        msg: format!("cannot read the policy: {e}"),
+        msg: match e {
+            crate::host::trust::Refused::Io(e) => format!("cannot read the policy: {e}"),
+            e => e.to_string(),
+        },
     })?;
     parse(&file, &text, &CgroupTree::scan(cgroup_root))
 }
@@ -354,11 +362,11 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
             .get("/")
             .ok_or_else(|| src.err(0..0, "the cgroup v2 root is not readable"))?,
         Some(a) => {
-            if a.get_ref().contains('*') {
+            if a.get_ref().contains('*') || leaves_root(a.get_ref()) {
                 return Err(src.err(
                     a.span(),
                     format!(
-                        "attach '{}': must name one cgroup, without '*'",
+                        "attach '{}': must name one cgroup under the cgroup v2 root, without '*', '.' or '..'",
                         a.get_ref()
                     ),
                 ));
@@ -505,6 +513,15 @@ fn scope(
             return Err(src.err(raw.span(), "scope: needs a cgroup or a unit"));
         }
         (Some(c), None) => {
+            if leaves_root(c.get_ref()) {
+                return Err(src.err(
+                    c.span(),
+                    format!(
+                        "cgroup '{}': '.' and '..' are not allowed: patterns are paths under the cgroup v2 root",
+                        c.get_ref()
+                    ),
+                ));
+            }
             let pat = normalize(c.get_ref());
             let matched: Vec<CgroupDir> = if pat.contains('*') {
                 tree.dirs

@@ -163,12 +163,10 @@ fn validate(req: &TraceRequest) -> Result<Filters> {
             let root = system::cgroup2_root().ok_or_else(|| {
                 Error::Usage("--cgroup: cgroup v2 is not mounted on this host".into())
             })?;
-            Some(cgroup::resolve(&root, given).ok_or_else(|| {
-                Error::Usage(format!(
-                    "--cgroup '{given}': no such cgroup under {}",
-                    root.display()
-                ))
-            })?)
+            Some(
+                cgroup::resolve(&root, given)
+                    .map_err(|why| Error::Usage(format!("--cgroup '{given}': {why}")))?,
+            )
         }
     };
     Ok(Filters {
