@@ -341,71 +341,64 @@ pub fn json(r: &mut Renderer, e: &CgEvent) -> Value {
     v
 }
 
-/// The columns form: time, event, pid, comm, then what the event is about.
-pub fn columns(r: &Renderer, e: &CgEvent) -> String {
-    let t = r.clock.wall(e.ts_ns);
-    let what = match slp_event_kind(e.kind) {
-        slp_event_kind::SLP_EV_SOCK_CREATE => format!(
-            "{} {} {}",
-            family_name(e.family),
-            type_name(e.sock_type),
-            proto_name(e.proto)
-        ),
-        slp_event_kind::SLP_EV_GETSOCKOPT => format!(
-            "level {} optname {} ret {}",
-            level_name(e.level).map_or_else(|| e.level.to_string(), str::to_owned),
-            e.optname,
-            e.ret
-        ),
-        slp_event_kind::SLP_EV_SOCK_RELEASE => format!(
-            "{} {} lifetime {}",
-            proto_name(e.proto),
-            fmt_addr(e),
-            if e.lifetime_ns == 0 {
-                "?".to_owned()
-            } else {
-                format!("{:.3}ms", e.lifetime_ns as f64 / 1e6)
-            }
-        ),
-        _ if e.is_verdict() => {
-            let target = if e.has_addr() {
-                format!("{} {}", proto_name(e.proto), fmt_addr(e))
-            } else {
-                format!(
-                    "{} {} {}",
-                    family_name(e.family),
-                    type_name(e.sock_type),
-                    proto_name(e.proto)
-                )
-            };
-            let rule = if e.rule_id == 0 {
-                "default".to_owned()
-            } else {
-                format!("rule {}", e.rule_id)
-            };
-            format!("{} {target} by {rule} {}", op_name(e.op), errno_name(e.ret))
-        }
-        _ => format!("{} {}", proto_name(e.proto), fmt_addr(e)),
+/// The columns form: the address goes in LOCAL (bind, sock_release) or
+/// REMOTE (connect, sendmsg, recvmsg, getpeername), the rest in DETAILS.
+pub fn row(e: &CgEvent) -> crate::columns::Row {
+    let mut row = crate::columns::Row {
+        ts_ns: e.ts_ns,
+        event: e.name(),
+        pid: Some(e.pid),
+        comm: Some(e.comm.to_string()),
+        ..Default::default()
     };
-    format!(
-        "{:02}:{:02}:{:02}.{:03} {:<12} {:>7} {:<16} {:>10}  {}",
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond(),
-        e.name(),
-        e.pid,
-        e.comm,
-        e.netns,
-        what.trim_end()
-    )
-}
-
-fn fmt_addr(e: &CgEvent) -> String {
-    match e.addr {
-        IpAddr::V6(a) => format!("[{a}]:{}", e.port),
-        IpAddr::V4(a) => format!("{a}:{}", e.port),
+    let addr = e
+        .has_addr()
+        .then(|| std::net::SocketAddr::new(e.addr, e.port));
+    let local = match slp_event_kind(e.kind) {
+        slp_event_kind::SLP_EV_SOCK_RELEASE => true,
+        _ if e.is_verdict() => op_name(e.op) == "bind",
+        _ => false,
+    };
+    if local {
+        row.local = addr;
+    } else {
+        row.remote = addr;
     }
+    if e.is_verdict() {
+        row.kv("op", op_name(e.op));
+        let action = if u32::from(e.action) == slp_action::SLP_DENY.0 {
+            "deny"
+        } else {
+            "allow"
+        };
+        row.kv("action", action);
+        match e.rule_id {
+            0 => row.kv("rule", "default"),
+            id => row.kv("rule", id),
+        }
+        if e.ret != 0 {
+            row.kv("err", errno_name(e.ret));
+        }
+    }
+    match slp_event_kind(e.kind) {
+        slp_event_kind::SLP_EV_SOCK_CREATE => {
+            row.kv("family", family_name(e.family));
+            row.kv("type", type_name(e.sock_type));
+        }
+        slp_event_kind::SLP_EV_GETSOCKOPT => {
+            let level = level_name(e.level).map_or_else(|| e.level.to_string(), str::to_owned);
+            row.kv("level", level);
+            row.kv("opt", e.optname);
+            row.kv("ret", e.ret);
+        }
+        slp_event_kind::SLP_EV_SOCK_RELEASE if e.lifetime_ns != 0 => {
+            row.kv("life", crate::columns::duration_ns(e.lifetime_ns));
+        }
+        _ => {}
+    }
+    crate::columns::proto_unless_tcp(&mut row, e.proto);
+    row.kv("netns", e.netns);
+    row
 }
 
 /// Whether a policy verdict passes the trace filters. The pinned policy's
@@ -486,6 +479,7 @@ mod tests {
             clock: crate::output::Clock::now(),
             cgroups: None,
             json: true,
+            layout: crate::columns::Layout::default(),
         }
     }
 

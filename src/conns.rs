@@ -12,13 +12,14 @@ use std::time::{Duration, Instant};
 use libbpf_rs::{Iter, Link, MapCore, MapFlags};
 use nix::sched::{setns, CloneFlags};
 
+use crate::columns;
 use crate::error::{Error, Result};
 use crate::events::Losses;
 use crate::loader::{Session, SEED_TCP, SEED_UDP};
-use crate::model::{Conn, UdpFlow};
-use crate::output::Renderer;
+use crate::model::{Conn, Direction, UdpFlow};
 use crate::skel::types::{sl_conn, sl_conn_flag, sl_udp_flow, sl_udp_key};
 use crate::trace::{with_session, Live, TraceEvent, TraceRequest, POLL};
+use std::net::IpAddr;
 
 const IPPROTO_UDP: u16 = libc::IPPROTO_UDP as u16;
 const IPPROTO_TCP: u16 = libc::IPPROTO_TCP as u16;
@@ -402,10 +403,11 @@ pub fn settled_snapshot(live: &mut Live<'_>) -> (BTreeMap<u64, Conn>, Vec<UdpFlo
     // Best effort: a failed refresh leaves RTT as of the last send/recv.
     let _ = seed(live.session, false);
     let (conns, flows) = snapshot(live.session);
-    let conns = conns
+    let mut conns = conns
         .into_iter()
         .filter_map(|mut c| live.settle(&mut c).then_some((c.sk, c)))
         .collect::<BTreeMap<_, _>>();
+    infer_seeded_directions(&mut conns);
     let flows = flows
         .into_iter()
         .filter(|f| {
@@ -415,6 +417,39 @@ pub fn settled_snapshot(live: &mut Live<'_>) -> (BTreeMap<u64, Conn>, Vec<UdpFlo
         })
         .collect();
     (conns, flows)
+}
+
+/// Gives seeded TCP sockets (found at start, direction unknown) the
+/// direction the kernel's tables imply: a socket on a listener's local port
+/// was accepted (`in`); any other connected one was opened by connect (`out`).
+pub fn infer_seeded_directions(conns: &mut BTreeMap<u64, Conn>) {
+    const TCP_LISTEN: u8 = 10;
+    let listeners: Vec<(u32, IpAddr, u16)> = conns
+        .values()
+        .filter(|c| c.proto == IPPROTO_TCP && c.state == TCP_LISTEN)
+        .map(|c| (c.netns, c.saddr, c.sport))
+        .collect();
+    for c in conns.values_mut() {
+        if !c.seeded || c.proto != IPPROTO_TCP || c.state == TCP_LISTEN {
+            continue;
+        }
+        if c.direction != Direction::Unknown || c.dport == 0 {
+            continue;
+        }
+        let accepted = listeners.iter().any(|&(netns, addr, port)| {
+            netns == c.netns && port == c.sport && (addr.is_unspecified() || same_ip(addr, c.saddr))
+        });
+        c.direction = if accepted {
+            Direction::In
+        } else {
+            Direction::Out
+        };
+    }
+}
+
+/// Equal addresses, an IPv4-mapped IPv6 one equal to its IPv4 form.
+fn same_ip(a: IpAddr, b: IpAddr) -> bool {
+    a.to_canonical() == b.to_canonical()
 }
 
 /// `socklens conns`: track for `duration`, then print every tracked
@@ -436,9 +471,10 @@ pub fn run(
         let mut emit = |line: String| {
             writeln!(out, "{line}").map_err(|e| Error::kernel("writing snapshot", e))
         };
-        if !live.renderer.json {
-            emit(Renderer::CONN_HEADER.to_owned())?;
+        if let Some(header) = live.renderer.header() {
+            emit(header)?;
         }
+        let now = crate::reorder::monotonic_ns();
         let udp_with_flows: BTreeSet<u64> = flows.iter().map(|f| f.sk).collect();
         for c in conns.values() {
             if c.proto == IPPROTO_UDP && udp_with_flows.contains(&c.sk) {
@@ -449,7 +485,7 @@ pub fn run(
                 v["event"] = serde_json::json!("conn");
                 v.to_string()
             } else {
-                live.renderer.conn_snapshot_columns(c)
+                live.renderer.columns(&columns::conn_snapshot_row(now, c))
             })?;
         }
         for f in &flows {
@@ -457,7 +493,7 @@ pub fn run(
             emit(if live.renderer.json {
                 live.renderer.udp_flow_json(owner, f).to_string()
             } else {
-                live.renderer.udp_flow_columns(owner, f)
+                live.renderer.columns(&columns::udp_flow_row(now, owner, f))
             })?;
         }
         out.flush()
@@ -469,6 +505,52 @@ pub fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeded_sockets_on_a_listeners_port_are_accepted() {
+        let listener = |sk, addr: &str, port| {
+            let mut c = Conn::sample(sk, 1, 0, 0);
+            c.state = 10;
+            c.seeded = true;
+            c.direction = Direction::Unknown;
+            c.saddr = addr.parse().unwrap();
+            c.sport = port;
+            c.daddr = "0.0.0.0".parse().unwrap();
+            c.dport = 0;
+            c
+        };
+        let seeded = |sk, local: &str, sport, dport| {
+            let mut c = Conn::sample(sk, 1, 0, 0);
+            c.seeded = true;
+            c.direction = Direction::Unknown;
+            c.saddr = local.parse().unwrap();
+            c.sport = sport;
+            c.dport = dport;
+            c
+        };
+        let mut conns: BTreeMap<u64, Conn> = [
+            listener(1, "0.0.0.0", 8080),
+            listener(2, "127.0.0.2", 9090),
+            seeded(3, "127.0.0.1", 8080, 50_000), // on the wildcard listener
+            seeded(4, "127.0.0.1", 50_000, 8080), // its client
+            seeded(5, "127.0.0.1", 9090, 50_001), // same port, other address
+            seeded(6, "::ffff:127.0.0.2", 9090, 50_002),
+        ]
+        .into_iter()
+        .map(|c| (c.sk, c))
+        .collect();
+        let mut other_netns = seeded(7, "127.0.0.1", 8080, 50_003);
+        other_netns.netns = 2;
+        conns.insert(7, other_netns);
+        infer_seeded_directions(&mut conns);
+        let dir = |sk| conns[&sk].direction;
+        assert_eq!(dir(1), Direction::Unknown);
+        assert_eq!(dir(3), Direction::In);
+        assert_eq!(dir(4), Direction::Out);
+        assert_eq!(dir(5), Direction::Out);
+        assert_eq!(dir(6), Direction::In);
+        assert_eq!(dir(7), Direction::Out);
+    }
 
     #[test]
     fn sockstat_inuse_reads_the_protocols_own_line() {

@@ -1311,6 +1311,7 @@ mod tests {
             clock: Clock::now(),
             cgroups: None,
             json: false,
+            layout: crate::columns::Layout::default(),
         }
     }
 

@@ -19,6 +19,7 @@ use crate::model::{Conn, ConnEventKind, Event, SockEventKind};
 use crate::output::{Clock, Renderer};
 use crate::plan::{self, Hook, Plan, PlanOptions, Tier};
 use crate::probe::{self, KernelShape, Prober};
+use crate::reorder::{self, Reorder};
 use crate::system;
 
 pub const POLL: Duration = Duration::from_millis(100);
@@ -90,6 +91,8 @@ pub struct TraceRequest {
     pub netns: Option<u32>,
     pub family: Option<u16>,
     pub json: bool,
+    /// Columns view: full addresses, rows never cut at the terminal's edge.
+    pub wide: bool,
     pub force: Option<Tier>,
     pub buffer: Option<BufferKind>,
     pub btf: PathBuf,
@@ -385,6 +388,7 @@ pub fn with_session<T>(
             clock: Clock::now(),
             cgroups: cgroup2.clone().map(CgroupPaths::new),
             json: req.json,
+            layout: crate::columns::Layout::for_stdout(req.wide),
         },
         owners: Owners::new(cgroup2),
         filters: &prepared.filters,
@@ -444,14 +448,21 @@ fn stream_events(
     // in blocks (stdout's `BufWriter` passes a block its size straight
     // through rather than copying each line into its buffer).
     let mut batch = Vec::new();
+    let mut ready = Vec::new();
+    let mut order = Reorder::default();
     let mut text = Vec::with_capacity(TEXT_BLOCK + 4096);
     loop {
         // Read the stop flag before polling, so a final pass drains what the
         // kernel queued before the signal.
         let stopping = stop.load(Ordering::Relaxed);
         let timeout = if stopping { Duration::ZERO } else { POLL };
+        // Every buffer is drained after this moment: what was stamped
+        // before it (less the submit slack) is all in hand.
+        let polled_at = reorder::monotonic_ns();
         live.stream.poll_into(timeout, &mut batch)?;
-        for mut event in batch.drain(..) {
+        order.push(batch.drain(..));
+        order.release((!stopping).then(|| reorder::horizon(polled_at)), &mut ready);
+        for mut event in ready.drain(..) {
             if TraceEvent::of(&event).is_some_and(|e| !req.events.contains(&e)) {
                 continue;
             }

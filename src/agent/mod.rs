@@ -90,6 +90,7 @@ fn request(config: &Config, args: &AgentArgs, policy_events: bool) -> TraceReque
         netns: None,
         family: None,
         json: true,
+        wide: false,
         force: args.force,
         buffer: None,
         btf: args.btf.clone(),

@@ -182,6 +182,8 @@ static __always_inline void read_tcp_info(struct sl_conn *c, struct tcp_sock *tp
 	c->srtt_us = SL_READ(btf, tp, srtt_us) >> 3;
 	c->rttvar_us = SL_READ(btf, tp, mdev_us) >> 2;
 	c->retransmits = SL_READ(btf, tp, total_retrans);
+	c->tx_total = SL_READ(btf, tp, bytes_acked);
+	c->rx_total = SL_READ(btf, tp, bytes_received);
 }
 
 /* Pid/comm/cgroup of the current task: only called in process context. An

@@ -110,6 +110,10 @@ struct sl_conn {
 	 * tcp_bytes_from_seq): the counters' values that count as zero. */
 	__u64 tx_base;
 	__u64 rx_base;
+	/* TCP: the kernel's lifetime counters tcp_sock.bytes_acked and
+	 * bytes_received (what `ss -ti` shows), as of the last read. */
+	__u64 tx_total;
+	__u64 rx_total;
 };
 
 /* connect, accept, close, retransmit. */
