@@ -334,6 +334,7 @@ impl CommonArgs {
             family,
             json: self.json,
             wide: self.wide,
+            events_defaulted: false,
             force: self.attach.forced(),
             buffer: match self.buffer {
                 BufferChoice::Auto => None,
@@ -354,7 +355,6 @@ impl TraceArgs {
         let mut cg_hooks: Vec<CgHook> = Vec::new();
         let mut policy_events = false;
         let names = if self.events.is_empty() {
-            eprintln!("{DEFAULT_EVENTS_NOTE}");
             &[EventName::Bind, EventName::Listen][..]
         } else {
             &self.events[..]
@@ -381,13 +381,11 @@ impl TraceArgs {
         events.dedup();
         cg_hooks.sort();
         cg_hooks.dedup();
-        self.common.request(events, cg_hooks, policy_events, btf)
+        let mut req = self.common.request(events, cg_hooks, policy_events, btf);
+        req.events_defaulted = self.events.is_empty();
+        req
     }
 }
-
-/// What `trace` without --events says on stderr.
-const DEFAULT_EVENTS_NOTE: &str = "socklens: showing bind and listen; --events picks others \
-(established,accept,close,retransmit,connect,sock_create,..., see --help)";
 
 fn libbpf_to_stderr(_level: libbpf_rs::PrintLevel, msg: String) {
     eprint!("{msg}");

@@ -29,6 +29,9 @@ const TEXT_BLOCK: usize = 1 << 16;
 /// The kernel keeps 15 bytes of a task's comm plus the NUL.
 const COMM_MAX: usize = 15;
 pub const DEFAULT_MAX_CONNS: u32 = 65_536;
+/// What `trace` without --events says on stderr.
+pub const DEFAULT_EVENTS_NOTE: &str = "socklens: showing bind and listen; --events picks others \
+(established,accept,close,retransmit,connect,sock_create,... see trace --help)";
 
 /// What `trace --events` can show.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -93,6 +96,8 @@ pub struct TraceRequest {
     pub json: bool,
     /// Columns view: full addresses, rows never cut at the terminal's edge.
     pub wide: bool,
+    /// `trace` got no --events: it says so, and how to get the others.
+    pub events_defaulted: bool,
     pub force: Option<Tier>,
     pub buffer: Option<BufferKind>,
     pub btf: PathBuf,
@@ -421,6 +426,9 @@ fn write_err(e: io::Error) -> Error {
 /// `socklens trace`: one line per event until `stop` is set.
 pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result<Summary> {
     with_session(req, |live| {
+        if req.events_defaulted {
+            eprintln!("{DEFAULT_EVENTS_NOTE}");
+        }
         let summary = stream_events(req, live, stop, out)?;
         if let Some(summary) = summary {
             if req.json {

@@ -983,3 +983,85 @@ fn listener_opened_after_start_is_listed_with_its_owner() {
     assert_eq!(listener["pid"], report["pid"], "{listener}");
     assert_eq!(listener["comm"], comm.as_str(), "{listener}");
 }
+
+/// (bytes_acked, bytes_received) from `ss -tin` for the socket from local
+/// port `sport` to remote port `dport`: the kernel's lifetime counters.
+fn ss_lifetime_bytes(sport: u64, dport: u64) -> (u64, u64) {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-tin",
+            "state",
+            "established",
+            &format!("( sport = :{sport} and dport = :{dport} )"),
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |name: &str| {
+        text.split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    };
+    (field("bytes_acked:"), field("bytes_received:"))
+}
+
+#[test]
+fn seeded_connection_lifetime_totals_equal_ss_beside_counts_from_start() {
+    require_root();
+    // Opened and used before socklens starts, used again while it runs,
+    // then idle while both socklens and ss read the counters.
+    let mut bed = Bed::spawn(&[
+        "--comm",
+        &unique("sltot"),
+        "bind,tcp4,127.0.0.1,0",
+        "listen,0,4",
+        "connect,tcp4,127.0.0.1,@0",
+        "accept,0",
+        "send,1,20000,1000",
+        "recv,2,20000,4096",
+        "send,2,5000,1000",
+        "recv,1,5000,4096",
+        "wait",
+        "send,1,4321,1000",
+        "recv,2,4321,4096",
+        "sleep,200",
+        "wait",
+    ]);
+    let report = bed.report();
+    let server_port = u(&report["steps"][0]["port"]);
+    let client_port = u(&report["steps"][2]["port"]);
+    let (lines, _) = conns_snapshot_after(30.0, Duration::from_millis(500), &[], || {
+        bed.release();
+        bed.report(); // at the second wait: everything sent was read
+    });
+    let client_ss = ss_lifetime_bytes(client_port, server_port);
+    let server_ss = ss_lifetime_bytes(server_port, client_port);
+    bed.finish();
+    let conn = |sport: u64, dport: u64| {
+        lines
+            .iter()
+            .find(|l| l["event"] == "conn" && u(&l["sport"]) == sport && u(&l["dport"]) == dport)
+            .unwrap_or_else(|| panic!("no conn {sport}->{dport}: {lines:#?}"))
+    };
+    let client = conn(client_port, server_port);
+    let server = conn(server_port, client_port);
+    for (c, ss, dir, since_start) in [
+        (client, client_ss, "out", (4321, 0)),
+        (server, server_ss, "in", (0, 4321)),
+    ] {
+        assert_eq!(c["seeded"], true, "{c}");
+        assert_eq!(c["direction"], dir, "inferred for a seeded socket: {c}");
+        assert_eq!(
+            (u(&c["tx_total"]), u(&c["rx_total"])),
+            ss,
+            "lifetime totals vs ss bytes_acked/bytes_received: {c}"
+        );
+        assert_eq!(
+            (u(&c["tx_bytes"]), u(&c["rx_bytes"])),
+            since_start,
+            "counts from start: {c}"
+        );
+    }
+    assert!(client_ss.0 > 20_000 + 4321, "{client_ss:?}");
+}

@@ -91,6 +91,7 @@ fn request(config: &Config, args: &AgentArgs, policy_events: bool) -> TraceReque
         family: None,
         json: true,
         wide: false,
+        events_defaulted: false,
         force: args.force,
         buffer: None,
         btf: args.btf.clone(),
