@@ -2,7 +2,8 @@
 //!
 //! The modules read as the pipeline: `probe` (what the kernel can do) →
 //! `plan` (pure: capabilities + options → attach tier per hook) → `loader` →
-//! `events` (ring/perf buffer) → `model` (typed events) → `output`.
+//! `events` (ring/perf buffer) → `model` (typed events) → `reorder` (time
+//! order across buffers) → `output` (JSON) and `columns` (the columns view).
 
 pub mod agent;
 pub mod cgevents;
