@@ -118,6 +118,35 @@ fn help_works() {
     assert!(out.contains("--events"));
 }
 
+#[test]
+fn every_command_help_shows_examples() {
+    let commands: [&[&str]; 11] = [
+        &["trace"],
+        &["conns"],
+        &["top"],
+        &["doctor"],
+        &["policy"],
+        &["policy", "check"],
+        &["policy", "apply"],
+        &["policy", "show"],
+        &["policy", "remove"],
+        &["down"],
+        &["agent"],
+    ];
+    for cmd in commands {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let (code, out, _) = socklens(&args);
+        assert_eq!(code, 0, "{args:?}");
+        let prefix = format!("  socklens {}", cmd.join(" "));
+        let examples = out.lines().filter(|l| l.starts_with(&prefix)).count();
+        assert!(
+            out.contains("Example") && (1..=2).contains(&examples),
+            "{args:?}: one or two examples of `{prefix}`:\n{out}"
+        );
+    }
+}
+
 /// doctor's hook section: (hook, chosen tier, rejected tiers).
 fn doctor_hooks(text: &str) -> Vec<(String, String, Vec<String>)> {
     let mut hooks: Vec<(String, String, Vec<String>)> = Vec::new();

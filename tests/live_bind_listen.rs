@@ -223,6 +223,13 @@ fn pid_filter_drops_other_processes() {
         "{:?}",
         stopped.events
     );
+    // Without --events: one line says which events these are.
+    let notes: Vec<&str> = stopped
+        .stderr
+        .lines()
+        .filter(|l| l.contains("showing bind and listen") && l.contains("--events"))
+        .collect();
+    assert_eq!(notes.len(), 1, "{}", stopped.stderr);
 }
 
 fn wanted_pid(tb: &Value) -> u64 {
@@ -395,6 +402,6 @@ fn columns_output_names_the_event() {
         .find(|l| l.contains(&comm))
         .unwrap_or_else(|| panic!("no line for {comm}: {text}"));
     assert!(line.contains(" bind "), "{line}");
-    assert!(line.contains(&format!(" {port} ")), "{line}");
-    assert!(line.ends_with("127.0.0.1"), "{line}");
+    assert!(line.contains(&format!(" 127.0.0.1:{port} ")), "{line}");
+    assert!(line.ends_with(&format!("netns={}", host_netns())), "{line}");
 }

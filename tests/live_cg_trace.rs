@@ -230,3 +230,69 @@ fn unknown_event_lists_the_cgroup_hooks() {
         "{err}"
     );
 }
+
+/// Records of the connection/bind ring buffer and of the cgroup hooks' ring
+/// buffer reach the output merged in the order of their kernel timestamps.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn events_of_both_ring_buffers_come_in_time_order() {
+    require_root();
+    let comm = unique("slord");
+    let tracer = Tracer::start(&[
+        "--events",
+        "bind,listen,established,accept,close,sock_create,connect,sock_release",
+        "--comm",
+        &comm,
+    ]);
+    let mut steps: Vec<String> = vec![
+        "--comm".into(),
+        comm.clone(),
+        "bind,tcp4,127.0.0.1,0".into(),
+        "listen,0,64".into(),
+    ];
+    for i in 0..40 {
+        let client = 1 + 2 * i;
+        steps.push("connect,tcp4,127.0.0.1,@0".into());
+        steps.push("accept,0".into());
+        steps.push(format!("close,{client}"));
+        steps.push(format!("close,{}", client + 1));
+        // Spread over several polls of the buffers, so that some records
+        // of one round are drained in one poll and the rest in the next.
+        steps.push("sleep,7".into());
+    }
+    let args: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let tb = testbed(&args);
+    wait_tcp_closed(
+        u16::try_from(tb["steps"][0]["port"].as_u64().unwrap()).unwrap(),
+        &[None],
+        std::time::Duration::from_secs(20),
+    );
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    let stamps: Vec<u64> = stopped
+        .events
+        .iter()
+        .map(|e| e["time_ns"].as_u64().unwrap())
+        .collect();
+    let cgroup: Vec<bool> = stopped
+        .events
+        .iter()
+        .map(|e| e["attach"] == "cgroup")
+        .collect();
+    let switches = cgroup.windows(2).filter(|w| w[0] != w[1]).count();
+    assert!(
+        switches >= 40,
+        "the two buffers' records interleave ({switches} switches): {:#?}",
+        stopped.events
+    );
+    for (i, w) in stamps.windows(2).enumerate() {
+        assert!(
+            w[0] <= w[1],
+            "record {} ({}) is older than the one before it ({}): {:#?}",
+            i + 1,
+            stopped.events[i + 1],
+            stopped.events[i],
+            &stopped.events[i.saturating_sub(3)..(i + 4).min(stamps.len())]
+        );
+    }
+}

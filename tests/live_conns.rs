@@ -730,23 +730,43 @@ fn retransmits_equal_the_kernels_own_count_under_loss() {
     }
 }
 
-/// rtt:SRTT/RTTVAR in ms from `ss -tin` for this local port.
-fn ss_rtt(port: u64) -> (f64, f64) {
+/// Testbed steps: a listener (socket 0), a connection to it (1) and its
+/// accepted end (2), 20000 bytes one way and 5000 back.
+const EXCHANGED_PAIR: [&str; 8] = [
+    "bind,tcp4,127.0.0.1,0",
+    "listen,0,4",
+    "connect,tcp4,127.0.0.1,@0",
+    "accept,0",
+    "send,1,20000,1000",
+    "recv,2,20000,4096",
+    "send,2,5000,1000",
+    "recv,1,5000,4096",
+];
+
+/// The `ss -tin` info of the established sockets `filter` selects, as words.
+fn ss_info(filter: &str) -> Vec<String> {
     let out = std::process::Command::new("ss")
-        .args([
-            "-tin",
-            "state",
-            "established",
-            &format!("( sport = :{port} )"),
-        ])
+        .args(["-tin", "state", "established", filter])
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let rtt = text
+    String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
-        .find_map(|w| w.strip_prefix("rtt:"))
-        .unwrap_or_else(|| panic!("no rtt in {text}"));
-    let (srtt, var) = rtt.split_once('/').unwrap();
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The value of `name:` in `ss` info words.
+fn ss_field<'a>(words: &'a [String], name: &str) -> &'a str {
+    words
+        .iter()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in {words:?}"))
+}
+
+/// rtt:SRTT/RTTVAR in ms from `ss -tin` for this local port.
+fn ss_rtt(port: u64) -> (f64, f64) {
+    let words = ss_info(&format!("( sport = :{port} )"));
+    let (srtt, var) = ss_field(&words, "rtt").split_once('/').unwrap();
     (srtt.parse().unwrap(), var.parse().unwrap())
 }
 
@@ -755,20 +775,11 @@ fn ss_rtt(port: u64) -> (f64, f64) {
 fn rtt_matches_ss_and_existing_connections_are_seeded() {
     require_root();
     // Established before socklens starts, then idle: srtt no longer moves.
-    let mut bed = Bed::spawn(&[
-        "--comm",
-        &unique("slrtt"),
-        "bind,tcp4,127.0.0.1,0",
-        "listen,0,4",
-        "connect,tcp4,127.0.0.1,@0",
-        "accept,0",
-        "send,1,20000,1000",
-        "recv,2,20000,4096",
-        "send,2,5000,1000",
-        "recv,1,5000,4096",
-        "sleep,200",
-        "wait",
-    ]);
+    let comm = unique("slrtt");
+    let mut args = vec!["--comm", &comm];
+    args.extend(EXCHANGED_PAIR);
+    args.extend(["sleep,200", "wait"]);
+    let mut bed = Bed::spawn(&args);
     let report = bed.report();
     let client_port = u(&report["steps"][2]["port"]);
     let (ss_srtt_ms, _) = ss_rtt(client_port);
@@ -1065,6 +1076,7 @@ fn concurrent_load_exact(tag: &str, env: &[(&str, &str)]) {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn concurrent_load_exact_under_preemption() {
     concurrent_load_exact("slld", &[]);
 }
@@ -1073,6 +1085,70 @@ fn concurrent_load_exact_under_preemption() {
 /// the kernel skips those runs: each is found at an active open's
 /// ESTABLISHED, at its first send or receive, or at its close.
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn concurrent_load_exact_with_starts_skipped() {
     concurrent_load_exact("slsk", &[("SOCKLENS_DISABLE", "state_start")]);
+}
+
+/// (bytes_acked, bytes_received) from `ss -tin` for the socket from local
+/// port `sport` to remote port `dport`: the kernel's lifetime counters.
+fn ss_lifetime_bytes(sport: u64, dport: u64) -> (u64, u64) {
+    let words = ss_info(&format!("( sport = :{sport} and dport = :{dport} )"));
+    let field = |name| ss_field(&words, name).parse().unwrap();
+    (field("bytes_acked"), field("bytes_received"))
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn seeded_connection_lifetime_totals_equal_ss_beside_counts_from_start() {
+    require_root();
+    // Opened and used before socklens starts, used again while it runs,
+    // then idle while both socklens and ss read the counters.
+    let comm = unique("sltot");
+    let mut args = vec!["--comm", &comm];
+    args.extend(EXCHANGED_PAIR);
+    args.extend([
+        "wait",
+        "send,1,4321,1000",
+        "recv,2,4321,4096",
+        "sleep,200",
+        "wait",
+    ]);
+    let mut bed = Bed::spawn(&args);
+    let report = bed.report();
+    let server_port = u(&report["steps"][0]["port"]);
+    let client_port = u(&report["steps"][2]["port"]);
+    let (lines, _) = conns_snapshot_after(30.0, Duration::from_millis(500), &[], || {
+        bed.release();
+        bed.report(); // at the second wait: everything sent was read
+    });
+    let client_ss = ss_lifetime_bytes(client_port, server_port);
+    let server_ss = ss_lifetime_bytes(server_port, client_port);
+    bed.finish();
+    let conn = |sport: u64, dport: u64| {
+        lines
+            .iter()
+            .find(|l| l["event"] == "conn" && u(&l["sport"]) == sport && u(&l["dport"]) == dport)
+            .unwrap_or_else(|| panic!("no conn {sport}->{dport}: {lines:#?}"))
+    };
+    let client = conn(client_port, server_port);
+    let server = conn(server_port, client_port);
+    for (c, ss, dir, since_start) in [
+        (client, client_ss, "out", (4321, 0)),
+        (server, server_ss, "in", (0, 4321)),
+    ] {
+        assert_eq!(c["seeded"], true, "{c}");
+        assert_eq!(c["direction"], dir, "inferred for a seeded socket: {c}");
+        assert_eq!(
+            (u(&c["tx_total"]), u(&c["rx_total"])),
+            ss,
+            "lifetime totals vs ss bytes_acked/bytes_received: {c}"
+        );
+        assert_eq!(
+            (u(&c["tx_bytes"]), u(&c["rx_bytes"])),
+            since_start,
+            "counts from start: {c}"
+        );
+    }
+    assert!(client_ss.0 > 20_000 + 4321, "{client_ss:?}");
 }

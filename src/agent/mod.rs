@@ -91,6 +91,8 @@ fn request(config: &Config, args: &AgentArgs, policy_events: bool) -> TraceReque
         netns: None,
         family: None,
         json: true,
+        wide: false,
+        events_defaulted: false,
         force: args.force,
         buffer: None,
         btf: args.btf.clone(),

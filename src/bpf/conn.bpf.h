@@ -25,7 +25,7 @@ const volatile bool track_conns = false;
 /* false for snapshot-only users (`conns`): the maps are read, no event is sent. */
 const volatile bool conn_events = true;
 /* UDP sockets and flows: only for users that read snapshots, whose refreshes
- * remove closed sockets (src/conns.rs, sweep). */
+ * remove closed sockets (src/session/seed.rs, sweep). */
 const volatile bool track_udp = false;
 /* Whether the send hook misses sendfile data, so the sendfile hook must add it
  * to tx_bytes: kernels with tcp_sendpage (before 6.5) send it without
@@ -182,6 +182,8 @@ static __always_inline void read_tcp_info(struct sl_conn *c, struct tcp_sock *tp
 	c->srtt_us = SL_READ(btf, tp, srtt_us) >> 3;
 	c->rttvar_us = SL_READ(btf, tp, mdev_us) >> 2;
 	c->retransmits = SL_READ(btf, tp, total_retrans);
+	c->tx_total = SL_READ(btf, tp, bytes_acked);
+	c->rx_total = SL_READ(btf, tp, bytes_received);
 }
 
 /* Pid/comm/cgroup of the current task: only called in process context. An
@@ -716,7 +718,7 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, i
 
 /* A UDP socket is being closed: its entry goes, so that a socket the kernel
  * later puts at the same address starts its own. Its flows stay for the next
- * snapshot's sweep (src/conns.rs); udp_account ignores them meanwhile. */
+ * snapshot's sweep (src/session/seed.rs); udp_account ignores them meanwhile. */
 static __always_inline void on_udp_gone(__u64 key)
 {
 	if (track_udp)

@@ -96,7 +96,7 @@ struct sl_conn {
 	__u32 srtt_us;
 	__u32 rttvar_us;
 	__s32 error;       /* sk_err when it closed: why a connect failed */
-	__u32 seen_gen;    /* last socket-iterator pass that saw it (src/conns.rs sweep) */
+	__u32 seen_gen;    /* last socket-iterator pass that saw it (src/session/seed.rs sweep) */
 	__u16 family;
 	__u16 proto;
 	__u16 sport;
@@ -112,6 +112,11 @@ struct sl_conn {
 	 * tcp_bytes_from_seq): the counters' values that count as zero. */
 	__u64 tx_base;
 	__u64 rx_base;
+	/* TCP: the kernel's lifetime counters tcp_sock.bytes_acked and
+	 * bytes_received (what `ss -ti` shows), as of the last read; unlike
+	 * tcp_tx_total() in conn.bpf.h, nothing queued beyond them. */
+	__u64 tx_total;
+	__u64 rx_total;
 };
 
 /* connect, accept, close, retransmit. */

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::model::Losses;
-use crate::output::Renderer;
+use crate::output::columns;
+use crate::session::reorder;
 use crate::session::snapshot::settled_snapshot;
 use crate::session::{with_session, TraceRequest, POLL};
 
@@ -32,9 +33,10 @@ pub fn run(
         let mut emit = |line: String| {
             writeln!(out, "{line}").map_err(|e| Error::kernel("writing snapshot", e))
         };
-        if !live.renderer.json {
-            emit(Renderer::CONN_HEADER.to_owned())?;
+        if let Some(header) = live.renderer.header() {
+            emit(header)?;
         }
+        let now = reorder::monotonic_ns();
         let udp_with_flows: BTreeSet<u64> = flows.iter().map(|f| f.sk).collect();
         for c in conns.values() {
             if c.proto == IPPROTO_UDP && udp_with_flows.contains(&c.sk) {
@@ -45,7 +47,7 @@ pub fn run(
                 v["event"] = serde_json::json!("conn");
                 v.to_string()
             } else {
-                live.renderer.conn_snapshot_columns(c)
+                live.renderer.columns(&columns::conn_snapshot_row(now, c))
             })?;
         }
         for f in &flows {
@@ -53,7 +55,7 @@ pub fn run(
             emit(if live.renderer.json {
                 live.renderer.udp_flow_json(owner, f).to_string()
             } else {
-                live.renderer.udp_flow_columns(owner, f)
+                live.renderer.columns(&columns::udp_flow_row(now, owner, f))
             })?;
         }
         out.flush()

@@ -41,23 +41,45 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Trace socket events as they happen (like bindsnoop and solisten).
+    #[command(after_help = "Examples:\n  \
+        socklens trace --events established,accept,close   TCP connections, like tcplife\n  \
+        socklens trace --events bind,listen,connect --json --comm nginx")]
     Trace(TraceArgs),
     /// Snapshot of tracked connections and UDP flows with their counters (like `ss -tunp`).
+    #[command(after_help = "Examples:\n  \
+        socklens conns --duration 5         count for 5 s, then list every connection\n  \
+        socklens conns --json -4 --pid 1234")]
     Conns(ConnsArgs),
     /// Live table of per-interval rates by connection, process or cgroup (like tcptop).
+    #[command(after_help = "Examples:\n  \
+        socklens top --by process --sort tx\n  \
+        socklens top --once --interval 3 --json")]
     Top(TopArgs),
     /// Show what this kernel offers and how each hook attaches, and why.
+    #[command(after_help = "Examples:\n  \
+        socklens doctor\n  \
+        socklens doctor --attach kprobe     why the kprobe tier would or would not work")]
     Doctor {
         #[command(flatten)]
         attach: AttachArg,
     },
     /// Per-cgroup socket policy (allow / deny / audit), enforced in the kernel.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+        socklens policy check policy.toml\n  \
+        socklens policy apply policy.toml --follow"
+    )]
     Policy(PolicyCommand),
     /// Detach and unpin everything socklens ever pinned (policy included).
+    #[command(after_help = "Example:\n  \
+        socklens down       every call is allowed again; nothing stays attached")]
     Down,
     /// Run as a daemon: tracing and the configured policy, served as
     /// Prometheus metrics (SIGHUP reloads the config, SIGTERM stops).
+    #[command(after_help = "Examples:\n  \
+        socklens agent                       defaults: metrics on 127.0.0.1:9464\n  \
+        socklens agent --config /etc/socklens/agent.toml")]
     Agent(AgentArgs),
 }
 
@@ -73,12 +95,18 @@ struct AgentArgs {
 #[derive(Debug, Subcommand)]
 enum PolicyCommand {
     /// Validate a policy file without applying it.
+    #[command(
+        after_help = "Example:\n  socklens policy check policy.toml; echo $?   0 valid, 2 not"
+    )]
     Check {
         /// The policy (TOML).
         file: PathBuf,
     },
     /// Validate a policy file and make it the policy in force, in one step.
     /// It stays in force (pinned) after this command exits.
+    #[command(after_help = "Examples:\n  \
+        socklens policy apply policy.toml\n  \
+        socklens policy apply policy.toml --follow --json   then print its verdicts")]
     Apply {
         /// The policy (TOML).
         file: PathBuf,
@@ -90,12 +118,14 @@ enum PolicyCommand {
         json: bool,
     },
     /// Show the policy in force, with per-rule counters.
+    #[command(after_help = "Examples:\n  socklens policy show\n  socklens policy show --json")]
     Show {
         /// One JSON object.
         #[arg(long)]
         json: bool,
     },
     /// Detach and unpin the policy: every call is allowed again.
+    #[command(after_help = "Example:\n  socklens policy remove")]
     Remove,
 }
 
@@ -156,8 +186,8 @@ struct AttachArg {
 
 #[derive(Debug, Args)]
 struct TraceArgs {
-    /// Events to trace, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "bind,listen")]
+    /// Events to trace, comma-separated [default: bind,listen].
+    #[arg(long, value_enum, value_delimiter = ',')]
     events: Vec<EventName>,
     #[command(flatten)]
     common: CommonArgs,
@@ -266,6 +296,9 @@ struct CommonArgs {
     /// One JSON object per line instead of columns.
     #[arg(long)]
     json: bool,
+    /// Columns: full IPv6 addresses, and rows not cut at the terminal's edge.
+    #[arg(short, long)]
+    wide: bool,
     #[command(flatten)]
     attach: AttachArg,
     /// Event buffer: ring buffer, or the perf buffer fallback.
@@ -310,6 +343,8 @@ impl CommonArgs {
             netns: self.netns,
             family,
             json: self.json,
+            wide: self.wide,
+            events_defaulted: false,
             force: self.attach.forced(),
             buffer: match self.buffer {
                 BufferChoice::Auto => None,
@@ -330,7 +365,12 @@ impl TraceArgs {
         let mut events: Vec<TraceEvent> = Vec::new();
         let mut cg_hooks: Vec<CgHook> = Vec::new();
         let mut policy_events = false;
-        for e in &self.events {
+        let names = if self.events.is_empty() {
+            &[EventName::Bind, EventName::Listen][..]
+        } else {
+            &self.events[..]
+        };
+        for e in names {
             match e {
                 EventName::Bind => events.push(TraceEvent::Bind),
                 EventName::Listen => events.push(TraceEvent::Listen),
@@ -352,7 +392,9 @@ impl TraceArgs {
         events.dedup();
         cg_hooks.sort();
         cg_hooks.dedup();
-        self.common.request(events, cg_hooks, policy_events, btf)
+        let mut req = self.common.request(events, cg_hooks, policy_events, btf);
+        req.events_defaulted = self.events.is_empty();
+        req
     }
 }
 

@@ -11,11 +11,15 @@ use crate::error::{Error, Result};
 use crate::model::Event;
 use crate::model::Losses;
 use crate::session::cgobserve::CgHook;
+use crate::session::reorder::{self, Reorder};
 use crate::session::{verdict_wanted, with_session, Live, TraceEvent, TraceRequest, POLL};
 
 /// `trace` writes its lines in blocks of about this many bytes: the size of
 /// the `BufWriter` on stdout (src/main.rs).
 const TEXT_BLOCK: usize = 1 << 16;
+/// What `trace` without --events says on stderr.
+pub const DEFAULT_EVENTS_NOTE: &str = "socklens: showing bind and listen; --events picks others \
+(established,accept,close,retransmit,connect,sock_create,... see trace --help)";
 
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Summary {
@@ -34,6 +38,9 @@ fn write_err(e: io::Error) -> Error {
 /// `socklens trace`: one line per event until `stop` is set.
 pub fn run(req: &TraceRequest, stop: &AtomicBool, out: &mut dyn Write) -> Result<Summary> {
     with_session(req, |live| {
+        if req.events_defaulted {
+            eprintln!("{DEFAULT_EVENTS_NOTE}");
+        }
         let summary = stream_events(req, live, stop, out)?;
         if let Some(summary) = summary {
             if req.json {
@@ -61,14 +68,21 @@ fn stream_events(
     // in blocks (stdout's `BufWriter` passes a block its size straight
     // through rather than copying each line into its buffer).
     let mut batch = Vec::new();
+    let mut ready = Vec::new();
+    let mut order = Reorder::default();
     let mut text = Vec::with_capacity(TEXT_BLOCK + 4096);
     loop {
         // Read the stop flag before polling, so a final pass drains what the
         // kernel queued before the signal.
         let stopping = stop.load(Ordering::Relaxed);
         let timeout = if stopping { Duration::ZERO } else { POLL };
+        // Every buffer is drained after this moment: what was stamped
+        // before it (less the submit slack) is all in hand.
+        let polled_at = reorder::monotonic_ns();
         live.stream.poll_into(timeout, &mut batch)?;
-        for mut event in batch.drain(..) {
+        order.push(batch.drain(..));
+        order.release((!stopping).then(|| reorder::horizon(polled_at)), &mut ready);
+        for mut event in ready.drain(..) {
             if TraceEvent::of(&event).is_some_and(|e| !req.events.contains(&e)) {
                 continue;
             }

@@ -1,7 +1,7 @@
 //! Cgroup hook events and policy verdicts as JSON and columns, with the
 //! conventions of bind/listen events.
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 
 use serde_json::{json, Value};
 
@@ -9,6 +9,7 @@ use crate::host::cgroup::CgroupPaths;
 use crate::model::cg::{op_name, CgEvent};
 use crate::model::names::{level_name, type_name};
 use crate::model::{errno_name, family_name, proto_name};
+use crate::output::columns::{self, Row};
 use crate::output::rfc3339::Clock;
 use crate::skel::policy::types::{slp_action, slp_event_kind, slp_mode};
 
@@ -76,71 +77,62 @@ pub fn json(clock: &Clock, cgroups: Option<&mut CgroupPaths>, e: &CgEvent) -> Va
     v
 }
 
-/// The columns form: time, event, pid, comm, then what the event is about.
-pub fn columns(clock: &Clock, e: &CgEvent) -> String {
-    let t = clock.wall(e.ts_ns);
-    let what = match slp_event_kind(e.kind) {
-        slp_event_kind::SLP_EV_SOCK_CREATE => format!(
-            "{} {} {}",
-            family_name(e.family),
-            type_name(e.sock_type),
-            proto_name(e.proto)
-        ),
-        slp_event_kind::SLP_EV_GETSOCKOPT => format!(
-            "level {} optname {} ret {}",
-            level_name(e.level).map_or_else(|| e.level.to_string(), str::to_owned),
-            e.optname,
-            e.ret
-        ),
-        slp_event_kind::SLP_EV_SOCK_RELEASE => format!(
-            "{} {} lifetime {}",
-            proto_name(e.proto),
-            fmt_addr(e),
-            if e.lifetime_ns == 0 {
-                "?".to_owned()
-            } else {
-                format!("{:.3}ms", e.lifetime_ns as f64 / 1e6)
-            }
-        ),
-        _ if e.is_verdict() => {
-            let target = if e.has_addr() {
-                format!("{} {}", proto_name(e.proto), fmt_addr(e))
-            } else {
-                format!(
-                    "{} {} {}",
-                    family_name(e.family),
-                    type_name(e.sock_type),
-                    proto_name(e.proto)
-                )
-            };
-            let rule = if e.rule_id == 0 {
-                "default".to_owned()
-            } else {
-                format!("rule {}", e.rule_id)
-            };
-            format!("{} {target} by {rule} {}", op_name(e.op), errno_name(e.ret))
-        }
-        _ => format!("{} {}", proto_name(e.proto), fmt_addr(e)),
+/// The columns form: the address goes in LOCAL (bind, sock_release) or
+/// REMOTE (connect, sendmsg, recvmsg, getpeername), the rest in DETAILS.
+pub fn row(e: &CgEvent) -> Row {
+    let mut row = Row {
+        ts_ns: e.ts_ns,
+        event: e.name(),
+        pid: Some(e.pid),
+        comm: Some(e.comm.to_string()),
+        ..Default::default()
     };
-    format!(
-        "{:02}:{:02}:{:02}.{:03} {:<12} {:>7} {:<16} {:>10}  {}",
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.millisecond(),
-        e.name(),
-        e.pid,
-        e.comm,
-        e.netns,
-        what.trim_end()
-    )
-}
-
-fn fmt_addr(e: &CgEvent) -> String {
-    match e.addr {
-        IpAddr::V6(a) => format!("[{a}]:{}", e.port),
-        IpAddr::V4(a) => format!("{a}:{}", e.port),
+    let addr = e.has_addr().then(|| SocketAddr::new(e.addr, e.port));
+    let local = match slp_event_kind(e.kind) {
+        slp_event_kind::SLP_EV_SOCK_RELEASE => true,
+        _ if e.is_verdict() => op_name(e.op) == "bind",
+        _ => false,
+    };
+    if local {
+        row.local = addr;
+    } else {
+        row.remote = addr;
     }
+    if e.is_verdict() {
+        row.kv("op", op_name(e.op));
+        let action = if u32::from(e.action) == slp_action::SLP_DENY.0 {
+            "deny"
+        } else {
+            "allow"
+        };
+        row.kv("action", action);
+        match e.rule_id {
+            0 => row.kv("rule", "default"),
+            id => row.kv("rule", id),
+        }
+        if e.ret != 0 {
+            row.kv("err", errno_name(e.ret));
+        }
+    }
+    match slp_event_kind(e.kind) {
+        slp_event_kind::SLP_EV_SOCK_CREATE => {
+            row.kv("family", family_name(e.family));
+            row.kv("type", type_name(e.sock_type));
+        }
+        slp_event_kind::SLP_EV_GETSOCKOPT => {
+            let level = level_name(e.level).map_or_else(|| e.level.to_string(), str::to_owned);
+            row.kv("level", level);
+            row.kv("opt", e.optname);
+            row.kv("ret", e.ret);
+        }
+        slp_event_kind::SLP_EV_SOCK_RELEASE if e.lifetime_ns != 0 => {
+            row.kv("life", columns::duration_ns(e.lifetime_ns));
+        }
+        _ => {}
+    }
+    columns::proto_unless_tcp(&mut row, e.proto);
+    row.kv("netns", e.netns);
+    row
 }
 
 #[cfg(test)]

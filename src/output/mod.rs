@@ -1,7 +1,8 @@
-//! Every rendering: bindsnoop/solisten-style columns and JSON lines of each
+//! Every rendering: the columns view (`columns`) and JSON lines of each
 //! record type, and `top`'s intervals.
 
 pub mod cg;
+pub mod columns;
 pub mod json;
 pub mod rfc3339;
 pub mod top;
@@ -15,50 +16,49 @@ use crate::model::{
     errno_name, family_name, known_proto_name, proto_name, tcp_state_name, Conn, ConnEvent, Event,
     SockEvent, SockEventKind, UdpFlow,
 };
+use crate::output::columns::{Layout, Row};
 use crate::output::json::JsonObject;
+
+/// The columns view's row of any event; each kind's module builds its own.
+pub fn event_row(event: &Event) -> Row {
+    match event {
+        Event::Sock(e) => columns::sock_row(e),
+        Event::Conn(e) => columns::conn_event_row(e),
+        Event::Cg(e) => cg::row(e),
+    }
+}
 
 /// Everything needed to turn events into text.
 pub struct Renderer {
     pub clock: Clock,
     pub cgroups: Option<CgroupPaths>,
     pub json: bool,
+    /// Column widths of the columns view.
+    pub layout: Layout,
 }
 
 impl Renderer {
     pub fn header(&self) -> Option<String> {
-        (!self.json).then(|| {
-            format!(
-                "{:<12} {:<6} {:>7} {:<16} {:<16} {:<5} {:<5} {:>3} {:<13} {:>10}  {:<6} {}",
-                "TIME",
-                "EVENT",
-                "PID",
-                "COMM",
-                "RET",
-                "PROTO",
-                "OPTS",
-                "IF",
-                "BACKLOG",
-                "NETNS",
-                "PORT",
-                "ADDR"
-            )
-        })
+        (!self.json).then(|| self.layout.header())
+    }
+
+    /// A row of the columns view.
+    pub fn columns(&self, row: &Row) -> String {
+        self.layout.render(&self.clock, row)
     }
 
     pub fn render(&mut self, event: &Event) -> String {
         match event {
             Event::Sock(e) if self.json => self.sock_json(e).to_string(),
-            Event::Sock(e) => self.sock_columns(e),
             Event::Conn(e) if self.json => {
                 let mut line = Vec::new();
                 self.write_conn_event(e, &mut line);
                 utf8(line)
             }
-            Event::Conn(e) => self.conn_event_columns(e),
             Event::Cg(e) if self.json => {
                 cg::json(&self.clock, self.cgroups.as_mut(), e).to_string()
             }
-            Event::Cg(e) => cg::columns(&self.clock, e),
+            _ => self.columns(&event_row(event)),
         }
     }
 
@@ -146,6 +146,9 @@ impl Renderer {
         obj.value("cgroup", &cgroup);
         obj.uint("tx_bytes", c.tx_bytes);
         obj.uint("rx_bytes", c.rx_bytes);
+        let tcp = c.proto == libc::IPPROTO_TCP as u16;
+        obj.uint_or_null("tx_total", tcp.then_some(c.tx_total));
+        obj.uint_or_null("rx_total", tcp.then_some(c.rx_total));
         obj.uint("sendfile_bytes", c.sendfile_bytes);
         obj.uint("retransmits", c.retransmits);
         obj.uint("srtt_us", c.srtt_us);
@@ -215,103 +218,6 @@ impl Renderer {
         v["last"] = json!(self.clock.iso(f.last_ns));
         v
     }
-
-    pub const CONN_HEADER: &'static str = "EVENT      PID     COMM             DIR PROTO LOCAL                          REMOTE                                  TX        RX  RETR   RTT_US        MS STATE";
-
-    fn conn_columns(&self, kind: &str, c: &Conn) -> String {
-        let (pid, comm) = if c.owner_known {
-            (c.pid.to_string(), c.comm.as_str())
-        } else {
-            ("-".into(), "-")
-        };
-        let state = c
-            .failure()
-            .unwrap_or_else(|| tcp_state_name(c.state).to_owned());
-        let ms = c
-            .duration_ms()
-            .map_or_else(|| "-".to_owned(), |m| format!("{m:.1}"));
-        format!(
-            "{kind:<10} {pid:>7} {comm:<16} {:<3} {:<5} {:<30} {:<30} {:>9} {:>9} {:>5} {:>8} {ms:>9} {state}",
-            c.direction.name(),
-            proto_name(c.proto),
-            socket_addr(c.saddr, c.sport),
-            socket_addr(c.daddr, c.dport),
-            c.tx_bytes,
-            c.rx_bytes,
-            c.retransmits,
-            c.srtt_us,
-        )
-    }
-
-    fn conn_event_columns(&self, e: &ConnEvent) -> String {
-        self.conn_columns(e.kind.name(), &e.conn)
-    }
-
-    pub fn conn_snapshot_columns(&self, c: &Conn) -> String {
-        self.conn_columns("conn", c)
-    }
-
-    pub fn udp_flow_columns(&self, owner: Option<&Conn>, f: &UdpFlow) -> String {
-        let (pid, comm, local) = owner.map_or_else(
-            || ("-".to_owned(), "-".to_owned(), "-".to_owned()),
-            |c| {
-                let pid = if c.owner_known {
-                    c.pid.to_string()
-                } else {
-                    "-".into()
-                };
-                (pid, c.comm.to_string(), socket_addr(c.saddr, c.sport))
-            },
-        );
-        format!(
-            "{:<10} {pid:>7} {comm:<16} {:<3} {:<5} {local:<30} {:<30} {:>9} {:>9} {:>5} {:>8} {:>9} pkts {}/{}",
-            "udp_flow",
-            f.direction.name(),
-            "udp",
-            socket_addr(f.peer, f.peer_port),
-            f.tx_bytes,
-            f.rx_bytes,
-            "-",
-            "-",
-            "-",
-            f.tx_packets,
-            f.rx_packets,
-        )
-    }
-
-    fn sock_columns(&self, e: &SockEvent) -> String {
-        let time = self.clock.wall(e.ts_ns);
-        let ret = match e.ret {
-            0 => "0".to_owned(),
-            r => format!("{r} {}", errno_name(r)),
-        };
-        let (opts, dev, backlog) = match e.kind {
-            SockEventKind::Bind => (e.opts.letters(), e.bound_dev_if.to_string(), "-".to_owned()),
-            SockEventKind::Listen => (
-                "-".to_owned(),
-                "-".to_owned(),
-                format!("{}/{}", e.backlog_req, e.backlog),
-            ),
-        };
-        format!(
-            "{:02}:{:02}:{:02}.{:03} {:<6} {:>7} {:<16} {:<16} {:<5} {:<5} {:>3} {:<13} {:>10}  {:<6} {}",
-            time.hour(),
-            time.minute(),
-            time.second(),
-            time.millisecond(),
-            e.kind.name(),
-            e.pid,
-            e.comm,
-            ret,
-            proto_name(e.proto),
-            opts,
-            dev,
-            backlog,
-            e.netns,
-            e.port,
-            e.addr
-        )
-    }
 }
 
 /// Text this crate wrote from `str`s and ASCII only.
@@ -360,6 +266,7 @@ mod tests {
             clock: Clock::with_offset(1_700_000_000_000_000_000),
             cgroups: None,
             json,
+            layout: Layout::default(),
         }
     }
 
@@ -376,19 +283,6 @@ mod tests {
         assert_eq!(v["attach"], "tracepoint");
         assert_eq!(v["time"], "2023-11-14T22:13:20.000001Z");
         assert!(v.get("opts").is_none());
-    }
-
-    #[test]
-    fn failed_bind_columns_show_errno_and_opts() {
-        let mut e = listen_event();
-        e.kind = SockEventKind::Bind;
-        e.ret = -98;
-        e.opts = SockOpts(1 | 2);
-        let line = renderer(false).render(&Event::Sock(e));
-        assert!(line.contains("bind"), "{line}");
-        assert!(line.contains("-98 EADDRINUSE"), "{line}");
-        assert!(line.contains("...Rr"), "{line}");
-        assert!(line.ends_with("443    ::1"), "{line}");
     }
 
     #[test]
@@ -461,15 +355,16 @@ mod tests {
     }
 
     /// The lines serde printed for `conn_events` before the renderer wrote
-    /// them by hand (commit 3fa060f): names, order and formats must stay.
+    /// them by hand (commit 3fa060f): names, order and formats must stay
+    /// (`tx_total` and `rx_total` were added since).
     const CONN_EVENT_LINES: [&str; 7] = [
-        r#"{"event":"established","time":"2023-11-14T22:13:25.123456789Z","time_ns":5123456789,"attach":"fentry","sk":"0xffff888012345678","cookie":18446612682375452280,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":CGROUP_ID,"cgroup":"/svc","tx_bytes":10,"rx_bytes":20,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:25.000000123Z","end":null,"duration_ms":null,"failure":null,"seeded":false}"#,
-        r#"{"event":"close","time":"2023-11-14T22:13:27Z","time_ns":7000000000,"attach":"kprobe","sk":"0x1","cookie":1,"family":"inet6","proto":"tcp","saddr":"::ffff:127.0.0.1","sport":40000,"daddr":"2001:db8::1:0:0:1","dport":80,"netns":1,"direction":"out","state":"CLOSE","pid":null,"comm":null,"uid":null,"cgroup_id":null,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"sendfile_bytes":99,"retransmits":3,"srtt_us":1500,"rttvar_us":250,"start":"2023-11-14T22:13:21Z","end":"2023-11-14T22:13:21.001234567Z","duration_ms":1.234567,"failure":"refused","seeded":true,"close_at_destroy":true}"#,
-        r#"{"event":"retransmit","time":"2023-11-14T22:13:28.1Z","time_ns":8100000000,"attach":"tracepoint","sk":"0xffffffffffffffff","cookie":18446744073709551615,"family":"other","proto":"proto200","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"unknown","state":"UNKNOWN","pid":4294967295,"comm":"a\"b\\c\u0001\né","uid":65534,"cgroup_id":424242,"cgroup":null,"tx_bytes":18446744073709551615,"rx_bytes":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:23Z","end":"2023-11-14T22:13:23.002Z","duration_ms":2.0,"failure":null,"seeded":false}"#,
-        r#"{"event":"accept","time":"2023-11-14T22:13:20Z","time_ns":0,"attach":"fentry","sk":"0x2","cookie":2,"family":"inet","proto":"udp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"in","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":null,"end":"2023-11-14T22:13:29.000000001Z","duration_ms":null,"failure":null,"seeded":false}"#,
-        r#"{"event":"close","time":"2023-11-14T22:13:21.000000012Z","time_ns":1000000012,"attach":"fentry","sk":"0x3","cookie":3,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:20.00000001Z","end":"2023-11-14T22:13:21.000000011Z","duration_ms":1000.000001,"failure":"unknown","seeded":false,"close_at_destroy":true}"#,
-        r#"{"event":"close","time":"2023-11-14T22:13:21.000000012Z","time_ns":1000000012,"attach":"fentry","sk":"0x3","cookie":3,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:20.00000001Z","end":"2023-11-14T22:13:21.000000011Z","duration_ms":1000.000001,"failure":"unreachable","seeded":false}"#,
-        r#"{"event":"close","time":"2023-11-14T22:13:21.000000012Z","time_ns":1000000012,"attach":"fentry","sk":"0x3","cookie":3,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:20.00000001Z","end":"2023-11-14T22:13:21.000000011Z","duration_ms":1000.000001,"failure":"EPROTO","seeded":false}"#,
+        r#"{"event":"established","time":"2023-11-14T22:13:25.123456789Z","time_ns":5123456789,"attach":"fentry","sk":"0xffff888012345678","cookie":18446612682375452280,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":CGROUP_ID,"cgroup":"/svc","tx_bytes":10,"rx_bytes":20,"tx_total":10,"rx_total":20,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:25.000000123Z","end":null,"duration_ms":null,"failure":null,"seeded":false}"#,
+        r#"{"event":"close","time":"2023-11-14T22:13:27Z","time_ns":7000000000,"attach":"kprobe","sk":"0x1","cookie":1,"family":"inet6","proto":"tcp","saddr":"::ffff:127.0.0.1","sport":40000,"daddr":"2001:db8::1:0:0:1","dport":80,"netns":1,"direction":"out","state":"CLOSE","pid":null,"comm":null,"uid":null,"cgroup_id":null,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"tx_total":0,"rx_total":0,"sendfile_bytes":99,"retransmits":3,"srtt_us":1500,"rttvar_us":250,"start":"2023-11-14T22:13:21Z","end":"2023-11-14T22:13:21.001234567Z","duration_ms":1.234567,"failure":"refused","seeded":true,"close_at_destroy":true}"#,
+        r#"{"event":"retransmit","time":"2023-11-14T22:13:28.1Z","time_ns":8100000000,"attach":"tracepoint","sk":"0xffffffffffffffff","cookie":18446744073709551615,"family":"other","proto":"proto200","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"unknown","state":"UNKNOWN","pid":4294967295,"comm":"a\"b\\c\u0001\né","uid":65534,"cgroup_id":424242,"cgroup":null,"tx_bytes":18446744073709551615,"rx_bytes":0,"tx_total":null,"rx_total":null,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:23Z","end":"2023-11-14T22:13:23.002Z","duration_ms":2.0,"failure":null,"seeded":false}"#,
+        r#"{"event":"accept","time":"2023-11-14T22:13:20Z","time_ns":0,"attach":"fentry","sk":"0x2","cookie":2,"family":"inet","proto":"udp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"in","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"tx_total":null,"rx_total":null,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":null,"end":"2023-11-14T22:13:29.000000001Z","duration_ms":null,"failure":null,"seeded":false}"#,
+        r#"{"event":"close","time":"2023-11-14T22:13:21.000000012Z","time_ns":1000000012,"attach":"fentry","sk":"0x3","cookie":3,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"tx_total":0,"rx_total":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:20.00000001Z","end":"2023-11-14T22:13:21.000000011Z","duration_ms":1000.000001,"failure":"unknown","seeded":false,"close_at_destroy":true}"#,
+        r#"{"event":"close","time":"2023-11-14T22:13:21.000000012Z","time_ns":1000000012,"attach":"fentry","sk":"0x3","cookie":3,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"tx_total":0,"rx_total":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:20.00000001Z","end":"2023-11-14T22:13:21.000000011Z","duration_ms":1000.000001,"failure":"unreachable","seeded":false}"#,
+        r#"{"event":"close","time":"2023-11-14T22:13:21.000000012Z","time_ns":1000000012,"attach":"fentry","sk":"0x3","cookie":3,"family":"inet","proto":"tcp","saddr":"127.0.0.1","sport":40000,"daddr":"127.0.0.1","dport":80,"netns":1,"direction":"out","state":"ESTABLISHED","pid":100,"comm":"curl","uid":0,"cgroup_id":7,"cgroup":null,"tx_bytes":0,"rx_bytes":0,"tx_total":0,"rx_total":0,"sendfile_bytes":0,"retransmits":0,"srtt_us":0,"rttvar_us":0,"start":"2023-11-14T22:13:20.00000001Z","end":"2023-11-14T22:13:21.000000011Z","duration_ms":1000.000001,"failure":"EPROTO","seeded":false}"#,
     ];
 
     #[test]

@@ -13,6 +13,7 @@ use crate::model::{family_name, proto_name, tcp_state_name, Conn};
 use crate::output::{socket_addr, Renderer};
 
 const IPPROTO_UDP: u16 = libc::IPPROTO_UDP as u16;
+const IPPROTO_TCP: u16 = libc::IPPROTO_TCP as u16;
 
 // ---- text (plain and TUI) ------------------------------------------------
 
@@ -46,6 +47,8 @@ const CONN_COLUMNS: &[Column] = &[
     left("LOCAL", 26),
     left("REMOTE", 26),
     left("STATE", 11),
+    right("TX_TOTAL", 9),
+    right("RX_TOTAL", 9),
 ];
 const PROCESS_COLUMNS: &[Column] = &[
     right("PID", 7),
@@ -125,6 +128,19 @@ fn remote(a: &Activity) -> (IpAddr, u16) {
     a.peer.unwrap_or((a.conn.daddr, a.conn.dport))
 }
 
+/// A TCP connection's lifetime counter as the kernel keeps it (`-` for UDP).
+fn lifetime(a: &Activity, total: u64) -> String {
+    if a.peer.is_some() || a.conn.proto != IPPROTO_TCP {
+        return "-".into();
+    }
+    crate::output::columns::bytes(total)
+}
+
+fn lifetime_json(a: &Activity, total: u64) -> Value {
+    let tcp = a.peer.is_none() && a.conn.proto == IPPROTO_TCP;
+    json!(tcp.then_some(total))
+}
+
 fn cgroup_name(renderer: &mut Renderer, id: Option<u64>) -> Option<String> {
     id.and_then(|id| renderer.cgroups.as_mut().and_then(|c| c.path_of(id)))
 }
@@ -142,6 +158,8 @@ fn key_cells(row: &Row, renderer: &mut Renderer) -> Vec<String> {
                 socket_addr(a.conn.saddr, a.conn.sport),
                 socket_addr(peer, port),
                 conn_state(a),
+                lifetime(a, a.conn.tx_total),
+                lifetime(a, a.conn.rx_total),
             ]
         }
         Key::Process { .. } => {
@@ -291,6 +309,8 @@ fn key_json(row: &Row, renderer: &mut Renderer) -> Value {
                 "netns": c.netns,
                 "direction": c.direction,
                 "state": conn_state(&row.sample),
+                "tx_total": lifetime_json(&row.sample, c.tx_total),
+                "rx_total": lifetime_json(&row.sample, c.rx_total),
                 "pid": owner.then_some(c.pid),
                 "comm": owner.then(|| c.comm.clone()),
                 "cgroup_id": owner.then_some(c.cgroup_id),
@@ -388,6 +408,7 @@ mod tests {
             clock: Clock::now(),
             cgroups: None,
             json: false,
+            layout: crate::output::columns::Layout::default(),
         }
     }
 
@@ -415,6 +436,9 @@ mod tests {
         assert!(lines[3].contains("127.0.0.1:40000"), "{lines:?}");
         assert!(lines[3].contains(" 4096 "), "{lines:?}");
         assert!(lines[3].contains("ESTABLISHED"), "{lines:?}");
+        // The kernel's lifetime counters (Conn::sample: the same as tx/rx).
+        assert!(lines[2].contains("TX_TOTAL  RX_TOTAL"), "{lines:?}");
+        assert!(lines[3].contains(" 4096B     2048B "), "{lines:?}");
         assert!(lines.iter().all(|l| !l.contains('\x1b')));
     }
 
@@ -442,6 +466,19 @@ mod tests {
         assert_eq!(row["pid"], 100);
         assert_eq!(row["comm"], "curl");
         assert_eq!(row["tx_bytes"], 300);
+        assert!(row.get("tx_total").is_none(), "per connection only: {row}");
+        let mut out = Vec::new();
+        let by_conn = View {
+            by: GroupBy::Conn,
+            sort: SortKey::Rx,
+        };
+        write_json(&r, by_conn, &mut renderer(), &mut out).unwrap();
+        let conn_row: Value =
+            serde_json::from_slice(out.split(|&b| b == b'\n').next().unwrap()).unwrap();
+        assert_eq!(
+            (&conn_row["tx_total"], &conn_row["rx_total"]),
+            (&json!(300), &json!(100))
+        );
         assert_eq!(row["tx_bytes_per_s"], 150.0);
         assert_eq!(row["closed"], 1);
         assert_eq!(lines[1]["event"], "top_interval");

@@ -111,7 +111,11 @@ pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64>
         clock: Clock::now(),
         cgroups: system::cgroup2_root().map(CgroupPaths::new),
         json,
+        layout: crate::output::columns::Layout::for_stdout(false),
     };
+    if let Some(h) = renderer.header() {
+        writeln!(out, "{h}").map_err(io_err)?;
+    }
     eprintln!("socklens: following policy events. Ctrl-C to stop (the policy stays in force).");
     let mut n = 0;
     loop {

@@ -3,6 +3,7 @@
 
 pub mod cgobserve;
 pub mod events;
+pub mod reorder;
 pub mod seed;
 pub mod snapshot;
 
@@ -88,6 +89,10 @@ pub struct TraceRequest {
     pub netns: Option<u32>,
     pub family: Option<u16>,
     pub json: bool,
+    /// Columns view: full addresses, rows never cut at the terminal's edge.
+    pub wide: bool,
+    /// `trace` got no --events: it says so, and how to get the others.
+    pub events_defaulted: bool,
     pub force: Option<Tier>,
     pub buffer: Option<BufferKind>,
     pub btf: PathBuf,
@@ -378,6 +383,7 @@ pub fn with_session<T>(
             clock: Clock::now(),
             cgroups: cgroup2.clone().map(CgroupPaths::new),
             json: req.json,
+            layout: crate::output::columns::Layout::for_stdout(req.wide),
         },
         owners: Owners::new(cgroup2),
         filters: &prepared.filters,
