@@ -10,7 +10,7 @@ use std::thread;
 use std::time::Duration;
 
 use super::metrics::{to_prometheus_text, Metrics};
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -27,11 +27,8 @@ pub struct Shared {
 
 /// Binds `addr` now (so a busy port is a startup error) and serves on a thread.
 pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)
-        .map_err(|e| Error::kernel(format!("listening on {addr} for metrics"), e))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::kernel("reading the metrics address", e))?;
+    let listener = TcpListener::bind(addr).ctx(format!("listening on {addr} for metrics"))?;
+    let local = listener.local_addr().ctx("reading the metrics address")?;
     thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
@@ -40,7 +37,7 @@ pub fn serve(addr: SocketAddr, shared: Arc<Shared>) -> Result<SocketAddr> {
                 let _ = handle(stream, &shared);
             }
         })
-        .map_err(|e| Error::kernel("starting the metrics thread", e))?;
+        .ctx("starting the metrics thread")?;
     Ok(local)
 }
 

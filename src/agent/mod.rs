@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::accounting::Accountant;
 use crate::attach::plan::{Knobs, Plan, Tier};
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 use crate::model::cg::op_name;
 use crate::model::Losses;
 use crate::model::{Conn, ConnEventKind, Event, SockEventKind};
@@ -130,7 +130,7 @@ fn open_log(target: Option<&EventLog>) -> Result<Option<Box<dyn Write>>> {
                 .create(true)
                 .append(true)
                 .open(path)
-                .map_err(|e| Error::kernel(format!("opening event log {}", path.display()), e))?;
+                .ctx(format!("opening event log {}", path.display()))?;
             Some(Box::new(io::BufWriter::new(f)))
         }
     })

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 use crate::model::Losses;
 use crate::output::Renderer;
 use crate::session::snapshot::settled_snapshot;
@@ -29,9 +29,7 @@ pub fn run(
         let (conns, flows) = settled_snapshot(live);
         // Line by line: with 65,536 connections the rendered snapshot alone
         // was a third of the peak RSS.
-        let mut emit = |line: String| {
-            writeln!(out, "{line}").map_err(|e| Error::kernel("writing snapshot", e))
-        };
+        let mut emit = |line: String| writeln!(out, "{line}").ctx("writing snapshot");
         if !live.renderer.json {
             emit(Renderer::CONN_HEADER.to_owned())?;
         }
@@ -56,8 +54,7 @@ pub fn run(
                 live.renderer.udp_flow_columns(owner, f)
             })?;
         }
-        out.flush()
-            .map_err(|e| Error::kernel("writing snapshot", e))?;
+        out.flush().ctx("writing snapshot")?;
         Ok(live.stream.losses())
     })
 }
