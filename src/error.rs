@@ -1,5 +1,7 @@
 //! Conditions callers act on. `main` maps each to an exit code.
 
+use std::borrow::Cow;
+use std::io;
 use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
@@ -16,8 +18,60 @@ pub enum Error {
     /// No attach method serves a hook (attach::plan::PlanError).
     #[error(transparent)]
     Plan(Box<dyn std::error::Error + Send + Sync>),
+    /// A libbpf call failed: the errno name, then libbpf's words.
+    #[error("{what}: {} ({source})", bpf_errno(.source))]
+    Bpf {
+        what: Cow<'static, str>,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    /// A libbpf call on a pinned object failed: the errno name alone.
+    #[error("{what}: {}", bpf_errno(.source))]
+    BpfErrno {
+        what: Cow<'static, str>,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    /// A libbpf call on an event buffer or iterator failed: libbpf's words alone.
+    #[error("{what}: {source}")]
+    BpfText {
+        what: Cow<'static, str>,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: Cow<'static, str>,
+        #[source]
+        source: io::Error,
+    },
+    /// A raw system call (nix) failed; shown with the errno's description.
+    #[error("{what}: {}", .source.desc())]
+    Sys {
+        what: Cow<'static, str>,
+        #[source]
+        source: nix::errno::Errno,
+    },
+    /// Reading or changing the process's capability sets failed.
+    #[error("{what}: {source}")]
+    Caps {
+        what: &'static str,
+        #[source]
+        source: caps::errors::CapsError,
+    },
+    /// The BPF object lacks something the code expects (a section, a program).
     #[error("{what}: {detail}")]
-    Kernel { what: String, detail: String },
+    Object {
+        what: Cow<'static, str>,
+        detail: &'static str,
+    },
+    /// `inner`, then what the user can do about it.
+    #[error("{inner}; {hint}")]
+    Hint {
+        #[source]
+        inner: Box<Self>,
+        hint: &'static str,
+    },
 }
 
 impl Error {
@@ -28,12 +82,37 @@ impl Error {
             _ => 1,
         }
     }
+}
 
-    pub fn kernel(what: impl Into<String>, detail: impl ToString) -> Self {
-        Self::Kernel {
+/// Names what was being done when a call failed: `.ctx("loading BPF programs")`.
+pub trait Context<T> {
+    fn ctx(self, what: impl Into<Cow<'static, str>>) -> Result<T>;
+}
+
+impl<T> Context<T> for Result<T, libbpf_rs::Error> {
+    fn ctx(self, what: impl Into<Cow<'static, str>>) -> Result<T> {
+        self.map_err(|source| Error::Bpf {
             what: what.into(),
-            detail: detail.to_string(),
-        }
+            source,
+        })
+    }
+}
+
+impl<T> Context<T> for Result<T, io::Error> {
+    fn ctx(self, what: impl Into<Cow<'static, str>>) -> Result<T> {
+        self.map_err(|source| Error::Io {
+            what: what.into(),
+            source,
+        })
+    }
+}
+
+impl<T> Context<T> for Result<T, nix::errno::Errno> {
+    fn ctx(self, what: impl Into<Cow<'static, str>>) -> Result<T> {
+        self.map_err(|source| Error::Sys {
+            what: what.into(),
+            source,
+        })
     }
 }
 
@@ -53,3 +132,65 @@ pub fn bpf_errno(err: &libbpf_rs::Error) -> String {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bpf(errno: i32) -> libbpf_rs::Error {
+        libbpf_rs::Error::from(io::Error::from_raw_os_error(errno))
+    }
+
+    /// The one-line texts users see, and the source kept behind them.
+    #[test]
+    fn messages_name_the_errno_and_keep_the_source() {
+        let e = Err::<(), _>(bpf(libc::EPERM))
+            .ctx("loading BPF programs")
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "loading BPF programs: EPERM (Operation not permitted (os error 1))"
+        );
+        let source = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(
+            source.as_deref(),
+            Some("Operation not permitted (os error 1)")
+        );
+        assert_eq!(e.exit_code(), 1);
+
+        let e = Error::BpfErrno {
+            what: "pinning /sys/fs/bpf/x".into(),
+            source: bpf(libc::ENOENT),
+        };
+        assert_eq!(e.to_string(), "pinning /sys/fs/bpf/x: ENOENT");
+
+        let e = Error::BpfText {
+            what: "reading events".into(),
+            source: bpf(libc::EBADF),
+        };
+        assert_eq!(
+            e.to_string(),
+            "reading events: Bad file descriptor (os error 9)"
+        );
+
+        let e = Err::<(), _>(io::Error::from_raw_os_error(libc::EACCES))
+            .ctx(format!("opening {}", "/x"))
+            .unwrap_err();
+        assert_eq!(e.to_string(), "opening /x: Permission denied (os error 13)");
+
+        let e = Err::<(), _>(nix::errno::Errno::EBUSY)
+            .ctx("mounting")
+            .unwrap_err();
+        assert_eq!(e.to_string(), "mounting: Device or resource busy");
+
+        let e = Error::Hint {
+            inner: Box::new(Error::Object {
+                what: "opening".into(),
+                detail: "no .rodata section",
+            }),
+            hint: "run `x`",
+        };
+        assert_eq!(e.to_string(), "opening: no .rodata section; run `x`");
+        assert_eq!(Error::Usage("bad".into()).exit_code(), 2);
+    }
+}

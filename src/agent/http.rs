@@ -18,7 +18,7 @@ use mio::{Events, Interest, Poll, Token};
 use super::config::Web;
 use super::metrics::{to_prometheus_text, Metrics};
 use super::web::{self, Auth, Verdict};
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -52,17 +52,13 @@ pub fn serve(addr: SocketAddr, shared: Arc<Shared>, config: &Web) -> Result<Sock
     let tls = config.tls.as_ref().map(web::server_config).transpose()?;
     // mio's bind: a 1024-deep accept queue (std's is 128), so a burst of
     // connections does not drop a scrape's SYN into a 1 s retry.
-    let listener = TcpListener::bind(addr)
-        .map_err(|e| Error::kernel(format!("listening on {addr} for metrics"), e))?;
-    let local = listener
-        .local_addr()
-        .map_err(|e| Error::kernel("reading the metrics address", e))?;
-    let poll = Poll::new().map_err(|e| Error::kernel("creating the metrics poller", e))?;
+    let listener = TcpListener::bind(addr).ctx(format!("listening on {addr} for metrics"))?;
+    let local = listener.local_addr().ctx("reading the metrics address")?;
+    let poll = Poll::new().ctx("creating the metrics poller")?;
     let auth = if config.users.is_empty() {
         None
     } else {
-        let waker = mio::Waker::new(poll.registry(), WAKER)
-            .map_err(|e| Error::kernel("creating the metrics waker", e))?;
+        let waker = mio::Waker::new(poll.registry(), WAKER).ctx("creating the metrics waker")?;
         Some(Auth::start(config.users.clone(), move || {
             let _ = waker.wake();
         })?)
@@ -81,7 +77,7 @@ pub fn serve(addr: SocketAddr, shared: Arc<Shared>, config: &Web) -> Result<Sock
         .poll
         .registry()
         .register(&mut server.listener, LISTENER, Interest::READABLE)
-        .map_err(|e| Error::kernel("registering the metrics listener", e))?;
+        .ctx("registering the metrics listener")?;
     thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {
@@ -92,7 +88,7 @@ pub fn serve(addr: SocketAddr, shared: Arc<Shared>, config: &Web) -> Result<Sock
             }
             server.run();
         })
-        .map_err(|e| Error::kernel("starting the metrics thread", e))?;
+        .ctx("starting the metrics thread")?;
     Ok(local)
 }
 

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use crate::accounting::Accountant;
 use crate::attach::plan::{Knobs, Plan, Tier};
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 use crate::model::cg::op_name;
 use crate::model::Losses;
 use crate::model::{Conn, ConnEventKind, Event, SockEventKind};
@@ -146,7 +146,7 @@ fn open_log(target: Option<&EventLog>, group: Option<u32>) -> Result<Option<Box<
         Some(EventLog::Stdout) => Some(Box::new(io::stdout())),
         Some(EventLog::File(path)) => {
             let f = crate::host::trust::open_private_append(path, group)
-                .map_err(|e| Error::kernel(format!("opening event log {}", path.display()), e))?;
+                .ctx(format!("opening event log {}", path.display()))?;
             Some(Box::new(io::BufWriter::new(f)))
         }
     })

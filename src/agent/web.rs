@@ -16,7 +16,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
 use super::config::{ClientAuth, Tls};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 
 /// Passwords waiting for bcrypt at most; more get 429.
 const VERIFY_QUEUE: usize = 16;
@@ -149,7 +149,7 @@ impl Auth {
                     wake();
                 }
             })
-            .map_err(|e| Error::kernel("starting the metrics auth thread", e))?;
+            .ctx("starting the metrics auth thread")?;
         Ok(Self {
             verified: HashMap::new(),
             jobs,

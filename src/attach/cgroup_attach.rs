@@ -23,8 +23,7 @@ use std::path::{Path, PathBuf};
 use libbpf_rs::query::LinkTypeInfo;
 use libbpf_rs::{Link, ProgramMut};
 
-use crate::error::bpf_errno;
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::host::system;
 
 /// Everything socklens pins lives under here.
@@ -70,7 +69,7 @@ impl Pins {
             // Pins are root's alone (the kernel makes pinned files 0600).
             std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
                 .create(&d)
-                .map_err(|e| Error::kernel(format!("creating {}", d.display()), e))?;
+                .ctx(format!("creating {}", d.display()))?;
         }
         Ok(())
     }
@@ -80,11 +79,9 @@ impl Pins {
         let mut out = Vec::new();
         for path in files_in(&self.links_dir()) {
             let name = file_name(&path);
-            let link = Link::open(&path).map_err(|e| {
-                Error::kernel(
-                    format!("opening pinned link {}", path.display()),
-                    bpf_errno(&e),
-                )
+            let link = Link::open(&path).map_err(|source| Error::BpfErrno {
+                what: format!("opening pinned link {}", path.display()).into(),
+                source,
             })?;
             out.push((name, link));
         }
@@ -97,8 +94,10 @@ impl Pins {
         for (name, link) in links.iter_mut() {
             let path = self.link(name);
             let _ = fs::remove_file(&path);
-            link.pin(&path)
-                .map_err(|e| Error::kernel(format!("pinning {}", path.display()), bpf_errno(&e)))?;
+            link.pin(&path).map_err(|source| Error::BpfErrno {
+                what: format!("pinning {}", path.display()).into(),
+                source,
+            })?;
         }
         Ok(())
     }
@@ -151,13 +150,16 @@ fn open_link(path: &Path) -> Option<Link> {
 /// other process still holds the link open; other pinned objects are unpinned.
 fn detach_and_unpin(path: &Path) -> Result<()> {
     if let Some(link) = open_link(path) {
-        link.detach()
-            .map_err(|e| Error::kernel(format!("detaching {}", path.display()), bpf_errno(&e)))?;
+        link.detach().map_err(|source| Error::BpfErrno {
+            what: format!("detaching {}", path.display()).into(),
+            source,
+        })?;
     }
     match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => {
-            Err(Error::kernel(format!("unpinning {}", path.display()), e))
-        }
+        Err(source) if source.kind() != io::ErrorKind::NotFound => Err(Error::Io {
+            what: format!("unpinning {}", path.display()).into(),
+            source,
+        }),
         _ => Ok(()),
     }
 }
@@ -193,7 +195,7 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
     // Deepest first.
     all_dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
     for d in all_dirs {
-        fs::remove_dir(&d).map_err(|e| Error::kernel(format!("removing {}", d.display()), e))?;
+        fs::remove_dir(&d).ctx(format!("removing {}", d.display()))?;
     }
     // The socklens root goes too once it is empty.
     let root = Path::new(PIN_ROOT);
@@ -217,11 +219,10 @@ pub struct CgroupTarget {
 
 impl CgroupTarget {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path)
-            .map_err(|e| Error::kernel(format!("opening cgroup {}", path.display()), e))?;
+        let file = File::open(path).ctx(format!("opening cgroup {}", path.display()))?;
         let id = file
             .metadata()
-            .map_err(|e| Error::kernel(format!("stat {}", path.display()), e))?
+            .ctx(format!("stat {}", path.display()))?
             .ino();
         Ok(Self {
             path: path.to_owned(),
@@ -232,16 +233,11 @@ impl CgroupTarget {
 
     /// Attaches one program with a bpf_link (multi-attach).
     pub fn attach(&self, prog: &ProgramMut<'_>) -> Result<Link> {
-        prog.attach_cgroup(self.file.as_raw_fd()).map_err(|e| {
-            Error::kernel(
-                format!(
-                    "attaching {} to cgroup {}",
-                    prog.name().to_string_lossy(),
-                    self.path.display()
-                ),
-                format!("{} ({e})", bpf_errno(&e)),
-            )
-        })
+        prog.attach_cgroup(self.file.as_raw_fd()).ctx(format!(
+            "attaching {} to cgroup {}",
+            prog.name().to_string_lossy(),
+            self.path.display()
+        ))
     }
 }
 

@@ -9,8 +9,7 @@ use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject, ProgramType};
 
 use crate::attach::plan::{Plan, Program};
-use crate::error::bpf_errno;
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::skel::{SocklensSkel, SocklensSkelBuilder};
 
 /// In-kernel filters; `None` matches everything.
@@ -76,10 +75,6 @@ impl Session<'_> {
     }
 }
 
-fn load_err(what: &str) -> impl Fn(libbpf_rs::Error) -> Error + '_ {
-    move |e| Error::kernel(what, format!("{} ({e})", bpf_errno(&e)))
-}
-
 pub fn load<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     opts: &LoadOptions<'_>,
@@ -89,53 +84,45 @@ pub fn load<'obj>(
         builder
             .obj_builder
             .btf_custom_path(btf)
-            .map_err(load_err("using custom BTF"))?;
+            .ctx("using custom BTF")?;
     }
-    let mut open = builder
-        .open(storage)
-        .map_err(load_err("opening BPF object"))?;
+    let mut open = builder.open(storage).ctx("opening BPF object")?;
     write_filters(&mut open, opts)?;
     if opts.buffer == BufferKind::Perf {
         let events = &mut open.maps.events;
-        events
-            .set_type(MapType::PerfEventArray)
-            .map_err(load_err("events map"))?;
-        events.set_key_size(4).map_err(load_err("events map"))?;
-        events.set_value_size(4).map_err(load_err("events map"))?;
+        events.set_type(MapType::PerfEventArray).ctx("events map")?;
+        events.set_key_size(4).ctx("events map")?;
+        events.set_value_size(4).ctx("events map")?;
         // libbpf sizes a perf event array with 0 entries to the CPU count.
-        events.set_max_entries(0).map_err(load_err("events map"))?;
+        events.set_max_entries(0).ctx("events map")?;
     }
     // Maps are created whether used or not, and hash maps are preallocated:
     // keep unused ones at one entry.
     let entries = opts.max_conns.unwrap_or(1);
-    open.maps
-        .conns
-        .set_max_entries(entries)
-        .map_err(load_err("conns map"))?;
+    open.maps.conns.set_max_entries(entries).ctx("conns map")?;
     open.maps
         .udp_flows
         .set_max_entries(if opts.udp_flows { entries } else { 1 })
-        .map_err(load_err("udp_flows map"))?;
+        .ctx("udp_flows map")?;
     if opts.max_conns.is_none() {
         open.maps
             .seeded_waiting
             .set_max_entries(1)
-            .map_err(load_err("seeded_waiting map"))?;
+            .ctx("seeded_waiting map")?;
     }
     let wanted = opts.plan.names();
     for mut prog in open.open_object_mut().progs_mut() {
         let keep = prog.name().to_str().is_some_and(|n| wanted.contains(n));
         prog.set_autoload(keep);
     }
-    let skel = open.load().map_err(load_err("loading BPF programs"))?;
+    let skel = open.load().ctx("loading BPF programs")?;
     if let Some(dir) = &opts.filters.cgroup {
-        let cg =
-            File::open(dir).map_err(|e| Error::kernel(format!("opening {}", dir.display()), e))?;
+        let cg = File::open(dir).ctx(format!("opening {}", dir.display()))?;
         let fd = u32::try_from(cg.as_raw_fd()).unwrap_or_default();
         skel.maps
             .cgroup_filter
             .update(&0u32.to_ne_bytes(), &fd.to_ne_bytes(), MapFlags::ANY)
-            .map_err(load_err("setting the cgroup filter"))?;
+            .ctx("setting the cgroup filter")?;
     }
     let links = attach(&skel, opts.plan)?;
     Ok(Session {
@@ -153,7 +140,10 @@ fn write_filters(
         .maps
         .rodata_data
         .as_deref_mut()
-        .ok_or_else(|| Error::kernel("opening BPF object", "no .rodata section"))?;
+        .ok_or_else(|| Error::Object {
+            what: "opening BPF object".into(),
+            detail: "no .rodata section",
+        })?;
     let f = opts.filters;
     ro.filter_pid = f.pid.unwrap_or(0);
     ro.filter_netns = f.netns.unwrap_or(0);
@@ -217,13 +207,11 @@ fn attach_named(skel: &SocklensSkel<'_>, p: &Program) -> Result<Link> {
         .object()
         .progs_mut()
         .find(|prog| prog.name() == name)
-        .ok_or_else(|| Error::kernel(format!("{hook}: program {name}"), "missing from object"))?;
-    attach_program(&prog).map_err(|e| {
-        Error::kernel(
-            format!("{hook}: attaching {tier}program {name}"),
-            format!("{} ({e})", bpf_errno(&e)),
-        )
-    })
+        .ok_or_else(|| Error::Object {
+            what: format!("{hook}: program {name}").into(),
+            detail: "missing from object",
+        })?;
+    attach_program(&prog).ctx(format!("{hook}: attaching {tier}program {name}"))
 }
 
 #[cfg(test)]

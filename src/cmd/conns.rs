@@ -5,7 +5,7 @@ use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 use crate::model::Losses;
 use crate::output::columns;
 use crate::session::reorder;
@@ -30,9 +30,7 @@ pub fn run(
         let (conns, flows) = settled_snapshot(live);
         // Line by line: with 65,536 connections the rendered snapshot alone
         // was a third of the peak RSS.
-        let mut emit = |line: String| {
-            writeln!(out, "{line}").map_err(|e| Error::kernel("writing snapshot", e))
-        };
+        let mut emit = |line: String| writeln!(out, "{line}").ctx("writing snapshot");
         if let Some(header) = live.renderer.header() {
             emit(header)?;
         }
@@ -58,8 +56,7 @@ pub fn run(
                 live.renderer.columns(&columns::udp_flow_row(now, owner, f))
             })?;
         }
-        out.flush()
-            .map_err(|e| Error::kernel("writing snapshot", e))?;
+        out.flush().ctx("writing snapshot")?;
         Ok(live.stream.losses())
     })
 }

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::Path;
 
 use crate::attach::plan::{self, Hook, Knobs, Tier};
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 use crate::host::probe::{self, Prober};
 use crate::host::system;
 
@@ -25,7 +25,6 @@ fn mount_line(m: &Result<system::MountStatus>) -> String {
 
 pub fn run(btf: &Path, force: Option<Tier>, knobs: &Knobs, out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
-    let io = |e: std::io::Error| Error::kernel("writing report", e);
     let btf_ok = system::check_btf(btf).map(|()| btf.display().to_string());
     let tracefs = system::ensure_tracefs();
     let bpffs = system::ensure_bpffs();
@@ -34,19 +33,19 @@ pub fn run(btf: &Path, force: Option<Tier>, knobs: &Knobs, out: &mut dyn Write) 
         .ok_or("cgroup v2 is not mounted");
     let tracefs_path = tracefs.as_ref().map(|s| s.path.clone()).unwrap_or_default();
 
-    writeln!(out, "kernel       {}", system::kernel_release()).map_err(io)?;
-    writeln!(out, "BTF          {}", status(&btf_ok)).map_err(io)?;
+    writeln!(out, "kernel       {}", system::kernel_release()).ctx("writing report")?;
+    writeln!(out, "BTF          {}", status(&btf_ok)).ctx("writing report")?;
     let ringbuf = if probe::ringbuf_supported() {
         "ok"
     } else {
         "unavailable (perf buffer fallback)"
     };
-    writeln!(out, "ring buffer  {ringbuf}").map_err(io)?;
-    writeln!(out, "tracefs      {}", mount_line(&tracefs)).map_err(io)?;
-    writeln!(out, "bpffs        {}", mount_line(&bpffs)).map_err(io)?;
-    writeln!(out, "cgroup v2    {}", status(&cgroup2)).map_err(io)?;
+    writeln!(out, "ring buffer  {ringbuf}").ctx("writing report")?;
+    writeln!(out, "tracefs      {}", mount_line(&tracefs)).ctx("writing report")?;
+    writeln!(out, "bpffs        {}", mount_line(&bpffs)).ctx("writing report")?;
+    writeln!(out, "cgroup v2    {}", status(&cgroup2)).ctx("writing report")?;
     let kprobes = probe::kprobes_status(&tracefs_path).map(|()| "kprobe PMU or kprobe_events");
-    writeln!(out, "kprobes      {}", status(&kprobes)).map_err(io)?;
+    writeln!(out, "kprobes      {}", status(&kprobes)).ctx("writing report")?;
     let prober = Prober::new(&tracefs_path, btf, &plan::requirements(&Hook::ALL));
     let caps = prober.probe(&plan::requirements(&Hook::ALL));
     let planned: Vec<_> = Hook::ALL
@@ -62,8 +61,8 @@ pub fn run(btf: &Path, force: Option<Tier>, knobs: &Knobs, out: &mut dyn Write) 
     } else {
         "from each send and receive"
     };
-    writeln!(out, "tcp bytes    {tcp_bytes}").map_err(io)?;
-    writeln!(out, "hooks:").map_err(io)?;
+    writeln!(out, "tcp bytes    {tcp_bytes}").ctx("writing report")?;
+    writeln!(out, "hooks:").ctx("writing report")?;
     for (hook, result) in &planned {
         match result {
             Ok(hp) => {
@@ -71,12 +70,12 @@ pub fn run(btf: &Path, force: Option<Tier>, knobs: &Knobs, out: &mut dyn Write) 
                     Some(how) => writeln!(out, "  {:<8} {} ({how})", hook.name(), hp.tier),
                     None => writeln!(out, "  {:<8} {}", hook.name(), hp.tier),
                 }
-                .map_err(io)?;
+                .ctx("writing report")?;
                 for (tier, why) in &hp.rejected {
-                    writeln!(out, "           rejected {tier}: {why}").map_err(io)?;
+                    writeln!(out, "           rejected {tier}: {why}").ctx("writing report")?;
                 }
             }
-            Err(e) => writeln!(out, "  {:<8} NONE: {e}", hook.name()).map_err(io)?,
+            Err(e) => writeln!(out, "  {:<8} NONE: {e}", hook.name()).ctx("writing report")?,
         }
     }
     Ok(())

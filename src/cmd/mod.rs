@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::attach::loader::BufferKind;
 use crate::attach::plan::{Knobs, Tier};
-use crate::error::Error;
+use crate::error::{Context, Error};
 use crate::host::system::DEFAULT_BTF;
 use crate::model::Losses;
 use crate::session::cgobserve::CgHook;
@@ -409,8 +409,7 @@ fn report_losses(events: u64, l: &Losses) {
 pub fn run(cli: &Cli) -> Result<(), Error> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, Arc::clone(&stop))
-            .map_err(|e| Error::kernel("installing signal handlers", e))?;
+        signal_hook::flag::register(sig, Arc::clone(&stop)).ctx("installing signal handlers")?;
     }
     let mut stdout = io::stdout().lock();
     match &cli.command {
@@ -437,8 +436,7 @@ pub fn run(cli: &Cli) -> Result<(), Error> {
             req.udp_flows = true;
             let mut out = io::BufWriter::with_capacity(1 << 16, stdout);
             let losses = conns::run(&req, duration, &stop, &mut out)?;
-            out.flush()
-                .map_err(|e| Error::kernel("writing to stdout", e))?;
+            out.flush().ctx("writing to stdout")?;
             report_losses(0, &losses);
             Ok(())
         }
@@ -464,7 +462,7 @@ pub fn run(cli: &Cli) -> Result<(), Error> {
             drop(stdout); // the event log may write to stdout from here
             let hup = Arc::new(AtomicBool::new(false));
             signal_hook::flag::register(signal_hook::consts::SIGHUP, Arc::clone(&hup))
-                .map_err(|e| Error::kernel("installing signal handlers", e))?;
+                .ctx("installing signal handlers")?;
             let agent_args = crate::agent::AgentArgs {
                 explicit: args.config.is_some(),
                 config: args

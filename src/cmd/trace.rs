@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::attach::plan::Plan;
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 use crate::model::Event;
 use crate::model::Losses;
 use crate::session::cgobserve::CgHook;
@@ -29,10 +29,6 @@ pub struct Summary {
 
 fn is_broken_pipe(e: &io::Error) -> bool {
     e.kind() == io::ErrorKind::BrokenPipe
-}
-
-fn write_err(e: io::Error) -> Error {
-    Error::kernel("writing events", e)
 }
 
 /// `socklens trace`: one line per event until `stop` is set.
@@ -115,7 +111,7 @@ fn stream_events(
     summary.losses = live.stream.losses();
     match result {
         Err(e) if is_broken_pipe(&e) => Ok(None),
-        Err(e) => Err(write_err(e)),
+        Err(e) => Err(e).ctx("writing events"),
         Ok(()) => Ok(Some(summary)),
     }
 }
@@ -145,7 +141,7 @@ fn write_summary(
         "attach": attach,
     });
     match writeln!(out, "{line}").and_then(|()| out.flush()) {
-        Err(e) if !is_broken_pipe(&e) => Err(write_err(e)),
+        Err(e) if !is_broken_pipe(&e) => Err(e).ctx("writing events"),
         _ => Ok(()),
     }
 }

@@ -25,7 +25,10 @@ pub const AGENT_KEEPS: [Capability; 6] = [
 /// permitted, inheritable and ambient sets, and the bounding set where it
 /// may still change it. Returns what it kept, by name.
 pub fn keep_only(keep: &[Capability]) -> Result<Vec<String>> {
-    let err = |e: caps::errors::CapsError| Error::kernel("dropping capabilities", e);
+    let err = |source| Error::Caps {
+        what: "dropping capabilities",
+        source,
+    };
     let permitted = caps::read(None, CapSet::Permitted).map_err(err)?;
     let kept: HashSet<Capability> = keep
         .iter()

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use nix::mount::{mount, MsFlags};
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 
 pub const DEFAULT_BTF: &str = "/sys/kernel/btf/vmlinux";
 const TRACEFS: &str = "/sys/kernel/tracing";
@@ -127,7 +127,7 @@ fn ensure_mounted(fstype: &str, target: &str) -> Result<MountStatus> {
         MsFlags::empty(),
         None::<&str>,
     )
-    .map_err(|e| Error::kernel(format!("mounting {fstype} at {target}"), e.desc()))?;
+    .ctx(format!("mounting {fstype} at {target}"))?;
     Ok(MountStatus {
         path: PathBuf::from(target),
         mounted_now: true,
@@ -153,7 +153,7 @@ pub fn ensure_tracefs() -> Result<MountStatus> {
         MsFlags::empty(),
         None::<&str>,
     )
-    .map_err(|e| Error::kernel(format!("mounting tracefs at {TRACEFS}"), e.desc()))?;
+    .ctx(format!("mounting tracefs at {TRACEFS}"))?;
     Ok(MountStatus {
         path: PathBuf::from(TRACEFS),
         mounted_now: true,

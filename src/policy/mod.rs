@@ -17,7 +17,7 @@ use std::time::Duration;
 use libbpf_rs::RingBufferBuilder;
 use serde_json::{json, Value};
 
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::host::cgroup::CgroupPaths;
 use crate::host::system;
 use crate::model::names::type_name;
@@ -40,10 +40,6 @@ pub fn load(path: &Path, cgroup_root: &Path) -> Result<Policy, PolicyError> {
     Ok(policy)
 }
 
-fn io_err(e: std::io::Error) -> Error {
-    Error::kernel("writing output", e)
-}
-
 /// `policy check`: validates the whole file and reports what it would do.
 pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
     let root = file::cgroup_root()?;
@@ -57,7 +53,7 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
         policy.scopes.iter().map(|s| s.governs.len()).sum::<usize>(),
         policy.attach.rel
     )
-    .map_err(io_err)?;
+    .ctx("writing output")?;
     Ok(policy)
 }
 
@@ -82,8 +78,8 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
             ""
         }
     )
-    .map_err(io_err)?;
-    out.flush().map_err(io_err)
+    .ctx("writing output")?;
+    out.flush().ctx("writing output")
 }
 
 /// `policy apply --follow`: after applying, print every policy_deny and
@@ -102,11 +98,15 @@ pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64>
             }
             0
         })
-        .map_err(|e| Error::kernel("opening the policy event buffer", e))?;
+        .map_err(|source| Error::BpfText {
+            what: "opening the policy event buffer".into(),
+            source,
+        })?;
     }
-    let rb = b
-        .build()
-        .map_err(|e| Error::kernel("opening the policy event buffer", e))?;
+    let rb = b.build().map_err(|source| Error::BpfText {
+        what: "opening the policy event buffer".into(),
+        source,
+    })?;
     let mut renderer = Renderer {
         clock: Clock::now(),
         cgroups: system::cgroup2_root().map(CgroupPaths::new),
@@ -114,7 +114,7 @@ pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64>
         layout: crate::output::columns::Layout::for_stdout(false),
     };
     if let Some(h) = renderer.header() {
-        writeln!(out, "{h}").map_err(io_err)?;
+        writeln!(out, "{h}").ctx("writing output")?;
     }
     eprintln!("socklens: following policy events. Ctrl-C to stop (the policy stays in force).");
     let mut n = 0;
@@ -127,17 +127,20 @@ pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64>
         };
         // Records come without a wakeup until a batch is waiting
         // (src/bpf/wakeup.bpf.h): drain whatever is there after the wait.
-        if let Err(e) = rb.poll(timeout).and_then(|()| rb.consume()) {
-            if e.kind() != libbpf_rs::ErrorKind::Interrupted {
-                return Err(Error::kernel("reading policy events", e));
+        if let Err(source) = rb.poll(timeout).and_then(|()| rb.consume()) {
+            if source.kind() != libbpf_rs::ErrorKind::Interrupted {
+                return Err(Error::BpfText {
+                    what: "reading policy events".into(),
+                    source,
+                });
             }
         }
         let events: Vec<Event> = std::mem::take(&mut *queue.borrow_mut());
         for e in &events {
             n += 1;
-            writeln!(out, "{}", renderer.render(e)).map_err(io_err)?;
+            writeln!(out, "{}", renderer.render(e)).ctx("writing output")?;
         }
-        out.flush().map_err(io_err)?;
+        out.flush().ctx("writing output")?;
         if stopping {
             return Ok(n);
         }
@@ -152,7 +155,7 @@ pub fn remove(out: &mut dyn Write) -> Result<()> {
     } else {
         "no policy was applied"
     };
-    writeln!(out, "{msg}").map_err(io_err)
+    writeln!(out, "{msg}").ctx("writing output")
 }
 
 /// `socklens down`: detach and unpin everything socklens ever pinned.
@@ -164,7 +167,7 @@ pub fn down(out: &mut dyn Write) -> Result<()> {
         "socklens is down: nothing pinned or attached under {}",
         crate::attach::cgroup_attach::PIN_ROOT
     )
-    .map_err(io_err)
+    .ctx("writing output")
 }
 
 fn ops_names(bits: u8) -> Vec<&'static str> {
@@ -290,14 +293,14 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
     let Some(v) = show_value()? else {
         if json_out {
-            writeln!(out, "{}", json!({"policy": null})).map_err(io_err)?;
+            writeln!(out, "{}", json!({"policy": null})).ctx("writing output")?;
         } else {
-            writeln!(out, "no policy is applied").map_err(io_err)?;
+            writeln!(out, "no policy is applied").ctx("writing output")?;
         }
         return Ok(());
     };
     if json_out {
-        return writeln!(out, "{v}").map_err(io_err);
+        return writeln!(out, "{v}").ctx("writing output");
     }
     let s = |v: &Value| match v {
         Value::String(s) => s.clone(),
@@ -312,7 +315,7 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
         v["links"].as_array().map_or(0, Vec::len),
         v["events_lost"]
     )
-    .map_err(io_err)?;
+    .ctx("writing output")?;
     for sc in v["scopes"].as_array().into_iter().flatten() {
         writeln!(
             out,
@@ -323,7 +326,7 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
             s(&sc["default"]),
             sc["default_hits"]
         )
-        .map_err(io_err)?;
+        .ctx("writing output")?;
         for r in sc["rules"].as_array().into_iter().flatten() {
             let on: Vec<String> = r["on"].as_array().into_iter().flatten().map(s).collect();
             let target = if r.get("cidr").is_some() {
@@ -350,7 +353,7 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
                 on.join(","),
                 r["hits"]
             )
-            .map_err(io_err)?;
+            .ctx("writing output")?;
         }
     }
     Ok(())

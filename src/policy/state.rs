@@ -16,8 +16,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
 use plain::Plain;
 
 use crate::attach::cgroup_attach::{link_cgroup, CgroupTarget, Pins};
-use crate::error::bpf_errno;
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::host::system;
 use crate::policy::compile::{compile, Tables};
 use crate::policy::file::Policy;
@@ -71,24 +70,16 @@ pub fn decode<T: Plain + Default>(b: &[u8]) -> Option<T> {
     Some(v)
 }
 
-fn map_err(what: &str) -> impl Fn(libbpf_rs::Error) -> Error + '_ {
-    move |e| Error::kernel(what, format!("{} ({e})", bpf_errno(&e)))
-}
-
 /// Serializes concurrent `policy` commands: an advisory lock on the bpffs root.
 struct Lock(#[allow(dead_code)] File);
 
 fn lock() -> Result<Lock> {
     system::ensure_bpffs()?;
-    let f = File::open(system::BPFFS)
-        .map_err(|e| Error::kernel(format!("opening {}", system::BPFFS), e))?;
+    let f = File::open(system::BPFFS).ctx(format!("opening {}", system::BPFFS))?;
     // SAFETY: flock on a file descriptor we own.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
     if rc != 0 {
-        return Err(Error::kernel(
-            "locking the policy state",
-            std::io::Error::last_os_error(),
-        ));
+        return Err(std::io::Error::last_os_error()).ctx("locking the policy state");
     }
     Ok(Lock(f))
 }
@@ -101,40 +92,40 @@ fn load_enforcing<'obj>(
 ) -> Result<PolicySkel<'obj>> {
     let mut open = PolicySkelBuilder::default()
         .open(storage)
-        .map_err(map_err("opening the policy programs"))?;
+        .ctx("opening the policy programs")?;
     let ro = open
         .maps
         .rodata_data
         .as_deref_mut()
-        .ok_or_else(|| Error::kernel("opening the policy programs", "no .rodata section"))?;
+        .ok_or_else(|| Error::Object {
+            what: "opening the policy programs".into(),
+            detail: "no .rodata section",
+        })?;
     ro.enforce = true;
     ro.observe = false;
     for mut map in open.open_object_mut().maps_mut() {
         let name = map.name().to_string_lossy().into_owned();
         if PINNED_MAPS.contains(&name.as_str()) {
             map.set_pin_path(pins.map(&name))
-                .map_err(map_err("setting a map pin path"))?;
+                .ctx("setting a map pin path")?;
         }
     }
     for mut prog in open.open_object_mut().progs_mut() {
         let keep = prog.name().to_str().is_some_and(|n| ENFORCING.contains(&n));
         prog.set_autoload(keep);
     }
-    open.load().map_err(|e| {
-        Error::kernel(
-            "loading the policy programs",
-            format!(
-                "{} ({e}); if maps pinned by another socklens version are in the way, run `socklens policy remove`",
-                bpf_errno(&e)
-            ),
-        )
-    })
+    open.load()
+        .ctx("loading the policy programs")
+        .map_err(|e| Error::Hint {
+            inner: Box::new(e),
+            hint: "if maps pinned by another socklens version are in the way, run `socklens policy remove`",
+        })
 }
 
 fn read_config(map: &dyn MapCore) -> Result<slp_config> {
     let v = map
         .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
-        .map_err(map_err("reading slp_config"))?
+        .ctx("reading slp_config")?
         .unwrap_or_default();
     Ok(decode(&v).unwrap_or_default())
 }
@@ -143,7 +134,7 @@ fn read_config(map: &dyn MapCore) -> Result<slp_config> {
 fn clear_gen(map: &dyn MapCore, gen: u32, gen_of: impl Fn(&[u8]) -> Option<u32>) -> Result<()> {
     let stale: Vec<Vec<u8>> = map.keys().filter(|k| gen_of(k) == Some(gen)).collect();
     for k in stale {
-        map.delete(&k).map_err(map_err("clearing a policy map"))?;
+        map.delete(&k).ctx("clearing a policy map")?;
     }
     Ok(())
 }
@@ -160,8 +151,8 @@ fn write_generation(skel: &PolicySkel<'_>, t: &Tables) -> Result<()> {
     clear_gen(&m.slp_create, gen, |k| {
         decode::<slp_create_key>(k).map(|k| u32::from(k.r#gen))
     })?;
-    let upd = |map: &dyn MapCore, k: &[u8], v: &[u8], what: &str| {
-        map.update(k, v, MapFlags::ANY).map_err(map_err(what))
+    let upd = |map: &dyn MapCore, k: &[u8], v: &[u8], what: &'static str| {
+        map.update(k, v, MapFlags::ANY).ctx(what)
     };
     for (k, v) in &t.scope_of {
         upd(&m.slp_scope_of, bytes(k), bytes(v), "writing slp_scope_of")?;
@@ -193,7 +184,7 @@ fn write_generation(skel: &PolicySkel<'_>, t: &Tables) -> Result<()> {
         )?;
     }
     // Fresh counters for every slot this generation uses.
-    let cpus = libbpf_rs::num_possible_cpus().map_err(map_err("counting CPUs"))?;
+    let cpus = libbpf_rs::num_possible_cpus().ctx("counting CPUs")?;
     let zero = vec![vec![0u8; 8]; cpus];
     let base = gen * slp_limit::SLP_COUNTER_SLOTS.0;
     let slots = t
@@ -204,7 +195,7 @@ fn write_generation(skel: &PolicySkel<'_>, t: &Tables) -> Result<()> {
     for s in slots {
         m.slp_counters
             .update_percpu(&(base + s).to_ne_bytes(), &zero, MapFlags::ANY)
-            .map_err(map_err("resetting slp_counters"))?;
+            .ctx("resetting slp_counters")?;
     }
     Ok(())
 }
@@ -254,7 +245,10 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
                 .object()
                 .progs_mut()
                 .find(|p| p.name() == name)
-                .ok_or_else(|| Error::kernel(format!("program {name}"), "missing from object"))?;
+                .ok_or_else(|| Error::Object {
+                    what: format!("program {name}").into(),
+                    detail: "missing from object",
+                })?;
             new_links.push((name.to_owned(), target.attach(&prog)?));
         }
     }
@@ -269,7 +263,7 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     skel.maps
         .slp_config
         .update(&0u32.to_ne_bytes(), bytes(&cfg), MapFlags::ANY)
-        .map_err(map_err("switching the policy generation"))?;
+        .ctx("switching the policy generation")?;
 
     if !keep {
         // The new links run the new generation already; drop the old ones.
@@ -315,11 +309,9 @@ impl PinnedMaps {
             return Ok(None);
         }
         let open = |name: &str| {
-            MapHandle::from_pinned_path(pins.map(name)).map_err(|e| {
-                Error::kernel(
-                    format!("opening pinned map {}", pins.map(name).display()),
-                    bpf_errno(&e),
-                )
+            MapHandle::from_pinned_path(pins.map(name)).map_err(|source| Error::BpfErrno {
+                what: format!("opening pinned map {}", pins.map(name).display()).into(),
+                source,
             })
         };
         Ok(Some(Self {
@@ -363,13 +355,16 @@ impl PinnedMaps {
     /// Discards what the pinned event buffer queued before we started reading it.
     pub fn drain_events(&self) -> Result<()> {
         let mut b = libbpf_rs::RingBufferBuilder::new();
-        b.add(&self.events, |_: &[u8]| 0)
-            .map_err(|e| Error::kernel("opening the policy event buffer", e))?;
-        let rb = b
-            .build()
-            .map_err(|e| Error::kernel("opening the policy event buffer", e))?;
-        rb.consume()
-            .map_err(|e| Error::kernel("reading the policy event buffer", e))
+        let opening = |source| Error::BpfText {
+            what: "opening the policy event buffer".into(),
+            source,
+        };
+        b.add(&self.events, |_: &[u8]| 0).map_err(opening)?;
+        let rb = b.build().map_err(opening)?;
+        rb.consume().map_err(|source| Error::BpfText {
+            what: "reading the policy event buffer".into(),
+            source,
+        })
     }
 
     /// Records the kernel could not queue on slp_events.

@@ -11,8 +11,7 @@ use libbpf_rs::{Link, OpenObject};
 
 use crate::attach::cgroup_attach::CgroupTarget;
 use crate::attach::loader::Filters;
-use crate::error::bpf_errno;
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::skel::policy::types::slp_event_kind;
 use crate::skel::policy::{PolicySkel, PolicySkelBuilder};
 
@@ -91,10 +90,6 @@ pub struct CgSession<'obj> {
     _links: Vec<Link>,
 }
 
-fn load_err(what: &str) -> impl Fn(libbpf_rs::Error) -> Error + '_ {
-    move |e| Error::kernel(what, format!("{} ({e})", bpf_errno(&e)))
-}
-
 /// Loads the observer programs for `hooks` with the trace filters and attaches
 /// them at `cgroup` (the `--cgroup` directory, else the cgroup v2 root).
 pub fn load<'obj>(
@@ -105,10 +100,14 @@ pub fn load<'obj>(
 ) -> Result<CgSession<'obj>> {
     let mut open = PolicySkelBuilder::default()
         .open(storage)
-        .map_err(load_err("opening the cgroup hook programs"))?;
-    let ro =
-        open.maps.rodata_data.as_deref_mut().ok_or_else(|| {
-            Error::kernel("opening the cgroup hook programs", "no .rodata section")
+        .ctx("opening the cgroup hook programs")?;
+    let ro = open
+        .maps
+        .rodata_data
+        .as_deref_mut()
+        .ok_or_else(|| Error::Object {
+            what: "opening the cgroup hook programs".into(),
+            detail: "no .rodata section",
         })?;
     ro.observe = true;
     ro.enforce = false;
@@ -128,9 +127,7 @@ pub fn load<'obj>(
         let keep = prog.name().to_str().is_some_and(|n| wanted.contains(&n));
         prog.set_autoload(keep);
     }
-    let skel = open
-        .load()
-        .map_err(load_err("loading the cgroup hook programs"))?;
+    let skel = open.load().ctx("loading the cgroup hook programs")?;
     let target = CgroupTarget::open(cgroup)?;
     let mut links = Vec::new();
     for prog in skel.object().progs_mut() {

@@ -59,7 +59,10 @@ impl<'a> EventStream<'a> {
             }
         };
         let map = &session.skel.maps.events;
-        let buf_err = |e: libbpf_rs::Error| Error::kernel("opening the event buffer", e);
+        let buf_err = |source| Error::BpfText {
+            what: "opening the event buffer".into(),
+            source,
+        };
         let mut extra_lost = Vec::new();
         let mut extra_builder = RingBufferBuilder::new();
         for extra in extras {
@@ -135,8 +138,11 @@ impl<'a> EventStream<'a> {
             }),
         };
         match polled {
-            Err(e) if e.kind() != ErrorKind::Interrupted => {
-                return Err(Error::kernel("reading events", e));
+            Err(source) if source.kind() != ErrorKind::Interrupted => {
+                return Err(Error::BpfText {
+                    what: "reading events".into(),
+                    source,
+                });
             }
             _ => {}
         }

@@ -13,7 +13,7 @@ use nix::sched::{setns, CloneFlags};
 
 use crate::attach::loader::Session;
 use crate::attach::plan::{SEED_TCP, SEED_UDP};
-use crate::error::{Error, Result};
+use crate::error::{Context, Error, Result};
 use crate::model::Conn;
 use crate::skel::types::{sl_conn, sl_conn_flag, sl_udp_flow, sl_udp_key};
 
@@ -124,7 +124,10 @@ pub fn seed(session: &Session<'_>, adopt_new: bool) -> Result<usize> {
     let mode = &session.skel.maps.seed_mode;
     let set = |slot: u32, value: u32| {
         mode.update(&slot.to_ne_bytes(), &value.to_ne_bytes(), MapFlags::ANY)
-            .map_err(|e| Error::kernel("setting seed mode", e))
+            .map_err(|source| Error::BpfText {
+                what: "setting seed mode".into(),
+                source,
+            })
     };
     let gen = mode
         .lookup(&1u32.to_ne_bytes(), MapFlags::ANY)
@@ -150,13 +153,13 @@ pub fn seed(session: &Session<'_>, adopt_new: bool) -> Result<usize> {
             Some(SEED_UDP) if track_udp => IPPROTO_UDP,
             _ => continue,
         };
-        let link = prog
-            .attach()
-            .map_err(|e| Error::kernel("attaching socket iterator", e))?;
+        let link = prog.attach().map_err(|source| Error::BpfText {
+            what: "attaching socket iterator".into(),
+            source,
+        })?;
         links.push(SeedIter { proto, link });
     }
-    let home = fs::File::open("/proc/thread-self/ns/net")
-        .map_err(|e| Error::kernel("opening own netns", e))?;
+    let home = fs::File::open("/proc/thread-self/ns/net").ctx("opening own netns")?;
     let mut walked_netns = BTreeSet::new();
     for path in netns_paths() {
         let Ok(ns) = fs::File::open(&path) else {
@@ -167,8 +170,7 @@ pub fn seed(session: &Session<'_>, adopt_new: bool) -> Result<usize> {
             continue;
         }
         let walked = run_iterators(&links);
-        setns(&home, CloneFlags::CLONE_NEWNET)
-            .map_err(|e| Error::kernel("returning to own netns", e.desc()))?;
+        setns(&home, CloneFlags::CLONE_NEWNET).ctx("returning to own netns")?;
         if walked.is_ok() {
             walked_netns.insert(meta.ino());
         }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 
 use crate::accounting::{Accountant, GroupBy, Report, SortKey, Totals, View};
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 use crate::model::Losses;
 use crate::model::{ConnEventKind, Event};
 use crate::output::top::{write_json, Sheet};
@@ -55,7 +55,7 @@ impl Output<'_> {
         match written {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(false),
-            Err(e) => Err(Error::kernel("writing top", e)),
+            Err(e) => Err(e).ctx("writing top"),
         }
     }
 }

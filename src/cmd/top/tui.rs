@@ -14,7 +14,7 @@ use ratatui::widgets::{Cell, Paragraph, Row as TableRow, Table};
 use ratatui::Terminal;
 
 use crate::accounting::{Report, View};
-use crate::error::{Error, Result};
+use crate::error::{Context, Result};
 use crate::output::top::Sheet;
 use crate::output::Renderer;
 
@@ -52,23 +52,19 @@ pub(super) struct Screen<'w> {
     _guard: TerminalGuard,
 }
 
-fn term_err(e: io::Error) -> Error {
-    Error::kernel("drawing the terminal", e)
-}
-
 impl<'w> Screen<'w> {
     pub(super) fn enter(out: &'w mut dyn Write) -> Result<Self> {
         install_panic_restore();
-        crossterm::terminal::enable_raw_mode().map_err(term_err)?;
+        crossterm::terminal::enable_raw_mode().ctx("drawing the terminal")?;
         let guard = TerminalGuard;
-        let mut terminal = Terminal::new(CrosstermBackend::new(out)).map_err(term_err)?;
+        let mut terminal = Terminal::new(CrosstermBackend::new(out)).ctx("drawing the terminal")?;
         crossterm::execute!(
             terminal.backend_mut(),
             EnterAlternateScreen,
             crossterm::cursor::Hide
         )
-        .map_err(term_err)?;
-        terminal.clear().map_err(term_err)?;
+        .ctx("drawing the terminal")?;
+        terminal.clear().ctx("drawing the terminal")?;
         Ok(Self {
             terminal,
             _guard: guard,
@@ -126,7 +122,7 @@ impl<'w> Screen<'w> {
                 f.render_widget(table, body);
                 f.render_widget(foot, bottom);
             })
-            .map_err(term_err)?;
+            .ctx("drawing the terminal")?;
         Ok(())
     }
 }
@@ -157,8 +153,8 @@ pub(super) fn input_of(key: KeyEvent) -> Option<Input> {
 /// Key presses and resizes waiting in the terminal, without blocking.
 pub(super) fn pending_input() -> Result<Vec<Input>> {
     let mut inputs = Vec::new();
-    while event::poll(Duration::ZERO).map_err(term_err)? {
-        match event::read().map_err(term_err)? {
+    while event::poll(Duration::ZERO).ctx("drawing the terminal")? {
+        match event::read().ctx("drawing the terminal")? {
             TermEvent::Key(k) => inputs.extend(input_of(k)),
             TermEvent::Resize(..) => inputs.push(Input::Redraw),
             _ => {}
