@@ -1,7 +1,7 @@
 //! `socklens agent` against a real Prometheus (Debian's `prometheus`, from
 //! scripts/install-deps.sh) and against workloads the tests make with
 //! socklens-testbed: every value Prometheus stores must equal the ground
-//! truth the testbed reports. Root only; run single-threaded (see README).
+//! truth the testbed reports. Root only; run single-threaded (docs/testing.md).
 
 mod common;
 

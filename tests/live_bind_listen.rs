@@ -1,5 +1,5 @@
 //! bind and listen tracing against ground truth from socklens-testbed.
-//! Root only; run single-threaded (see README).
+//! Root only; run single-threaded (docs/testing.md).
 
 mod common;
 

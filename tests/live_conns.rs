@@ -1,6 +1,6 @@
 //! Connection accounting against ground truth from socklens-testbed: exact
 //! bytes, sendfile, UDP per peer, retransmits, failures, owners, seeding.
-//! Root only; run single-threaded (see README).
+//! Root only; run single-threaded (docs/testing.md).
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! `socklens top` against traffic the tests make themselves: exact byte
 //! counts per interval, grouping by process and cgroup, and the terminal UI
-//! quitting cleanly. Root only; run single-threaded (see README).
+//! quitting cleanly. Root only; run single-threaded (docs/testing.md).
 
 mod common;
 

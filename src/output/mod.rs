@@ -158,7 +158,7 @@ impl Renderer {
         obj.value("duration_ms", &c.duration_ms());
         obj.value("failure", &c.failure());
         obj.bool("seeded", c.seeded);
-        // Only on the rare close the state hook missed (see README).
+        // Only on the rare close the state hook missed (docs/accounting.md).
         if c.found_late {
             obj.bool("found_late", true);
         }

@@ -19,7 +19,7 @@ pub const TESTBED: &str = env!("CARGO_BIN_EXE_socklens-testbed");
 pub fn require_root() {
     assert!(
         nix::unistd::geteuid().is_root(),
-        "live tests need root: run the suite as root (see README)"
+        "live tests need root: run the suite as root (docs/testing.md)"
     );
 }
 
