@@ -6,6 +6,7 @@
 
 pub mod compile;
 pub mod file;
+pub mod services;
 pub mod state;
 
 use std::io::Write;
@@ -37,11 +38,12 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
     let policy = file::load(path, &root)?;
     writeln!(
         out,
-        "{}: ok: {} scopes, {} rules, {} cgroups governed, attach at {}",
+        "{}: ok: {} scopes, {} rules, {} cgroups governed, {} services, attach at {}",
         path.display(),
         policy.scopes.len(),
         policy.rule_count(),
         policy.scopes.iter().map(|s| s.governs.len()).sum::<usize>(),
+        policy.services.len(),
         policy.attach.rel
     )
     .map_err(io_err)?;
@@ -56,11 +58,12 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
     let done = state::apply(&policy, &root)?;
     writeln!(
         out,
-        "applied {}: {} scopes, {} rules, {} cgroups governed; generation {}; attached at {}{}",
+        "applied {}: {} scopes, {} rules, {} cgroups governed, {} services; generation {}; attached at {}{}",
         path.display(),
         done.scopes,
         done.rules,
         done.cgroups,
+        done.services,
         done.gen,
         done.attach,
         if done.attached_now {
@@ -198,6 +201,7 @@ pub fn show_value() -> Result<Option<Value>> {
             })
         })
         .collect();
+    let (live, made) = services::xlate_stats()?;
     let nscopes = cfg.nscopes[gen as usize];
     let nrules = cfg.nrules[gen as usize];
     let mut scopes: Vec<Value> = Vec::new();
@@ -265,6 +269,8 @@ pub fn show_value() -> Result<Option<Value>> {
         "links": links,
         "events_lost": maps.lost(),
         "scopes": scopes,
+        "services": services::show(gen)?,
+        "translated_sockets": {"live": live, "total": made},
     })))
 }
 
@@ -336,5 +342,33 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
             .map_err(io_err)?;
         }
     }
+    for sv in v["services"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "service {} {} (line {}): netns {}, failed picks {}",
+            s(&sv["address"]),
+            s(&sv["proto"]),
+            sv["line"],
+            s(&sv["netns"]),
+            sv["failed_picks"]
+        )
+        .map_err(io_err)?;
+        for b in sv["backends"].as_array().into_iter().flatten() {
+            writeln!(
+                out,
+                "  backend {:<40} weight {:>5}  picks {}",
+                s(&b["address"]),
+                b["weight"],
+                b["picks"]
+            )
+            .map_err(io_err)?;
+        }
+    }
+    writeln!(
+        out,
+        "translated sockets: {} open, {} since apply",
+        v["translated_sockets"]["live"], v["translated_sockets"]["total"]
+    )
+    .map_err(io_err)?;
     Ok(())
 }

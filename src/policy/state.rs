@@ -19,6 +19,7 @@ use crate::cgroup_attach::{link_cgroup, CgroupTarget, Pins};
 use crate::error::{Error, Result};
 use crate::policy::compile::{compile, Tables};
 use crate::policy::file::Policy;
+use crate::policy::services;
 use crate::probe::errno_name;
 use crate::skel::policy::types::{
     slp_cgroup_key, slp_config, slp_create_key, slp_limit, slp_lpm_key, slp_rule_info,
@@ -29,8 +30,8 @@ use crate::system;
 
 pub const COMPONENT: &str = "policy";
 
-/// The programs that enforce; the observe-only hooks are never pinned.
-pub const ENFORCING: [&str; 7] = [
+/// The programs that enforce and translate; getsockopt is never pinned.
+pub const ENFORCING: [&str; 12] = [
     "slp_bind4",
     "slp_bind6",
     "slp_connect4",
@@ -38,6 +39,11 @@ pub const ENFORCING: [&str; 7] = [
     "slp_sendmsg4",
     "slp_sendmsg6",
     "slp_sock_create",
+    "slp_recvmsg4",
+    "slp_recvmsg6",
+    "slp_getpeername4",
+    "slp_getpeername6",
+    "slp_sock_release",
 ];
 
 /// Maps shared by every load of the enforcing programs, pinned by name.
@@ -110,7 +116,7 @@ fn load_enforcing<'obj>(
     ro.observe = false;
     for mut map in open.open_object_mut().maps_mut() {
         let name = map.name().to_string_lossy().into_owned();
-        if PINNED_MAPS.contains(&name.as_str()) {
+        if PINNED_MAPS.contains(&name.as_str()) || services::PINNED_MAPS.contains(&name.as_str()) {
             map.set_pin_path(pins.map(&name))
                 .map_err(map_err("setting a map pin path"))?;
         }
@@ -221,6 +227,7 @@ pub struct Applied {
     pub scopes: usize,
     pub rules: usize,
     pub cgroups: usize,
+    pub services: usize,
     pub attach: String,
     pub attached_now: bool,
 }
@@ -238,6 +245,23 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     let tables = compile(policy, next)
         .map_err(|(line, msg)| Error::Usage(format!("{}:{line}: {msg}", policy.file)))?;
     write_generation(&skel, &tables)?;
+    let cookies = policy
+        .services
+        .iter()
+        .map(|s| services::netns_cookie(&s.netns))
+        .collect::<Result<Vec<u64>>>()?;
+    let m = &skel.maps;
+    services::write(
+        &services::SvcMaps {
+            svc: &m.slp_svc,
+            slots: &m.slp_slots,
+            backends: &m.slp_backends,
+            info: &m.slp_svc_info,
+            counters: &m.slp_svc_counters,
+        },
+        next,
+        &services::compile(&policy.services, next, &cookies),
+    )?;
 
     let target = CgroupTarget::open(&cgroup_root.join(policy.attach.rel.trim_start_matches('/')))?;
     let existing = pins.pinned_links()?;
@@ -280,6 +304,7 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         scopes: policy.scopes.len(),
         rules: policy.rule_count(),
         cgroups: policy.scopes.iter().map(|s| s.governs.len()).sum(),
+        services: policy.services.len(),
         attach: policy.attach.rel.clone(),
         attached_now: !keep,
     })
