@@ -1,0 +1,559 @@
+//! Services, translated for real: backends this test runs inside a netns it
+//! makes (loopback only), clients (socklens-testbed) in that netns and a
+//! test-made cgroup, the policy attached at that cgroup. VIPs are documentation
+//! addresses that exist nowhere: untranslated, a connect to them fails with
+//! ENETUNREACH inside the netns (it has no route), so nothing leaves the host.
+//! Root only; run single-threaded (the pinned policy is one per host).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+const ECONNREFUSED: i64 = libc::ECONNREFUSED as i64;
+const ENETUNREACH: i64 = libc::ENETUNREACH as i64;
+
+struct Bed {
+    root: Cgroup,
+    netns: Netns,
+    dir: PathBuf,
+}
+
+impl Bed {
+    fn new(tag: &str) -> Self {
+        require_root();
+        let (code, _, err) = socklens(&["policy", "remove"]);
+        assert_eq!(code, 0, "{err}");
+        let root = Cgroup::new(tag);
+        fs::create_dir(root.path.join("cli")).expect("child cgroup");
+        let dir = std::env::temp_dir().join(format!("sls-{}", unique(tag)));
+        fs::create_dir_all(&dir).unwrap();
+        Self {
+            netns: Netns::new(tag),
+            root,
+            dir,
+        }
+    }
+
+    fn cli(&self) -> PathBuf {
+        self.root.path.join("cli")
+    }
+
+    fn netns_path(&self) -> String {
+        format!("/var/run/netns/{}", self.netns.name)
+    }
+
+    /// A policy file of `services` (TOML), attached at this test's cgroup.
+    fn file(&self, name: &str, services: &str) -> PathBuf {
+        let path = self.dir.join(name);
+        fs::write(&path, format!("attach = \"{}\"\n{services}", self.root.rel)).unwrap();
+        path
+    }
+
+    fn apply(&self, path: &Path) {
+        let (code, out, err) = socklens(&["policy", "apply", path.to_str().unwrap()]);
+        assert_eq!(code, 0, "apply failed: {err}");
+        assert!(out.starts_with("applied "), "{out}");
+    }
+
+    /// A service limited to this test's netns.
+    fn service(&self, vip: &str, proto: &str, backends: &[(SocketAddr, u32)]) -> String {
+        let list: Vec<String> = backends
+            .iter()
+            .map(|(a, w)| format!("{{ address = \"{a}\", weight = {w} }}"))
+            .collect();
+        format!(
+            "[[service]]\naddress = \"{vip}\"\nproto = \"{proto}\"\nnetns = \"{}\"\nbackends = [{}]\n",
+            self.netns_path(),
+            list.join(", ")
+        )
+    }
+
+    /// testbed in the client cgroup and this test's netns.
+    fn run(&self, steps: &[&str]) -> Value {
+        let cli = self.cli();
+        let mut args = vec![
+            "--netns",
+            self.netns.name.as_str(),
+            "--cgroup",
+            cli.to_str().unwrap(),
+        ];
+        args.extend_from_slice(steps);
+        testbed(&args)
+    }
+
+    /// Runs `f` on a thread inside this test's netns (sockets made there stay there).
+    fn in_netns<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let f_ns = fs::File::open(self.netns_path()).unwrap();
+        thread::scope(|s| {
+            s.spawn(move || {
+                nix::sched::setns(f_ns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+}
+
+impl Drop for Bed {
+    fn drop(&mut self) {
+        let _ = Command::new(SOCKLENS).args(["policy", "remove"]).output();
+        let _ = fs::remove_dir(self.cli());
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A TCP backend in the netns: counts connections and keeps each peer address.
+/// It echoes one read back, so request/response clients work too.
+struct Tcp {
+    addr: SocketAddr,
+    accepted: Arc<AtomicU64>,
+    peers: Arc<Mutex<Vec<SocketAddr>>>,
+}
+
+impl Tcp {
+    fn start(bed: &Bed, addr: &str) -> Self {
+        let listener = bed.in_netns(|| TcpListener::bind(addr).unwrap());
+        let accepted = Arc::new(AtomicU64::new(0));
+        let peers = Arc::new(Mutex::new(Vec::new()));
+        let (a, p) = (Arc::clone(&accepted), Arc::clone(&peers));
+        thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { continue };
+                if let Ok(peer) = s.peer_addr() {
+                    p.lock().unwrap().push(peer);
+                }
+                a.fetch_add(1, Ordering::SeqCst);
+                thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = s.read(&mut buf) {
+                        if n == 0 || s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        Self {
+            addr: addr.parse().unwrap(),
+            accepted,
+            peers,
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+/// Waits until `f` holds (accepts trail the clients' connects a little).
+fn eventually(what: &str, f: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A UDP echo backend: keeps (client port, count) of what it received.
+struct Udp {
+    addr: SocketAddr,
+    from: Arc<Mutex<BTreeMap<SocketAddr, u64>>>,
+}
+
+impl Udp {
+    fn start(bed: &Bed, addr: &str) -> Self {
+        let sock = bed.in_netns(|| UdpSocket::bind(addr).unwrap());
+        let from = Arc::new(Mutex::new(BTreeMap::new()));
+        let f = Arc::clone(&from);
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+                *f.lock().unwrap().entry(peer).or_insert(0) += 1;
+                let _ = sock.send_to(&buf[..n], peer);
+            }
+        });
+        Self {
+            addr: addr.parse().unwrap(),
+            from,
+        }
+    }
+
+    fn seen(&self) -> BTreeMap<SocketAddr, u64> {
+        self.from.lock().unwrap().clone()
+    }
+}
+
+fn show() -> Value {
+    let (code, out, err) = socklens(&["policy", "show", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(out.trim()).unwrap()
+}
+
+fn service_of(v: &Value, vip: &str) -> Value {
+    v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["address"] == vip)
+        .cloned()
+        .unwrap_or_else(|| panic!("no service {vip} in {v}"))
+}
+
+/// Pearson's chi-square against `weights` is below the p = 0.001 critical value.
+fn assert_proportions(observed: &[u64], weights: &[u64]) {
+    let n: u64 = observed.iter().sum();
+    let w: u64 = weights.iter().sum();
+    let chi2: f64 = observed
+        .iter()
+        .zip(weights)
+        .map(|(&o, &wi)| {
+            let e = n as f64 * wi as f64 / w as f64;
+            (o as f64 - e).powi(2) / e
+        })
+        .sum();
+    // Critical values at p = 0.001 for 1 and 2 degrees of freedom.
+    let crit = [10.828, 13.816][observed.len() - 2];
+    assert!(
+        chi2 < crit,
+        "observed {observed:?} for weights {weights:?}: chi2 {chi2:.2} >= {crit}"
+    );
+}
+
+fn weighted_tcp(v6: bool) {
+    let bed = Bed::new(if v6 { "s6" } else { "s4" });
+    let (a, b, vip, proto) = if v6 {
+        ("[::1]:8081", "[::1]:8082", "[2001:db8::10]:80", "tcp6")
+    } else {
+        (
+            "127.0.0.2:8080",
+            "127.0.0.3:8080",
+            "198.51.100.10:80",
+            "tcp4",
+        )
+    };
+    let (sa, sb) = (Tcp::start(&bed, a), Tcp::start(&bed, b));
+    let p = bed.file(
+        "w.toml",
+        &bed.service(vip, "tcp", &[(sa.addr, 3), (sb.addr, 1)]),
+    );
+    bed.apply(&p);
+    let vip_addr: SocketAddr = vip.parse().unwrap();
+    let (vip_ip, vip_port) = (vip_addr.ip().to_string(), vip_addr.port().to_string());
+    let n = scaled(2000);
+    let tb = bed.run(&[
+        &format!("connects,{proto},{vip_ip},{vip_port},{n}"),
+        &format!("connect,{proto},{vip_ip},{vip_port}"),
+        "peer,0",
+        &format!("connect,{proto},{},{}", sa.addr.ip(), sa.addr.port()),
+        "peer,1",
+    ]);
+    assert_eq!(tb["steps"][0]["by_errno"], json!({"0": n}), "{tb}");
+    eventually("every connection accepted", || {
+        sa.count() + sb.count() == n + 2
+    });
+    // The translated socket's peer is the VIP; the untranslated one's the backend.
+    assert_eq!(tb["steps"][2]["addr"], vip_ip, "{tb}");
+    assert_eq!(tb["steps"][2]["port"], vip_addr.port(), "{tb}");
+    assert_eq!(tb["steps"][4]["addr"], sa.addr.ip().to_string(), "{tb}");
+    assert_eq!(tb["steps"][4]["port"], sa.addr.port(), "{tb}");
+    // The server sees the client's own address and port, not a rewritten one.
+    let port = tb["steps"][1]["local_port"].as_u64().unwrap() as u16;
+    let client = if v6 { "::1" } else { "127.0.0.1" };
+    let peers: Vec<SocketAddr> = [&sa, &sb]
+        .iter()
+        .flat_map(|s| s.peers.lock().unwrap().clone())
+        .collect();
+    assert!(
+        peers
+            .iter()
+            .any(|p| p.port() == port && p.ip().to_string() == client),
+        "client {client}:{port} not among the servers' peers"
+    );
+    // Accepts of the loop, less the one direct connect to `a` and the probe.
+    let (ca, cb) = (sa.count() - 1, sb.count());
+    let probe_went_to_a = u64::from(sa.peers.lock().unwrap().iter().any(|p| p.port() == port));
+    let observed = [ca - probe_went_to_a, cb - (1 - probe_went_to_a)];
+    assert_proportions(&observed, &[3, 1]);
+    // The per-backend counters agree with what the servers accepted.
+    let svc = service_of(&show(), &vip_addr.to_string());
+    let picks: Vec<u64> = svc["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["picks"].as_u64().unwrap())
+        .collect();
+    assert_eq!(picks, [sa.count() - 1, sb.count()], "{svc}");
+}
+
+#[test]
+fn tcp_v4_reaches_backends_in_weight_proportion_and_peer_is_the_vip() {
+    weighted_tcp(false);
+}
+
+#[test]
+fn tcp_v6_reaches_backends_in_weight_proportion_and_peer_is_the_vip() {
+    weighted_tcp(true);
+}
+
+#[test]
+fn v4_mapped_destination_on_a_v6_socket_uses_the_v4_service() {
+    let bed = Bed::new("sm");
+    let sa = Tcp::start(&bed, "127.0.0.2:8080");
+    let p = bed.file(
+        "m.toml",
+        &bed.service("198.51.100.11:80", "tcp", &[(sa.addr, 1)]),
+    );
+    bed.apply(&p);
+    let tb = bed.run(&["connect,tcp6,::ffff:198.51.100.11,80", "peer,0"]);
+    assert_eq!(tb["steps"][0]["errno"], 0, "{tb}");
+    assert_eq!(tb["steps"][1]["addr"], "::ffff:198.51.100.11", "{tb}");
+    eventually("the accept", || sa.count() == 1);
+}
+
+#[test]
+fn udp_unconnected_replies_come_from_the_vip_and_a_socket_stays_on_one_backend() {
+    let bed = Bed::new("su");
+    let (ua, ub) = (
+        Udp::start(&bed, "127.0.0.2:5353"),
+        Udp::start(&bed, "127.0.0.3:5353"),
+    );
+    let p = bed.file(
+        "u.toml",
+        &bed.service("198.51.100.53:53", "udp", &[(ua.addr, 1), (ub.addr, 1)]),
+    );
+    bed.apply(&p);
+    let sockets = 20;
+    let mut steps = Vec::new();
+    for i in 0..sockets {
+        // Socket i: a first datagram, 3 more, then the 4 echoes.
+        steps.push("sendto,udp4,198.51.100.53,53".to_owned());
+        for _ in 0..3 {
+            steps.push(format!("sendto,{i},198.51.100.53,53,8"));
+        }
+        for _ in 0..4 {
+            steps.push(format!("recv,{i}"));
+        }
+    }
+    let refs: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let tb = bed.run(&refs);
+    let mut ports = Vec::new();
+    let mut replies = 0;
+    for s in tb["steps"].as_array().unwrap() {
+        match s["step"].as_str() {
+            Some("sendto") if s.get("local_port").is_some() => {
+                assert_eq!(s["errno"], 0, "{s}");
+                ports.push(s["local_port"].as_u64().unwrap() as u16);
+            }
+            Some("recv") => {
+                assert_eq!(s["errno"], 0, "{s}");
+                assert_eq!(s["from_addr"], "198.51.100.53", "reply source: {s}");
+                assert_eq!(s["from_port"], 53, "reply source: {s}");
+                replies += 1;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(ports.len(), sockets);
+    assert_eq!(replies, 4 * sockets);
+    let (a, b) = (ua.seen(), ub.seen());
+    for port in &ports {
+        let in_a = a.iter().find(|(k, _)| k.port() == *port).map(|(_, n)| *n);
+        let in_b = b.iter().find(|(k, _)| k.port() == *port).map(|(_, n)| *n);
+        match (in_a, in_b) {
+            (Some(4), None) | (None, Some(4)) => {}
+            other => panic!("socket port {port}: datagrams at (a, b) = {other:?}"),
+        }
+    }
+    // 20 sockets by cookie over two equal backends: both get some.
+    assert!(!a.is_empty() && !b.is_empty(), "a {a:?} b {b:?}");
+}
+
+#[test]
+fn udp_connected_socket_sends_to_a_backend_and_reads_the_vip() {
+    let bed = Bed::new("sc");
+    let ua = Udp::start(&bed, "127.0.0.2:5353");
+    let p = bed.file(
+        "c.toml",
+        &bed.service("198.51.100.54:53", "udp", &[(ua.addr, 1)]),
+    );
+    bed.apply(&p);
+    let tb = bed.run(&[
+        "connect,udp4,198.51.100.54,53",
+        "peer,0",
+        "send,0,8,8",
+        "recv,0",
+    ]);
+    assert_eq!(tb["steps"][0]["errno"], 0, "{tb}");
+    assert_eq!(tb["steps"][1]["addr"], "198.51.100.54", "{tb}");
+    assert_eq!(tb["steps"][1]["port"], 53, "{tb}");
+    assert_eq!(tb["steps"][3]["from_addr"], "198.51.100.54", "{tb}");
+    assert_eq!(tb["steps"][3]["from_port"], 53, "{tb}");
+    let port = tb["steps"][0]["local_port"].as_u64().unwrap() as u16;
+    assert!(
+        ua.seen().keys().any(|k| k.port() == port),
+        "{:?}",
+        ua.seen()
+    );
+}
+
+#[test]
+fn zero_backends_fail_at_once_with_econnrefused() {
+    let bed = Bed::new("sz");
+    let p = bed.file(
+        "z.toml",
+        &(bed.service("198.51.100.12:80", "tcp", &[])
+            + &bed.service("198.51.100.12:53", "udp", &[])),
+    );
+    bed.apply(&p);
+    let tb = bed.run(&[
+        "connects,tcp4,198.51.100.12,80,10",
+        "sendto,udp4,198.51.100.12,53",
+    ]);
+    assert_eq!(tb["steps"][0]["by_errno"], json!({"111": 10}), "{tb}");
+    assert_eq!(tb["steps"][1]["errno"], ECONNREFUSED, "{tb}");
+    let v = show();
+    assert_eq!(service_of(&v, "198.51.100.12:80")["failed_picks"], 10);
+    assert_eq!(service_of(&v, "198.51.100.12:53")["failed_picks"], 1);
+}
+
+#[test]
+fn other_netns_is_not_translated_unless_the_service_says_so() {
+    let bed = Bed::new("sn");
+    let sa = Tcp::start(&bed, "127.0.0.2:8080");
+    // No netns key: the applier's (this process', the host's) namespace only.
+    let p = bed.file(
+        "n.toml",
+        "[[service]]\naddress = \"198.51.100.13:80\"\nbackends = [{ address = \"127.0.0.2:8080\" }]\n",
+    );
+    bed.apply(&p);
+    let tb = bed.run(&["connect,tcp4,198.51.100.13,80"]);
+    assert_eq!(tb["steps"][0]["errno"], ENETUNREACH, "{tb}");
+    let p = bed.file(
+        "n2.toml",
+        "[[service]]\naddress = \"198.51.100.13:80\"\nnetns = \"any\"\nbackends = [{ address = \"127.0.0.2:8080\" }]\n",
+    );
+    bed.apply(&p);
+    let tb = bed.run(&["connect,tcp4,198.51.100.13,80"]);
+    assert_eq!(tb["steps"][0]["errno"], 0, "{tb}");
+    eventually("the accept", || sa.count() == 1);
+}
+
+#[test]
+fn removed_backend_gets_no_connection_after_apply_returns() {
+    let bed = Bed::new("sr");
+    let (sa, sb) = (
+        Tcp::start(&bed, "127.0.0.2:8080"),
+        Tcp::start(&bed, "127.0.0.3:8080"),
+    );
+    let both = bed.file(
+        "both.toml",
+        &bed.service("198.51.100.14:80", "tcp", &[(sa.addr, 1), (sb.addr, 1)]),
+    );
+    let only_a = bed.file(
+        "a.toml",
+        &bed.service("198.51.100.14:80", "tcp", &[(sa.addr, 1)]),
+    );
+    bed.apply(&both);
+    let netns = bed.netns.name.clone();
+    let cli = bed.cli();
+    let looper = thread::spawn(move || {
+        testbed(&[
+            "--netns",
+            &netns,
+            "--cgroup",
+            cli.to_str().unwrap(),
+            "connects_for,tcp4,198.51.100.14,80,2500",
+        ])
+    });
+    thread::sleep(Duration::from_millis(800));
+    bed.apply(&only_a);
+    // Connections translated before the flip may still be in the accept queue.
+    thread::sleep(Duration::from_millis(200));
+    let b_at_apply = sb.count();
+    let a_at_apply = sa.count();
+    let tb = looper.join().unwrap();
+    let n = tb["steps"][0]["n"].as_u64().unwrap();
+    assert_eq!(tb["steps"][0]["by_errno"], json!({"0": n}), "{tb}");
+    eventually("every connection accepted", || sa.count() + sb.count() == n);
+    assert!(b_at_apply > 0, "b was used before the update");
+    assert!(sa.count() > a_at_apply, "the loop went on after the update");
+    assert_eq!(
+        sb.count(),
+        b_at_apply,
+        "b got connections after apply returned"
+    );
+}
+
+#[test]
+fn survives_kill_9_of_the_applier_then_remove_restores_plain_connects() {
+    let bed = Bed::new("sk");
+    let sa = Tcp::start(&bed, "127.0.0.2:8080");
+    let p = bed.file(
+        "k.toml",
+        &bed.service("198.51.100.15:80", "tcp", &[(sa.addr, 1)]),
+    );
+    let mut child = Command::new(SOCKLENS)
+        .args(["policy", "apply", "--follow", p.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(line.contains("following policy events"), "{line}");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let tb = bed.run(&["connects,tcp4,198.51.100.15,80,100"]);
+    assert_eq!(tb["steps"][0]["by_errno"], json!({"0": 100}), "{tb}");
+    eventually("every connection accepted", || sa.count() == 100);
+
+    let (code, _, err) = socklens(&["policy", "remove"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!Path::new("/sys/fs/bpf/socklens").exists());
+    let tb = bed.run(&["connects,tcp4,198.51.100.15,80,10"]);
+    assert_eq!(
+        tb["steps"][0]["by_errno"],
+        json!({ ENETUNREACH.to_string(): 10 }),
+        "plain connects after remove: {tb}"
+    );
+}
+
+#[test]
+fn no_translation_state_left_after_many_short_connections() {
+    let bed = Bed::new("sl");
+    let sa = Tcp::start(&bed, "127.0.0.2:8080");
+    let ua = Udp::start(&bed, "127.0.0.2:5353");
+    let p = bed.file(
+        "l.toml",
+        &(bed.service("198.51.100.16:80", "tcp", &[(sa.addr, 1)])
+            + &bed.service("198.51.100.16:53", "udp", &[(ua.addr, 1)])),
+    );
+    bed.apply(&p);
+    let n = scaled(100_000);
+    let udp = scaled(300);
+    let mut steps = vec![format!("connects,tcp4,198.51.100.16,80,{n}")];
+    steps.extend((0..udp).map(|_| "sendto,udp4,198.51.100.16,53".to_owned()));
+    let refs: Vec<&str> = steps.iter().map(String::as_str).collect();
+    let tb = bed.run(&refs);
+    assert_eq!(tb["steps"][0]["by_errno"], json!({"0": n}), "{tb}");
+    let v = show();
+    assert_eq!(
+        v["translated_sockets"],
+        json!({"live": 0, "total": n + udp}),
+        "{v}"
+    );
+}
