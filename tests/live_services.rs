@@ -557,3 +557,95 @@ fn no_translation_state_left_after_many_short_connections() {
         "{v}"
     );
 }
+
+#[test]
+fn the_policy_judges_the_backend_not_the_vip() {
+    let bed = Bed::new("sp");
+    let (sa, sb) = (
+        Tcp::start(&bed, "127.0.0.2:8080"),
+        Tcp::start(&bed, "127.0.0.3:8080"),
+    );
+    // Deny the VIP's own address (no effect) and backend b (every pick of b fails).
+    let rules = format!(
+        "[[scope]]\ncgroup = \"{root}/cli\"\n[[scope.rule]]\nid = 1\naction = \"deny\"\non = [\"connect\"]\ncidr = \"198.51.100.17/32\"\n[[scope.rule]]\nid = 2\naction = \"deny\"\non = [\"connect\"]\ncidr = \"127.0.0.3/32\"\n",
+        root = bed.root.rel
+    );
+    let p = bed.file(
+        "p.toml",
+        &(rules + &bed.service("198.51.100.17:80", "tcp", &[(sa.addr, 1), (sb.addr, 1)])),
+    );
+    bed.apply(&p);
+    let n = scaled(400);
+    let tb = bed.run(&[&format!("connects,tcp4,198.51.100.17,80,{n}")]);
+    let by = &tb["steps"][0]["by_errno"];
+    let ok = by["0"].as_u64().unwrap_or(0);
+    let denied = by[libc::EACCES.to_string()].as_u64().unwrap_or(0);
+    assert_eq!(ok + denied, n, "{tb}");
+    assert!(ok > 0 && denied > 0, "both backends picked: {tb}");
+    eventually("the allowed connections accepted", || sa.count() == ok);
+    assert_eq!(sb.count(), 0, "b is denied");
+    let picks: Vec<u64> = service_of(&show(), "198.51.100.17:80")["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["picks"].as_u64().unwrap())
+        .collect();
+    assert_eq!(picks, [ok, denied]);
+}
+
+#[test]
+fn byte_accounting_is_exact_for_translated_connections() {
+    let bed = Bed::new("sb");
+    let backend: SocketAddr = "127.0.0.2:8080".parse().unwrap();
+    let p = bed.file(
+        "b.toml",
+        &bed.service("198.51.100.18:80", "tcp", &[(backend, 1)]),
+    );
+    bed.apply(&p);
+    let tracer = Tracer::start(&["--events", "close"]);
+    let ns = bed.netns.name.clone();
+    let server = common::Bed::spawn(&[
+        "--netns",
+        &ns,
+        "bind,tcp4,127.0.0.2,8080",
+        "listen,0,8",
+        "announce",
+        "accept,0",
+        "send,1,30000,1000",
+        "recvall,1,65536",
+        "close,1",
+    ]);
+    server.report();
+    let client = bed.run(&[
+        "connect,tcp4,198.51.100.18,80",
+        "send,0,100000,100",
+        "shutdown,0",
+        "recvall,0,65536",
+        "close,0",
+    ]);
+    let server = server.finish();
+    assert_eq!(server["steps"][4]["bytes"], 100_000, "{server}");
+    assert_eq!(client["steps"][3]["bytes"], 30_000, "{client}");
+    wait_tcp_closed(8080, &[Some(ns.as_str())], Duration::from_secs(20));
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    let closes = stopped.of_kind("close");
+    let sport = client["steps"][0]["local_port"].clone();
+    let out: Vec<&&Value> = closes
+        .iter()
+        .filter(|e| e["pid"] == client["pid"] && e["sport"] == sport)
+        .collect();
+    assert_eq!(out.len(), 1, "{closes:?}");
+    // The record carries the real backend tuple and the exact bytes.
+    assert_eq!(out[0]["daddr"], "127.0.0.2", "{}", out[0]);
+    assert_eq!(out[0]["dport"], 8080, "{}", out[0]);
+    assert_eq!(out[0]["tx_bytes"], 100_000, "{}", out[0]);
+    assert_eq!(out[0]["rx_bytes"], 30_000, "{}", out[0]);
+    let inn: Vec<&&Value> = closes
+        .iter()
+        .filter(|e| e["pid"] == server["pid"] && e["dport"] == sport)
+        .collect();
+    assert_eq!(inn.len(), 1, "{closes:?}");
+    assert_eq!(inn[0]["tx_bytes"], 30_000, "{}", inn[0]);
+    assert_eq!(inn[0]["rx_bytes"], 100_000, "{}", inn[0]);
+}
