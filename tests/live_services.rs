@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -116,7 +115,6 @@ impl Drop for Bed {
 }
 
 /// A TCP backend in the netns: counts connections and keeps each peer address.
-/// It echoes one read back, so request/response clients work too.
 struct Tcp {
     addr: SocketAddr,
     accepted: Arc<AtomicU64>,
@@ -131,19 +129,11 @@ impl Tcp {
         let (a, p) = (Arc::clone(&accepted), Arc::clone(&peers));
         thread::spawn(move || {
             for s in listener.incoming() {
-                let Ok(mut s) = s else { continue };
+                let Ok(s) = s else { continue };
                 if let Ok(peer) = s.peer_addr() {
                     p.lock().unwrap().push(peer);
                 }
                 a.fetch_add(1, Ordering::SeqCst);
-                thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(n) = s.read(&mut buf) {
-                        if n == 0 || s.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
-                    }
-                });
             }
         });
         Self {

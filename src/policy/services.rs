@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use toml::Spanned;
 
 use crate::error::{Error, Result};
+use crate::policy::compile::addr_bytes;
 use crate::policy::file::{is_under, normalize, value_text, CgroupTree, PolicyError, Src};
 use crate::policy::file::{CgroupDir, UNIT_SUFFIXES};
 use crate::skel::policy::types::{
@@ -365,15 +366,6 @@ pub struct SvcTables {
     pub slots: Vec<u32>,
 }
 
-fn addr16(ip: IpAddr) -> [u8; 16] {
-    let mut out = [0u8; 16];
-    match ip {
-        IpAddr::V4(a) => out[..4].copy_from_slice(&a.octets()),
-        IpAddr::V6(a) => out = a.octets(),
-    }
-    out
-}
-
 fn family(ip: IpAddr) -> u16 {
     if ip.is_ipv4() {
         libc::AF_INET as u16
@@ -402,7 +394,7 @@ pub fn compile(services: &[Service], gen: u32, cookies: &[u64]) -> SvcTables {
                 t.slots.extend(std::iter::repeat_n(bi, n as usize));
             }
             t.backends.push(slp_backend {
-                addr: addr16(b.addr.ip()),
+                addr: addr_bytes(b.addr.ip()),
                 port: b.addr.port(),
                 family: family(b.addr.ip()),
                 weight: b.weight,
@@ -435,7 +427,7 @@ pub fn compile(services: &[Service], gen: u32, cookies: &[u64]) -> SvcTables {
             if on {
                 t.svc.push((
                     slp_svc_key {
-                        addr: addr16(s.vip.ip()),
+                        addr: addr_bytes(s.vip.ip()),
                         port: s.vip.port(),
                         proto: proto as u8,
                         r#gen: gen as u8,
@@ -447,7 +439,7 @@ pub fn compile(services: &[Service], gen: u32, cookies: &[u64]) -> SvcTables {
             }
         }
         t.info.push(slp_svc_info {
-            addr: addr16(s.vip.ip()),
+            addr: addr_bytes(s.vip.ip()),
             port: s.vip.port(),
             family: family(s.vip.ip()),
             protos: u8::from(s.tcp) | (u8::from(s.udp) << 1),
