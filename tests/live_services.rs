@@ -525,11 +525,16 @@ fn survives_kill_9_of_the_applier_then_remove_restores_plain_connects() {
 #[test]
 fn no_translation_state_left_after_many_short_connections() {
     let bed = Bed::new("sl");
-    let sa = Tcp::start(&bed, "127.0.0.2:8080");
+    // Eight backends: the clients' TIME_WAIT sockets spread over eight 4-tuple
+    // spaces, so 100,000 connects do not exhaust the ephemeral ports.
+    let servers: Vec<Tcp> = (2..10)
+        .map(|i| Tcp::start(&bed, &format!("127.0.0.{i}:8080")))
+        .collect();
     let ua = Udp::start(&bed, "127.0.0.2:5353");
+    let weights: Vec<(SocketAddr, u32)> = servers.iter().map(|s| (s.addr, 1)).collect();
     let p = bed.file(
         "l.toml",
-        &(bed.service("198.51.100.16:80", "tcp", &[(sa.addr, 1)])
+        &(bed.service("198.51.100.16:80", "tcp", &weights)
             + &bed.service("198.51.100.16:53", "udp", &[(ua.addr, 1)])),
     );
     bed.apply(&p);
