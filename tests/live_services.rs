@@ -10,6 +10,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -124,6 +125,10 @@ struct Tcp {
 impl Tcp {
     fn start(bed: &Bed, addr: &str) -> Self {
         let listener = bed.in_netns(|| TcpListener::bind(addr).unwrap());
+        // A deep accept queue: a SYN dropped on a full one is retried a second
+        // later and would be accepted long after the connect loop moved on.
+        // SAFETY: listen(2) again on our listening socket only resizes its queue.
+        assert_eq!(unsafe { libc::listen(listener.as_raw_fd(), 4096) }, 0);
         let accepted = Arc::new(AtomicU64::new(0));
         let peers = Arc::new(Mutex::new(Vec::new()));
         let (a, p) = (Arc::clone(&accepted), Arc::clone(&peers));
@@ -465,14 +470,24 @@ fn removed_backend_gets_no_connection_after_apply_returns() {
             &netns,
             "--cgroup",
             cli.to_str().unwrap(),
-            "connects_for,tcp4,198.51.100.14,80,2500",
+            "connects_for,tcp4,198.51.100.14,80,4000",
         ])
     });
     thread::sleep(Duration::from_millis(800));
     bed.apply(&only_a);
-    // Connections translated before the flip may still be in the accept queue.
-    thread::sleep(Duration::from_millis(200));
-    let b_at_apply = sb.count();
+    // Connections translated before the flip may still be in the accept queue
+    // (or its thread not yet scheduled on a busy host): wait until b's count
+    // stands still for 300 ms while the loop keeps connecting.
+    let mut b_at_apply = sb.count();
+    let settle = Instant::now() + Duration::from_secs(5);
+    loop {
+        thread::sleep(Duration::from_millis(300));
+        let now = sb.count();
+        if now == b_at_apply || Instant::now() > settle {
+            break;
+        }
+        b_at_apply = now;
+    }
     let a_at_apply = sa.count();
     let tb = looper.join().unwrap();
     let n = tb["steps"][0]["n"].as_u64().unwrap();
@@ -643,4 +658,154 @@ fn byte_accounting_is_exact_for_translated_connections() {
     assert_eq!(inn.len(), 1, "{closes:?}");
     assert_eq!(inn[0]["tx_bytes"], 30_000, "{}", inn[0]);
     assert_eq!(inn[0]["rx_bytes"], 100_000, "{}", inn[0]);
+}
+
+/// A TCP backend in the netns that echoes every byte on each connection and
+/// counts the connections that ended in a reset (ECONNRESET).
+fn echo_backend(bed: &Bed, addr: &str) -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = bed.in_netns(|| TcpListener::bind(addr).unwrap());
+    let resets = Arc::new(AtomicU64::new(0));
+    let r = Arc::clone(&resets);
+    thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let r = Arc::clone(&r);
+            thread::spawn(move || {
+                let mut b = [0u8; 64];
+                loop {
+                    match std::io::Read::read(&mut s, &mut b) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            if std::io::Write::write_all(&mut s, &b[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            if e.raw_os_error() == Some(libc::ECONNRESET) {
+                                r.fetch_add(1, Ordering::SeqCst);
+                            }
+                            break;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr.parse().unwrap(), resets)
+}
+
+/// bpf_sock_destroy came with Linux 6.5: the ground truth is the release.
+fn kernel_has_sock_destroy() -> bool {
+    let r = nix::sys::utsname::uname().unwrap();
+    let rel = r.release().to_string_lossy().into_owned();
+    let mut it = rel.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = it.next().unwrap().parse().unwrap();
+    let minor: u32 = it.next().unwrap().parse().unwrap();
+    (major, minor) >= (6, 5)
+}
+
+#[test]
+fn terminate_resets_open_connections_of_removed_and_drained_backends_only() {
+    let bed = Bed::new("st");
+    let backends = [
+        "127.0.0.2:8080",
+        "127.0.0.3:8080",
+        "127.0.0.4:8080",
+        "127.0.0.5:8080",
+        "127.0.0.6:8080",
+    ]
+    .map(|x| echo_backend(&bed, x));
+    let [a, b, c, d, e] = [0, 1, 2, 3, 4].map(|i| backends[i].0);
+    let resets = |i: usize| backends[i].1.load(Ordering::SeqCst);
+    let ns = bed.netns_path();
+    let svc = |vip: &str, backends: &str| {
+        format!("[[service]]\naddress = \"{vip}\"\nnetns = \"{ns}\"\nbackends = [{backends}]\n")
+    };
+    // Removed with terminate, removed without, drained (weight 0) with terminate.
+    let before = bed.file(
+        "before.toml",
+        &[
+            svc(
+                "198.51.100.20:80",
+                &format!("{{ address = \"{a}\", terminate = true }}"),
+            ),
+            svc("198.51.100.21:80", &format!("{{ address = \"{b}\" }}")),
+            svc(
+                "198.51.100.22:80",
+                &format!("{{ address = \"{d}\" }}, {{ address = \"{e}\", weight = 0 }}"),
+            ),
+        ]
+        .concat(),
+    );
+    let after = bed.file(
+        "after.toml",
+        &[
+            svc("198.51.100.20:80", &format!("{{ address = \"{c}\" }}")),
+            svc("198.51.100.21:80", &format!("{{ address = \"{c}\" }}")),
+            svc("198.51.100.22:80", &format!("{{ address = \"{d}\", weight = 0, terminate = true }}, {{ address = \"{e}\" }}")),
+        ]
+        .concat(),
+    );
+    bed.apply(&before);
+    let cli = bed.cli();
+    let mut tb = common::Bed::spawn(&[
+        "--netns",
+        &bed.netns.name,
+        "--cgroup",
+        cli.to_str().unwrap(),
+        "connect,tcp4,198.51.100.20,80",
+        "connect,tcp4,198.51.100.21,80",
+        "connect,tcp4,198.51.100.22,80",
+        "ping,0",
+        "ping,1",
+        "ping,2",
+        "wait",
+        "ping,0",
+        "ping,1",
+        "ping,2",
+        "connect,tcp4,198.51.100.20,80",
+        "peer,3",
+    ]);
+    let first = tb.report();
+    for i in 0..6 {
+        assert_eq!(first["steps"][i]["errno"], 0, "{first}");
+    }
+    let (code, out, err) = socklens(&["policy", "apply", after.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    tb.release();
+    let last = tb.finish();
+    let errno = |i: usize| last["steps"][i]["errno"].as_i64().unwrap();
+    if kernel_has_sock_destroy() {
+        assert!(
+            out.contains("; 2 connections of removed backends reset"),
+            "{out}"
+        );
+        // The client's socket is aborted (the kernel's errno for a destroyed
+        // socket); the backend gets the RST.
+        assert_eq!(
+            errno(6),
+            libc::ECONNABORTED as i64,
+            "removed with terminate: {last}"
+        );
+        assert_eq!(
+            errno(8),
+            libc::ECONNABORTED as i64,
+            "drained with terminate: {last}"
+        );
+        eventually("the backends see the resets", || {
+            resets(0) == 1 && resets(3) == 1
+        });
+        assert!(err.is_empty(), "{err}");
+    } else {
+        // The documented fallback: one warning line, the connections go on.
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("lacks bpf_sock_destroy"), "{err}");
+        assert_eq!(errno(6), 0, "{last}");
+        assert_eq!(errno(8), 0, "{last}");
+    }
+    assert_eq!(errno(7), 0, "removed without terminate continues: {last}");
+    assert_eq!((resets(1), resets(2), resets(4)), (0, 0, 0));
+    // New connections to the VIP reach the new backend.
+    assert_eq!(last["steps"][9]["errno"], 0, "{last}");
+    assert_eq!(last["steps"][10]["addr"], "198.51.100.20", "{last}");
 }

@@ -46,6 +46,7 @@ enum slp_svc_limit _slp_svc_limit = SLP_MAX_SERVICES;
 enum slp_xlate_kind _slp_xlate_kind = SLP_XLATE_SERVICE;
 enum slp_svc_flags _slp_svc_flags = SLP_SVC_ANY_NETNS;
 enum slp_xlate_stat _slp_xlate_stat = SLP_XS_LIVE;
+enum slp_backend_flags _slp_backend_flags = SLP_BE_TERMINATE;
 
 /* Written by the loader before load and frozen. */
 const volatile bool observe = false; /* emit an event per observed call (trace) */

@@ -260,9 +260,28 @@ struct slp_backend {
 	__u8 addr[16];   /* IPv4 in the first 4 bytes */
 	__u16 port;      /* host order */
 	__u16 family;
-	__u32 weight;
+	__u16 weight;
+	__u16 flags;     /* enum slp_backend_flags */
 	__u32 service;   /* service index */
 	__u32 line;      /* in the policy file */
+};
+
+enum slp_backend_flags {
+	/* Reset the backend's open TCP connections when an apply removes or
+	 * drains it (see slp_term_key). */
+	SLP_BE_TERMINATE = 1,
+};
+
+/* `slp_term` hash key of the terminate program (terminate.bpf.c): a VIP and a
+ * backend whose translated TCP sockets are reset. IPv4 in the first 4 bytes;
+ * a v4-mapped pair is looked up in its IPv4 form. */
+struct slp_term_key {
+	__u8 vip[16];
+	__u8 backend[16];
+	__u16 vip_port;     /* host order */
+	__u16 backend_port;
+	__u16 family;
+	__u16 pad;
 };
 
 /* `slp_svc_info` array, index gen * SLP_MAX_SERVICES + service index: for show. */

@@ -47,12 +47,7 @@ struct {
 	__type(value, __u64);
 } slp_svc_counters SEC(".maps");
 
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, struct slp_sock_xlate);
-} slp_xlate SEC(".maps");
+#include "xlate.bpf.h"
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

@@ -47,6 +47,9 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
         policy.attach.rel
     )
     .map_err(io_err)?;
+    if services::wants_terminate(&policy.services) && !services::kernel_can_terminate() {
+        eprintln!("{}", services::NO_TERMINATE);
+    }
     Ok(policy)
 }
 
@@ -58,7 +61,7 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
     let done = state::apply(&policy, &root)?;
     writeln!(
         out,
-        "applied {}: {} scopes, {} rules, {} cgroups governed, {} services; generation {}; attached at {}{}",
+        "applied {}: {} scopes, {} rules, {} cgroups governed, {} services; generation {}; attached at {}{}{}",
         path.display(),
         done.scopes,
         done.rules,
@@ -70,9 +73,17 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
             " (new links)"
         } else {
             ""
+        },
+        match done.terminated {
+            Some(services::Terminated::Reset(n)) =>
+                format!("; {n} connections of removed backends reset"),
+            _ => String::new(),
         }
     )
     .map_err(io_err)?;
+    if done.terminated == Some(services::Terminated::Unsupported) {
+        eprintln!("{}", services::NO_TERMINATE);
+    }
     out.flush().map_err(io_err)
 }
 

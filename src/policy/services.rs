@@ -16,9 +16,10 @@ use crate::policy::compile::addr_bytes;
 use crate::policy::file::{is_under, normalize, value_text, CgroupTree, PolicyError, Src};
 use crate::policy::file::{CgroupDir, UNIT_SUFFIXES};
 use crate::skel::policy::types::{
-    slp_backend, slp_svc, slp_svc_flags, slp_svc_info, slp_svc_key, slp_svc_limit, slp_xlate_kind,
-    slp_xlate_stat,
+    slp_backend, slp_backend_flags, slp_svc, slp_svc_flags, slp_svc_info, slp_svc_key,
+    slp_svc_limit, slp_xlate_kind, slp_xlate_stat,
 };
+use crate::skel::terminate::types::slp_term_key;
 
 // SAFETY: plain C structs of integer fields and byte arrays, valid for any bit
 // pattern, laid out in policy.h without implicit padding.
@@ -26,6 +27,7 @@ unsafe impl plain::Plain for slp_svc_key {}
 unsafe impl plain::Plain for slp_svc {}
 unsafe impl plain::Plain for slp_backend {}
 unsafe impl plain::Plain for slp_svc_info {}
+unsafe impl plain::Plain for slp_term_key {}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -44,6 +46,8 @@ pub struct RawService {
 struct RawBackend {
     address: Spanned<String>,
     weight: Option<Spanned<toml::Value>>,
+    #[serde(default)]
+    terminate: bool,
 }
 
 /// Which network namespaces' sockets a service translates.
@@ -60,6 +64,8 @@ pub enum NetnsScope {
 pub struct Backend {
     pub addr: SocketAddr,
     pub weight: u32,
+    /// Reset its open TCP connections when an apply removes or drains it.
+    pub terminate: bool,
     pub line: usize,
 }
 
@@ -292,6 +298,7 @@ pub(crate) fn parse(
             list.push(Backend {
                 addr,
                 weight,
+                terminate: b.terminate,
                 line: src.line(bspan.start),
             });
         }
@@ -397,7 +404,12 @@ pub fn compile(services: &[Service], gen: u32, cookies: &[u64]) -> SvcTables {
                 addr: addr_bytes(b.addr.ip()),
                 port: b.addr.port(),
                 family: family(b.addr.ip()),
-                weight: b.weight,
+                weight: b.weight as u16,
+                flags: if b.terminate {
+                    slp_backend_flags::SLP_BE_TERMINATE.0 as u16
+                } else {
+                    0
+                },
                 service: index,
                 line: b.line as u32,
             });
@@ -490,21 +502,26 @@ pub fn netns_cookie(scope: &NetnsScope) -> Result<u64> {
         NetnsScope::Applier => {
             own_netns_cookie().map_err(|e| Error::kernel(what(Path::new("this process")), e))
         }
-        NetnsScope::Path(p) => {
-            let f = std::fs::File::open(p).map_err(|e| Error::kernel(what(p), e))?;
-            // setns changes only the calling thread: do it in a thread of its own.
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    nix::sched::setns(f, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)?;
-                    own_netns_cookie()
-                })
-                .join()
-                .unwrap_or_else(|_| Err(std::io::Error::other("thread panicked")))
-            })
-            .map_err(|e| Error::kernel(what(p), e))
-        }
+        NetnsScope::Path(p) => in_netns(p, || {
+            own_netns_cookie().map_err(|e| Error::kernel(what(p), e))
+        }),
     }
+}
+
+/// Runs `f` in the network namespace of file `p`, on a thread of its own
+/// (setns changes only the calling thread).
+fn in_netns<T: Send>(p: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let what = || format!("entering the network namespace {}", p.display());
+    let ns = std::fs::File::open(p).map_err(|e| Error::kernel(what(), e))?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| Error::kernel(what(), std::io::Error::from(e)))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(Error::kernel(what(), "thread panicked")))
+    })
 }
 
 /// Map names the services add to the policy's pinned set.
@@ -587,6 +604,171 @@ pub fn write(m: &SvcMaps<'_>, gen: u32, t: &SvcTables) -> Result<()> {
     Ok(())
 }
 
+/// Whether this kernel has bpf_sock_destroy (Linux 6.5+), which `terminate` needs.
+pub fn kernel_can_terminate() -> bool {
+    libbpf_rs::btf::Btf::from_path(crate::system::DEFAULT_BTF)
+        .ok()
+        .is_some_and(|b| {
+            b.type_by_name::<libbpf_rs::btf::types::Func<'_>>("bpf_sock_destroy")
+                .is_some()
+        })
+}
+
+/// The one line `check` and `apply` print when a file asks for `terminate` on a
+/// kernel that cannot do it.
+pub const NO_TERMINATE: &str = "warning: terminate: this kernel lacks bpf_sock_destroy (Linux 6.5+); open connections of removed backends continue";
+
+/// Whether any backend of the file asks for `terminate`.
+pub fn wants_terminate(services: &[Service]) -> bool {
+    services
+        .iter()
+        .any(|s| s.tcp && s.backends.iter().any(|b| b.terminate))
+}
+
+fn read<T: plain::Plain + Default>(m: &dyn MapCore, idx: u32) -> Option<T> {
+    let v = m.lookup(&idx.to_ne_bytes(), MapFlags::ANY).ok()??;
+    crate::policy::state::decode(&v)
+}
+
+/// Indexes of the services generation `gen` holds (one per VIP, tcp or udp).
+fn service_indexes(svc: &dyn MapCore, gen: u32, tcp_only: bool) -> Vec<u32> {
+    use crate::policy::state::{bytes, decode};
+    let mut idx: Vec<u32> = svc
+        .keys()
+        .filter_map(|k| decode::<slp_svc_key>(&k))
+        .filter(|k| u32::from(k.r#gen) == gen)
+        .filter(|k| !tcp_only || i32::from(k.proto) == libc::IPPROTO_TCP)
+        .filter_map(|k| {
+            svc.lookup(bytes(&k), MapFlags::ANY)
+                .ok()
+                .flatten()
+                .and_then(|v| decode::<slp_svc>(&v))
+                .map(|v| v.index)
+        })
+        .collect();
+    idx.sort_unstable();
+    idx.dedup();
+    idx
+}
+
+/// The (VIP, backend) pairs of TCP services whose open connections an apply of
+/// `new` over generation `old` resets: backends of `old` that `new` removes or
+/// drains (weight 0), marked `terminate` in either.
+pub fn terminate_keys(m: &SvcMaps<'_>, old: u32, new: &[Service]) -> Vec<slp_term_key> {
+    let mut after: HashMap<(SocketAddr, SocketAddr), &Backend> = HashMap::new();
+    for s in new.iter().filter(|s| s.tcp) {
+        for b in &s.backends {
+            after.insert((s.vip, b.addr), b);
+        }
+    }
+    let flag = slp_backend_flags::SLP_BE_TERMINATE.0 as u16;
+    let mut keys = Vec::new();
+    for i in service_indexes(m.svc, old, true) {
+        let Some(s) = read::<slp_svc_info>(m.info, old * slp_svc_limit::SLP_MAX_SERVICES.0 + i)
+        else {
+            continue;
+        };
+        let vip = SocketAddr::new(crate::model::ip_from(s.family, &s.addr), s.port);
+        for j in s.first_backend..s.first_backend + s.nbackends {
+            let Some(b) =
+                read::<slp_backend>(m.backends, old * slp_svc_limit::SLP_MAX_BACKENDS.0 + j)
+            else {
+                continue;
+            };
+            let addr = SocketAddr::new(crate::model::ip_from(b.family, &b.addr), b.port);
+            let now = after.get(&(vip, addr));
+            let gone = now.is_none_or(|n| n.weight == 0);
+            let marked = b.flags & flag != 0 || now.is_some_and(|n| n.terminate);
+            if gone && marked {
+                keys.push(slp_term_key {
+                    vip: s.addr,
+                    backend: b.addr,
+                    vip_port: s.port,
+                    backend_port: b.port,
+                    family: s.family,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    keys
+}
+
+/// What the terminate step did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Terminated {
+    /// Connections reset (in the applier's network namespace).
+    Reset(u64),
+    /// The kernel lacks bpf_sock_destroy: connections continue.
+    Unsupported,
+}
+
+/// Resets the translated TCP sockets of the given (VIP, backend) pairs. A TCP
+/// iterator sees the namespace it is created in, so it runs in the applier's,
+/// in each named one (/run/netns) and in the services' netns files.
+pub fn terminate(keys: &[slp_term_key], services: &[Service]) -> Result<Terminated> {
+    use std::os::unix::fs::MetadataExt;
+    if !kernel_can_terminate() {
+        return Ok(Terminated::Unsupported);
+    }
+    let mut total = terminate_here(keys)?;
+    let mut seen = std::collections::HashSet::new();
+    if let Ok(m) = std::fs::metadata("/proc/self/ns/net") {
+        seen.insert((m.dev(), m.ino()));
+    }
+    let named = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()));
+    let files = services.iter().filter_map(|s| match &s.netns {
+        NetnsScope::Path(p) => Some(p.clone()),
+        _ => None,
+    });
+    for p in named.chain(files) {
+        let Ok(m) = std::fs::metadata(&p) else {
+            continue;
+        };
+        if seen.insert((m.dev(), m.ino())) {
+            total += in_netns(&p, || terminate_here(keys))?;
+        }
+    }
+    Ok(Terminated::Reset(total))
+}
+
+/// One pass of the iter/tcp program over the calling thread's namespace.
+fn terminate_here(keys: &[slp_term_key]) -> Result<u64> {
+    use crate::skel::terminate::TerminateSkelBuilder;
+    use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+    use std::io::Read;
+    let mut storage = std::mem::MaybeUninit::uninit();
+    let mut open = TerminateSkelBuilder::default()
+        .open(&mut storage)
+        .map_err(map_err("opening the terminate program"))?;
+    open.maps
+        .slp_xlate
+        .set_pin_path(crate::policy::state::pins().map("slp_xlate"))
+        .map_err(map_err("setting a map pin path"))?;
+    let skel = open
+        .load()
+        .map_err(map_err("loading the terminate program"))?;
+    for k in keys {
+        skel.maps
+            .slp_term
+            .update(crate::policy::state::bytes(k), &[1], MapFlags::ANY)
+            .map_err(map_err("writing slp_term"))?;
+    }
+    let link = skel
+        .progs
+        .slp_terminate
+        .attach()
+        .map_err(map_err("attaching the terminate iterator"))?;
+    let mut it = libbpf_rs::Iter::new(&link).map_err(map_err("opening the terminate iterator"))?;
+    let mut sink = Vec::new();
+    it.read_to_end(&mut sink)
+        .map_err(|e| Error::kernel("running the terminate iterator", e))?;
+    Ok(skel.maps.bss_data.as_deref().map_or(0, |b| b.reset_count))
+}
+
 fn open_pinned(name: &str) -> Result<MapHandle> {
     let p = crate::policy::state::pins().map(name);
     MapHandle::from_pinned_path(&p).map_err(|e| {
@@ -595,11 +777,6 @@ fn open_pinned(name: &str) -> Result<MapHandle> {
             crate::probe::errno_name(&e),
         )
     })
-}
-
-fn read<T: plain::Plain + Default>(m: &MapHandle, idx: u32) -> Option<T> {
-    let v = m.lookup(&idx.to_ne_bytes(), MapFlags::ANY).ok()??;
-    crate::policy::state::decode(&v)
 }
 
 /// Sockets holding translation state now, and ever.
@@ -620,25 +797,12 @@ pub fn xlate_stats() -> Result<(i64, i64)> {
 
 /// The services of generation `gen`, with per-backend counters, for show.
 pub fn show(gen: u32) -> Result<Value> {
-    use crate::policy::state::{decode, percpu_sum};
+    use crate::policy::state::percpu_sum;
     let svc = open_pinned("slp_svc")?;
     let info = open_pinned("slp_svc_info")?;
     let backends = open_pinned("slp_backends")?;
     let counters = open_pinned("slp_svc_counters")?;
-    let mut idx: Vec<u32> = svc
-        .keys()
-        .filter_map(|k| decode::<slp_svc_key>(&k))
-        .filter(|k| u32::from(k.r#gen) == gen)
-        .filter_map(|k| {
-            svc.lookup(crate::policy::state::bytes(&k), MapFlags::ANY)
-                .ok()
-                .flatten()
-                .and_then(|v| decode::<slp_svc>(&v))
-                .map(|v| v.index)
-        })
-        .collect();
-    idx.sort_unstable();
-    idx.dedup();
+    let idx = service_indexes(&svc, gen, false);
     let c0 = gen * slp_svc_limit::SLP_SVC_COUNTERS.0;
     let mut list = Vec::new();
     for i in idx {
@@ -658,6 +822,7 @@ pub fn show(gen: u32) -> Result<Value> {
             bl.push(json!({
                 "address": SocketAddr::new(bip, b.port).to_string(),
                 "weight": b.weight,
+                "terminate": b.flags & slp_backend_flags::SLP_BE_TERMINATE.0 as u16 != 0,
                 "line": b.line,
                 "picks": percpu_sum(&counters, c0 + j),
             }));

@@ -230,6 +230,8 @@ pub struct Applied {
     pub services: usize,
     pub attach: String,
     pub attached_now: bool,
+    /// Connections of removed or drained backends reset (`terminate`).
+    pub terminated: Option<services::Terminated>,
 }
 
 /// Applies a validated policy: the new rule set replaces the old in one step.
@@ -251,14 +253,16 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         .map(|s| services::netns_cookie(&s.netns))
         .collect::<Result<Vec<u64>>>()?;
     let m = &skel.maps;
+    let svc_maps = services::SvcMaps {
+        svc: &m.slp_svc,
+        slots: &m.slp_slots,
+        backends: &m.slp_backends,
+        info: &m.slp_svc_info,
+        counters: &m.slp_svc_counters,
+    };
+    let cfg_old = cfg.r#gen & 1;
     services::write(
-        &services::SvcMaps {
-            svc: &m.slp_svc,
-            slots: &m.slp_slots,
-            backends: &m.slp_backends,
-            info: &m.slp_svc_info,
-            counters: &m.slp_svc_counters,
-        },
+        &svc_maps,
         next,
         &services::compile(&policy.services, next, &cookies),
     )?;
@@ -299,6 +303,13 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         pins.detach_links()?;
         pins.pin_links(&mut new_links)?;
     }
+    // After the flip no connect reaches a removed backend; reset the open ones.
+    let term = services::terminate_keys(&svc_maps, cfg_old, &policy.services);
+    let terminated = if term.is_empty() && !services::wants_terminate(&policy.services) {
+        None
+    } else {
+        Some(services::terminate(&term, &policy.services)?)
+    };
     Ok(Applied {
         gen: next,
         scopes: policy.scopes.len(),
@@ -307,6 +318,7 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         services: policy.services.len(),
         attach: policy.attach.rel.clone(),
         attached_now: !keep,
+        terminated,
     })
 }
 

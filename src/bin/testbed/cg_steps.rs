@@ -5,6 +5,7 @@
 //!   sendto,PROTO,ADDR,PORT          a new unconnected UDP socket sends one datagram
 //!   recv,SOCKET                     recvfrom on an earlier socket (1 s timeout)
 //!   peer,SOCKET                     getpeername
+//!   ping,SOCKET                     send one byte, recv one byte (2 s timeout); the errno
 //!   getsockopt,SOCKET,LEVEL,OPTNAME
 //!   close,SOCKET
 //!   serve,PROTO,ADDR,PORT           bind + listen, with a thread accepting forever
@@ -172,6 +173,25 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
             Ok(json!({"step": "recv", "errno": errno,
                       "from_addr": from.as_ref().map(addr_of),
                       "from_port": from.as_ref().map(port_of)}))
+        })(),
+        ("ping", [idx]) => (|| {
+            let fd = get(sockets, idx)?;
+            setsockopt(fd, sockopt::ReceiveTimeout, &TimeVal::new(2, 0))?;
+            let mut b = [0u8; 1];
+            let (_, mut errno) = errno_of(nix::sys::socket::send(
+                fd.as_raw_fd(),
+                b"p",
+                MsgFlags::empty(),
+            ));
+            if errno == 0 {
+                let (n, e) = errno_of(nix::sys::socket::recv(
+                    fd.as_raw_fd(),
+                    &mut b,
+                    MsgFlags::empty(),
+                ));
+                errno = if n == Some(0) { -1 } else { e };
+            }
+            Ok(json!({"step": "ping", "errno": errno}))
         })(),
         ("peer", [idx]) => (|| {
             let fd = get(sockets, idx)?;
