@@ -4,10 +4,11 @@
 set -euo pipefail
 
 # clang/llvm compile the BPF programs; libelf/zlib/pkg-config build the vendored
-# libbpf; iproute2 and nftables drive the network tests; procps gives sysctl;
+# libbpf; iproute2 and nftables drive the network tests (iptables: the services
+# benchmark compares with its DNAT); procps gives sysctl;
 # bpftool regenerates vmlinux.h; python3 is the second process in the `top` tests;
 # prometheus (server + promtool) scrapes the agent in its tests and benchmark.
-PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables procps bpftool python3 prometheus)
+PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables iptables procps bpftool python3 prometheus)
 
 die() { echo "install-deps: $*" >&2; exit 1; }
 

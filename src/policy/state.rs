@@ -234,9 +234,54 @@ pub struct Applied {
     pub terminated: Option<services::Terminated>,
 }
 
+/// Helpers the policy programs cannot do without (cgroup sock_addr programs),
+/// with the release that brought each. Without them the object cannot load;
+/// no fallback replaces them (docs/services.md, "Kernels").
+const NEEDED_HELPERS: [(libbpf_rs::libbpf_sys::bpf_func_id, &str); 4] = [
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_loop,
+        "bpf_loop (Linux 5.17)",
+    ),
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_set_retval,
+        "bpf_set_retval (Linux 5.18)",
+    ),
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_sk_storage_get,
+        "socket-local storage in cgroup sock_addr programs",
+    ),
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_get_netns_cookie,
+        "bpf_get_netns_cookie in cgroup sock_addr programs (Linux 5.7)",
+    ),
+];
+
+/// The features of NEEDED_HELPERS this kernel lacks (by a trial load each).
+pub fn missing_features() -> Vec<&'static str> {
+    NEEDED_HELPERS
+        .iter()
+        .filter(|(id, _)| {
+            !libbpf_rs::ProgramType::CgroupSockAddr
+                .is_helper_supported(*id)
+                .unwrap_or(false)
+        })
+        .map(|(_, name)| *name)
+        .collect()
+}
+
 /// Applies a validated policy: the new rule set replaces the old in one step.
 pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     system::check_privileges()?;
+    let missing = missing_features();
+    if !missing.is_empty() {
+        return Err(Error::kernel(
+            "policy apply",
+            format!(
+                "this kernel lacks {}, which the policy programs need",
+                missing.join(", ")
+            ),
+        ));
+    }
     let _lock = lock()?;
     let pins = pins();
     pins.create_dirs()?;
