@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Connect + 1-byte request/response rate on loopback, side by side (rounds
 # interleaved):
-#   direct     to the backend 127.0.0.2:7000 itself
+#   direct     to the backend 10.200.0.2:7000 itself (on lo of the netns)
 #   vip1       through a socklens service VIP, 1 service configured
 #   vip100     ... 100 services
 #   vip10k     ... 10,000 services
@@ -10,7 +10,7 @@
 # Every configuration sends its connections to the VIP of the last of its
 # services / rules / elements (10.0.39.16:80 for 10,000), so iptables walks all
 # its rules: the kube-proxy iptables case of a large cluster. The client and the
-# echo backend are socklens-testbed in a fresh netns per round (a 10.0.0.0/8
+# echo backend are socklens-testbed in a fresh netns per round (a 10.0.0.0/16
 # route on lo there, so untranslated VIPs route like translated ones) and a
 # fresh cgroup, pinned to one CPU (see bench/policy_connect.sh for why).
 # Each round: N times connect, send 1 byte, read it back, close.
@@ -35,7 +35,10 @@ cleanup() {
 trap cleanup EXIT
 
 vip() { echo "10.$(($1 / 65536)).$(($1 / 256 % 256)).$(($1 % 256))"; }
-BACKEND=127.0.0.2
+# The backend's address is on lo in the round's netns: DNAT in nat OUTPUT to
+# 127.0.0.0/8 would need route_localnet and a 127/8 source; a plain address on
+# lo, and the VIP route with it as source, keeps every configuration equal.
+BACKEND=10.200.0.2
 
 # socklens: COUNT services VIP_i:80 -> the backend, for sockets of any netns.
 for count in 1 100 10000; do
@@ -70,7 +73,8 @@ round() { # config round -> rate
     local config=$1 r=$2 ns="$NAME-$1-$2" target
     ip netns add "$ns"
     ip -n "$ns" link set lo up
-    ip -n "$ns" route add 10.0.0.0/8 dev lo
+    ip -n "$ns" addr add "$BACKEND/32" dev lo
+    ip -n "$ns" route add 10.0.0.0/16 dev lo src "$BACKEND"
     case $config in
         direct) target=$BACKEND,7000 ;;
         vip1) target=$(vip 1),80 ;;
