@@ -66,7 +66,7 @@ pub fn op_bit(op: Op) -> u8 {
     1 << code.0
 }
 
-fn addr_bytes(addr: IpAddr) -> [u8; 16] {
+pub(crate) fn addr_bytes(addr: IpAddr) -> [u8; 16] {
     let mut out = [0u8; 16];
     match addr {
         IpAddr::V4(a) => out[..4].copy_from_slice(&a.octets()),

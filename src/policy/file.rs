@@ -48,6 +48,8 @@ struct RawPolicy {
     attach: Option<Spanned<String>>,
     #[serde(default)]
     scope: Vec<Spanned<RawScope>>,
+    #[serde(default)]
+    service: Vec<Spanned<crate::policy::services::RawService>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +199,7 @@ pub struct Policy {
     pub file: String,
     pub attach: CgroupDir,
     pub scopes: Vec<Scope>,
+    pub services: Vec<crate::policy::services::Service>,
 }
 
 impl Policy {
@@ -240,7 +243,7 @@ impl CgroupTree {
         Self { dirs }
     }
 
-    fn get(&self, rel: &str) -> Option<CgroupDir> {
+    pub(crate) fn get(&self, rel: &str) -> Option<CgroupDir> {
         self.dirs.get(rel).map(|&id| CgroupDir {
             rel: rel.to_owned(),
             id,
@@ -249,7 +252,7 @@ impl CgroupTree {
 }
 
 /// "/a/b/" and "a/b" -> "/a/b"; "" and "/" -> "/".
-fn normalize(path: &str) -> String {
+pub(crate) fn normalize(path: &str) -> String {
     let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
     format!("/{}", parts.join("/"))
 }
@@ -259,7 +262,7 @@ fn leaves_root(path: &str) -> bool {
     path.split('/').any(|p| p == ".." || p == ".")
 }
 
-fn is_under(rel: &str, ancestor: &str) -> bool {
+pub(crate) fn is_under(rel: &str, ancestor: &str) -> bool {
     ancestor == "/" || rel == ancestor || rel.starts_with(&format!("{ancestor}/"))
 }
 
@@ -281,11 +284,12 @@ fn glob_path(pattern: &str, rel: &str) -> bool {
             .all(|(a, b)| glob_component(a.as_bytes(), b.as_bytes()))
 }
 
-const UNIT_SUFFIXES: [&str; 6] = [".service", ".slice", ".scope", ".socket", ".mount", ".swap"];
+pub(crate) const UNIT_SUFFIXES: [&str; 6] =
+    [".service", ".slice", ".scope", ".socket", ".mount", ".swap"];
 
 // ---- validation ----------------------------------------------------------
 
-struct Src<'a> {
+pub(crate) struct Src<'a> {
     file: &'a str,
     /// Byte offset of each newline.
     newlines: Vec<usize>,
@@ -304,11 +308,11 @@ impl<'a> Src<'a> {
         }
     }
 
-    fn line(&self, offset: usize) -> usize {
+    pub(crate) fn line(&self, offset: usize) -> usize {
         self.newlines.partition_point(|&nl| nl < offset) + 1
     }
 
-    fn err(&self, span: Range<usize>, msg: impl Into<String>) -> PolicyError {
+    pub(crate) fn err(&self, span: Range<usize>, msg: impl Into<String>) -> PolicyError {
         PolicyError {
             file: self.file.to_owned(),
             line: self.line(span.start),
@@ -317,7 +321,7 @@ impl<'a> Src<'a> {
     }
 }
 
-fn value_text(v: &toml::Value) -> String {
+pub(crate) fn value_text(v: &toml::Value) -> String {
     match v {
         toml::Value::String(s) => format!("'{s}'"),
         other => other.to_string(),
@@ -467,10 +471,12 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
             ),
         });
     }
+    let services = crate::policy::services::parse(&src, tree, &attach, &raw.service)?;
     Ok(Policy {
         file: file.to_owned(),
         attach,
         scopes,
+        services,
     })
 }
 

@@ -6,6 +6,7 @@
 
 pub mod compile;
 pub mod file;
+pub mod services;
 pub mod state;
 
 use std::io::Write;
@@ -46,14 +47,18 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
     let policy = load(path, &root)?;
     writeln!(
         out,
-        "{}: ok: {} scopes, {} rules, {} cgroups governed, attach at {}",
+        "{}: ok: {} scopes, {} rules, {} cgroups governed, {} services, attach at {}",
         path.display(),
         policy.scopes.len(),
         policy.rule_count(),
         policy.scopes.iter().map(|s| s.governs.len()).sum::<usize>(),
+        policy.services.len(),
         policy.attach.rel
     )
     .ctx("writing output")?;
+    if services::wants_terminate(&policy.services) && !services::kernel_can_terminate() {
+        eprintln!("{}", services::NO_TERMINATE);
+    }
     Ok(policy)
 }
 
@@ -65,20 +70,29 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
     let done = state::apply(&policy, &root)?;
     writeln!(
         out,
-        "applied {}: {} scopes, {} rules, {} cgroups governed; generation {}; attached at {}{}",
+        "applied {}: {} scopes, {} rules, {} cgroups governed, {} services; generation {}; attached at {}{}{}",
         path.display(),
         done.scopes,
         done.rules,
         done.cgroups,
+        done.services,
         done.gen,
         done.attach,
         if done.attached_now {
             " (new links)"
         } else {
             ""
+        },
+        match done.terminated {
+            Some(services::Terminated::Reset(n)) =>
+                format!("; {n} connections of removed backends reset"),
+            _ => String::new(),
         }
     )
     .ctx("writing output")?;
+    if done.terminated == Some(services::Terminated::Unsupported) {
+        eprintln!("{}", services::NO_TERMINATE);
+    }
     out.flush().ctx("writing output")
 }
 
@@ -218,6 +232,7 @@ pub fn show_value() -> Result<Option<Value>> {
             })
         })
         .collect();
+    let (live, made) = services::xlate_stats()?;
     let nscopes = cfg.nscopes[gen as usize];
     let nrules = cfg.nrules[gen as usize];
     let mut scopes: Vec<Value> = Vec::new();
@@ -285,6 +300,8 @@ pub fn show_value() -> Result<Option<Value>> {
         "links": links,
         "events_lost": maps.lost(),
         "scopes": scopes,
+        "services": services::show(gen)?,
+        "translated_sockets": {"live": live, "total": made},
     })))
 }
 
@@ -356,5 +373,33 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
             .ctx("writing output")?;
         }
     }
+    for sv in v["services"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "service {} {} (line {}): netns {}, failed picks {}",
+            s(&sv["address"]),
+            s(&sv["proto"]),
+            sv["line"],
+            s(&sv["netns"]),
+            sv["failed_picks"]
+        )
+        .ctx("writing output")?;
+        for b in sv["backends"].as_array().into_iter().flatten() {
+            writeln!(
+                out,
+                "  backend {:<40} weight {:>5}  picks {}",
+                s(&b["address"]),
+                b["weight"],
+                b["picks"]
+            )
+            .ctx("writing output")?;
+        }
+    }
+    writeln!(
+        out,
+        "translated sockets: {} open, {} since apply",
+        v["translated_sockets"]["live"], v["translated_sockets"]["total"]
+    )
+    .ctx("writing output")?;
     Ok(())
 }

@@ -20,6 +20,7 @@ use crate::error::{Context, Error, Result};
 use crate::host::system;
 use crate::policy::compile::{compile, Tables};
 use crate::policy::file::Policy;
+use crate::policy::services;
 use crate::skel::percpu_sum;
 use crate::skel::policy::types::{
     slp_cgroup_key, slp_config, slp_create_key, slp_limit, slp_lpm_key, slp_rule_info,
@@ -29,8 +30,8 @@ use crate::skel::policy::{PolicySkel, PolicySkelBuilder};
 
 pub const COMPONENT: &str = "policy";
 
-/// The programs that enforce; the observe-only hooks are never pinned.
-pub const ENFORCING: [&str; 7] = [
+/// The programs that enforce and translate; getsockopt is never pinned.
+pub const ENFORCING: [&str; 12] = [
     "slp_bind4",
     "slp_bind6",
     "slp_connect4",
@@ -38,6 +39,11 @@ pub const ENFORCING: [&str; 7] = [
     "slp_sendmsg4",
     "slp_sendmsg6",
     "slp_sock_create",
+    "slp_recvmsg4",
+    "slp_recvmsg6",
+    "slp_getpeername4",
+    "slp_getpeername6",
+    "slp_sock_release",
 ];
 
 /// Maps shared by every load of the enforcing programs, pinned by name.
@@ -105,7 +111,7 @@ fn load_enforcing<'obj>(
     ro.observe = false;
     for mut map in open.open_object_mut().maps_mut() {
         let name = map.name().to_string_lossy().into_owned();
-        if PINNED_MAPS.contains(&name.as_str()) {
+        if PINNED_MAPS.contains(&name.as_str()) || services::PINNED_MAPS.contains(&name.as_str()) {
             map.set_pin_path(pins.map(&name))
                 .ctx("setting a map pin path")?;
         }
@@ -213,13 +219,61 @@ pub struct Applied {
     pub scopes: usize,
     pub rules: usize,
     pub cgroups: usize,
+    pub services: usize,
     pub attach: String,
     pub attached_now: bool,
+    /// Connections of removed or drained backends reset (`terminate`).
+    pub terminated: Option<services::Terminated>,
+}
+
+/// Helpers the policy programs cannot do without (cgroup sock_addr programs),
+/// with the release that brought each. Without them the object cannot load;
+/// no fallback replaces them (docs/services.md, "Kernels").
+const NEEDED_HELPERS: [(libbpf_rs::libbpf_sys::bpf_func_id, &str); 4] = [
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_loop,
+        "bpf_loop (Linux 5.17)",
+    ),
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_set_retval,
+        "bpf_set_retval (Linux 5.18)",
+    ),
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_sk_storage_get,
+        "socket-local storage in cgroup sock_addr programs",
+    ),
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_get_netns_cookie,
+        "bpf_get_netns_cookie in cgroup sock_addr programs (Linux 5.7)",
+    ),
+];
+
+/// The features of NEEDED_HELPERS this kernel lacks (by a trial load each).
+pub fn missing_features() -> Vec<&'static str> {
+    NEEDED_HELPERS
+        .iter()
+        .filter(|(id, _)| {
+            !libbpf_rs::ProgramType::CgroupSockAddr
+                .is_helper_supported(*id)
+                .unwrap_or(false)
+        })
+        .map(|(_, name)| *name)
+        .collect()
 }
 
 /// Applies a validated policy: the new rule set replaces the old in one step.
 pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     system::check_privileges()?;
+    let missing = missing_features();
+    if !missing.is_empty() {
+        return Err(Error::Unsupported {
+            what: "policy apply",
+            detail: format!(
+                "this kernel lacks {}, which the policy programs need",
+                missing.join(", ")
+            ),
+        });
+    }
     let _lock = lock()?;
     let pins = pins();
     pins.create_dirs()?;
@@ -230,6 +284,25 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     let tables = compile(policy, next)
         .map_err(|(line, msg)| Error::Usage(format!("{}:{line}: {msg}", policy.file)))?;
     write_generation(&skel, &tables)?;
+    let cookies = policy
+        .services
+        .iter()
+        .map(|s| services::netns_cookie(&s.netns))
+        .collect::<Result<Vec<u64>>>()?;
+    let m = &skel.maps;
+    let svc_maps = services::SvcMaps {
+        svc: &m.slp_svc,
+        slots: &m.slp_slots,
+        backends: &m.slp_backends,
+        info: &m.slp_svc_info,
+        counters: &m.slp_svc_counters,
+    };
+    let cfg_old = cfg.r#gen & 1;
+    services::write(
+        &svc_maps,
+        next,
+        &services::compile(&policy.services, next, &cookies),
+    )?;
 
     let target = CgroupTarget::open(&cgroup_root.join(policy.attach.rel.trim_start_matches('/')))?;
     let existing = pins.pinned_links()?;
@@ -270,13 +343,22 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         pins.detach_links()?;
         pins.pin_links(&mut new_links)?;
     }
+    // After the flip no connect reaches a removed backend; reset the open ones.
+    let term = services::terminate_keys(&svc_maps, cfg_old, &policy.services);
+    let terminated = if term.is_empty() && !services::wants_terminate(&policy.services) {
+        None
+    } else {
+        Some(services::terminate(&term, &policy.services)?)
+    };
     Ok(Applied {
         gen: next,
         scopes: policy.scopes.len(),
         rules: policy.rule_count(),
         cgroups: policy.scopes.iter().map(|s| s.governs.len()).sum(),
+        services: policy.services.len(),
         attach: policy.attach.rel.clone(),
         attached_now: !keep,
+        terminated,
     })
 }
 
