@@ -1,13 +1,18 @@
 //! Per-cgroup socket policy: `socklens policy check | apply | show | remove` and
 //! `socklens down`.
 //!
-//! `file` validates the TOML, `compile` turns it into map entries (pure),
-//! `state` holds the pinned maps and links and swaps rule sets atomically.
+//! `file` validates the TOML (`services` its `[[service]]`, both on `source`'s
+//! primitives), `compile` turns it into map entries (pure), `state` holds the
+//! pinned maps and links and swaps rule sets atomically (`svcmaps` the services'
+//! maps and terminate, both on `pinned`).
 
 pub mod compile;
 pub mod file;
+pub mod pinned;
 pub mod services;
+pub mod source;
 pub mod state;
+pub mod svcmaps;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -56,8 +61,8 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
         policy.attach.rel
     )
     .ctx("writing output")?;
-    if services::wants_terminate(&policy.services) && !services::kernel_can_terminate() {
-        eprintln!("{}", services::NO_TERMINATE);
+    if services::wants_terminate(&policy.services) && !svcmaps::kernel_can_terminate() {
+        eprintln!("{}", svcmaps::NO_TERMINATE);
     }
     Ok(policy)
 }
@@ -84,14 +89,14 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
             ""
         },
         match done.terminated {
-            Some(services::Terminated::Reset(n)) =>
+            Some(svcmaps::Terminated::Reset(n)) =>
                 format!("; {n} connections of removed backends reset"),
             _ => String::new(),
         }
     )
     .ctx("writing output")?;
-    if done.terminated == Some(services::Terminated::Unsupported) {
-        eprintln!("{}", services::NO_TERMINATE);
+    if done.terminated == Some(svcmaps::Terminated::Unsupported) {
+        eprintln!("{}", svcmaps::NO_TERMINATE);
     }
     out.flush().ctx("writing output")
 }
@@ -222,7 +227,7 @@ pub fn show_value() -> Result<Option<Value>> {
     let gen = cfg.r#gen & 1;
     let mut paths = system::cgroup2_root().map(CgroupPaths::new);
     let mut path_of = |id: u64| paths.as_mut().and_then(|p| p.path_of(id));
-    let links: Vec<Value> = state::pins()
+    let links: Vec<Value> = pinned::pins()
         .pinned_links()?
         .iter()
         .map(|(name, link)| {
@@ -232,7 +237,7 @@ pub fn show_value() -> Result<Option<Value>> {
             })
         })
         .collect();
-    let (live, made) = services::xlate_stats()?;
+    let (live, made) = svcmaps::xlate_stats()?;
     let nscopes = cfg.nscopes[gen as usize];
     let nrules = cfg.nrules[gen as usize];
     let mut scopes: Vec<Value> = Vec::new();
@@ -300,7 +305,7 @@ pub fn show_value() -> Result<Option<Value>> {
         "links": links,
         "events_lost": maps.lost(),
         "scopes": scopes,
-        "services": services::show(gen)?,
+        "services": svcmaps::show(gen)?,
         "translated_sockets": {"live": live, "total": made},
     })))
 }

@@ -13,22 +13,21 @@ use std::path::Path;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
-use plain::Plain;
 
 use crate::attach::cgroup_attach::{link_cgroup, CgroupTarget, Pins};
 use crate::error::{Context, Error, Result};
 use crate::host::system;
-use crate::policy::compile::{compile, Tables};
+use crate::policy::compile::{compile, compile_services, Tables};
 use crate::policy::file::Policy;
+use crate::policy::pinned::{bytes, decode, pins};
 use crate::policy::services;
+use crate::policy::svcmaps;
 use crate::skel::percpu_sum;
 use crate::skel::policy::types::{
     slp_cgroup_key, slp_config, slp_create_key, slp_limit, slp_lpm_key, slp_rule_info,
     slp_scope_info,
 };
 use crate::skel::policy::{PolicySkel, PolicySkelBuilder};
-
-pub const COMPONENT: &str = "policy";
 
 /// The programs that enforce and translate; getsockopt is never pinned.
 pub const ENFORCING: [&str; 12] = [
@@ -58,23 +57,6 @@ pub const PINNED_MAPS: [&str; 9] = [
     "slp_events",
     "slp_lost",
 ];
-
-pub fn pins() -> Pins {
-    Pins::new(COMPONENT)
-}
-
-/// The bytes of a plain C value for a map update.
-pub fn bytes<T: Plain>(v: &T) -> &[u8] {
-    // SAFETY: the skeleton's types are C structs of integers and byte arrays
-    // without implicit padding (policy.h lays them out so), any byte is valid.
-    unsafe { plain::as_bytes(v) }
-}
-
-pub fn decode<T: Plain + Default>(b: &[u8]) -> Option<T> {
-    let mut v = T::default();
-    plain::copy_from_bytes(&mut v, b).ok()?;
-    Some(v)
-}
 
 /// Serializes concurrent `policy` commands: an advisory lock on the bpffs root.
 struct Lock(#[allow(dead_code)] File);
@@ -111,7 +93,7 @@ fn load_enforcing<'obj>(
     ro.observe = false;
     for mut map in open.open_object_mut().maps_mut() {
         let name = map.name().to_string_lossy().into_owned();
-        if PINNED_MAPS.contains(&name.as_str()) || services::PINNED_MAPS.contains(&name.as_str()) {
+        if PINNED_MAPS.contains(&name.as_str()) || svcmaps::PINNED_MAPS.contains(&name.as_str()) {
             map.set_pin_path(pins.map(&name))
                 .ctx("setting a map pin path")?;
         }
@@ -223,7 +205,7 @@ pub struct Applied {
     pub attach: String,
     pub attached_now: bool,
     /// Connections of removed or drained backends reset (`terminate`).
-    pub terminated: Option<services::Terminated>,
+    pub terminated: Option<svcmaps::Terminated>,
 }
 
 /// Helpers the policy programs cannot do without (cgroup sock_addr programs),
@@ -287,10 +269,10 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     let cookies = policy
         .services
         .iter()
-        .map(|s| services::netns_cookie(&s.netns))
+        .map(|s| svcmaps::netns_cookie(&s.netns))
         .collect::<Result<Vec<u64>>>()?;
     let m = &skel.maps;
-    let svc_maps = services::SvcMaps {
+    let svc_maps = svcmaps::SvcMaps {
         svc: &m.slp_svc,
         slots: &m.slp_slots,
         backends: &m.slp_backends,
@@ -298,10 +280,10 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         counters: &m.slp_svc_counters,
     };
     let cfg_old = cfg.r#gen & 1;
-    services::write(
+    svcmaps::write(
         &svc_maps,
         next,
-        &services::compile(&policy.services, next, &cookies),
+        &compile_services(&policy.services, next, &cookies),
     )?;
 
     let target = CgroupTarget::open(&cgroup_root.join(policy.attach.rel.trim_start_matches('/')))?;
@@ -344,11 +326,11 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         pins.pin_links(&mut new_links)?;
     }
     // After the flip no connect reaches a removed backend; reset the open ones.
-    let term = services::terminate_keys(&svc_maps, cfg_old, &policy.services);
+    let term = svcmaps::terminate_keys(&svc_maps, cfg_old, &policy.services);
     let terminated = if term.is_empty() && !services::wants_terminate(&policy.services) {
         None
     } else {
-        Some(services::terminate(&term, &policy.services)?)
+        Some(svcmaps::terminate(&term, &policy.services)?)
     };
     Ok(Applied {
         gen: next,
