@@ -4,11 +4,12 @@
 set -euo pipefail
 
 # clang/llvm compile the BPF programs; libelf/zlib/pkg-config build the vendored
-# libbpf; iproute2 and nftables drive the network tests; procps gives sysctl;
+# libbpf; iproute2 and nftables drive the network tests (iptables: the services
+# benchmark compares with its DNAT); procps gives sysctl;
 # bpftool regenerates vmlinux.h; python3 is the second process in the `top` tests;
 # prometheus (server + promtool) scrapes the agent in its tests and benchmark;
 # openssl makes the test certificates; systemd (systemd-analyze) scores the unit.
-PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables procps bpftool python3 prometheus openssl systemd)
+PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables iptables procps bpftool python3 prometheus openssl systemd)
 
 die() { echo "install-deps: $*" >&2; exit 1; }
 

@@ -65,6 +65,9 @@ pub enum Error {
         what: Cow<'static, str>,
         detail: &'static str,
     },
+    /// The kernel lacks what a command needs.
+    #[error("{what}: {detail}")]
+    Unsupported { what: &'static str, detail: String },
     /// `inner`, then what the user can do about it.
     #[error("{inner}; {hint}")]
     Hint {

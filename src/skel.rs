@@ -59,6 +59,26 @@ mod policy_skel {
     include!(concat!(env!("OUT_DIR"), "/policy.skel.rs"));
 }
 
+#[allow(
+    clippy::all,
+    clippy::pedantic,
+    clippy::use_self,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    dead_code,
+    unused_imports,
+    unsafe_op_in_unsafe_fn
+)]
+mod terminate_skel {
+    include!(concat!(env!("OUT_DIR"), "/terminate.skel.rs"));
+}
+
+/// The iterator that resets connections of removed backends (src/bpf/terminate.bpf.c).
+pub mod terminate {
+    pub use super::terminate_skel::{types, TerminateSkel, TerminateSkelBuilder};
+}
+
 /// The cgroup socket programs (src/bpf/policy.bpf.c) and the types of policy.h.
 pub mod policy {
     pub use super::policy_skel::{types, OpenPolicySkel, PolicySkel, PolicySkelBuilder};

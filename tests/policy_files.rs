@@ -109,7 +109,7 @@ fn every_bad_file_fails_check_and_apply_and_leaves_the_policy_in_force() {
     fs::write(
         &good,
         format!(
-            "attach = \"{r}\"\n[[scope]]\ncgroup = \"{r}/gov\"\n[[scope.rule]]\nid = 1\naction = \"deny\"\non = [\"connect\"]\ncidr = \"127.0.0.2\"\n",
+            "attach = \"{r}\"\n[[scope]]\ncgroup = \"{r}/gov\"\n[[scope.rule]]\nid = 1\naction = \"deny\"\non = [\"connect\"]\ncidr = \"127.0.0.2\"\n[[service]]\naddress = \"198.51.100.7:80\"\nbackends = [{{ address = \"127.0.0.4:8080\", weight = 2 }}]\n",
             r = bed.cg.rel
         ),
     )
@@ -117,6 +117,7 @@ fn every_bad_file_fails_check_and_apply_and_leaves_the_policy_in_force() {
     let (code, _, err) = socklens(&["policy", "apply", good.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let before = show();
+    assert!(before.contains("198.51.100.7:80"), "{before}");
     for case in &cases {
         let path = bed.dir.join(&case.name);
         fs::write(&path, &case.text).unwrap();
@@ -221,5 +222,52 @@ fn check_accepts_a_good_file_without_applying_it() {
     assert!(
         !Path::new("/sys/fs/bpf/socklens/policy").exists(),
         "check applied nothing"
+    );
+}
+
+/// `[[service]]` entries past a capacity: the one that does not fit is named.
+fn too_many(tag: &str, services: usize, backends: usize) -> (PathBuf, usize, Bed) {
+    let bed = Bed::new(tag);
+    let mut text = format!("attach = \"{}\"\n", bed.cg.rel);
+    let mut line_of_last = 0;
+    for i in 0..services {
+        line_of_last = text.lines().count() + 2;
+        text.push_str(&format!(
+            "[[service]]\naddress = \"198.51.{}.{}:80\"\n",
+            i / 256,
+            i % 256
+        ));
+        if backends > 0 {
+            let list: Vec<String> = (0..backends)
+                .map(|b| format!("{{ address = \"127.0.{}.{}:80\" }}", b / 256, b % 256))
+                .collect();
+            text.push_str(&format!("backends = [{}]\n", list.join(", ")));
+        }
+    }
+    let path = bed.dir.join(format!("{tag}.toml"));
+    fs::write(&path, text).unwrap();
+    (path, line_of_last, bed)
+}
+
+#[test]
+fn more_services_than_the_maps_hold() {
+    let (path, line, _bed) = too_many("svcs", 16385, 0);
+    assert_rejected(
+        "check",
+        &path,
+        line,
+        "service 16385: more services than the maps hold (16384)",
+    );
+}
+
+#[test]
+fn more_backends_than_the_maps_hold() {
+    // 17 services of 4096 backends: the 17th passes 65536.
+    let (path, line, _bed) = too_many("backends", 17, 4096);
+    assert_rejected(
+        "check",
+        &path,
+        line,
+        "more backends in the file than the maps hold (65536)",
     );
 }

@@ -37,6 +37,16 @@ enum slp_action _slp_action = SLP_ALLOW;
 enum slp_mode _slp_mode = SLP_MODE_ENFORCE;
 enum slp_errno _slp_errno = SLP_ERRNO_CREATE;
 enum slp_limit _slp_limit = SLP_MAX_RULES;
+struct slp_svc_key _slp_svc_key = {};
+struct slp_svc _slp_svc = {};
+struct slp_backend _slp_backend = {};
+struct slp_svc_info _slp_svc_info = {};
+struct slp_sock_xlate _slp_sock_xlate = {};
+enum slp_svc_limit _slp_svc_limit = SLP_MAX_SERVICES;
+enum slp_xlate_kind _slp_xlate_kind = SLP_XLATE_SERVICE;
+enum slp_svc_flags _slp_svc_flags = SLP_SVC_ANY_NETNS;
+enum slp_xlate_stat _slp_xlate_stat = SLP_XS_LIVE;
+enum slp_backend_flags _slp_backend_flags = SLP_BE_TERMINATE;
 
 /* Written by the loader before load and frozen. */
 const volatile bool observe = false; /* emit an event per observed call (trace) */
@@ -468,6 +478,8 @@ static __always_inline int judge_create(struct bpf_sock *ctx)
 	return deny(&e, &sc, best.rule_id, SLP_OP_CREATE, best.action, SLP_ERRNO_CREATE);
 }
 
+#include "services.bpf.h"
+
 /* ---- observing --------------------------------------------------------- */
 
 static __always_inline void observe_addr(struct bpf_sock_addr *ctx, __u32 kind, bool v6)
@@ -552,18 +564,26 @@ int slp_sock_release(struct bpf_sock *ctx)
 {
 	if (observe)
 		observe_sock(ctx, SLP_EV_SOCK_RELEASE);
+	if (enforce)
+		xlate_release(ctx);
 	return 1;
 }
 
+/* connect and sendmsg translate a service address first; the policy then judges
+ * the backend, the address the connection really goes to. */
 static __always_inline int addr_hook(struct bpf_sock_addr *ctx, bool v6, __u32 kind, __u8 op4,
-				     __u8 op6, int err)
+				     __u8 op6, int err, bool xlate)
 {
+	struct slp_config *cfg;
 	struct sa_view v = {};
 
 	if (observe && kind)
 		observe_addr(ctx, kind, v6);
 	if (!enforce)
 		return 1;
+	cfg = slp_cfg();
+	if (xlate && cfg && !xlate_fwd(ctx, v6, cfg->gen & 1))
+		return 0;
 	view_addr(ctx, v6, &v);
 	return judge_addr(ctx, &v, op4, op6, err);
 }
@@ -571,75 +591,77 @@ static __always_inline int addr_hook(struct bpf_sock_addr *ctx, bool v6, __u32 k
 SEC("cgroup/bind4")
 int slp_bind4(struct bpf_sock_addr *ctx)
 {
-	return addr_hook(ctx, false, 0, SLP_OP_BIND4, SLP_OP_BIND6, SLP_ERRNO_BIND);
+	return addr_hook(ctx, false, 0, SLP_OP_BIND4, SLP_OP_BIND6, SLP_ERRNO_BIND, false);
 }
 
 SEC("cgroup/bind6")
 int slp_bind6(struct bpf_sock_addr *ctx)
 {
-	return addr_hook(ctx, true, 0, SLP_OP_BIND4, SLP_OP_BIND6, SLP_ERRNO_BIND);
+	return addr_hook(ctx, true, 0, SLP_OP_BIND4, SLP_OP_BIND6, SLP_ERRNO_BIND, false);
 }
 
 SEC("cgroup/connect4")
 int slp_connect4(struct bpf_sock_addr *ctx)
 {
 	return addr_hook(ctx, false, SLP_EV_CONNECT, SLP_OP_CONNECT4, SLP_OP_CONNECT6,
-			 SLP_ERRNO_CONNECT);
+			 SLP_ERRNO_CONNECT, true);
 }
 
 SEC("cgroup/connect6")
 int slp_connect6(struct bpf_sock_addr *ctx)
 {
 	return addr_hook(ctx, true, SLP_EV_CONNECT, SLP_OP_CONNECT4, SLP_OP_CONNECT6,
-			 SLP_ERRNO_CONNECT);
+			 SLP_ERRNO_CONNECT, true);
 }
 
 SEC("cgroup/sendmsg4")
 int slp_sendmsg4(struct bpf_sock_addr *ctx)
 {
 	return addr_hook(ctx, false, SLP_EV_SENDMSG, SLP_OP_SENDMSG4, SLP_OP_SENDMSG6,
-			 SLP_ERRNO_SENDMSG);
+			 SLP_ERRNO_SENDMSG, true);
 }
 
 SEC("cgroup/sendmsg6")
 int slp_sendmsg6(struct bpf_sock_addr *ctx)
 {
 	return addr_hook(ctx, true, SLP_EV_SENDMSG, SLP_OP_SENDMSG4, SLP_OP_SENDMSG6,
-			 SLP_ERRNO_SENDMSG);
+			 SLP_ERRNO_SENDMSG, true);
 }
 
-/* Observe-only hooks: the kernel requires them to return 1. */
+/* Reverse-translating hooks (the kernel requires them to return 1). Trace sees
+ * the address the kernel gives before translation: the backend. */
+
+static __always_inline int rev_hook(struct bpf_sock_addr *ctx, bool v6, __u32 kind)
+{
+	if (observe)
+		observe_addr(ctx, kind, v6);
+	if (enforce)
+		xlate_rev(ctx, v6);
+	return 1;
+}
 
 SEC("cgroup/recvmsg4")
 int slp_recvmsg4(struct bpf_sock_addr *ctx)
 {
-	if (observe)
-		observe_addr(ctx, SLP_EV_RECVMSG, false);
-	return 1;
+	return rev_hook(ctx, false, SLP_EV_RECVMSG);
 }
 
 SEC("cgroup/recvmsg6")
 int slp_recvmsg6(struct bpf_sock_addr *ctx)
 {
-	if (observe)
-		observe_addr(ctx, SLP_EV_RECVMSG, true);
-	return 1;
+	return rev_hook(ctx, true, SLP_EV_RECVMSG);
 }
 
 SEC("cgroup/getpeername4")
 int slp_getpeername4(struct bpf_sock_addr *ctx)
 {
-	if (observe)
-		observe_addr(ctx, SLP_EV_GETPEERNAME, false);
-	return 1;
+	return rev_hook(ctx, false, SLP_EV_GETPEERNAME);
 }
 
 SEC("cgroup/getpeername6")
 int slp_getpeername6(struct bpf_sock_addr *ctx)
 {
-	if (observe)
-		observe_addr(ctx, SLP_EV_GETPEERNAME, true);
-	return 1;
+	return rev_hook(ctx, true, SLP_EV_GETPEERNAME);
 }
 
 /* getsockopt runs for every getsockopt in the cgroup, iptables' included: it only

@@ -205,4 +205,129 @@ struct slp_event {
 	__u8 comm[SLP_COMM_LEN];
 };
 
+/* ---- services: connect-time translation of a VIP to a backend ------------ */
+
+/* Capacities of the service tables, per generation. */
+enum slp_svc_limit {
+	SLP_MAX_SERVICES = 16384,   /* services (a tcp+udp service counts once) */
+	SLP_MAX_BACKENDS = 65536,   /* backends of all services */
+	SLP_MAX_SLOTS = 262144,     /* weight slots of all services */
+	SLP_SVC_SLOTS = 4096,       /* weight slots of one service (weights / their gcd) */
+	SLP_XLATE_ENTRIES = 4,      /* translations remembered per socket (UDP: per VIP) */
+	/* Counter slots per generation: one per backend, then one per service
+	 * (picks that found no backend). */
+	SLP_SVC_COUNTERS = SLP_MAX_BACKENDS + SLP_MAX_SERVICES,
+	/* connect() / sendmsg() to a service without backends: ECONNREFUSED, what
+	 * kube-proxy's REJECT gives. Kernels without bpf_set_retval give EPERM. */
+	SLP_ERRNO_NO_BACKEND = 111,
+};
+
+/* What a translation entry does: the kind is kept per socket so the reverse
+ * path (recvmsg, getpeername) and later kinds (redirect to a local proxy) share
+ * one table. 0 = empty. */
+enum slp_xlate_kind {
+	SLP_XLATE_SERVICE = 1,
+};
+
+enum slp_svc_flags {
+	SLP_SVC_ANY_NETNS = 1, /* translate sockets of every network namespace */
+};
+
+/* `slp_svc` hash key: one (VIP, port, protocol) of one generation. IPv4 VIPs are
+ * in the first 4 bytes; a v4-mapped IPv6 destination looks up the IPv4 key. */
+struct slp_svc_key {
+	__u8 addr[16];
+	__u16 port;   /* host order */
+	__u8 proto;   /* IPPROTO_TCP / IPPROTO_UDP */
+	__u8 gen;
+	__u16 family; /* AF_INET / AF_INET6 */
+	__u16 pad;
+};
+
+struct slp_svc {
+	__u32 index;     /* within its generation: failed-pick counter, `policy show` */
+	__u32 slot_base; /* first slot of this service in its generation's half of slp_slots */
+	__u32 nslots;    /* 0: no backend, the call fails with SLP_ERRNO_NO_BACKEND */
+	__u8 kind;       /* enum slp_xlate_kind */
+	__u8 flags;      /* enum slp_svc_flags */
+	__u16 cgroup_level; /* scope: depth of cgroup_id below the v2 root */
+	__u64 netns_cookie; /* sockets of this netns only, unless SLP_SVC_ANY_NETNS */
+	__u64 cgroup_id;    /* 0: every socket under the attach cgroup */
+};
+
+/* `slp_backends` array, index gen * SLP_MAX_BACKENDS + backend index. */
+struct slp_backend {
+	__u8 addr[16];   /* IPv4 in the first 4 bytes */
+	__u16 port;      /* host order */
+	__u16 family;
+	__u16 weight;
+	__u16 flags;     /* enum slp_backend_flags */
+	__u32 service;   /* service index */
+	__u32 line;      /* in the policy file */
+};
+
+enum slp_backend_flags {
+	/* Reset the backend's open TCP connections when an apply removes or
+	 * drains it (see slp_term_key). */
+	SLP_BE_TERMINATE = 1,
+};
+
+/* `slp_term` hash key of the terminate program (terminate.bpf.c): a VIP and a
+ * backend whose translated TCP sockets are reset. IPv4 in the first 4 bytes;
+ * a v4-mapped pair is looked up in its IPv4 form. */
+struct slp_term_key {
+	__u8 vip[16];
+	__u8 backend[16];
+	__u16 vip_port;     /* host order */
+	__u16 backend_port;
+	__u16 family;
+	__u16 pad;
+};
+
+/* `slp_svc_info` array, index gen * SLP_MAX_SERVICES + service index: for show. */
+struct slp_svc_info {
+	__u8 addr[16];
+	__u16 port;
+	__u16 family;
+	__u8 protos;     /* bit 0: tcp, bit 1: udp */
+	__u8 flags;
+	__u16 pad;
+	__u32 first_backend;
+	__u32 nbackends;
+	__u32 line;
+	__u32 pad2;
+	__u64 cgroup_id;
+	__u64 netns_cookie;
+};
+
+/* One translation a socket went through: what the application asked for
+ * (orig) and where the kernel sent it (real), as the hook saw them (an IPv6
+ * socket keeps v4-mapped addresses). */
+struct slp_xlate_entry {
+	__u8 orig[16];
+	__u8 real[16];
+	__u16 orig_port; /* host order */
+	__u16 real_port;
+	__u8 kind;       /* enum slp_xlate_kind; 0 = unused */
+	__u8 gen;
+	__u16 pad;
+	__u32 service;   /* index within gen */
+	__u32 backend;   /* index within gen */
+};
+
+/* Socket-local storage (`slp_xlate`): the kernel frees it with the socket;
+ * sock_release deletes it first so `slp_xlate_stats` can count live entries. */
+struct slp_sock_xlate {
+	__u32 next;      /* entry replaced when all are used */
+	__u32 pad;
+	struct slp_xlate_entry e[SLP_XLATE_ENTRIES];
+};
+
+/* `slp_xlate_stats` array indexes. */
+enum slp_xlate_stat {
+	SLP_XS_LIVE = 0, /* sockets holding translation state now */
+	SLP_XS_MADE = 1, /* sockets that ever got translation state */
+	SLP_XS_COUNT = 2,
+};
+
 #endif

@@ -13,9 +13,14 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::policy::file::{Action, Mode, Op, Policy, Target};
+use crate::policy::services::{gcd, NetnsScope, Service};
 use crate::skel::policy::types::{
     slp_action, slp_cgroup_key, slp_create_key, slp_create_rule, slp_limit, slp_lpm_key, slp_mode,
     slp_op, slp_port_rule, slp_prefix_rules, slp_rule_info, slp_scope, slp_scope_info,
+};
+use crate::skel::policy::types::{
+    slp_backend, slp_backend_flags, slp_svc, slp_svc_flags, slp_svc_info, slp_svc_key,
+    slp_xlate_kind,
 };
 
 /// One generation's map entries.
@@ -323,10 +328,115 @@ pub fn compile(policy: &Policy, gen: u32) -> Result<Tables, (usize, String)> {
     Ok(t)
 }
 
+/// One generation's service entries. Array indexes are within the generation.
+#[derive(Debug, Default)]
+pub struct SvcTables {
+    pub svc: Vec<(slp_svc_key, slp_svc)>,
+    pub info: Vec<slp_svc_info>,
+    pub backends: Vec<slp_backend>,
+    /// slot -> backend index
+    pub slots: Vec<u32>,
+}
+
+fn family(ip: IpAddr) -> u16 {
+    if ip.is_ipv4() {
+        libc::AF_INET as u16
+    } else {
+        libc::AF_INET6 as u16
+    }
+}
+
+/// Depth of a cgroup below the v2 root ("/" is 0).
+fn level(rel: &str) -> u16 {
+    rel.split('/').filter(|p| !p.is_empty()).count() as u16
+}
+
+/// Pure: services to map entries of generation `gen`; `cookies[i]` is the
+/// netns cookie service i is limited to (ignored for NetnsScope::Any).
+pub fn compile_services(services: &[Service], gen: u32, cookies: &[u64]) -> SvcTables {
+    let mut t = SvcTables::default();
+    for (i, s) in services.iter().enumerate() {
+        let index = i as u32;
+        let first_backend = t.backends.len() as u32;
+        let slot_base = t.slots.len() as u32;
+        let g = s.backends.iter().fold(0u32, |g, b| gcd(g, b.weight));
+        for (j, b) in s.backends.iter().enumerate() {
+            let bi = first_backend + j as u32;
+            if let Some(n) = b.weight.checked_div(g) {
+                t.slots.extend(std::iter::repeat_n(bi, n as usize));
+            }
+            t.backends.push(slp_backend {
+                addr: addr_bytes(b.addr.ip()),
+                port: b.addr.port(),
+                family: family(b.addr.ip()),
+                weight: b.weight as u16,
+                flags: if b.terminate {
+                    slp_backend_flags::SLP_BE_TERMINATE.0 as u16
+                } else {
+                    0
+                },
+                service: index,
+                line: b.line as u32,
+            });
+        }
+        let any = s.netns == NetnsScope::Any;
+        let flags = if any {
+            slp_svc_flags::SLP_SVC_ANY_NETNS.0 as u8
+        } else {
+            0
+        };
+        let cookie = if any {
+            0
+        } else {
+            cookies.get(i).copied().unwrap_or(0)
+        };
+        let value = slp_svc {
+            index,
+            slot_base,
+            nslots: t.slots.len() as u32 - slot_base,
+            kind: slp_xlate_kind::SLP_XLATE_SERVICE.0 as u8,
+            flags,
+            cgroup_level: s.cgroup.as_ref().map_or(0, |c| level(&c.rel)),
+            netns_cookie: cookie,
+            cgroup_id: s.cgroup.as_ref().map_or(0, |c| c.id),
+        };
+        for (proto, on) in [(libc::IPPROTO_TCP, s.tcp), (libc::IPPROTO_UDP, s.udp)] {
+            if on {
+                t.svc.push((
+                    slp_svc_key {
+                        addr: addr_bytes(s.vip.ip()),
+                        port: s.vip.port(),
+                        proto: proto as u8,
+                        r#gen: gen as u8,
+                        family: family(s.vip.ip()),
+                        ..Default::default()
+                    },
+                    value,
+                ));
+            }
+        }
+        t.info.push(slp_svc_info {
+            addr: addr_bytes(s.vip.ip()),
+            port: s.vip.port(),
+            family: family(s.vip.ip()),
+            protos: u8::from(s.tcp) | (u8::from(s.udp) << 1),
+            flags,
+            first_backend,
+            nbackends: s.backends.len() as u32,
+            line: s.line as u32,
+            cgroup_id: value.cgroup_id,
+            netns_cookie: cookie,
+            ..Default::default()
+        });
+    }
+    t
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::policy::file::{parse, CgroupTree};
+    use crate::policy::services::tests::svcs;
 
     fn policy(rules: &str) -> Policy {
         let mut dirs = BTreeMap::new();
@@ -457,5 +567,35 @@ mod tests {
         let (line, msg) = check_capacity(&policy).unwrap_err();
         assert_eq!(line, 100, "{msg}");
         assert!(msg.starts_with("rule 17: more than 16 rules"), "{msg}");
+    }
+
+    #[test]
+    fn weights_become_slots_divided_by_their_gcd() {
+        let s = svcs(
+            "[[service]]\naddress = \"198.51.100.1:80\"\nproto = \"both\"\nbackends = [\n{ address = \"127.0.0.2:8080\", weight = 30 },\n{ address = \"127.0.0.3:8080\", weight = 10 },\n{ address = \"127.0.0.4:8080\", weight = 0 },\n]\nunit = \"web.service\"\n",
+        );
+        assert_eq!(s[0].slots(), 4);
+        let t = compile_services(&s, 1, &[77]);
+        assert_eq!(t.slots, [0, 0, 0, 1]);
+        assert_eq!(t.svc.len(), 2, "tcp and udp keys");
+        let (k, v) = &t.svc[0];
+        assert_eq!((k.r#gen, k.port, k.proto), (1, 80, 6));
+        assert_eq!(&k.addr[..4], &[198, 51, 100, 1]);
+        assert_eq!((v.nslots, v.slot_base, v.netns_cookie), (4, 0, 77));
+        assert_eq!((v.cgroup_id, v.cgroup_level), (3, 2));
+        assert_eq!(t.backends[1].port, 8080);
+        assert_eq!(t.backends[2].weight, 0);
+        assert_eq!(t.info[0].nbackends, 3);
+    }
+
+    #[test]
+    fn zero_backends_compile_to_no_slots() {
+        let s =
+            svcs("[[service]]\naddress = \"[2001:db8::1]:53\"\nproto = \"udp\"\nnetns = \"any\"\n");
+        let t = compile_services(&s, 0, &[5]);
+        assert_eq!(t.svc[0].1.nslots, 0);
+        assert_eq!(t.svc[0].1.netns_cookie, 0);
+        assert_eq!(t.svc[0].0.proto, 17);
+        assert_eq!(t.svc[0].0.family, libc::AF_INET6 as u16);
     }
 }

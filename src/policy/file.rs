@@ -2,43 +2,20 @@
 //! anything is applied. Every error is one line: `FILE:LINE: message` naming the
 //! offending value.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt;
-use std::fs;
 use std::net::IpAddr;
 use std::ops::Range;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::policy::services::{self, RawService, Service};
 use crate::skel::policy::types::slp_limit;
 
-/// A policy file that cannot be applied, and where.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct PolicyError {
-    pub file: String,
-    /// 1-based; 0 when the problem is the file as a whole.
-    pub line: usize,
-    pub msg: String,
-}
-
-impl fmt::Display for PolicyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.line == 0 {
-            write!(f, "{}: {}", self.file, self.msg)
-        } else {
-            write!(f, "{}:{}: {}", self.file, self.line, self.msg)
-        }
-    }
-}
-
-impl From<PolicyError> for crate::error::Error {
-    fn from(e: PolicyError) -> Self {
-        Self::Usage(e.to_string())
-    }
-}
+use crate::policy::source::{is_under, normalize, value_text, Src, UNIT_SUFFIXES};
+pub use crate::policy::source::{CgroupDir, CgroupTree, PolicyError};
 
 // ---- the file as written -------------------------------------------------
 
@@ -48,6 +25,8 @@ struct RawPolicy {
     attach: Option<Spanned<String>>,
     #[serde(default)]
     scope: Vec<Spanned<RawScope>>,
+    #[serde(default)]
+    service: Vec<Spanned<RawService>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,14 +148,6 @@ pub struct Rule {
     pub ops: Vec<Op>,
     pub target: Target,
 }
-
-/// A cgroup v2 directory: its path under the v2 root ("/" for the root) and id.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CgroupDir {
-    pub rel: String,
-    pub id: u64,
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
     /// The cgroup pattern or unit name as written.
@@ -197,6 +168,7 @@ pub struct Policy {
     pub file: String,
     pub attach: CgroupDir,
     pub scopes: Vec<Scope>,
+    pub services: Vec<Service>,
 }
 
 impl Policy {
@@ -205,62 +177,9 @@ impl Policy {
     }
 }
 
-/// The cgroup v2 tree at validation time.
-#[derive(Debug, Clone)]
-pub struct CgroupTree {
-    /// Every directory: path under the root ("/", "/a", "/a/b") -> id.
-    pub dirs: BTreeMap<String, u64>,
-}
-
-impl CgroupTree {
-    /// Walks the tree under `root` (a cgroup v2 mount, or any directory in tests).
-    pub fn scan(root: &Path) -> Self {
-        let mut dirs = BTreeMap::new();
-        let mut stack = vec![(root.to_owned(), "/".to_owned())];
-        while let Some((dir, rel)) = stack.pop() {
-            let Ok(meta) = fs::metadata(&dir) else {
-                continue;
-            };
-            dirs.insert(rel.clone(), meta.ino());
-            let Ok(entries) = fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let child = if rel == "/" {
-                        format!("/{name}")
-                    } else {
-                        format!("{rel}/{name}")
-                    };
-                    stack.push((e.path(), child));
-                }
-            }
-        }
-        Self { dirs }
-    }
-
-    fn get(&self, rel: &str) -> Option<CgroupDir> {
-        self.dirs.get(rel).map(|&id| CgroupDir {
-            rel: rel.to_owned(),
-            id,
-        })
-    }
-}
-
-/// "/a/b/" and "a/b" -> "/a/b"; "" and "/" -> "/".
-fn normalize(path: &str) -> String {
-    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
-    format!("/{}", parts.join("/"))
-}
-
 /// A `.` or `..` component: a pattern names cgroups under the root only.
 fn leaves_root(path: &str) -> bool {
     path.split('/').any(|p| p == ".." || p == ".")
-}
-
-fn is_under(rel: &str, ancestor: &str) -> bool {
-    ancestor == "/" || rel == ancestor || rel.starts_with(&format!("{ancestor}/"))
 }
 
 /// `*` matches any run of characters within one path component.
@@ -281,48 +200,7 @@ fn glob_path(pattern: &str, rel: &str) -> bool {
             .all(|(a, b)| glob_component(a.as_bytes(), b.as_bytes()))
 }
 
-const UNIT_SUFFIXES: [&str; 6] = [".service", ".slice", ".scope", ".socket", ".mount", ".swap"];
-
 // ---- validation ----------------------------------------------------------
-
-struct Src<'a> {
-    file: &'a str,
-    /// Byte offset of each newline.
-    newlines: Vec<usize>,
-}
-
-impl<'a> Src<'a> {
-    fn new(file: &'a str, text: &str) -> Self {
-        Self {
-            file,
-            newlines: text
-                .bytes()
-                .enumerate()
-                .filter(|&(_, b)| b == b'\n')
-                .map(|(i, _)| i)
-                .collect(),
-        }
-    }
-
-    fn line(&self, offset: usize) -> usize {
-        self.newlines.partition_point(|&nl| nl < offset) + 1
-    }
-
-    fn err(&self, span: Range<usize>, msg: impl Into<String>) -> PolicyError {
-        PolicyError {
-            file: self.file.to_owned(),
-            line: self.line(span.start),
-            msg: msg.into(),
-        }
-    }
-}
-
-fn value_text(v: &toml::Value) -> String {
-    match v {
-        toml::Value::String(s) => format!("'{s}'"),
-        other => other.to_string(),
-    }
-}
 
 /// Reads and validates a policy file against the cgroup tree under `cgroup_root`.
 pub fn load(path: &Path, cgroup_root: &Path) -> Result<Policy, PolicyError> {
@@ -467,10 +345,12 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
             ),
         });
     }
+    let services = services::parse(&src, tree, &attach, &raw.service)?;
     Ok(Policy {
         file: file.to_owned(),
         attach,
         scopes,
+        services,
     })
 }
 
@@ -924,6 +804,7 @@ pub fn cgroup_root() -> Result<PathBuf, crate::error::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn tree() -> CgroupTree {
         let mut dirs = BTreeMap::new();

@@ -1,12 +1,18 @@
 //! Per-cgroup socket policy: `socklens policy check | apply | show | remove` and
 //! `socklens down`.
 //!
-//! `file` validates the TOML, `compile` turns it into map entries (pure),
-//! `state` holds the pinned maps and links and swaps rule sets atomically.
+//! `file` validates the TOML (`services` its `[[service]]`, both on `source`'s
+//! primitives), `compile` turns it into map entries (pure), `state` holds the
+//! pinned maps and links and swaps rule sets atomically (`svcmaps` the services'
+//! maps and terminate, both on `pinned`).
 
 pub mod compile;
 pub mod file;
+pub mod pinned;
+pub mod services;
+pub mod source;
 pub mod state;
+pub mod svcmaps;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -46,14 +52,18 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
     let policy = load(path, &root)?;
     writeln!(
         out,
-        "{}: ok: {} scopes, {} rules, {} cgroups governed, attach at {}",
+        "{}: ok: {} scopes, {} rules, {} cgroups governed, {} services, attach at {}",
         path.display(),
         policy.scopes.len(),
         policy.rule_count(),
         policy.scopes.iter().map(|s| s.governs.len()).sum::<usize>(),
+        policy.services.len(),
         policy.attach.rel
     )
     .ctx("writing output")?;
+    if services::wants_terminate(&policy.services) && !svcmaps::kernel_can_terminate() {
+        eprintln!("{}", svcmaps::NO_TERMINATE);
+    }
     Ok(policy)
 }
 
@@ -65,20 +75,29 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
     let done = state::apply(&policy, &root)?;
     writeln!(
         out,
-        "applied {}: {} scopes, {} rules, {} cgroups governed; generation {}; attached at {}{}",
+        "applied {}: {} scopes, {} rules, {} cgroups governed, {} services; generation {}; attached at {}{}{}",
         path.display(),
         done.scopes,
         done.rules,
         done.cgroups,
+        done.services,
         done.gen,
         done.attach,
         if done.attached_now {
             " (new links)"
         } else {
             ""
+        },
+        match done.terminated {
+            Some(svcmaps::Terminated::Reset(n)) =>
+                format!("; {n} connections of removed backends reset"),
+            _ => String::new(),
         }
     )
     .ctx("writing output")?;
+    if done.terminated == Some(svcmaps::Terminated::Unsupported) {
+        eprintln!("{}", svcmaps::NO_TERMINATE);
+    }
     out.flush().ctx("writing output")
 }
 
@@ -208,7 +227,7 @@ pub fn show_value() -> Result<Option<Value>> {
     let gen = cfg.r#gen & 1;
     let mut paths = system::cgroup2_root().map(CgroupPaths::new);
     let mut path_of = |id: u64| paths.as_mut().and_then(|p| p.path_of(id));
-    let links: Vec<Value> = state::pins()
+    let links: Vec<Value> = pinned::pins()
         .pinned_links()?
         .iter()
         .map(|(name, link)| {
@@ -218,6 +237,7 @@ pub fn show_value() -> Result<Option<Value>> {
             })
         })
         .collect();
+    let (live, made) = svcmaps::xlate_stats()?;
     let nscopes = cfg.nscopes[gen as usize];
     let nrules = cfg.nrules[gen as usize];
     let mut scopes: Vec<Value> = Vec::new();
@@ -285,6 +305,8 @@ pub fn show_value() -> Result<Option<Value>> {
         "links": links,
         "events_lost": maps.lost(),
         "scopes": scopes,
+        "services": svcmaps::show(gen)?,
+        "translated_sockets": {"live": live, "total": made},
     })))
 }
 
@@ -356,5 +378,33 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
             .ctx("writing output")?;
         }
     }
+    for sv in v["services"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "service {} {} (line {}): netns {}, failed picks {}",
+            s(&sv["address"]),
+            s(&sv["proto"]),
+            sv["line"],
+            s(&sv["netns"]),
+            sv["failed_picks"]
+        )
+        .ctx("writing output")?;
+        for b in sv["backends"].as_array().into_iter().flatten() {
+            writeln!(
+                out,
+                "  backend {:<40} weight {:>5}  picks {}",
+                s(&b["address"]),
+                b["weight"],
+                b["picks"]
+            )
+            .ctx("writing output")?;
+        }
+    }
+    writeln!(
+        out,
+        "translated sockets: {} open, {} since apply",
+        v["translated_sockets"]["live"], v["translated_sockets"]["total"]
+    )
+    .ctx("writing output")?;
     Ok(())
 }

@@ -13,13 +13,15 @@ use std::path::Path;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
 use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
-use plain::Plain;
 
 use crate::attach::cgroup_attach::{link_cgroup, CgroupTarget, Pins};
 use crate::error::{Context, Error, Result};
 use crate::host::system;
-use crate::policy::compile::{compile, Tables};
+use crate::policy::compile::{compile, compile_services, Tables};
 use crate::policy::file::Policy;
+use crate::policy::pinned::{bytes, decode, pins};
+use crate::policy::services;
+use crate::policy::svcmaps;
 use crate::skel::percpu_sum;
 use crate::skel::policy::types::{
     slp_cgroup_key, slp_config, slp_create_key, slp_limit, slp_lpm_key, slp_rule_info,
@@ -27,10 +29,8 @@ use crate::skel::policy::types::{
 };
 use crate::skel::policy::{PolicySkel, PolicySkelBuilder};
 
-pub const COMPONENT: &str = "policy";
-
-/// The programs that enforce; the observe-only hooks are never pinned.
-pub const ENFORCING: [&str; 7] = [
+/// The programs that enforce and translate; getsockopt is never pinned.
+pub const ENFORCING: [&str; 12] = [
     "slp_bind4",
     "slp_bind6",
     "slp_connect4",
@@ -38,6 +38,11 @@ pub const ENFORCING: [&str; 7] = [
     "slp_sendmsg4",
     "slp_sendmsg6",
     "slp_sock_create",
+    "slp_recvmsg4",
+    "slp_recvmsg6",
+    "slp_getpeername4",
+    "slp_getpeername6",
+    "slp_sock_release",
 ];
 
 /// Maps shared by every load of the enforcing programs, pinned by name.
@@ -52,23 +57,6 @@ pub const PINNED_MAPS: [&str; 9] = [
     "slp_events",
     "slp_lost",
 ];
-
-pub fn pins() -> Pins {
-    Pins::new(COMPONENT)
-}
-
-/// The bytes of a plain C value for a map update.
-pub fn bytes<T: Plain>(v: &T) -> &[u8] {
-    // SAFETY: the skeleton's types are C structs of integers and byte arrays
-    // without implicit padding (policy.h lays them out so), any byte is valid.
-    unsafe { plain::as_bytes(v) }
-}
-
-pub fn decode<T: Plain + Default>(b: &[u8]) -> Option<T> {
-    let mut v = T::default();
-    plain::copy_from_bytes(&mut v, b).ok()?;
-    Some(v)
-}
 
 /// Serializes concurrent `policy` commands: an advisory lock on the bpffs root.
 struct Lock(#[allow(dead_code)] File);
@@ -105,7 +93,7 @@ fn load_enforcing<'obj>(
     ro.observe = false;
     for mut map in open.open_object_mut().maps_mut() {
         let name = map.name().to_string_lossy().into_owned();
-        if PINNED_MAPS.contains(&name.as_str()) {
+        if PINNED_MAPS.contains(&name.as_str()) || svcmaps::PINNED_MAPS.contains(&name.as_str()) {
             map.set_pin_path(pins.map(&name))
                 .ctx("setting a map pin path")?;
         }
@@ -213,13 +201,61 @@ pub struct Applied {
     pub scopes: usize,
     pub rules: usize,
     pub cgroups: usize,
+    pub services: usize,
     pub attach: String,
     pub attached_now: bool,
+    /// Connections of removed or drained backends reset (`terminate`).
+    pub terminated: Option<svcmaps::Terminated>,
+}
+
+/// Helpers the policy programs cannot do without (cgroup sock_addr programs),
+/// with the release that brought each. Without them the object cannot load;
+/// no fallback replaces them (docs/services.md, "Kernels").
+const NEEDED_HELPERS: [(libbpf_rs::libbpf_sys::bpf_func_id, &str); 4] = [
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_loop,
+        "bpf_loop (Linux 5.17)",
+    ),
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_set_retval,
+        "bpf_set_retval (Linux 5.18)",
+    ),
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_sk_storage_get,
+        "socket-local storage in cgroup sock_addr programs",
+    ),
+    (
+        libbpf_rs::libbpf_sys::BPF_FUNC_get_netns_cookie,
+        "bpf_get_netns_cookie in cgroup sock_addr programs (Linux 5.7)",
+    ),
+];
+
+/// The features of NEEDED_HELPERS this kernel lacks (by a trial load each).
+pub fn missing_features() -> Vec<&'static str> {
+    NEEDED_HELPERS
+        .iter()
+        .filter(|(id, _)| {
+            !libbpf_rs::ProgramType::CgroupSockAddr
+                .is_helper_supported(*id)
+                .unwrap_or(false)
+        })
+        .map(|(_, name)| *name)
+        .collect()
 }
 
 /// Applies a validated policy: the new rule set replaces the old in one step.
 pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     system::check_privileges()?;
+    let missing = missing_features();
+    if !missing.is_empty() {
+        return Err(Error::Unsupported {
+            what: "policy apply",
+            detail: format!(
+                "this kernel lacks {}, which the policy programs need",
+                missing.join(", ")
+            ),
+        });
+    }
     let _lock = lock()?;
     let pins = pins();
     pins.create_dirs()?;
@@ -230,6 +266,25 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     let tables = compile(policy, next)
         .map_err(|(line, msg)| Error::Usage(format!("{}:{line}: {msg}", policy.file)))?;
     write_generation(&skel, &tables)?;
+    let cookies = policy
+        .services
+        .iter()
+        .map(|s| svcmaps::netns_cookie(&s.netns))
+        .collect::<Result<Vec<u64>>>()?;
+    let m = &skel.maps;
+    let svc_maps = svcmaps::SvcMaps {
+        svc: &m.slp_svc,
+        slots: &m.slp_slots,
+        backends: &m.slp_backends,
+        info: &m.slp_svc_info,
+        counters: &m.slp_svc_counters,
+    };
+    let cfg_old = cfg.r#gen & 1;
+    svcmaps::write(
+        &svc_maps,
+        next,
+        &compile_services(&policy.services, next, &cookies),
+    )?;
 
     let target = CgroupTarget::open(&cgroup_root.join(policy.attach.rel.trim_start_matches('/')))?;
     let existing = pins.pinned_links()?;
@@ -270,13 +325,22 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         pins.detach_links()?;
         pins.pin_links(&mut new_links)?;
     }
+    // After the flip no connect reaches a removed backend; reset the open ones.
+    let term = svcmaps::terminate_keys(&svc_maps, cfg_old, &policy.services);
+    let terminated = if term.is_empty() && !services::wants_terminate(&policy.services) {
+        None
+    } else {
+        Some(svcmaps::terminate(&term, &policy.services)?)
+    };
     Ok(Applied {
         gen: next,
         scopes: policy.scopes.len(),
         rules: policy.rule_count(),
         cgroups: policy.scopes.iter().map(|s| s.governs.len()).sum(),
+        services: policy.services.len(),
         attach: policy.attach.rel.clone(),
         attached_now: !keep,
+        terminated,
     })
 }
 

@@ -37,6 +37,16 @@ pub fn expected_tier() -> Option<String> {
         .or_else(|| Some(attach_arg()).filter(|a| a != "auto"))
 }
 
+/// The running kernel's (major, minor) release, from uname(2).
+pub fn kernel_release() -> (u32, u32) {
+    let u = nix::sys::utsname::uname().expect("uname");
+    let rel = u.release().to_string_lossy().into_owned();
+    let mut it = rel
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse().expect("numeric release"));
+    (it.next().expect("major"), it.next().expect("minor"))
+}
+
 /// How much of the repetition-heavy work (e.g. thousands of short connections)
 /// a test does: `SOCKLENS_TEST_SCALE`, a fraction in (0, 1], default 1. The
 /// kernel matrix sets 0.1: its VMs run under TCG, about 20 times slower than the

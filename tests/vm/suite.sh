@@ -5,8 +5,9 @@
 # "PATH auto" only where SOCKLENS_ATTACH=auto (for suites that do not read
 # SOCKLENS_ATTACH, e.g. cli: they would repeat the same checks in every tier's
 # cell), "PATH -auto" everywhere but there (suites the forced tier's own cell
-# runs in full once auto's choice is checked). Extra arguments go to every
-# binary. Prints each binary's wall time.
+# runs in full once auto's choice is checked). Words after that are test name
+# filters for the binary. Extra arguments go to every binary. Prints each
+# binary's wall time.
 set -euo pipefail
 list=$1
 shift
@@ -17,7 +18,7 @@ if [ -x "$sl" ]; then
     echo "=== socklens doctor --attach ${SOCKLENS_ATTACH:-auto}"
     "$sl" doctor --attach "${SOCKLENS_ATTACH:-auto}" 2>&1 | grep -E '^tcp bytes|^  (send|recv) ' || true
 fi
-while read -r bin only; do
+while read -r bin only filters; do
     [ -n "$bin" ] || continue
     case "$only" in
     "") ;;
@@ -37,7 +38,8 @@ while read -r bin only; do
     echo "=== $bin"
     start=$(date +%s)
     # Root-only tests are #[ignore]d for a plain `cargo test`: run them all.
-    "$bin" --test-threads=1 --include-ignored "$@" || rc=1
+    # shellcheck disable=SC2086 # test name filters, one per word
+    "$bin" --test-threads=1 --include-ignored "$@" ${filters:-} || rc=1
     echo "=== $bin: $(($(date +%s) - start)) s"
     # The fentry and kprobe wrappers of the destruction hook, which reports a
     # close the state hook missed: two byte tests with the state hook blind

@@ -5,12 +5,15 @@
 //!   sendto,PROTO,ADDR,PORT          a new unconnected UDP socket sends one datagram
 //!   recv,SOCKET                     recvfrom on an earlier socket (1 s timeout)
 //!   peer,SOCKET                     getpeername
+//!   ping,SOCKET                     send one byte, recv one byte (2 s timeout); the errno
 //!   getsockopt,SOCKET,LEVEL,OPTNAME
 //!   close,SOCKET
-//!   serve,PROTO,ADDR,PORT           bind + listen, with a thread accepting forever
+//!   serve,PROTO,ADDR,PORT[,echo]    bind + listen, with a thread accepting forever
+//!                                   (echo: it reads one byte and writes it back)
 //!   connects,PROTO,ADDR,PORT,N[,US] N connects, each on a new socket, closed at once,
 //!                                   US microseconds apart
 //!   connects_for,PROTO,ADDR,PORT,MS connects like that until MS milliseconds passed
+//!   rr,PROTO,ADDR,PORT,N            N times: connect, one byte out and back, close
 //!
 //! A step that makes a socket reports its index as "socket" (null if it failed).
 
@@ -81,10 +84,33 @@ fn connect_once(proto: &str, sa: &SockaddrStorage) -> Result<(i32, OwnedFd)> {
     Ok((errno, fd))
 }
 
+/// One byte out, one byte back: 0, or the errno (-1 for an early EOF).
+fn exchange(fd: &OwnedFd) -> i32 {
+    let mut b = [0u8; 1];
+    let (_, errno) = errno_of(nix::sys::socket::send(
+        fd.as_raw_fd(),
+        b"p",
+        MsgFlags::empty(),
+    ));
+    if errno != 0 {
+        return errno;
+    }
+    match errno_of(nix::sys::socket::recv(
+        fd.as_raw_fd(),
+        &mut b,
+        MsgFlags::empty(),
+    )) {
+        (Some(0), _) => -1,
+        (_, e) => e,
+    }
+}
+
+/// Connects (and with `rr`, exchanges one byte each way) until `until`.
 fn connect_loop(
     proto: &str,
     sa: &SockaddrStorage,
     pause: Duration,
+    rr: bool,
     until: impl Fn(u64) -> bool,
 ) -> Result<Value> {
     let mut by_errno: BTreeMap<String, u64> = BTreeMap::new();
@@ -94,7 +120,10 @@ fn connect_loop(
     let mut changes: Vec<(u64, i32)> = Vec::new();
     let start = Instant::now();
     while !until(n) {
-        let (errno, fd) = connect_once(proto, sa)?;
+        let (mut errno, fd) = connect_once(proto, sa)?;
+        if rr && errno == 0 {
+            errno = exchange(&fd);
+        }
         drop(fd);
         if changes.last().map(|c| c.1) != Some(errno) {
             changes.push((n, errno));
@@ -173,6 +202,11 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
                       "from_addr": from.as_ref().map(addr_of),
                       "from_port": from.as_ref().map(port_of)}))
         })(),
+        ("ping", [idx]) => (|| {
+            let fd = get(sockets, idx)?;
+            setsockopt(fd, sockopt::ReceiveTimeout, &TimeVal::new(2, 0))?;
+            Ok(json!({"step": "ping", "errno": exchange(fd)}))
+        })(),
         ("peer", [idx]) => (|| {
             let fd = get(sockets, idx)?;
             let (got, errno) = errno_of(getpeername::<SockaddrStorage>(fd.as_raw_fd()));
@@ -209,7 +243,12 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
             drop(std::mem::replace(fd, placeholder));
             Ok(json!({"step": "close", "socket": i}))
         })(),
-        ("serve", [proto, addr, port]) => (|| {
+        ("serve", [proto, addr, port, mode @ ..]) if mode.len() <= 1 => (|| {
+            let echo = match mode.first() {
+                None => false,
+                Some(&"echo") => true,
+                Some(other) => bail!("serve: unknown mode {other}"),
+            };
             let sa = sockaddr(addr, port)?;
             let (family, ty) = proto_of(proto)?;
             let fd = socket(family, ty, SockFlag::SOCK_CLOEXEC, SockProtocol::Tcp)?;
@@ -230,6 +269,16 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
                     )
                 };
                 if c >= 0 {
+                    if echo {
+                        // SAFETY: read(2)/write(2) of one byte on the descriptor
+                        // accept4 just returned, into a buffer we own.
+                        unsafe {
+                            let mut b = 0u8;
+                            if libc::read(c, (&mut b as *mut u8).cast(), 1) == 1 {
+                                libc::write(c, (&b as *const u8).cast(), 1);
+                            }
+                        }
+                    }
                     // SAFETY: closing the descriptor accept4 just returned.
                     unsafe { libc::close(c) };
                 } else if nix::errno::Errno::last() != nix::errno::Errno::EINTR {
@@ -243,14 +292,23 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
             let sa = sockaddr(addr, port)?;
             let n: u64 = n.parse()?;
             let us: u64 = pause.first().map_or(Ok(0), |p| p.parse())?;
-            let mut v = connect_loop(proto, &sa, Duration::from_micros(us), |i| i >= n)?;
+            let mut v = connect_loop(proto, &sa, Duration::from_micros(us), false, |i| i >= n)?;
             v["step"] = json!("connects");
+            Ok(v)
+        })(),
+        ("rr", [proto, addr, port, n]) => (|| {
+            let sa = sockaddr(addr, port)?;
+            let n: u64 = n.parse()?;
+            let mut v = connect_loop(proto, &sa, Duration::ZERO, true, |i| i >= n)?;
+            v["step"] = json!("rr");
             Ok(v)
         })(),
         ("connects_for", [proto, addr, port, ms]) => (|| {
             let sa = sockaddr(addr, port)?;
             let until = Instant::now() + Duration::from_millis(ms.parse()?);
-            let mut v = connect_loop(proto, &sa, Duration::ZERO, |_| Instant::now() >= until)?;
+            let mut v = connect_loop(proto, &sa, Duration::ZERO, false, |_| {
+                Instant::now() >= until
+            })?;
             v["step"] = json!("connects_for");
             Ok(v)
         })(),

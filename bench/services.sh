@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Connect + 1-byte request/response rate on loopback, side by side (rounds
+# interleaved):
+#   direct     to the backend 10.200.0.2:7000 itself (on lo of the netns)
+#   vip1       through a socklens service VIP, 1 service configured
+#   vip100     ... 100 services
+#   vip10k     ... 10,000 services
+#   iptables   through iptables DNAT in nat OUTPUT, 10,000 rules (iptables-legacy)
+#   nft        through an nftables DNAT map of 10,000 elements
+# Every configuration sends its connections to the VIP of the last of its
+# services / rules / elements (10.0.39.16:80 for 10,000), so iptables walks all
+# its rules: the kube-proxy iptables case of a large cluster. The client and the
+# echo backend are socklens-testbed in a fresh netns per round (a 10.0.0.0/16
+# route on lo there, so untranslated VIPs route like translated ones) and a
+# fresh cgroup, pinned to one CPU (see bench/policy_connect.sh for why).
+# Each round: N times connect, send 1 byte, read it back, close.
+# Usage (root): [CPU=1] bench/services.sh [N] [ROUNDS]
+set -euo pipefail
+shopt -s inherit_errexit
+cd "$(dirname "$0")/.."
+N=${1:-5000}
+ROUNDS=${2:-5}
+CPU=${CPU:-1}
+NAME=slbench-$$
+. bench/policy_common.sh
+IPT=iptables-legacy-restore
+command -v "$IPT" >/dev/null || { echo "iptables is not installed: run scripts/install-deps.sh" >&2; exit 1; }
+
+cleanup() {
+    "$SL" policy remove >/dev/null 2>&1 || true
+    for ns in $(ip netns list | awk '{print $1}' | grep "^$NAME-" || true); do ip netns del "$ns"; done
+    rmdir "$CG/gov" "$CG" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+vip() { echo "10.$(($1 / 65536)).$(($1 / 256 % 256)).$(($1 % 256))"; }
+# The backend's address is on lo in the round's netns: DNAT in nat OUTPUT to
+# 127.0.0.0/8 would need route_localnet and a 127/8 source; a plain address on
+# lo, and the VIP route with it as source, keeps every configuration equal.
+BACKEND=10.200.0.2
+
+# socklens: COUNT services VIP_i:80 -> the backend, for sockets of any netns.
+for count in 1 100 10000; do
+    {
+        echo "attach = \"/$NAME\""
+        for i in $(seq 1 "$count"); do
+            printf '[[service]]\naddress = "%s:80"\nnetns = "any"\nbackends = [{ address = "%s:7000" }]\n' \
+                "$(vip "$i")" "$BACKEND"
+        done
+    } > "$WORK/svc$count.toml"
+done
+{
+    echo "*nat"
+    echo ":OUTPUT ACCEPT [0:0]"
+    for i in $(seq 1 10000); do
+        echo "-A OUTPUT -d $(vip "$i")/32 -p tcp --dport 80 -j DNAT --to-destination $BACKEND:7000"
+    done
+    echo "COMMIT"
+} > "$WORK/rules.ipt"
+{
+    echo "table ip slbench {"
+    echo "  map svc { type ipv4_addr . inet_service : ipv4_addr . inet_service; elements = {"
+    for i in $(seq 1 10000); do echo "    $(vip "$i") . 80 : $BACKEND . 7000,"; done
+    echo "  } }"
+    echo "  chain out { type nat hook output priority -100; policy accept;"
+    echo "    meta l4proto tcp dnat ip to ip daddr . tcp dport map @svc"
+    echo "  }"
+    echo "}"
+} > "$WORK/rules.nft"
+
+round() { # config round -> rate
+    local config=$1 r=$2 ns="$NAME-$1-$2" target
+    ip netns add "$ns"
+    ip -n "$ns" link set lo up
+    ip -n "$ns" addr add "$BACKEND/32" dev lo
+    ip -n "$ns" route add 10.0.0.0/16 dev lo src "$BACKEND"
+    case $config in
+        direct) target=$BACKEND,7000 ;;
+        vip1) target=$(vip 1),80 ;;
+        vip100) target=$(vip 100),80 ;;
+        *) target=$(vip 10000),80 ;;
+    esac
+    case $config in
+        vip*) f=${config#vip}; [ "$f" = 10k ] && f=10000
+              "$SL" policy apply "$WORK/svc$f.toml" >/dev/null ;;
+        iptables) nsenter --net="/var/run/netns/$ns" "$IPT" < "$WORK/rules.ipt" ;;
+        nft) nsenter --net="/var/run/netns/$ns" nft -f "$WORK/rules.nft" ;;
+    esac
+    local out
+    out=$(taskset -c "$CPU" "$TB" --netns "$ns" --cgroup "$CG/gov" \
+        "serve,tcp4,$BACKEND,7000,echo" "rr,tcp4,${target%,*},${target#*,},$N")
+    case $config in vip*) "$SL" policy remove >/dev/null ;; esac
+    ip netns del "$ns"
+    # Every exchange must have succeeded: {"0": N} and nothing else.
+    grep -q "\"by_errno\":{\"0\":$N}" <<<"$out" || { echo "$config: exchanges failed: $out" >&2; exit 1; }
+    grep -o '"rate":[0-9]*' <<<"$out" | cut -d: -f2
+}
+
+CONFIGS="direct vip1 vip100 vip10k iptables nft"
+declare -A rates
+echo "kernel $(uname -r), $(nproc) CPUs, testbed on CPU $CPU, N=$N exchanges per round, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
+for r in $(seq 1 "$ROUNDS"); do
+    for config in $CONFIGS; do
+        rate=$(round "$config" "$r")
+        [ -n "$rate" ] || { echo "round $r $config failed" >&2; exit 1; }
+        rates[$config]="${rates[$config]:-} $rate"
+        echo "round $r $config $rate exchanges/s"
+    done
+done
+echo "load after $(cut -d' ' -f1-3 /proc/loadavg)"
+declare -A med
+for config in $CONFIGS; do
+    med[$config]=$(echo "${rates[$config]}" | median)
+    range=$(echo "${rates[$config]}" | tr ' ' '\n' | grep -v '^$' | sort -n | sed -n '1p;$p' | paste -sd-)
+    echo "median $config ${med[$config]} exchanges/s (range $range) ratio to direct $(awk "BEGIN { printf \"%.3f\", ${med[$config]} / ${med[direct]} }")"
+done
+v=${med[vip10k]}
+echo "vip10k / direct   $(awk "BEGIN { printf \"%.3f\", $v / ${med[direct]} }")  (target >= 0.95)"
+echo "vip10k / iptables $(awk "BEGIN { printf \"%.2f\", $v / ${med[iptables]} }")  (target >= 10)"
+echo "vip10k / nft      $(awk "BEGIN { printf \"%.3f\", $v / ${med[nft]} }")  (target >= 1.0)"
