@@ -574,13 +574,13 @@ fn survives_kill_9_of_the_applier_then_remove_restores_and_leaves_nothing() {
         "every connect denied after kill -9: {denied}"
     );
     assert_eq!(hits(71), 1000);
-    assert!(Path::new("/sys/fs/bpf/socklens/policy/links/slp_connect4").exists());
+    assert!(pin_root().join("policy/links/slp_connect4").exists());
 
     let (code, out, err) = socklens(&["policy", "remove"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("policy removed"), "{out}");
     assert!(
-        !Path::new("/sys/fs/bpf/socklens").exists(),
+        !pin_root().exists(),
         "nothing left pinned under /sys/fs/bpf/socklens"
     );
     assert_no_slp_programs();
@@ -710,7 +710,7 @@ fn reapply_keeps_links_and_flips_generation_and_down_removes_everything() {
     let (code, out, err) = socklens(&["down"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("socklens is down"), "{out}");
-    assert!(!Path::new("/sys/fs/bpf/socklens").exists());
+    assert!(!pin_root().exists());
     assert_no_slp_programs();
     let tb = bed.run(
         &bed.gov(),

@@ -565,7 +565,7 @@ fn survives_kill_9_of_the_applier_then_remove_restores_plain_connects() {
 
     let (code, _, err) = socklens(&["policy", "remove"]);
     assert_eq!(code, 0, "{err}");
-    assert!(!Path::new("/sys/fs/bpf/socklens").exists());
+    assert!(!pin_root().exists());
     let tb = bed.run(&["connects,tcp4,198.51.100.15,80,10"]);
     assert_eq!(
         tb["steps"][0]["by_errno"],

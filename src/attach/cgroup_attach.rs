@@ -29,6 +29,15 @@ use crate::host::system;
 /// Everything socklens pins lives under here.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/socklens";
 
+/// The pin root in use: `SOCKLENS_PIN_ROOT` moves it (a directory on bpffs) so
+/// that two test suites can each hold a policy on one host without touching the
+/// other's; everyone else uses [`PIN_ROOT`].
+pub fn pin_root() -> PathBuf {
+    std::env::var_os("SOCKLENS_PIN_ROOT")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| PathBuf::from(PIN_ROOT), PathBuf::from)
+}
+
 /// Pinned state of one socklens component.
 #[derive(Debug, Clone)]
 pub struct Pins {
@@ -38,7 +47,7 @@ pub struct Pins {
 impl Pins {
     pub fn new(component: &str) -> Self {
         Self {
-            dir: Path::new(PIN_ROOT).join(component),
+            dir: pin_root().join(component),
         }
     }
 
@@ -198,16 +207,16 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
         fs::remove_dir(&d).ctx(format!("removing {}", d.display()))?;
     }
     // The socklens root goes too once it is empty.
-    let root = Path::new(PIN_ROOT);
-    if root.exists() && fs::read_dir(root).is_ok_and(|mut it| it.next().is_none()) {
-        let _ = fs::remove_dir(root);
+    let root = pin_root();
+    if root.exists() && fs::read_dir(&root).is_ok_and(|mut it| it.next().is_none()) {
+        let _ = fs::remove_dir(&root);
     }
     Ok(())
 }
 
 /// Removes everything socklens ever pinned (`socklens down`).
 pub fn remove_all() -> Result<()> {
-    remove_tree(Path::new(PIN_ROOT))
+    remove_tree(&pin_root())
 }
 
 /// A cgroup v2 directory, opened for attaching.

@@ -184,7 +184,7 @@ pub fn down(out: &mut dyn Write) -> Result<()> {
     writeln!(
         out,
         "socklens is down: nothing pinned or attached under {}",
-        crate::attach::cgroup_attach::PIN_ROOT
+        crate::attach::cgroup_attach::pin_root().display()
     )
     .ctx("writing output")
 }

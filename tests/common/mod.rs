@@ -354,6 +354,13 @@ impl Drop for Cgroup {
     }
 }
 
+/// Where socklens pins (SOCKLENS_PIN_ROOT lets two suites share a host).
+pub fn pin_root() -> std::path::PathBuf {
+    std::env::var_os("SOCKLENS_PIN_ROOT")
+        .filter(|v| !v.is_empty())
+        .map_or_else(|| "/sys/fs/bpf/socklens".into(), std::path::PathBuf::from)
+}
+
 /// IDs of loaded BPF programs named like socklens' (all start with "sl_").
 /// Other socklens instances may run on the same host: compare ID sets.
 pub fn socklens_programs() -> std::collections::BTreeSet<u32> {
