@@ -33,14 +33,9 @@ const volatile bool track_udp = false;
  * sees only the send syscalls. */
 const volatile bool sendfile_adds_tx = false;
 
-/* TCP bytes from the socket's own counters instead of per-call hooks, on
- * every tier (the loader sets it wherever connections are tracked): a hook
- * run the kernel skips (recursion, a preempted program, a dropped
- * kretprobe) cannot lose bytes. The counters (tcp_tx_total, tcp_rx_total)
- * are read at close, at destruction and at each snapshot refresh; the send
- * and receive hooks then only claim a socket for its owner, track one whose
- * start was missed, and finish a closed one whose data was still unread
- * (tcp_touch). */
+/* TCP bytes from the socket's own counters, not per-call hooks, so a hook run
+ * the kernel skips cannot lose bytes; the send and receive hooks only claim
+ * owners and find late sockets (docs/accounting.md, "Kernel side"). */
 const volatile bool tcp_bytes_from_seq = false;
 
 /* Test knobs (SOCKLENS_DISABLE=state_close, state_start): the state hook
@@ -49,26 +44,9 @@ const volatile bool tcp_bytes_from_seq = false;
 const volatile bool state_skips_close = false;
 const volatile bool state_skips_start = false;
 
-/* TCP sockets whose owner is not known yet: their first send or receive, in
- * process context, claims them (tcp_touch). Two kinds, each found so that the
- * byte hooks cost every other socket a few loads:
- * - accepted sockets (tracked in softirq, no accept hook), one per short
- *   connection: a child socket's sequence counters start at zero, so its
- *   first use is the call after which they hold no more than that call's
- *   bytes (tcp_maybe_first_use). No mark to add and take: a hash set did
- *   that with an insert and a delete per connection, and a lookup on every
- *   send and receive while any accepted socket waited.
- * - seeded sockets (found at start, maybe tens of thousands, mostly idle,
- *   their counters long past zero): their entries carry SL_CONN_WAITING, and
- *   this array counts them by a hash of the socket's cookie. A socket whose
- *   slot counts none is not waiting: one array load. One whose slot counts
- *   any looks its entry up; that is every socket of a slot shared with a
- *   waiting one (about 1 in 250 with 1,000 seeded sockets waiting, 1 in 4
- *   with 65,536), until those are claimed or closed. Socket storage marked
- *   them exactly, but its allocation per seeded socket was a fifth of a
- *   start with 65,536 sockets. A count the kernel side cannot take back (an
- *   entry the user-space sweep removed, two first uses of one socket at
- *   once) costs only those lookups. */
+/* Seeded sockets whose owner is not known yet, counted by a hash of their
+ * cookie: a send or receive on a socket whose slot counts none costs one array
+ * load, not a hash lookup (docs/accounting.md, "Kernel side"). */
 #define SL_WAITING_BITS 18
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -120,7 +98,7 @@ static __always_inline __u64 kprobe_cookie(struct sock *sk)
 /* Tracing programs (fentry/fexit, tp_btf, iter) may call the cookie helper only
  * on kernels that offer it to them (5.12+; on 5.10 the verifier refuses the
  * whole object with "unknown func bpf_get_socket_cookie"). The loader sets this
- * from a trial load (src/probe.rs, kernel_shape); without it they read the
+ * from a trial load (src/host/probe.rs, kernel_shape); without it they read the
  * cookie like kprobes do. The branch is on read-only data: the verifier drops
  * the dead call. */
 const volatile bool tracing_has_cookie_helper = false;

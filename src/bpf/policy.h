@@ -1,5 +1,5 @@
 /* The one definition of every struct and constant shared by the cgroup socket
- * programs (policy.bpf.c) and the Rust side (src/policy/, src/cgroup_attach.rs).
+ * programs (policy.bpf.c) and the Rust side (src/policy/, src/attach/cgroup_attach.rs).
  * Rust uses the skeleton's generated types; never mirror these by hand. Fields are
  * fixed-width and carry no pointers. */
 #ifndef SOCKLENS_POLICY_H

@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: GPL-2.0
 /* Minimal programs for capability probing: the prober retargets them at each
- * kernel function and tries a real load and attach (src/probe.rs). */
+ * kernel function and tries a real load and attach (src/host/probe.rs). */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
@@ -13,7 +13,7 @@ int BPF_PROG(sl_probe_fentry)
 	return 0;
 }
 
-/* Copies of sl_probe_fentry for one batched trial load (src/probe.rs,
+/* Copies of sl_probe_fentry for one batched trial load (src/host/probe.rs,
  * fentry_batch): libbpf parses the kernel's BTF once per object load, about
  * 0.4 s under QEMU TCG, and socklens probes 17 fentry functions at startup. */
 #define SL_PROBE_FENTRY_COPY(n)                                                                   \

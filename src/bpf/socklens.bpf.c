@@ -2,7 +2,7 @@
 /* Tracing programs. Each hook body is one static __always_inline function; the
  * SEC() wrappers below it only adapt one attach tier's arguments to it. The
  * loader keeps the wrappers of the tier the planner chose and turns off
- * autoload for the rest (src/plan.rs names them). */
+ * autoload for the rest (src/attach/plan.rs names them). */
 #include "common.bpf.h"
 #include "conn.bpf.h"
 
@@ -405,7 +405,7 @@ int sl_tp_listen_exit_btf(struct trace_event_raw_sys_exit *ctx)
 
 /* ==== connection accounting: thin wrappers around conn.bpf.h ============ */
 
-/* Kernel function shapes, from BTF (src/probe.rs). fexit programs come in
+/* Kernel function shapes, from BTF (src/host/probe.rs). fexit programs come in
  * one variant per shape (the loader picks); kprobes branch on this. */
 const volatile bool recvmsg_has_nonblock = false; /* before 5.19 */
 
@@ -654,7 +654,7 @@ static __always_inline int recv_fexit(void *ctx, struct sock *sk, struct msghdr 
 /* One program per signature: 5.19 dropped recvmsg's `nonblock` parameter, later
  * kernels (Debian's 7.x) also `addr_len` (4 parameters: the `_na` variant), and
  * an fexit may read only the argument slots its function has. The loader picks
- * the variant from the parameter count in BTF (src/probe.rs, kernel_shape). */
+ * the variant from the parameter count in BTF (src/host/probe.rs, kernel_shape). */
 #define RECV_FEXIT(name, func)                                                                    \
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name, struct sock *sk, struct msghdr *msg, size_t len, int flags,            \

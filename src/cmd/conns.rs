@@ -41,9 +41,7 @@ pub fn run(
                 continue; // shown per peer below
             }
             emit(if live.renderer.json {
-                let mut v = live.renderer.conn_json(c);
-                v["event"] = serde_json::json!("conn");
-                v.to_string()
+                live.renderer.conn_line(c)
             } else {
                 live.renderer.columns(&columns::conn_snapshot_row(now, c))
             })?;
@@ -51,7 +49,7 @@ pub fn run(
         for f in &flows {
             let owner = conns.get(&f.sk);
             emit(if live.renderer.json {
-                live.renderer.udp_flow_json(owner, f).to_string()
+                live.renderer.udp_flow_line(owner, f)
             } else {
                 live.renderer.columns(&columns::udp_flow_row(now, owner, f))
             })?;

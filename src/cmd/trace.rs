@@ -4,8 +4,6 @@ use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use serde_json::json;
-
 use crate::attach::plan::Plan;
 use crate::error::{Context, Result};
 use crate::model::Event;
@@ -122,23 +120,28 @@ fn write_summary(
     summary: &Summary,
     out: &mut dyn Write,
 ) -> Result<()> {
-    let mut attach: serde_json::Map<String, serde_json::Value> = plan
+    // One tier per hook name; a cgroup hook of the same name wins, as it did.
+    let mut attach: std::collections::BTreeMap<&str, &str> = plan
         .hooks
         .iter()
-        .map(|h| (h.hook.name().to_owned(), json!(h.tier)))
+        .map(|h| (h.hook.name(), h.tier.name()))
         .collect();
     for h in cg_hooks {
-        attach.insert(h.name().to_owned(), json!("cgroup"));
+        attach.insert(h.name(), "cgroup");
     }
-    let line = json!({
-        "event": "summary",
-        "events": summary.events,
-        "lost": summary.losses.lost,
-        "malformed": summary.losses.malformed,
-        "untracked": summary.losses.untracked,
-        "udp_untracked": summary.losses.udp_untracked,
-        "missed": summary.losses.missed,
-        "attach": attach,
+    let line = crate::output::json::line(|obj| {
+        obj.plain("event", "summary");
+        obj.uint("events", summary.events);
+        obj.uint("lost", summary.losses.lost);
+        obj.uint("malformed", summary.losses.malformed);
+        obj.uint("untracked", summary.losses.untracked);
+        obj.uint("udp_untracked", summary.losses.udp_untracked);
+        obj.uint("missed", summary.losses.missed);
+        obj.object("attach", |a| {
+            for (hook, tier) in &attach {
+                a.plain(hook, tier);
+            }
+        });
     });
     match writeln!(out, "{line}").and_then(|()| out.flush()) {
         Err(e) if !is_broken_pipe(&e) => Err(e).ctx("writing events"),

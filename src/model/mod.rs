@@ -3,6 +3,7 @@
 
 pub mod cg;
 pub mod names;
+pub mod policy;
 pub mod raw;
 
 pub use names::{errno_name, family_name, known_proto_name, proto_name, tcp_state_name};

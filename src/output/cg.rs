@@ -3,13 +3,12 @@
 
 use std::net::SocketAddr;
 
-use serde_json::{json, Value};
-
 use crate::host::cgroup::CgroupPaths;
 use crate::model::cg::{op_name, CgEvent};
 use crate::model::names::{level_name, type_name};
 use crate::model::{errno_name, family_name, proto_name};
 use crate::output::columns::{self, Row};
+use crate::output::json::line;
 use crate::output::rfc3339::Clock;
 use crate::skel::policy::types::{slp_action, slp_event_kind, slp_mode};
 
@@ -18,63 +17,68 @@ fn opt_errno(ret: i32) -> Option<String> {
     (!n.is_empty()).then_some(n)
 }
 
-/// One JSON object per event, with the fields bind/listen events have.
-pub fn json(clock: &Clock, cgroups: Option<&mut CgroupPaths>, e: &CgEvent) -> Value {
+/// One JSON line per event, with the fields bind/listen events have.
+pub fn json_line(clock: &Clock, cgroups: Option<&mut CgroupPaths>, e: &CgEvent) -> String {
     let cgroup = cgroups.and_then(|c| c.path_of(e.cgroup_id));
-    let mut v = json!({
-        "event": e.name(),
-        "time": clock.iso(e.ts_ns),
-        "time_ns": e.ts_ns,
-        "pid": e.pid,
-        "tid": e.tid,
-        "uid": e.uid,
-        "comm": e.comm,
-        "cgroup_id": e.cgroup_id,
-        "cgroup": cgroup,
-        "netns": e.netns,
-        "family": family_name(e.family),
-        "type": type_name(e.sock_type),
-        "proto": proto_name(e.proto),
-        "attach": "cgroup",
-    });
-    if !matches!(slp_event_kind(e.kind), slp_event_kind::SLP_EV_GETSOCKOPT) {
-        v["cookie"] = json!(e.cookie);
-    }
-    if e.has_addr() {
-        v["addr"] = json!(e.addr.to_string());
-        v["port"] = json!(e.port);
-    }
-    match slp_event_kind(e.kind) {
-        slp_event_kind::SLP_EV_SOCK_RELEASE => {
-            v["lifetime_ns"] = json!((e.lifetime_ns != 0).then_some(e.lifetime_ns));
+    line(|obj| {
+        obj.value("event", &e.name());
+        obj.plain_str("time", |out| clock.write_iso(e.ts_ns, out));
+        obj.uint("time_ns", e.ts_ns);
+        obj.uint("pid", e.pid);
+        obj.uint("tid", e.tid);
+        obj.uint("uid", e.uid);
+        obj.value("comm", &e.comm);
+        obj.uint("cgroup_id", e.cgroup_id);
+        obj.value("cgroup", &cgroup);
+        obj.uint("netns", e.netns);
+        obj.plain("family", family_name(e.family));
+        obj.value("type", &type_name(e.sock_type));
+        obj.value("proto", &proto_name(e.proto));
+        obj.plain("attach", "cgroup");
+        if !matches!(slp_event_kind(e.kind), slp_event_kind::SLP_EV_GETSOCKOPT) {
+            obj.uint("cookie", e.cookie);
         }
-        slp_event_kind::SLP_EV_GETSOCKOPT => {
-            v["level"] = json!(e.level);
-            v["level_name"] = json!(level_name(e.level));
-            v["optname"] = json!(e.optname);
-            v["ret"] = json!(e.ret);
-            v["errno"] = json!(opt_errno(e.ret));
+        if e.has_addr() {
+            obj.ip("addr", e.addr);
+            obj.uint("port", e.port);
         }
-        _ if e.is_verdict() => {
-            v["op"] = json!(op_name(e.op));
-            v["rule_id"] = json!(e.rule_id);
-            v["default"] = json!(e.rule_id == 0);
-            v["mode"] = json!(if u32::from(e.mode) == slp_mode::SLP_MODE_AUDIT.0 {
-                "audit"
-            } else {
-                "enforce"
-            });
-            v["action"] = json!(if u32::from(e.action) == slp_action::SLP_DENY.0 {
-                "deny"
-            } else {
-                "allow"
-            });
-            v["ret"] = json!(e.ret);
-            v["errno"] = json!(opt_errno(e.ret));
+        match slp_event_kind(e.kind) {
+            slp_event_kind::SLP_EV_SOCK_RELEASE => {
+                obj.uint_or_null("lifetime_ns", (e.lifetime_ns != 0).then_some(e.lifetime_ns));
+            }
+            slp_event_kind::SLP_EV_GETSOCKOPT => {
+                obj.value("level", &e.level);
+                obj.value("level_name", &level_name(e.level));
+                obj.value("optname", &e.optname);
+                obj.value("ret", &e.ret);
+                obj.value("errno", &opt_errno(e.ret));
+            }
+            _ if e.is_verdict() => {
+                obj.value("op", &op_name(e.op));
+                obj.uint("rule_id", e.rule_id);
+                obj.bool("default", e.rule_id == 0);
+                obj.plain(
+                    "mode",
+                    if u32::from(e.mode) == slp_mode::SLP_MODE_AUDIT.0 {
+                        "audit"
+                    } else {
+                        "enforce"
+                    },
+                );
+                obj.plain(
+                    "action",
+                    if u32::from(e.action) == slp_action::SLP_DENY.0 {
+                        "deny"
+                    } else {
+                        "allow"
+                    },
+                );
+                obj.value("ret", &e.ret);
+                obj.value("errno", &opt_errno(e.ret));
+            }
+            _ => {}
         }
-        _ => {}
-    }
-    v
+    })
 }
 
 /// The columns form: the address goes in LOCAL (bind, sock_release) or
@@ -167,8 +171,8 @@ mod tests {
         unsafe { plain::as_bytes(r) }.to_vec()
     }
 
-    fn json_of(e: &CgEvent) -> Value {
-        json(&Clock::now(), None, e)
+    fn json_of(e: &CgEvent) -> serde_json::Value {
+        serde_json::from_str(&json_line(&Clock::now(), None, e)).unwrap()
     }
 
     #[test]
@@ -199,7 +203,7 @@ mod tests {
         let Ok(e) = decode(&bytes(&r)) else {
             panic!("decode");
         };
-        assert_eq!(json_of(&e)["lifetime_ns"], Value::Null);
+        assert_eq!(json_of(&e)["lifetime_ns"], serde_json::Value::Null);
     }
 
     #[test]

@@ -130,6 +130,69 @@ impl<'o> JsonObject<'o> {
     pub fn null(&mut self, key: &str) {
         self.key(key).extend_from_slice(b"null");
     }
+
+    /// A nested object member whose members `write` adds.
+    pub fn object(&mut self, key: &str, write: impl FnOnce(&mut JsonObject<'_>)) {
+        let mut inner = JsonObject::new(self.key(key));
+        write(&mut inner);
+        inner.finish();
+    }
+
+    /// An array member whose elements `write` adds.
+    pub fn array(&mut self, key: &str, write: impl FnOnce(&mut JsonArray<'_>)) {
+        let mut inner = JsonArray::new(self.key(key));
+        write(&mut inner);
+        inner.finish();
+    }
+}
+
+/// One JSON object as a `String` (no newline): every JSON line socklens prints
+/// is written through [`JsonObject`], the hot per-event ones and the rare ones alike.
+pub fn line(write: impl FnOnce(&mut JsonObject<'_>)) -> String {
+    let mut out = Vec::with_capacity(256);
+    let mut obj = JsonObject::new(&mut out);
+    write(&mut obj);
+    obj.finish();
+    // Only `str`s, serde_json's output and ASCII go in.
+    String::from_utf8(out).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
+/// An array being written into `out`; `finish` closes it.
+pub struct JsonArray<'o> {
+    out: &'o mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'o> JsonArray<'o> {
+    pub fn new(out: &'o mut Vec<u8>) -> Self {
+        out.push(b'[');
+        Self { out, empty: true }
+    }
+
+    pub fn finish(self) {
+        self.out.push(b']');
+    }
+
+    fn next(&mut self) -> &mut Vec<u8> {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        self.out
+    }
+
+    /// An object element whose members `write` adds.
+    pub fn object(&mut self, write: impl FnOnce(&mut JsonObject<'_>)) {
+        let mut inner = JsonObject::new(self.next());
+        write(&mut inner);
+        inner.finish();
+    }
+
+    /// An element as serde_json writes the value.
+    pub fn value<T: Serialize + ?Sized>(&mut self, value: &T) {
+        let written = serde_json::to_writer(&mut *self.next(), value);
+        debug_assert!(written.is_ok(), "{written:?}");
+    }
 }
 
 /// Appends `len` bytes (at most `MAX`) that `fill` writes in place. Copying

@@ -4,12 +4,11 @@
 pub mod cg;
 pub mod columns;
 pub mod json;
+pub mod policy;
 pub mod rfc3339;
 pub mod top;
 
 pub use rfc3339::Clock;
-
-use serde_json::{json, Value};
 
 use crate::host::cgroup::CgroupPaths;
 use crate::model::{
@@ -17,7 +16,7 @@ use crate::model::{
     SockEvent, SockEventKind, UdpFlow,
 };
 use crate::output::columns::{Layout, Row};
-use crate::output::json::JsonObject;
+use crate::output::json::{line, JsonObject};
 
 /// The columns view's row of any event; each kind's module builds its own.
 pub fn event_row(event: &Event) -> Row {
@@ -49,15 +48,13 @@ impl Renderer {
 
     pub fn render(&mut self, event: &Event) -> String {
         match event {
-            Event::Sock(e) if self.json => self.sock_json(e).to_string(),
+            Event::Sock(e) if self.json => self.sock_line(e),
             Event::Conn(e) if self.json => {
                 let mut line = Vec::new();
                 self.write_conn_event(e, &mut line);
                 utf8(line)
             }
-            Event::Cg(e) if self.json => {
-                cg::json(&self.clock, self.cgroups.as_mut(), e).to_string()
-            }
+            Event::Cg(e) if self.json => cg::json_line(&self.clock, self.cgroups.as_mut(), e),
             _ => self.columns(&event_row(event)),
         }
     }
@@ -75,52 +72,54 @@ impl Renderer {
         self.cgroups.as_mut().and_then(|c| c.path_of(id))
     }
 
-    pub fn sock_json(&mut self, e: &SockEvent) -> Value {
+    /// A bind or listen event as one JSON line.
+    pub fn sock_line(&mut self, e: &SockEvent) -> String {
         let errno = errno_name(e.ret);
-        let mut v = json!({
-            "event": e.kind.name(),
-            "time": self.clock.iso(e.ts_ns),
-            "time_ns": e.ts_ns,
-            "pid": e.pid,
-            "tid": e.tid,
-            "uid": e.uid,
-            "comm": e.comm,
-            "cgroup_id": e.cgroup_id,
-            "cgroup": self.cgroup_path(e.cgroup_id),
-            "netns": e.netns,
-            "family": family_name(e.family),
-            "proto": proto_name(e.proto),
-            "addr": e.addr.to_string(),
-            "port": e.port,
-            "ret": e.ret,
-            "errno": (!errno.is_empty()).then_some(errno),
-            "attach": e.tier,
-        });
-        match e.kind {
-            SockEventKind::Bind => {
-                v["opts"] = json!(e.opts.names());
-                v["bound_dev_if"] = json!(e.bound_dev_if);
+        let cgroup = self.cgroup_path(e.cgroup_id);
+        line(|obj| {
+            obj.plain("event", e.kind.name());
+            obj.plain_str("time", |out| self.clock.write_iso(e.ts_ns, out));
+            obj.uint("time_ns", e.ts_ns);
+            obj.uint("pid", e.pid);
+            obj.uint("tid", e.tid);
+            obj.uint("uid", e.uid);
+            obj.value("comm", &e.comm);
+            obj.uint("cgroup_id", e.cgroup_id);
+            obj.value("cgroup", &cgroup);
+            obj.uint("netns", e.netns);
+            obj.plain("family", family_name(e.family));
+            obj.value("proto", &proto_name(e.proto));
+            obj.ip("addr", e.addr);
+            obj.uint("port", e.port);
+            obj.value("ret", &e.ret);
+            obj.value("errno", &(!errno.is_empty()).then_some(errno));
+            obj.plain("attach", e.tier.name());
+            match e.kind {
+                SockEventKind::Bind => {
+                    obj.value("opts", &e.opts.names());
+                    obj.uint("bound_dev_if", e.bound_dev_if);
+                }
+                SockEventKind::Listen => {
+                    obj.value("backlog_requested", &e.backlog_req);
+                    obj.uint("backlog", e.backlog);
+                }
             }
-            SockEventKind::Listen => {
-                v["backlog_requested"] = json!(e.backlog_req);
-                v["backlog"] = json!(e.backlog);
-            }
-        }
-        v
+        })
     }
 
     /// Every field of a tracked connection, shared by events and snapshots.
-    pub fn conn_json(&mut self, c: &Conn) -> Value {
-        let mut text = Vec::new();
-        let mut obj = JsonObject::new(&mut text);
+    /// A connection of a `conns` snapshot as one JSON line.
+    pub fn conn_line(&mut self, c: &Conn) -> String {
+        let mut out = Vec::with_capacity(512);
+        let mut obj = JsonObject::new(&mut out);
+        obj.plain("event", "conn");
         self.write_conn_members(&mut obj, c);
         obj.finish();
-        serde_json::from_slice(&text).unwrap_or(Value::Null)
+        utf8(out)
     }
 
     /// A connection's members, in the order of the interface.
     fn write_conn_members(&mut self, obj: &mut JsonObject<'_>, c: &Conn) {
-        let owner = c.owner_known;
         obj.hex("sk", c.sk);
         obj.uint("cookie", c.cookie);
         obj.plain("family", family_name(c.family));
@@ -135,15 +134,7 @@ impl Renderer {
         obj.uint("netns", c.netns);
         obj.plain("direction", c.direction.json_name());
         obj.plain("state", tcp_state_name(c.state));
-        obj.uint_or_null("pid", owner.then_some(c.pid));
-        obj.value("comm", &owner.then_some(c.comm.as_str()));
-        obj.uint_or_null("uid", owner.then_some(c.uid));
-        obj.uint_or_null("cgroup_id", owner.then_some(c.cgroup_id));
-        let cgroup = match &mut self.cgroups {
-            Some(paths) if owner => paths.path_ref(c.cgroup_id),
-            _ => None,
-        };
-        obj.value("cgroup", &cgroup);
+        self.write_owner_members(obj, c);
         obj.uint("tx_bytes", c.tx_bytes);
         obj.uint("rx_bytes", c.rx_bytes);
         let tcp = c.proto == libc::IPPROTO_TCP as u16;
@@ -167,6 +158,20 @@ impl Renderer {
         }
     }
 
+    /// Who owns a connection: null members where no hook saw the owner.
+    fn write_owner_members(&mut self, obj: &mut JsonObject<'_>, c: &Conn) {
+        let owner = c.owner_known;
+        obj.uint_or_null("pid", owner.then_some(c.pid));
+        obj.value("comm", &owner.then_some(c.comm.as_str()));
+        obj.uint_or_null("uid", owner.then_some(c.uid));
+        obj.uint_or_null("cgroup_id", owner.then_some(c.cgroup_id));
+        let cgroup = match &mut self.cgroups {
+            Some(paths) if owner => paths.path_ref(c.cgroup_id),
+            _ => None,
+        };
+        obj.value("cgroup", &cgroup);
+    }
+
     /// A timestamp member, null for 0 (not known).
     fn write_time_or_null(&self, obj: &mut JsonObject<'_>, key: &str, mono_ns: u64) {
         match mono_ns {
@@ -186,37 +191,44 @@ impl Renderer {
         obj.finish();
     }
 
-    pub fn udp_flow_json(&mut self, owner: Option<&Conn>, f: &UdpFlow) -> Value {
-        let mut v = owner
-            .map(|c| self.conn_json(c))
-            .unwrap_or_else(|| json!({}));
-        for k in [
-            "state",
-            "daddr",
-            "dport",
-            "retransmits",
-            "srtt_us",
-            "rttvar_us",
-            "sendfile_bytes",
-            "failure",
-        ] {
-            if let Some(obj) = v.as_object_mut() {
-                obj.remove(k);
+    /// One peer of a UDP socket in a `conns` snapshot as one JSON line: the
+    /// socket's own members (when it is tracked) and the flow's.
+    pub fn udp_flow_line(&mut self, owner: Option<&Conn>, f: &UdpFlow) -> String {
+        let mut out = Vec::with_capacity(512);
+        let mut obj = JsonObject::new(&mut out);
+        obj.plain("event", "udp_flow");
+        obj.hex("sk", f.sk);
+        obj.plain("proto", "udp");
+        if let Some(c) = owner {
+            obj.uint("cookie", c.cookie);
+            obj.plain("family", family_name(c.family));
+            obj.ip("saddr", c.saddr);
+            obj.uint("sport", c.sport);
+            obj.uint("netns", c.netns);
+            self.write_owner_members(&mut obj, c);
+            obj.null("tx_total");
+            obj.null("rx_total");
+            self.write_time_or_null(&mut obj, "end", c.end_ns);
+            obj.value("duration_ms", &c.duration_ms());
+            obj.bool("seeded", c.seeded);
+            if c.found_late {
+                obj.bool("found_late", true);
+            }
+            if c.closed_at_destroy {
+                obj.bool("close_at_destroy", true);
             }
         }
-        v["event"] = json!("udp_flow");
-        v["proto"] = json!("udp");
-        v["sk"] = json!(format!("{:#x}", f.sk));
-        v["peer"] = json!(f.peer.to_string());
-        v["peer_port"] = json!(f.peer_port);
-        v["direction"] = json!(f.direction);
-        v["tx_bytes"] = json!(f.tx_bytes);
-        v["rx_bytes"] = json!(f.rx_bytes);
-        v["tx_packets"] = json!(f.tx_packets);
-        v["rx_packets"] = json!(f.rx_packets);
-        v["start"] = json!(self.clock.iso(f.first_ns));
-        v["last"] = json!(self.clock.iso(f.last_ns));
-        v
+        obj.ip("peer", f.peer);
+        obj.uint("peer_port", f.peer_port);
+        obj.value("direction", &f.direction);
+        obj.uint("tx_bytes", f.tx_bytes);
+        obj.uint("rx_bytes", f.rx_bytes);
+        obj.uint("tx_packets", f.tx_packets);
+        obj.uint("rx_packets", f.rx_packets);
+        obj.value("start", &self.clock.iso(f.first_ns));
+        obj.value("last", &self.clock.iso(f.last_ns));
+        obj.finish();
+        utf8(out)
     }
 }
 
@@ -272,14 +284,15 @@ mod tests {
 
     #[test]
     fn listen_json_has_both_backlogs() {
-        let v = renderer(true).sock_json(&listen_event());
+        let v: serde_json::Value =
+            serde_json::from_str(&renderer(true).sock_line(&listen_event())).unwrap();
         assert_eq!(v["event"], "listen");
         assert_eq!(v["family"], "inet6");
         assert_eq!(v["proto"], "tcp");
         assert_eq!(v["addr"], "::1");
         assert_eq!(v["backlog_requested"], 100_000);
         assert_eq!(v["backlog"], 4096);
-        assert_eq!(v["errno"], Value::Null);
+        assert_eq!(v["errno"], serde_json::Value::Null);
         assert_eq!(v["attach"], "tracepoint");
         assert_eq!(v["time"], "2023-11-14T22:13:20.000001Z");
         assert!(v.get("opts").is_none());
@@ -386,14 +399,17 @@ mod tests {
     }
 
     #[test]
-    fn conn_json_is_the_event_line_without_the_event_fields() {
+    fn snapshot_line_is_the_event_line_without_the_event_fields() {
+        use serde_json::Value;
         let mut r = renderer(true);
         for e in conn_events(7) {
             let mut line: Value = serde_json::from_str(&r.render(&Event::Conn(e.clone()))).unwrap();
-            for k in ["event", "time", "time_ns", "attach"] {
+            for k in ["time", "time_ns", "attach"] {
                 line.as_object_mut().unwrap().remove(k);
             }
-            assert_eq!(r.conn_json(&e.conn), line);
+            line["event"] = "conn".into();
+            let snapshot: Value = serde_json::from_str(&r.conn_line(&e.conn)).unwrap();
+            assert_eq!(snapshot, line);
         }
     }
 

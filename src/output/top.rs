@@ -4,12 +4,12 @@ use std::io::{self, Write};
 use std::net::IpAddr;
 use std::time::Duration;
 
-use serde_json::{json, Value};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use crate::accounting::{Activity, GroupBy, Key, Report, Row, Totals, View};
 use crate::model::{family_name, proto_name, tcp_state_name, Conn};
+use crate::output::json::{line, JsonObject};
 use crate::output::{socket_addr, Renderer};
 
 const IPPROTO_UDP: u16 = libc::IPPROTO_UDP as u16;
@@ -136,9 +136,9 @@ fn lifetime(a: &Activity, total: u64) -> String {
     crate::output::columns::bytes(total)
 }
 
-fn lifetime_json(a: &Activity, total: u64) -> Value {
+fn lifetime_json(a: &Activity, total: u64) -> Option<u64> {
     let tcp = a.peer.is_none() && a.conn.proto == IPPROTO_TCP;
-    json!(tcp.then_some(total))
+    tcp.then_some(total)
 }
 
 fn cgroup_name(renderer: &mut Renderer, id: Option<u64>) -> Option<String> {
@@ -292,81 +292,89 @@ fn round1(v: f64) -> f64 {
     (v * 10.0).round() / 10.0
 }
 
-fn key_json(row: &Row, renderer: &mut Renderer) -> Value {
+fn write_key(obj: &mut JsonObject<'_>, row: &Row, renderer: &mut Renderer) {
     let c = &row.sample.conn;
     let owner = c.owner_known;
     match row.key {
         Key::Conn { .. } => {
             let (peer, port) = remote(&row.sample);
-            json!({
-                "sk": format!("{:#x}", c.sk),
-                "family": family_name(c.family),
-                "proto": proto_name(c.proto),
-                "saddr": c.saddr.to_string(),
-                "sport": c.sport,
-                "daddr": peer.to_string(),
-                "dport": port,
-                "netns": c.netns,
-                "direction": c.direction,
-                "state": conn_state(&row.sample),
-                "tx_total": lifetime_json(&row.sample, c.tx_total),
-                "rx_total": lifetime_json(&row.sample, c.rx_total),
-                "pid": owner.then_some(c.pid),
-                "comm": owner.then(|| c.comm.clone()),
-                "cgroup_id": owner.then_some(c.cgroup_id),
-                "cgroup": cgroup_name(renderer, owner.then_some(c.cgroup_id)),
-            })
+            obj.hex("sk", c.sk);
+            obj.plain("family", family_name(c.family));
+            obj.value("proto", &proto_name(c.proto));
+            obj.ip("saddr", c.saddr);
+            obj.uint("sport", c.sport);
+            obj.ip("daddr", peer);
+            obj.uint("dport", port);
+            obj.uint("netns", c.netns);
+            obj.value("direction", &c.direction);
+            obj.value("state", &conn_state(&row.sample));
+            obj.uint_or_null("tx_total", lifetime_json(&row.sample, c.tx_total));
+            obj.uint_or_null("rx_total", lifetime_json(&row.sample, c.rx_total));
+            obj.uint_or_null("pid", owner.then_some(c.pid));
+            obj.value("comm", &owner.then_some(c.comm.as_str()));
+            obj.uint_or_null("cgroup_id", owner.then_some(c.cgroup_id));
+            obj.value(
+                "cgroup",
+                &cgroup_name(renderer, owner.then_some(c.cgroup_id)),
+            );
         }
-        Key::Process { pid } => json!({
-            "pid": pid,
-            "comm": owner.then(|| c.comm.clone()),
-        }),
-        Key::Cgroup { id } => json!({
-            "cgroup_id": id,
-            "cgroup": cgroup_name(renderer, id),
-        }),
+        Key::Process { pid } => {
+            obj.value("pid", &pid);
+            obj.value("comm", &owner.then_some(c.comm.as_str()));
+        }
+        Key::Cgroup { id } => {
+            obj.value("cgroup_id", &id);
+            obj.value("cgroup", &cgroup_name(renderer, id));
+        }
     }
 }
 
-fn json_row(report: &Report, view: View, row: &Row, renderer: &mut Renderer) -> Value {
-    let mut v = key_json(row, renderer);
-    v["event"] = json!("top");
-    v["interval"] = json!(report.index);
-    v["interval_s"] = json!(report.elapsed.as_secs_f64());
-    v["time"] = json!(report.time.format(&Rfc3339).unwrap_or_default());
-    v["by"] = json!(view.by.name());
-    v["conns"] = json!(row.conns);
-    v["closed"] = json!(row.closed);
-    v["tx_bytes"] = json!(row.delta.tx);
-    v["rx_bytes"] = json!(row.delta.rx);
-    v["tx_bytes_per_s"] = json!(round1(per_second(row.delta.tx, report.elapsed)));
-    v["rx_bytes_per_s"] = json!(round1(per_second(row.delta.rx, report.elapsed)));
-    v["retransmits"] = json!(row.delta.retrans);
-    v
+fn json_row(report: &Report, view: View, row: &Row, renderer: &mut Renderer) -> String {
+    line(|obj| {
+        obj.plain("event", "top");
+        obj.uint("interval", report.index);
+        obj.value("interval_s", &report.elapsed.as_secs_f64());
+        obj.value("time", &report.time.format(&Rfc3339).unwrap_or_default());
+        obj.plain("by", view.by.name());
+        write_key(obj, row, renderer);
+        obj.value("conns", &row.conns);
+        obj.value("closed", &row.closed);
+        obj.uint("tx_bytes", row.delta.tx);
+        obj.uint("rx_bytes", row.delta.rx);
+        obj.value(
+            "tx_bytes_per_s",
+            &round1(per_second(row.delta.tx, report.elapsed)),
+        );
+        obj.value(
+            "rx_bytes_per_s",
+            &round1(per_second(row.delta.rx, report.elapsed)),
+        );
+        obj.uint("retransmits", row.delta.retrans);
+    })
 }
 
-fn json_totals(report: &Report, view: View, rows: usize) -> Value {
+fn json_totals(report: &Report, view: View, rows: usize) -> String {
     let t = &report.totals;
-    json!({
-        "event": "top_interval",
-        "interval": report.index,
-        "interval_s": report.elapsed.as_secs_f64(),
-        "time": report.time.format(&Rfc3339).unwrap_or_default(),
-        "by": view.by.name(),
-        "sort": view.sort.name(),
-        "rows": rows,
-        "tracked": t.tracked,
-        "listening": t.listening,
-        "udp_flows": t.udp_flows,
-        "closed": t.closed,
-        "tx_bytes": t.delta.tx,
-        "rx_bytes": t.delta.rx,
-        "retransmits": t.delta.retrans,
-        "lost": t.losses.lost,
-        "malformed": t.losses.malformed,
-        "untracked": t.losses.untracked,
-        "udp_untracked": t.losses.udp_untracked,
-        "missed": t.losses.missed,
+    line(|obj| {
+        obj.plain("event", "top_interval");
+        obj.uint("interval", report.index);
+        obj.value("interval_s", &report.elapsed.as_secs_f64());
+        obj.value("time", &report.time.format(&Rfc3339).unwrap_or_default());
+        obj.plain("by", view.by.name());
+        obj.plain("sort", view.sort.name());
+        obj.value("rows", &rows);
+        obj.value("tracked", &t.tracked);
+        obj.value("listening", &t.listening);
+        obj.value("udp_flows", &t.udp_flows);
+        obj.value("closed", &t.closed);
+        obj.uint("tx_bytes", t.delta.tx);
+        obj.uint("rx_bytes", t.delta.rx);
+        obj.uint("retransmits", t.delta.retrans);
+        obj.uint("lost", t.losses.lost);
+        obj.uint("malformed", t.losses.malformed);
+        obj.uint("untracked", t.losses.untracked);
+        obj.uint("udp_untracked", t.losses.udp_untracked);
+        obj.uint("missed", t.losses.missed);
     })
 }
 
@@ -453,7 +461,7 @@ mod tests {
         };
         let mut out = Vec::new();
         write_json(&r, view, &mut renderer(), &mut out).unwrap();
-        let lines: Vec<Value> = String::from_utf8(out)
+        let lines: Vec<serde_json::Value> = String::from_utf8(out)
             .unwrap()
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -473,11 +481,11 @@ mod tests {
             sort: SortKey::Rx,
         };
         write_json(&r, by_conn, &mut renderer(), &mut out).unwrap();
-        let conn_row: Value =
+        let conn_row: serde_json::Value =
             serde_json::from_slice(out.split(|&b| b == b'\n').next().unwrap()).unwrap();
         assert_eq!(
             (&conn_row["tx_total"], &conn_row["rx_total"]),
-            (&json!(300), &json!(100))
+            (&serde_json::json!(300), &serde_json::json!(100))
         );
         assert_eq!(row["tx_bytes_per_s"], 150.0);
         assert_eq!(row["closed"], 1);

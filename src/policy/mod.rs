@@ -20,8 +20,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::model::policy::{PolicyView, RuleTarget, RuleView, ScopeView};
 use libbpf_rs::RingBufferBuilder;
-use serde_json::{json, Value};
 
 use crate::error::{Context, Error, Result};
 use crate::host::cgroup::CgroupPaths;
@@ -219,7 +219,7 @@ fn mode_name(m: u8) -> &'static str {
 }
 
 /// The policy in force, read back from the pinned maps, with per-rule counters.
-pub fn show_value() -> Result<Option<Value>> {
+pub fn show_view() -> Result<Option<PolicyView>> {
     let Some(maps) = state::PinnedMaps::open()? else {
         return Ok(None);
     };
@@ -227,184 +227,91 @@ pub fn show_value() -> Result<Option<Value>> {
     let gen = cfg.r#gen & 1;
     let mut paths = system::cgroup2_root().map(CgroupPaths::new);
     let mut path_of = |id: u64| paths.as_mut().and_then(|p| p.path_of(id));
-    let links: Vec<Value> = pinned::pins()
+    let links = pinned::pins()
         .pinned_links()?
         .iter()
         .map(|(name, link)| {
-            json!({
-                "program": name,
-                "cgroup_id": crate::attach::cgroup_attach::link_cgroup(link),
-            })
+            (
+                name.clone(),
+                crate::attach::cgroup_attach::link_cgroup(link),
+            )
         })
         .collect();
-    let (live, made) = svcmaps::xlate_stats()?;
+    let (translated_live, translated_total) = svcmaps::xlate_stats()?;
     let nscopes = cfg.nscopes[gen as usize];
     let nrules = cfg.nrules[gen as usize];
-    let mut scopes: Vec<Value> = Vec::new();
+    let mut scopes = Vec::new();
     for i in 0..nscopes {
         let Some(s) = maps.scope(gen, i) else {
             continue;
         };
-        scopes.push(json!({
-            "index": s.index,
-            "name": crate::model::c_string(&s.name),
-            "cgroup": path_of(s.cgroup_id),
-            "cgroups": s.ncgroups,
-            "mode": mode_name(s.mode),
-            "default": action_name(s.dflt),
-            "default_hits": maps.counter(gen, slp_limit::SLP_MAX_RULES.0 + i),
-            "rules": [],
-        }));
+        scopes.push(ScopeView {
+            index: u32::from(s.index),
+            name: crate::model::c_string(&s.name).to_string(),
+            cgroup: path_of(s.cgroup_id),
+            cgroups: s.ncgroups,
+            mode: mode_name(s.mode),
+            default: action_name(s.dflt),
+            default_hits: maps.counter(gen, slp_limit::SLP_MAX_RULES.0 + i),
+            rules: Vec::new(),
+        });
     }
+    let any = |known: bool, name: String| if known { name } else { "any".to_owned() };
     for slot in 0..nrules {
         let Some(r) = maps.rule(gen, slot) else {
             continue;
         };
-        let mut v = json!({
-            "id": r.rule_id,
-            "line": r.line,
-            "action": action_name(r.action),
-            "on": ops_names(r.ops),
-            "hits": maps.counter(gen, slot),
-        });
-        if r.ops & (1 << slp_op::SLP_OP_CREATE.0) != 0 {
-            v["family"] = json!(match i32::from(r.family) {
-                0 => "any".to_owned(),
-                f => crate::model::family_name(f as u16).to_owned(),
-            });
-            v["type"] = json!(match r.sock_type {
-                0 => "any".to_owned(),
-                t => type_name(u16::from(t)),
-            });
-        } else {
-            v["cidr"] = json!(if r.prefix == u8::MAX {
-                "any".to_owned()
-            } else {
-                let addr: IpAddr = ip_from(u16::from(r.family), &r.addr);
-                format!("{addr}/{}", r.prefix)
-            });
-            v["ports"] = json!(format!("{}-{}", r.port_lo, r.port_hi));
-        }
-        v["proto"] = json!(if r.proto == u16::MAX {
-            "any".to_owned()
-        } else {
-            crate::model::proto_name(r.proto)
-        });
-        if let Some(scope) = scopes.get_mut(usize::from(r.scope)) {
-            if let Some(list) = scope["rules"].as_array_mut() {
-                list.push(v);
+        let target = if r.ops & (1 << slp_op::SLP_OP_CREATE.0) != 0 {
+            RuleTarget::Create {
+                family: any(
+                    r.family != 0,
+                    crate::model::family_name(r.family as u16).to_owned(),
+                ),
+                sock_type: any(r.sock_type != 0, type_name(u16::from(r.sock_type))),
             }
+        } else {
+            let addr: IpAddr = ip_from(u16::from(r.family), &r.addr);
+            RuleTarget::Addr {
+                cidr: any(r.prefix != u8::MAX, format!("{addr}/{}", r.prefix)),
+                ports: format!("{}-{}", r.port_lo, r.port_hi),
+            }
+        };
+        let rule = RuleView {
+            id: r.rule_id,
+            line: r.line,
+            action: action_name(r.action),
+            on: ops_names(r.ops),
+            hits: maps.counter(gen, slot),
+            target,
+            proto: any(r.proto != u16::MAX, crate::model::proto_name(r.proto)),
+        };
+        if let Some(scope) = scopes.get_mut(usize::from(r.scope)) {
+            scope.rules.push(rule);
         }
     }
-    Ok(Some(json!({
-        "generation": gen,
-        "attach": {
-            "cgroup_id": cfg.attach_cgroup_id,
-            "cgroup": path_of(cfg.attach_cgroup_id),
-        },
-        "links": links,
-        "events_lost": maps.lost(),
-        "scopes": scopes,
-        "services": svcmaps::show(gen)?,
-        "translated_sockets": {"live": live, "total": made},
-    })))
+    Ok(Some(PolicyView {
+        generation: gen,
+        attach_cgroup_id: cfg.attach_cgroup_id,
+        attach_cgroup: path_of(cfg.attach_cgroup_id),
+        links,
+        events_lost: maps.lost(),
+        scopes,
+        services: svcmaps::show(gen)?,
+        translated_live,
+        translated_total,
+    }))
 }
 
 /// `policy show`: text, or JSON with `--json`.
 pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
-    let Some(v) = show_value()? else {
-        if json_out {
-            writeln!(out, "{}", json!({"policy": null})).ctx("writing output")?;
-        } else {
-            writeln!(out, "no policy is applied").ctx("writing output")?;
-        }
-        return Ok(());
-    };
+    let view = show_view()?;
     if json_out {
-        return writeln!(out, "{v}").ctx("writing output");
-    }
-    let s = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "?".to_owned(),
-        other => other.to_string(),
-    };
-    writeln!(
-        out,
-        "policy in force: generation {}, attached at {} ({} links), {} events lost",
-        v["generation"],
-        s(&v["attach"]["cgroup"]),
-        v["links"].as_array().map_or(0, Vec::len),
-        v["events_lost"]
-    )
-    .ctx("writing output")?;
-    for sc in v["scopes"].as_array().into_iter().flatten() {
-        writeln!(
-            out,
-            "scope {} ({} cgroups): mode {}, default {} (hits {})",
-            s(&sc["name"]),
-            sc["cgroups"],
-            s(&sc["mode"]),
-            s(&sc["default"]),
-            sc["default_hits"]
-        )
-        .ctx("writing output")?;
-        for r in sc["rules"].as_array().into_iter().flatten() {
-            let on: Vec<String> = r["on"].as_array().into_iter().flatten().map(s).collect();
-            let target = if r.get("cidr").is_some() {
-                format!(
-                    "{} ports {} proto {}",
-                    s(&r["cidr"]),
-                    s(&r["ports"]),
-                    s(&r["proto"])
-                )
-            } else {
-                format!(
-                    "family {} type {} proto {}",
-                    s(&r["family"]),
-                    s(&r["type"]),
-                    s(&r["proto"])
-                )
-            };
-            writeln!(
-                out,
-                "  rule {:>6} line {:>5}  {:<5} {:<22} {target}  hits {}",
-                r["id"],
-                r["line"],
-                s(&r["action"]),
-                on.join(","),
-                r["hits"]
-            )
-            .ctx("writing output")?;
+        writeln!(out, "{}", crate::output::policy::json(view.as_ref())).ctx("writing output")?;
+    } else {
+        for line in crate::output::policy::text(view.as_ref()) {
+            writeln!(out, "{line}").ctx("writing output")?;
         }
     }
-    for sv in v["services"].as_array().into_iter().flatten() {
-        writeln!(
-            out,
-            "service {} {} (line {}): netns {}, failed picks {}",
-            s(&sv["address"]),
-            s(&sv["proto"]),
-            sv["line"],
-            s(&sv["netns"]),
-            sv["failed_picks"]
-        )
-        .ctx("writing output")?;
-        for b in sv["backends"].as_array().into_iter().flatten() {
-            writeln!(
-                out,
-                "  backend {:<40} weight {:>5}  picks {}",
-                s(&b["address"]),
-                b["weight"],
-                b["picks"]
-            )
-            .ctx("writing output")?;
-        }
-    }
-    writeln!(
-        out,
-        "translated sockets: {} open, {} since apply",
-        v["translated_sockets"]["live"], v["translated_sockets"]["total"]
-    )
-    .ctx("writing output")?;
     Ok(())
 }

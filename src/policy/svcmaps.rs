@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use crate::model::policy::{BackendView, ServiceView};
 use libbpf_rs::{MapCore, MapFlags, MapHandle};
-use serde_json::{json, Value};
 
 use crate::error::{Context, Error, Result};
 use crate::policy::compile::SvcTables;
@@ -334,7 +334,7 @@ pub fn xlate_stats() -> Result<(i64, i64)> {
 }
 
 /// The services of generation `gen`, with per-backend counters, for show.
-pub fn show(gen: u32) -> Result<Value> {
+pub fn show(gen: u32) -> Result<Vec<ServiceView>> {
     use crate::skel::percpu_sum;
     let svc = open_pinned("slp_svc")?;
     let info = open_pinned("slp_svc_info")?;
@@ -357,32 +357,28 @@ pub fn show(gen: u32) -> Result<Value> {
                 continue;
             };
             let bip = crate::model::ip_from(b.family, &b.addr);
-            bl.push(json!({
-                "address": SocketAddr::new(bip, b.port).to_string(),
-                "weight": b.weight,
-                "terminate": b.flags & slp_backend_flags::SLP_BE_TERMINATE.0 as u16 != 0,
-                "line": b.line,
-                "picks": percpu_sum(&counters, c0 + j),
-            }));
+            bl.push(BackendView {
+                address: SocketAddr::new(bip, b.port).to_string(),
+                weight: u32::from(b.weight),
+                terminate: b.flags & slp_backend_flags::SLP_BE_TERMINATE.0 as u16 != 0,
+                line: b.line,
+                picks: percpu_sum(&counters, c0 + j),
+            });
         }
-        let proto = match s.protos {
-            1 => "tcp",
-            2 => "udp",
-            _ => "both",
-        };
-        list.push(json!({
-            "address": SocketAddr::new(ip, s.port).to_string(),
-            "proto": proto,
-            "line": s.line,
-            "netns": if s.flags & slp_svc_flags::SLP_SVC_ANY_NETNS.0 as u8 != 0 {
-                json!("any")
-            } else {
-                json!(s.netns_cookie)
+        list.push(ServiceView {
+            address: SocketAddr::new(ip, s.port).to_string(),
+            proto: match s.protos {
+                1 => "tcp",
+                2 => "udp",
+                _ => "both",
             },
-            "cgroup_id": s.cgroup_id,
-            "failed_picks": percpu_sum(&counters, c0 + slp_svc_limit::SLP_MAX_BACKENDS.0 + i),
-            "backends": bl,
-        }));
+            line: s.line,
+            netns_cookie: (s.flags & slp_svc_flags::SLP_SVC_ANY_NETNS.0 as u8 == 0)
+                .then_some(s.netns_cookie),
+            cgroup_id: s.cgroup_id,
+            failed_picks: percpu_sum(&counters, c0 + slp_svc_limit::SLP_MAX_BACKENDS.0 + i),
+            backends: bl,
+        });
     }
-    Ok(Value::Array(list))
+    Ok(list)
 }
