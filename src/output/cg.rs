@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use serde_json::{json, Value};
 
 use crate::host::cgroup::CgroupPaths;
-use crate::model::cg::{op_name, CgEvent};
+use crate::model::cg::{op_name, steer_name, CgEvent};
 use crate::model::names::{level_name, type_name};
 use crate::model::{errno_name, family_name, proto_name};
 use crate::output::columns::{self, Row};
@@ -54,6 +54,11 @@ pub fn json(clock: &Clock, cgroups: Option<&mut CgroupPaths>, e: &CgEvent) -> Va
             v["optname"] = json!(e.optname);
             v["ret"] = json!(e.ret);
             v["errno"] = json!(opt_errno(e.ret));
+        }
+        slp_event_kind::SLP_EV_TRANSLATE => {
+            v["steered"] = json!(steer_name(e.steer));
+            v["real_addr"] = json!(e.real_addr.to_string());
+            v["real_port"] = json!(e.real_port);
         }
         _ if e.is_verdict() => {
             v["op"] = json!(op_name(e.op));
@@ -128,6 +133,13 @@ pub fn row(e: &CgEvent) -> Row {
         slp_event_kind::SLP_EV_SOCK_RELEASE if e.lifetime_ns != 0 => {
             row.kv("life", columns::duration_ns(e.lifetime_ns));
         }
+        slp_event_kind::SLP_EV_TRANSLATE => {
+            row.kv(
+                steer_name(e.steer),
+                SocketAddr::new(e.real_addr, e.real_port),
+            );
+            row.kv("cookie", e.cookie);
+        }
         _ => {}
     }
     columns::proto_unless_tcp(&mut row, e.proto);
@@ -200,6 +212,31 @@ mod tests {
             panic!("decode");
         };
         assert_eq!(json_of(&e)["lifetime_ns"], Value::Null);
+    }
+
+    #[test]
+    fn translate_names_the_service_and_the_backend() {
+        let mut r = raw(slp_event_kind::SLP_EV_TRANSLATE);
+        r.family = libc::AF_INET as u16;
+        r.addr = [198, 51, 100, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        r.port = 80;
+        r.real_addr = [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        r.real_port = 8080;
+        r.steer = 1;
+        r.cookie = 77;
+        let Ok(e) = decode(&bytes(&r)) else {
+            panic!("decode");
+        };
+        let v = json_of(&e);
+        assert_eq!(v["event"], "translate");
+        assert_eq!(v["addr"], "198.51.100.10");
+        assert_eq!(v["port"], 80);
+        assert_eq!(v["real_addr"], "10.0.0.2");
+        assert_eq!(v["real_port"], 8080);
+        assert_eq!(v["steered"], "service");
+        assert_eq!(v["cookie"], 77);
+        let row = row(&e);
+        assert_eq!(row.remote, Some("198.51.100.10:80".parse().unwrap()));
     }
 
     #[test]

@@ -132,6 +132,11 @@ impl Renderer {
         obj.uint("sport", c.sport);
         obj.ip("daddr", c.daddr);
         obj.uint("dport", c.dport);
+        if let Some(s) = &c.steer {
+            obj.plain("steered", s.kind);
+            obj.ip("orig_addr", s.addr);
+            obj.uint("orig_port", s.port);
+        }
         obj.uint("netns", c.netns);
         obj.plain("direction", c.direction.json_name());
         obj.plain("state", tcp_state_name(c.state));

@@ -79,7 +79,7 @@ fn in_netns<T: Send>(p: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T
 }
 
 /// Map names the services add to the policy's pinned set.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     "slp_svc",
     "slp_slots",
     "slp_backends",
@@ -87,6 +87,7 @@ pub const PINNED_MAPS: [&str; 7] = [
     "slp_svc_counters",
     "slp_xlate",
     "slp_xlate_stats",
+    "slp_watch",
 ];
 
 /// The maps `write` fills, from the loaded skeleton or opened by pin path.
@@ -317,6 +318,14 @@ fn open_pinned(name: &str) -> Result<MapHandle> {
     })
 }
 
+/// Asks the policy programs for a translate record per translation until
+/// CLOCK_MONOTONIC `until_ns` (the `slp_watch` lease); 0 stops them.
+pub fn watch_translations(until_ns: u64) -> Result<()> {
+    open_pinned("slp_watch")?
+        .update(&0u32.to_ne_bytes(), &until_ns.to_ne_bytes(), MapFlags::ANY)
+        .ctx("writing slp_watch")
+}
+
 /// Sockets holding translation state now, and ever.
 pub fn xlate_stats() -> Result<(i64, i64)> {
     let m = open_pinned("slp_xlate_stats")?;
@@ -333,8 +342,29 @@ pub fn xlate_stats() -> Result<(i64, i64)> {
     ))
 }
 
-/// The services of generation `gen`, with per-backend counters, for show.
-pub fn show(gen: u32) -> Result<Value> {
+/// One backend of a service as the maps hold it, with its picks.
+pub struct BackendView {
+    pub address: SocketAddr,
+    pub weight: u16,
+    pub terminate: bool,
+    pub line: u32,
+    pub picks: u64,
+}
+
+/// One service of a generation, with its counters (since that generation's apply).
+pub struct ServiceView {
+    pub address: SocketAddr,
+    pub proto: &'static str,
+    pub line: u32,
+    pub any_netns: bool,
+    pub netns_cookie: u64,
+    pub cgroup_id: u64,
+    pub failed_picks: u64,
+    pub backends: Vec<BackendView>,
+}
+
+/// The services of generation `gen`, with per-backend counters.
+pub fn services(gen: u32) -> Result<Vec<ServiceView>> {
     use crate::skel::percpu_sum;
     let svc = open_pinned("slp_svc")?;
     let info = open_pinned("slp_svc_info")?;
@@ -356,33 +386,60 @@ pub fn show(gen: u32) -> Result<Value> {
             else {
                 continue;
             };
-            let bip = crate::model::ip_from(b.family, &b.addr);
-            bl.push(json!({
-                "address": SocketAddr::new(bip, b.port).to_string(),
-                "weight": b.weight,
-                "terminate": b.flags & slp_backend_flags::SLP_BE_TERMINATE.0 as u16 != 0,
-                "line": b.line,
-                "picks": percpu_sum(&counters, c0 + j),
-            }));
+            bl.push(BackendView {
+                address: SocketAddr::new(crate::model::ip_from(b.family, &b.addr), b.port),
+                weight: b.weight,
+                terminate: b.flags & slp_backend_flags::SLP_BE_TERMINATE.0 as u16 != 0,
+                line: b.line,
+                picks: percpu_sum(&counters, c0 + j),
+            });
         }
-        let proto = match s.protos {
-            1 => "tcp",
-            2 => "udp",
-            _ => "both",
-        };
-        list.push(json!({
-            "address": SocketAddr::new(ip, s.port).to_string(),
-            "proto": proto,
-            "line": s.line,
-            "netns": if s.flags & slp_svc_flags::SLP_SVC_ANY_NETNS.0 as u8 != 0 {
-                json!("any")
-            } else {
-                json!(s.netns_cookie)
+        list.push(ServiceView {
+            address: SocketAddr::new(ip, s.port),
+            proto: match s.protos {
+                1 => "tcp",
+                2 => "udp",
+                _ => "both",
             },
-            "cgroup_id": s.cgroup_id,
-            "failed_picks": percpu_sum(&counters, c0 + slp_svc_limit::SLP_MAX_BACKENDS.0 + i),
-            "backends": bl,
-        }));
+            line: s.line,
+            any_netns: s.flags & slp_svc_flags::SLP_SVC_ANY_NETNS.0 as u8 != 0,
+            netns_cookie: s.netns_cookie,
+            cgroup_id: s.cgroup_id,
+            failed_picks: percpu_sum(&counters, c0 + slp_svc_limit::SLP_MAX_BACKENDS.0 + i),
+            backends: bl,
+        });
     }
+    Ok(list)
+}
+
+/// The services of generation `gen`, with per-backend counters, for show.
+pub fn show(gen: u32) -> Result<Value> {
+    let list = services(gen)?
+        .into_iter()
+        .map(|s| {
+            let bl: Vec<Value> = s
+                .backends
+                .iter()
+                .map(|b| {
+                    json!({
+                        "address": b.address.to_string(),
+                        "weight": b.weight,
+                        "terminate": b.terminate,
+                        "line": b.line,
+                        "picks": b.picks,
+                    })
+                })
+                .collect();
+            json!({
+                "address": s.address.to_string(),
+                "proto": s.proto,
+                "line": s.line,
+                "netns": if s.any_netns { json!("any") } else { json!(s.netns_cookie) },
+                "cgroup_id": s.cgroup_id,
+                "failed_picks": s.failed_picks,
+                "backends": bl,
+            })
+        })
+        .collect();
     Ok(Value::Array(list))
 }
