@@ -16,6 +16,9 @@
 # netns per round (a 10.0.0.0/16 route on lo there, so untranslated VIPs route
 # like translated ones) and the governed cgroup, pinned to one CPU (see
 # bench/policy_connect.sh for why).
+# The VIP rounds also read the kernel's run time of the policy's programs
+# (kernel.bpf_stats_enabled, on for this script's run only): what translating
+# (and judging) costs per exchange, apart from the exchange itself.
 # Usage (root): [CPU=1] bench/services.sh [N] [ROUNDS]
 set -euo pipefail
 shopt -s inherit_errexit
@@ -30,8 +33,11 @@ for tool in iptables-legacy-restore iptables-nft-restore nft cc; do
 done
 RR=$WORK/rr
 cc -O2 -Wall -o "$RR" bench/rr.c
+PIN=${SOCKLENS_PIN_ROOT:-/sys/fs/bpf/socklens}
+STATS_BEFORE=$(sysctl -n kernel.bpf_stats_enabled)
 
 cleanup() {
+    sysctl -qw kernel.bpf_stats_enabled="$STATS_BEFORE"
     "$SL" policy remove >/dev/null 2>&1 || true
     for ns in $(ip netns list | awk '{print $1}' | grep "^$NAME-" || true); do ip netns del "$ns"; done
     rmdir "$CG/gov" "$CG" 2>/dev/null || true
@@ -98,22 +104,38 @@ round() { # config round -> rate
     # shellcheck disable=SC2016 # expanded by the inner shell
     out=$(sh -c 'echo $$ > "$1/cgroup.procs" && exec taskset -c "$2" ip netns exec "$3" "$4" "$5" "$6" "$7" "$8" 7000' \
         sh "$CG/gov" "$CPU" "$ns" "$RR" "${target%,*}" "${target#*,}" "$N" "$BACKEND")
-    case $config in vip*) "$SL" policy remove >/dev/null ;; esac
+    case $config in vip*)
+        # The kernel's run time of every policy program, per exchange, and
+        # of connect4 (the translation) per run.
+        for link in "$PIN"/policy/links/*; do
+            bpftool -j link show pinned "$link"
+        done | python3 -c 'import json, subprocess, sys
+total, c4 = 0, None
+for line in sys.stdin.read().replace("}{", "}\n{").splitlines():
+    link = json.loads(line)
+    p = json.loads(subprocess.check_output(["bpftool", "-j", "prog", "show", "id", str(link["prog_id"])]))
+    total += p.get("run_time_ns", 0)
+    if p["name"] == "slp_connect4":
+        c4 = p.get("run_time_ns", 0) / max(p.get("run_cnt", 0), 1)
+print("policy programs %.0f ns/exchange, connect4 %.0f ns/run" % (total / int(sys.argv[1]), c4))' "$N" >&2
+        "$SL" policy remove >/dev/null ;;
+    esac
     ip netns del "$ns"
     # Every exchange must have succeeded.
     grep -q " ok $N failed 0$" <<<"$out" || { echo "$config: exchanges failed: $out" >&2; exit 1; }
     cut -d' ' -f2 <<<"$out"
 }
 
+sysctl -qw kernel.bpf_stats_enabled=1
 CONFIGS="direct vip1 vip100 vip10k iptl iptl-mid iptn nft"
 declare -A rates
 echo "kernel $(uname -r), $(nproc) CPUs, client and server on CPU $CPU, N=$N exchanges per round, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq 1 "$ROUNDS"); do
     for config in $CONFIGS; do
-        rate=$(round "$config" "$r")
+        rate=$(round "$config" "$r" 2>"$WORK/stats")
         [ -n "$rate" ] || { echo "round $r $config failed" >&2; exit 1; }
         rates[$config]="${rates[$config]:-} $rate"
-        echo "round $r $config $rate exchanges/s"
+        echo "round $r $config $rate exchanges/s $(cat "$WORK/stats")"
     done
 done
 echo "load after $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -1069,15 +1069,17 @@ fn agent_counts_picks_failed_picks_and_bytes_per_service() {
         ),
     )
     .unwrap();
-    let mut agent = Command::new(SOCKLENS)
-        .args(["agent", "--attach", &attach_arg(), "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = watch_stderr(&mut agent);
-    wait_ready(&mut agent, &stderr, Duration::from_secs(30));
+    let mut agent = Reaped(
+        Command::new(SOCKLENS)
+            .args(["agent", "--attach", &attach_arg(), "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = watch_stderr(&mut agent.0);
+    wait_ready(&mut agent.0, &stderr, Duration::from_secs(30));
     eventually("the agent serving metrics", || {
         http_get(addr, "/healthz", None).is_ok_and(|(s, _)| s == 200)
     });
@@ -1140,9 +1142,19 @@ fn agent_counts_picks_failed_picks_and_bytes_per_service() {
         thread::sleep(Duration::from_millis(200));
     }
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.id() as i32),
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    assert!(agent.wait().unwrap().success());
+    assert!(agent.0.wait().unwrap().success());
+}
+
+/// A child process killed if the test fails before it ends it.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

@@ -204,6 +204,9 @@ impl Renderer {
             "rttvar_us",
             "sendfile_bytes",
             "failure",
+            "steered",
+            "orig_addr",
+            "orig_port",
         ] {
             if let Some(obj) = v.as_object_mut() {
                 obj.remove(k);
@@ -402,6 +405,45 @@ mod tests {
         }
     }
 
+    fn steered() -> ConnEvent {
+        let mut c = Conn::sample(4, 10, 1, 2);
+        c.daddr = "10.0.0.2".parse().unwrap();
+        c.dport = 8080;
+        c.steer = Some(crate::model::Steer {
+            kind: "service",
+            addr: "198.51.100.10".parse().unwrap(),
+            port: 80,
+        });
+        ConnEvent {
+            kind: ConnEventKind::Close,
+            tier: Tier::Tracepoint,
+            ts_ns: 11,
+            conn: c,
+        }
+    }
+
+    #[test]
+    fn steered_connections_name_the_address_asked_for_after_the_real_one() {
+        let mut r = renderer(true);
+        let e = steered();
+        let line = r.render(&Event::Conn(e.clone()));
+        assert!(
+            line.contains(r#""daddr":"10.0.0.2","dport":8080,"steered":"service","orig_addr":"198.51.100.10","orig_port":80,"netns":1,"#),
+            "{line}"
+        );
+        let mut line: Value = serde_json::from_str(&line).unwrap();
+        for k in ["event", "time", "time_ns", "attach"] {
+            line.as_object_mut().unwrap().remove(k);
+        }
+        assert_eq!(r.conn_json(&e.conn), line);
+        let row = crate::output::columns::conn_event_row(&e);
+        assert!(
+            row.details.contains(&"service=198.51.100.10:80".to_owned()),
+            "{:?}",
+            row.details
+        );
+    }
+
     /// The time to render a connection event as JSON, for working on that
     /// path (a figure, not a test):
     /// `cargo test --release --lib render_cost -- --ignored --nocapture`.
@@ -410,6 +452,7 @@ mod tests {
     fn conn_event_render_cost() {
         let mut r = renderer(true);
         let mut events: Vec<Event> = conn_events(7).into_iter().map(Event::Conn).collect();
+        events.push(Event::Conn(steered()));
         let rounds = 50_000;
         let mut line = Vec::new();
         let mut best = f64::MAX;
