@@ -134,10 +134,8 @@ pub fn row(e: &CgEvent) -> Row {
             row.kv("life", columns::duration_ns(e.lifetime_ns));
         }
         slp_event_kind::SLP_EV_TRANSLATE => {
-            row.kv(
-                steer_name(e.steer),
-                SocketAddr::new(e.real_addr, e.real_port),
-            );
+            row.kv("to", SocketAddr::new(e.real_addr, e.real_port));
+            row.kv("steered", steer_name(e.steer));
             row.kv("cookie", e.cookie);
         }
         _ => {}
@@ -237,6 +235,10 @@ mod tests {
         assert_eq!(v["cookie"], 77);
         let row = row(&e);
         assert_eq!(row.remote, Some("198.51.100.10:80".parse().unwrap()));
+        assert_eq!(
+            row.details[..3],
+            ["to=10.0.0.2:8080", "steered=service", "cookie=77"]
+        );
     }
 
     #[test]
