@@ -418,8 +418,9 @@ pub fn with_session<T>(
         eprintln!("socklens: tracing {what}. Ctrl-C to stop.");
         return body(&mut live);
     }
-    eprintln!("socklens: tracing {what}; translations of the pinned policy. Ctrl-C to stop.");
+    // The lease first: what happens after the ready line is recorded.
     watch_translations()?;
+    eprintln!("socklens: tracing {what}; translations of the pinned policy. Ctrl-C to stop.");
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
