@@ -5,6 +5,8 @@
 #   vip1       through a socklens service VIP, 1 service configured
 #   vip100     ... 100 services
 #   vip10k     ... 10,000 services
+#   miss10k    the 10,000-service policy applied, connecting to the backend itself:
+#              what the policy programs cost a connect that no VIP translates
 #   iptl       iptables-legacy DNAT in nat OUTPUT, 10,000 rules, the last matching
 #   iptl-mid   the same rules, the 5,000th matching (an average service)
 #   iptn       iptables-nft (Debian 12's `iptables`), 10,000 rules, the last matching
@@ -87,14 +89,14 @@ round() { # config round -> rate
     ip -n "$ns" addr add "$BACKEND/32" dev lo
     ip -n "$ns" route add 10.0.0.0/16 dev lo src "$BACKEND"
     case $config in
-        direct) target=$BACKEND,7000 ;;
+        direct|miss10k) target=$BACKEND,7000 ;;
         vip1) target=$(vip 1),80 ;;
         vip100) target=$(vip 100),80 ;;
         iptl-mid) target=$(vip 5000),80 ;;
         *) target=$(vip 10000),80 ;;
     esac
     case $config in
-        vip*) f=${config#vip}; [ "$f" = 10k ] && f=10000
+        vip*|miss10k) f=${config#vip}; [ "$f" = 10k ] || [ "$f" = miss10k ] && f=10000
               "$SL" policy apply "$WORK/svc$f.toml" >/dev/null ;;
         iptl*) nsenter --net="/var/run/netns/$ns" iptables-legacy-restore < "$WORK/rules.ipt" ;;
         iptn) nsenter --net="/var/run/netns/$ns" iptables-nft-restore < "$WORK/rules.ipt" ;;
@@ -104,7 +106,7 @@ round() { # config round -> rate
     # shellcheck disable=SC2016 # expanded by the inner shell
     out=$(sh -c 'echo $$ > "$1/cgroup.procs" && exec taskset -c "$2" ip netns exec "$3" "$4" "$5" "$6" "$7" "$8" 7000' \
         sh "$CG/gov" "$CPU" "$ns" "$RR" "${target%,*}" "${target#*,}" "$N" "$BACKEND")
-    case $config in vip*)
+    case $config in vip*|miss10k)
         # The kernel's run time of every policy program, per exchange, and
         # of connect4 (the translation) per run.
         for link in "$PIN"/policy/links/*; do
@@ -127,7 +129,7 @@ print("policy programs %.0f ns/exchange, connect4 %.0f ns/run" % (total / int(sy
 }
 
 sysctl -qw kernel.bpf_stats_enabled=1
-CONFIGS="direct vip1 vip100 vip10k iptl iptl-mid iptn nft"
+CONFIGS="direct vip1 vip100 vip10k miss10k iptl iptl-mid iptn nft"
 declare -A rates
 echo "kernel $(uname -r), $(nproc) CPUs, client and server on CPU $CPU, N=$N exchanges per round, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq 1 "$ROUNDS"); do
