@@ -5,15 +5,22 @@
 #   vip1       through a socklens service VIP, 1 service configured
 #   vip100     ... 100 services
 #   vip10k     ... 10,000 services
-#   iptables   through iptables DNAT in nat OUTPUT, 10,000 rules (iptables-legacy)
-#   nft        through an nftables DNAT map of 10,000 elements
-# Every configuration sends its connections to the VIP of the last of its
-# services / rules / elements (10.0.39.16:80 for 10,000), so iptables walks all
-# its rules: the kube-proxy iptables case of a large cluster. The client and the
-# echo backend are socklens-testbed in a fresh netns per round (a 10.0.0.0/16
-# route on lo there, so untranslated VIPs route like translated ones) and a
-# fresh cgroup, pinned to one CPU (see bench/policy_connect.sh for why).
-# Each round: N times connect, send 1 byte, read it back, close.
+#   miss10k    the 10,000-service policy applied, connecting to the backend itself:
+#              what the policy programs cost a connect that no VIP translates
+#   iptl       iptables-legacy DNAT in nat OUTPUT, 10,000 rules, the last matching
+#   iptl-mid   the same rules, the 5,000th matching (an average service)
+#   iptn       iptables-nft (Debian 12's `iptables`), 10,000 rules, the last matching
+#   nft        one nftables DNAT rule over a map of 10,000 elements
+# The VIP configurations connect to the last of their services (10.0.39.16:80
+# for 10,000). The client is bench/rr.c (built here with cc): one process that
+# forks an echo server on the backend address, then N times connects, sends 1
+# byte, reads it back and closes; nothing else in the loop. It runs in a fresh
+# netns per round (a 10.0.0.0/16 route on lo there, so untranslated VIPs route
+# like translated ones) and the governed cgroup, pinned to one CPU (see
+# bench/policy_connect.sh for why).
+# The VIP rounds also read the kernel's run time of the policy's programs
+# (kernel.bpf_stats_enabled, on for this script's run only): what translating
+# (and judging) costs per exchange, apart from the exchange itself.
 # Usage (root): [CPU=1] bench/services.sh [N] [ROUNDS]
 set -euo pipefail
 shopt -s inherit_errexit
@@ -23,10 +30,16 @@ ROUNDS=${2:-5}
 CPU=${CPU:-1}
 NAME=slbench-$$
 . bench/policy_common.sh
-IPT=iptables-legacy-restore
-command -v "$IPT" >/dev/null || { echo "iptables is not installed: run scripts/install-deps.sh" >&2; exit 1; }
+for tool in iptables-legacy-restore iptables-nft-restore nft cc; do
+    command -v "$tool" >/dev/null || { echo "$tool is not installed: run scripts/install-deps.sh" >&2; exit 1; }
+done
+RR=$WORK/rr
+cc -O2 -Wall -o "$RR" bench/rr.c
+PIN=${SOCKLENS_PIN_ROOT:-/sys/fs/bpf/socklens}
+STATS_BEFORE=$(sysctl -n kernel.bpf_stats_enabled)
 
 cleanup() {
+    sysctl -qw kernel.bpf_stats_enabled="$STATS_BEFORE"
     "$SL" policy remove >/dev/null 2>&1 || true
     for ns in $(ip netns list | awk '{print $1}' | grep "^$NAME-" || true); do ip netns del "$ns"; done
     rmdir "$CG/gov" "$CG" 2>/dev/null || true
@@ -76,36 +89,55 @@ round() { # config round -> rate
     ip -n "$ns" addr add "$BACKEND/32" dev lo
     ip -n "$ns" route add 10.0.0.0/16 dev lo src "$BACKEND"
     case $config in
-        direct) target=$BACKEND,7000 ;;
+        direct|miss10k) target=$BACKEND,7000 ;;
         vip1) target=$(vip 1),80 ;;
         vip100) target=$(vip 100),80 ;;
+        iptl-mid) target=$(vip 5000),80 ;;
         *) target=$(vip 10000),80 ;;
     esac
     case $config in
-        vip*) f=${config#vip}; [ "$f" = 10k ] && f=10000
+        vip*|miss10k) f=${config#vip}; [ "$f" = 10k ] || [ "$f" = miss10k ] && f=10000
               "$SL" policy apply "$WORK/svc$f.toml" >/dev/null ;;
-        iptables) nsenter --net="/var/run/netns/$ns" "$IPT" < "$WORK/rules.ipt" ;;
+        iptl*) nsenter --net="/var/run/netns/$ns" iptables-legacy-restore < "$WORK/rules.ipt" ;;
+        iptn) nsenter --net="/var/run/netns/$ns" iptables-nft-restore < "$WORK/rules.ipt" ;;
         nft) nsenter --net="/var/run/netns/$ns" nft -f "$WORK/rules.nft" ;;
     esac
     local out
-    out=$(taskset -c "$CPU" "$TB" --netns "$ns" --cgroup "$CG/gov" \
-        "serve,tcp4,$BACKEND,7000,echo" "rr,tcp4,${target%,*},${target#*,},$N")
-    case $config in vip*) "$SL" policy remove >/dev/null ;; esac
+    # shellcheck disable=SC2016 # expanded by the inner shell
+    out=$(sh -c 'echo $$ > "$1/cgroup.procs" && exec taskset -c "$2" ip netns exec "$3" "$4" "$5" "$6" "$7" "$8" 7000' \
+        sh "$CG/gov" "$CPU" "$ns" "$RR" "${target%,*}" "${target#*,}" "$N" "$BACKEND")
+    case $config in vip*|miss10k)
+        # The kernel's run time of every policy program, per exchange, and
+        # of connect4 (the translation) per run.
+        for link in "$PIN"/policy/links/*; do
+            bpftool -j link show pinned "$link"
+        done | python3 -c 'import json, subprocess, sys
+total, c4 = 0, None
+for line in sys.stdin.read().replace("}{", "}\n{").splitlines():
+    link = json.loads(line)
+    p = json.loads(subprocess.check_output(["bpftool", "-j", "prog", "show", "id", str(link["prog_id"])]))
+    total += p.get("run_time_ns", 0)
+    if p["name"] == "slp_connect4":
+        c4 = p.get("run_time_ns", 0) / max(p.get("run_cnt", 0), 1)
+print("policy programs %.0f ns/exchange, connect4 %.0f ns/run" % (total / int(sys.argv[1]), c4))' "$N" >&2
+        "$SL" policy remove >/dev/null ;;
+    esac
     ip netns del "$ns"
-    # Every exchange must have succeeded: {"0": N} and nothing else.
-    grep -q "\"by_errno\":{\"0\":$N}" <<<"$out" || { echo "$config: exchanges failed: $out" >&2; exit 1; }
-    grep -o '"rate":[0-9]*' <<<"$out" | cut -d: -f2
+    # Every exchange must have succeeded.
+    grep -q " ok $N failed 0$" <<<"$out" || { echo "$config: exchanges failed: $out" >&2; exit 1; }
+    cut -d' ' -f2 <<<"$out"
 }
 
-CONFIGS="direct vip1 vip100 vip10k iptables nft"
+sysctl -qw kernel.bpf_stats_enabled=1
+CONFIGS="direct vip1 vip100 vip10k miss10k iptl iptl-mid iptn nft"
 declare -A rates
-echo "kernel $(uname -r), $(nproc) CPUs, testbed on CPU $CPU, N=$N exchanges per round, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "kernel $(uname -r), $(nproc) CPUs, client and server on CPU $CPU, N=$N exchanges per round, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
 for r in $(seq 1 "$ROUNDS"); do
     for config in $CONFIGS; do
-        rate=$(round "$config" "$r")
+        rate=$(round "$config" "$r" 2>"$WORK/stats")
         [ -n "$rate" ] || { echo "round $r $config failed" >&2; exit 1; }
         rates[$config]="${rates[$config]:-} $rate"
-        echo "round $r $config $rate exchanges/s"
+        echo "round $r $config $rate exchanges/s $(cat "$WORK/stats")"
     done
 done
 echo "load after $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -113,9 +145,12 @@ declare -A med
 for config in $CONFIGS; do
     med[$config]=$(echo "${rates[$config]}" | median)
     range=$(echo "${rates[$config]}" | tr ' ' '\n' | grep -v '^$' | sort -n | sed -n '1p;$p' | paste -sd-)
-    echo "median $config ${med[$config]} exchanges/s (range $range) ratio to direct $(awk "BEGIN { printf \"%.3f\", ${med[$config]} / ${med[direct]} }")"
+    # What the configuration adds to one exchange, in microseconds.
+    echo "median $config ${med[$config]} exchanges/s (range $range) ratio to direct $(awk "BEGIN { printf \"%.3f\", ${med[$config]} / ${med[direct]} }") adds $(awk "BEGIN { printf \"%.1f\", 1e6 / ${med[$config]} - 1e6 / ${med[direct]} }") us/exchange"
 done
 v=${med[vip10k]}
-echo "vip10k / direct   $(awk "BEGIN { printf \"%.3f\", $v / ${med[direct]} }")  (target >= 0.95)"
-echo "vip10k / iptables $(awk "BEGIN { printf \"%.2f\", $v / ${med[iptables]} }")  (target >= 10)"
-echo "vip10k / nft      $(awk "BEGIN { printf \"%.3f\", $v / ${med[nft]} }")  (target >= 1.0)"
+echo "vip10k / direct        $(awk "BEGIN { printf \"%.3f\", $v / ${med[direct]} }")  (target >= 0.95)"
+for t in iptl iptl-mid iptn; do
+    echo "vip10k / $t $(awk "BEGIN { printf \"%.2f\", $v / ${med[$t]} }")  (target >= 10)"
+done
+echo "vip10k / nft           $(awk "BEGIN { printf \"%.3f\", $v / ${med[nft]} }")  (target >= 1.0)"

@@ -845,3 +845,316 @@ fn terminate_resets_open_connections_of_removed_and_drained_backends_only() {
     assert_eq!(last["steps"][9]["errno"], 0, "{last}");
     assert_eq!(last["steps"][10]["addr"], "198.51.100.20", "{last}");
 }
+
+/// Whether connection events carry steering: the kprobe tier cannot read
+/// socket storage (docs/services.md, "Seen in trace, conns and the agent"),
+/// its events go without; snapshots have it on every tier.
+fn events_carry_steering() -> bool {
+    attach_arg() != "kprobe"
+}
+
+/// A client's record for local port `sport`, one exactly.
+fn record_of<'a>(records: &[&'a Value], pid: &Value, sport: &Value) -> &'a Value {
+    let found: Vec<&&Value> = records
+        .iter()
+        .filter(|e| e["pid"] == *pid && e["sport"] == *sport)
+        .collect();
+    assert_eq!(found.len(), 1, "one record of {pid}:{sport} in {records:?}");
+    found[0]
+}
+
+fn assert_steered(rec: &Value, vip: &str, port: u16, backend: SocketAddr) {
+    assert_eq!(rec["steered"], "service", "{rec}");
+    assert_eq!(rec["orig_addr"], vip, "{rec}");
+    assert_eq!(rec["orig_port"], port, "{rec}");
+    assert_eq!(rec["daddr"], backend.ip().to_string(), "{rec}");
+    assert_eq!(rec["dport"], backend.port(), "{rec}");
+}
+
+fn assert_not_steered(rec: &Value) {
+    for k in ["steered", "orig_addr", "orig_port"] {
+        assert!(rec.get(k).is_none(), "{k} on an untranslated record: {rec}");
+    }
+}
+
+#[test]
+fn conns_established_and_close_records_name_the_service_beside_the_backend() {
+    let Some(bed) = Bed::new("so") else {
+        return;
+    };
+    let backend: SocketAddr = "127.0.0.2:8080".parse().unwrap();
+    let _sa = Tcp::start(&bed, "127.0.0.2:8080");
+    let p = bed.file(
+        "o.toml",
+        &bed.service("198.51.100.20:80", "tcp", &[(backend, 1)]),
+    );
+    bed.apply(&p);
+    // Started after apply: it joins the pinned translation state.
+    let tracer = Tracer::start(&["--events", "established,close"]);
+    let ns = bed.netns.name.clone();
+    let cli = bed.cli();
+    let mut client = common::Bed::spawn(&[
+        "--netns",
+        &ns,
+        "--cgroup",
+        cli.to_str().unwrap(),
+        "connect,tcp4,198.51.100.20,80",
+        "connect,tcp4,127.0.0.2,8080",
+        "wait",
+        "close,0",
+        "close,1",
+    ]);
+    let open = client.report();
+    let pid = open["pid"].clone();
+    let (via_vip, direct) = (
+        open["steps"][0]["local_port"].clone(),
+        open["steps"][1]["local_port"].clone(),
+    );
+    assert_eq!(open["steps"][0]["errno"], 0, "{open}");
+    // A snapshot of the open connections (the socket iterator reads the state).
+    let (snap, _) = conns_snapshot(0.5, &[], || {});
+    let snap: Vec<&Value> = snap.iter().collect();
+    assert_steered(
+        record_of(&snap, &pid, &via_vip),
+        "198.51.100.20",
+        80,
+        backend,
+    );
+    assert_not_steered(record_of(&snap, &pid, &direct));
+    client.release();
+    client.finish();
+    // Every close has happened in the kernel (the backend keeps listening).
+    eventually("the connections closed", || {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns, "ss", "-tanH", "state", "all"])
+            .args(["exclude", "time-wait", "exclude", "listening"])
+            .arg("( sport = :8080 or dport = :8080 )")
+            .output()
+            .unwrap();
+        o.status.success() && o.stdout.is_empty()
+    });
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    for kind in ["established", "close"] {
+        let recs = stopped.of_kind(kind);
+        let rec = record_of(&recs, &pid, &via_vip);
+        if events_carry_steering() {
+            assert_steered(rec, "198.51.100.20", 80, backend);
+        } else {
+            assert_not_steered(rec);
+        }
+        assert_not_steered(record_of(&recs, &pid, &direct));
+    }
+    // The server's side of the translated connection was not steered.
+    let server_side: Vec<&Value> = stopped
+        .of_kind("close")
+        .into_iter()
+        .filter(|e| e["sport"] == 8080 && e["dport"] == via_vip)
+        .collect();
+    assert_eq!(server_side.len(), 1, "{server_side:?}");
+    assert_not_steered(server_side[0]);
+}
+
+#[test]
+fn trace_translate_shows_each_translation_with_cookie_vip_and_backend() {
+    let Some(bed) = Bed::new("sx") else {
+        return;
+    };
+    let (sa, sb) = (
+        Tcp::start(&bed, "127.0.0.2:8080"),
+        Tcp::start(&bed, "127.0.0.3:8080"),
+    );
+    let ua = Udp::start(&bed, "127.0.0.2:5353");
+    let p = bed.file(
+        "x.toml",
+        &(bed.service("198.51.100.21:80", "tcp", &[(sa.addr, 1), (sb.addr, 1)])
+            + &bed.service("198.51.100.21:53", "udp", &[(ua.addr, 1)])),
+    );
+    bed.apply(&p);
+    let tracer = Tracer::start(&["--events", "translate"]);
+    let n = scaled(200);
+    let tb = bed.run(&[
+        &format!("connects,tcp4,198.51.100.21,80,{n}"),
+        "connect,tcp4,127.0.0.2,8080",
+        "sendto,udp4,198.51.100.21,53",
+    ]);
+    assert_eq!(tb["steps"][0]["by_errno"], json!({"0": n}), "{tb}");
+    eventually("every connection accepted", || {
+        sa.count() + sb.count() == n + 1
+    });
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    let ours: Vec<&Value> = stopped
+        .of_kind("translate")
+        .into_iter()
+        .filter(|e| e["pid"] == tb["pid"])
+        .collect();
+    let tcp: Vec<&&Value> = ours.iter().filter(|e| e["proto"] == "tcp").collect();
+    // One record per translated connect, none for the direct one; the
+    // backends they name are the ones that accepted.
+    assert_eq!(tcp.len() as u64, n, "{ours:?}");
+    let to = |addr: SocketAddr| {
+        tcp.iter()
+            .filter(|e| e["real_addr"] == addr.ip().to_string() && e["real_port"] == addr.port())
+            .count() as u64
+    };
+    assert_eq!((to(sa.addr), to(sb.addr)), (sa.count() - 1, sb.count()));
+    let mut cookies = std::collections::BTreeSet::new();
+    for e in &tcp {
+        assert_eq!(e["addr"], "198.51.100.21", "{e}");
+        assert_eq!(e["port"], 80, "{e}");
+        assert_eq!(e["steered"], "service", "{e}");
+        assert_eq!(e["netns"], netns_inode(&bed.netns.name), "{e}");
+        let c = e["cookie"].as_u64().unwrap();
+        assert!(c != 0 && cookies.insert(c), "cookies are per socket: {e}");
+    }
+    let udp: Vec<&&Value> = ours.iter().filter(|e| e["proto"] == "udp").collect();
+    assert_eq!(udp.len(), 1, "{ours:?}");
+    assert_eq!(udp[0]["addr"], "198.51.100.21", "{}", udp[0]);
+    assert_eq!(udp[0]["port"], 53, "{}", udp[0]);
+    assert_eq!(udp[0]["real_addr"], "127.0.0.2", "{}", udp[0]);
+    assert_eq!(udp[0]["real_port"], 5353, "{}", udp[0]);
+    assert_eq!(ua.seen().values().sum::<u64>(), 1);
+}
+
+/// The value of every sample of `metric` whose labels contain all of `labels`
+/// (`key="value"` text), summed; None when there is none.
+fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(metric).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let Some((lbl, v)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        if labels
+            .iter()
+            .all(|want| lbl.split(',').any(|have| have == *want))
+        {
+            *found.get_or_insert(0.0) += v.parse::<f64>().unwrap();
+        }
+    }
+    found
+}
+
+#[test]
+fn agent_counts_picks_failed_picks_and_bytes_per_service() {
+    let Some(bed) = Bed::new("sg") else {
+        return;
+    };
+    let (sa, sb) = (
+        Tcp::start(&bed, "127.0.0.2:8080"),
+        Tcp::start(&bed, "127.0.0.3:8080"),
+    );
+    let (echo, _) = echo_backend(&bed, "127.0.0.4:8080");
+    let p = bed.file(
+        "g.toml",
+        &(bed.service("198.51.100.22:80", "tcp", &[(sa.addr, 1), (sb.addr, 1)])
+            + &bed.service("198.51.100.23:80", "tcp", &[(echo, 1)])
+            + &bed.service("198.51.100.24:80", "tcp", &[])),
+    );
+    let port = TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let config = bed.dir.join("agent.toml");
+    fs::write(
+        &config,
+        format!(
+            "listen = \"{addr}\"\npolicy = \"{}\"\ninterval = 0.3\ncgroup = \"{}\"\n",
+            p.display(),
+            bed.root.rel
+        ),
+    )
+    .unwrap();
+    let mut agent = Reaped(
+        Command::new(SOCKLENS)
+            .args(["agent", "--attach", &attach_arg(), "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = watch_stderr(&mut agent.0);
+    wait_ready(&mut agent.0, &stderr, Duration::from_secs(30));
+    eventually("the agent serving metrics", || {
+        http_get(addr, "/healthz", None).is_ok_and(|(s, _)| s == 200)
+    });
+    let n = 30;
+    let tb = bed.run(&[
+        &format!("connects,tcp4,198.51.100.22,80,{n}"),
+        "connects,tcp4,198.51.100.24,80,7",
+        "connect,tcp4,198.51.100.23,80",
+        "send,0,5000,1000",
+        "shutdown,0",
+        "recvall,0,65536",
+        "close,0",
+    ]);
+    assert_eq!(tb["steps"][0]["by_errno"], json!({"0": n}), "{tb}");
+    assert_eq!(tb["steps"][1]["by_errno"], json!({"111": 7}), "{tb}");
+    assert_eq!(tb["steps"][5]["bytes"], 5000, "{tb}");
+    eventually("every connection accepted", || sa.count() + sb.count() == n);
+    let want = |text: &str| {
+        let picks = |b: SocketAddr| {
+            metric_sum(
+                text,
+                "socklens_service_picks_total",
+                &[
+                    "service=\"198.51.100.22:80\"",
+                    "proto=\"tcp\"",
+                    &format!("backend=\"{b}\""),
+                ],
+            )
+        };
+        let svc23 = ["service=\"198.51.100.23:80\""];
+        // The kprobe tier labels only connections a map read saw open.
+        let unlabelled = !events_carry_steering();
+        [
+            picks(sa.addr) == Some(sa.count() as f64),
+            picks(sb.addr) == Some(sb.count() as f64),
+            metric_sum(
+                text,
+                "socklens_service_failed_picks_total",
+                &["service=\"198.51.100.24:80\""],
+            ) == Some(7.0),
+            unlabelled || metric_sum(text, "socklens_sent_bytes_total", &svc23) == Some(5000.0),
+            unlabelled || metric_sum(text, "socklens_received_bytes_total", &svc23) == Some(5000.0),
+            unlabelled
+                || metric_sum(text, "socklens_connections_closed_total", &svc23) == Some(1.0),
+        ]
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, text) = http_get(addr, "/metrics", None).unwrap();
+        assert_eq!(status, 200);
+        let got = want(&text);
+        if got.iter().all(|ok| *ok) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{got:?}\n{text}\n{}",
+            stderr.lock().unwrap()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agent.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(agent.0.wait().unwrap().success());
+}
+
+/// A child process killed if the test fails before it ends it.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

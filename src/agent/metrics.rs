@@ -38,6 +38,8 @@ pub struct Metrics {
     pub listening: Family<Labels, Gauge>,
     pub policy_denials: Family<Labels, Counter>,
     pub policy_audits: Family<Labels, Counter>,
+    pub service_picks: Family<Labels, Counter>,
+    pub service_failed_picks: Family<Labels, Counter>,
     pub events_lost: Counter,
     pub events_malformed: Counter,
     pub hook_runs_missed: Counter,
@@ -65,6 +67,8 @@ impl Metrics {
             listening: Family::default(),
             policy_denials: Family::default(),
             policy_audits: Family::default(),
+            service_picks: Family::default(),
+            service_failed_picks: Family::default(),
             events_lost: Counter::default(),
             events_malformed: Counter::default(),
             hook_runs_missed: Counter::default(),
@@ -136,6 +140,16 @@ impl Metrics {
             "socklens_policy_audits",
             "Calls an audit-mode policy would have denied, by rule",
             m.policy_audits.clone(),
+        );
+        r.register(
+            "socklens_service_picks",
+            "Connections (UDP: first datagrams of a socket) a service sent to each backend",
+            m.service_picks.clone(),
+        );
+        r.register(
+            "socklens_service_failed_picks",
+            "connect/sendmsg calls to a service refused for want of a backend",
+            m.service_failed_picks.clone(),
         );
         r.register(
             "socklens_events_lost",
@@ -267,6 +281,13 @@ impl LabelRules {
         if self.remote_address {
             l.push(("remote_address".into(), addr.to_string()));
         }
+        // A steered connection (a UDP flow only to the peer it was steered
+        // to): `service` or `redirect`, the address the application asked for.
+        if let Some(s) = &c.steer {
+            if peer.is_none_or(|p| p == (c.daddr, c.dport)) {
+                l.push((s.kind.into(), crate::output::socket_addr(s.addr, s.port)));
+            }
+        }
         l
     }
 }
@@ -323,6 +344,28 @@ mod tests {
         let l = rules.conn(&c, "/db", Some((IpAddr::from([10, 0, 0, 9]), 53)));
         assert!(l.contains(&("remote_address".into(), "10.0.0.9".into())));
         assert!(l.contains(&("remote_port".into(), "53".into())));
+    }
+
+    #[test]
+    fn steered_connections_carry_their_service() {
+        let c = crate::model::Conn {
+            daddr: IpAddr::from([10, 0, 0, 2]),
+            dport: 8080,
+            steer: Some(crate::model::Steer {
+                kind: "service",
+                addr: IpAddr::from([198, 51, 100, 10]),
+                port: 80,
+            }),
+            ..crate::model::Conn::sample(1, 1, 0, 0)
+        };
+        let rules = LabelRules {
+            remote_ports: vec![],
+            remote_address: false,
+        };
+        let l = rules.conn(&c, "/web", None);
+        assert!(l.contains(&("service".into(), "198.51.100.10:80".into())));
+        let other = rules.conn(&c, "/web", Some((IpAddr::from([10, 0, 0, 9]), 53)));
+        assert!(!other.iter().any(|(k, _)| k == "service"));
     }
 
     #[test]

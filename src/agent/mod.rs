@@ -85,6 +85,7 @@ fn request(config: &Config, args: &AgentArgs, policy_events: bool) -> TraceReque
         ],
         cg_hooks: Vec::new(),
         policy_events,
+        translate_events: false,
         pid: None,
         comm: None,
         cgroup: config.cgroup.as_ref().map(|(c, _)| c.clone()),
@@ -203,6 +204,9 @@ struct Agent {
     listening: HashSet<Labels>,
     losses: Losses,
     policy_events: bool,
+    /// Service counters as last read, with their generation: the kernel's
+    /// restart at each apply, the exported ones only grow.
+    picks_seen: HashMap<Labels, (u32, u64)>,
 }
 
 fn rules_of(config: &Config) -> LabelRules {
@@ -243,6 +247,7 @@ impl Agent {
             listening: HashSet::new(),
             losses: Losses::default(),
             policy_events,
+            picks_seen: HashMap::new(),
         }
     }
 
@@ -421,7 +426,42 @@ impl Agent {
             .get_or_create(&vec![label("map", "udp_flows")])
             .set(flows.len() as f64 / max);
         self.export_losses(live.stream.losses());
+        self.export_services();
         Ok(())
+    }
+
+    /// Picks per service and backend, and failed picks, from the pinned
+    /// policy's counters. A counter of a generation read before adds what it
+    /// grew by; one of a new generation (an apply since) all it holds.
+    fn export_services(&mut self) {
+        // No policy, or one without services: nothing to export. A read that
+        // fails now (a policy removed meanwhile) is retried next interval.
+        let Ok(Some((gen, list))) = crate::policy::services_in_force() else {
+            return;
+        };
+        let mut seen = HashMap::new();
+        for s in list {
+            let svc = s.address.to_string();
+            let mut feed = |family: &Family<Labels, Counter>, l: Labels, now: u64| {
+                let delta = match self.picks_seen.get(&l) {
+                    Some(&(g, before)) if g == gen && now >= before => now - before,
+                    _ => now,
+                };
+                inc(family, &l, delta);
+                seen.insert(l, (gen, now));
+            };
+            for b in &s.backends {
+                let l = vec![
+                    label("service", svc.clone()),
+                    label("proto", s.proto),
+                    label("backend", b.address.to_string()),
+                ];
+                feed(&self.metrics.service_picks, l, b.picks);
+            }
+            let l = vec![label("service", svc.clone()), label("proto", s.proto)];
+            feed(&self.metrics.service_failed_picks, l, s.failed_picks);
+        }
+        self.picks_seen = seen;
     }
 
     fn export_listeners(&mut self, conns: &BTreeMap<u64, Conn>) {

@@ -26,6 +26,10 @@ use libbpf_rs::{Link, ProgramMut};
 use crate::error::{Context, Error, Result};
 use crate::host::system;
 
+/// The policy's component: its maps are also read by the tracing programs
+/// (the loader joins `slp_xlate`, the per-socket translation state).
+pub const POLICY: &str = "policy";
+
 /// Everything socklens pins lives under here.
 pub const PIN_ROOT: &str = "/sys/fs/bpf/socklens";
 

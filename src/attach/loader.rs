@@ -2,12 +2,13 @@
 
 use std::fs::File;
 use std::mem::MaybeUninit;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
 use libbpf_rs::skel::{OpenSkel, Skel, SkelBuilder};
-use libbpf_rs::{Link, MapCore, MapFlags, MapType, OpenObject, ProgramType};
+use libbpf_rs::{Link, MapCore, MapFlags, MapHandle, MapType, OpenObject, ProgramType};
 
+use crate::attach::cgroup_attach::{Pins, POLICY};
 use crate::attach::plan::{Plan, Program};
 use crate::error::{Context, Error, Result};
 use crate::skel::{SocklensSkel, SocklensSkelBuilder};
@@ -110,6 +111,8 @@ pub fn load<'obj>(
             .set_max_entries(1)
             .ctx("seeded_waiting map")?;
     }
+    // Keeps the pinned map open until load has taken its own reference.
+    let _xlate = join_steering(&mut open)?;
     let wanted = opts.plan.names();
     for mut prog in open.open_object_mut().progs_mut() {
         let keep = prog.name().to_str().is_some_and(|n| wanted.contains(n));
@@ -130,6 +133,29 @@ pub fn load<'obj>(
         buffer: opts.buffer,
         _links: links,
     })
+}
+
+/// When a policy is applied, its per-socket translation state becomes the
+/// tracing programs' `slp_xlate`, so connection records name the service or
+/// redirected address they were opened to (conn.bpf.h, conn_steer). Without
+/// one, the object keeps its own empty map and the lookup is compiled out.
+fn join_steering(open: &mut crate::skel::OpenSocklensSkel<'_>) -> Result<Option<MapHandle>> {
+    let path = Pins::new(POLICY).map("slp_xlate");
+    if !path.exists() {
+        return Ok(None);
+    }
+    let map = MapHandle::from_pinned_path(&path).map_err(|source| Error::BpfErrno {
+        what: format!("opening pinned map {}", path.display()).into(),
+        source,
+    })?;
+    open.maps
+        .slp_xlate
+        .reuse_fd(map.as_fd())
+        .ctx("joining the policy's slp_xlate")?;
+    if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
+        ro.steer_join = true;
+    }
+    Ok(Some(map))
 }
 
 fn write_filters(

@@ -4,6 +4,8 @@
 #define SOCKLENS_CONN_H
 
 #include "common.bpf.h"
+#include "policy.h"
+#include "xlate.bpf.h"
 
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
@@ -394,6 +396,38 @@ static __always_inline struct sl_conn *conn_fresh(struct sock *sk, __u64 cookie,
 	return &tmp->conn;
 }
 
+/* The policy programs' per-socket translation state (xlate.bpf.h): the
+ * loader reuses the pinned map and sets this when a policy is applied.
+ * Socket storage is readable from tracing programs (fentry, tp_btf, iter;
+ * 5.11+), not from kprobes: callers pass only BTF-typed sockets. */
+const volatile bool steer_join = false;
+
+/* Marks a connection the policy steered: the entry translated to its
+ * destination names the address the application asked for. */
+static __always_inline void conn_steer(struct sl_conn *c, struct sock *sk)
+{
+	struct slp_sock_xlate *st;
+	const __u32 *d = (const __u32 *)c->daddr;
+
+	if (!steer_join || c->steered)
+		return;
+	st = bpf_sk_storage_get(&slp_xlate, sk, 0, 0);
+	if (!st)
+		return;
+	for (__u32 i = 0; i < SLP_XLATE_ENTRIES; i++) {
+		struct slp_xlate_entry *e = &st->e[i];
+		const __u32 *r = (const __u32 *)e->real;
+
+		if (!e->kind || e->real_port != c->dport || r[0] != d[0] || r[1] != d[1] ||
+		    r[2] != d[2] || r[3] != d[3])
+			continue;
+		__builtin_memcpy(c->orig_addr, e->orig, 16);
+		c->orig_port = e->orig_port;
+		c->steered = e->kind;
+		return;
+	}
+}
+
 /* Inserts a conn_fresh entry: 0, -EEXIST when the socket has one already
  * (BPF_NOEXIST), or another error, counted as untracked. The error is the
  * helper's 32-bit int: 5.10 hands kprobe programs -EEXIST zero-extended to
@@ -543,6 +577,8 @@ static __always_inline int conn_start(struct sock *sk, int new, int btf)
 	c->state = new;
 	if (tcp_bytes_from_seq)
 		tcp_seq_base_start(c, out);
+	if (out && btf != SL_PROBED)
+		conn_steer(c, sk);
 	if (!out) {
 		tp = tcp_sk_of(sk, btf);
 		if (tp)

@@ -42,6 +42,7 @@ enum slp_event_kind {
 	SLP_EV_SOCK_RELEASE = 107,
 	SLP_EV_POLICY_DENY = 120,
 	SLP_EV_POLICY_AUDIT = 121,
+	SLP_EV_TRANSLATE = 122, /* an slp_xlate entry stored: original -> real address */
 };
 
 /* What a rule governs. Address ops come in a v4 and a v6 flavour in map keys. */
@@ -203,6 +204,13 @@ struct slp_event {
 	__u8 pad;
 	__u8 addr[16];    /* IPv4 in the first 4 bytes, network order */
 	__u8 comm[SLP_COMM_LEN];
+	/* translate: the entry's kind (enum slp_xlate_kind), and where the
+	 * kernel sent the call; addr/port are what the application asked for. */
+	__u8 steer;
+	__u8 pad2;
+	__u16 real_port;  /* host order */
+	__u32 pad3;
+	__u8 real_addr[16];
 };
 
 /* ---- services: connect-time translation of a VIP to a backend ------------ */
@@ -227,6 +235,7 @@ enum slp_svc_limit {
  * one table. 0 = empty. */
 enum slp_xlate_kind {
 	SLP_XLATE_SERVICE = 1,
+	SLP_XLATE_REDIRECT = 2,  /* to a local proxy */
 };
 
 enum slp_svc_flags {
@@ -322,6 +331,10 @@ struct slp_sock_xlate {
 	__u32 pad;
 	struct slp_xlate_entry e[SLP_XLATE_ENTRIES];
 };
+
+/* `slp_watch` element 0: CLOCK_MONOTONIC ns until which translations are
+ * emitted as SLP_EV_TRANSLATE (a reader renews it while it runs, so a killed
+ * one stops the records within a second). */
 
 /* `slp_xlate_stats` array indexes. */
 enum slp_xlate_stat {

@@ -56,6 +56,37 @@ struct {
 	__type(value, __s64);
 } slp_xlate_stats SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} slp_watch SEC(".maps");
+
+/* SLP_EV_TRANSLATE for each entry stored, while a reader holds the lease. */
+static __always_inline void xlate_event(struct bpf_sock_addr *ctx, const struct slp_xlate_entry *x,
+					__u16 family)
+{
+	__u32 zero = 0;
+	__u64 *until = bpf_map_lookup_elem(&slp_watch, &zero);
+	struct slp_event e = {};
+
+	if (!until || !*until || bpf_ktime_get_ns() > *until)
+		return;
+	fill_task(&e, SLP_EV_TRANSLATE);
+	e.cookie = bpf_get_socket_cookie(ctx);
+	e.netns = sk_netns(ctx->sk);
+	e.family = family;
+	e.sock_type = ctx->type;
+	e.proto = ctx->protocol;
+	e.port = x->orig_port;
+	e.real_port = x->real_port;
+	e.steer = x->kind;
+	__builtin_memcpy(e.addr, x->orig, 16);
+	__builtin_memcpy(e.real_addr, x->real, 16);
+	emit(&e);
+}
+
 static __always_inline void xlate_stat(__u32 which, __s64 delta)
 {
 	__s64 *v = bpf_map_lookup_elem(&slp_xlate_stats, &which);
@@ -135,6 +166,7 @@ static __always_inline void remember(struct bpf_sock_addr *ctx, const struct sa_
 	e->gen = gen;
 	e->service = service;
 	e->backend = backend;
+	xlate_event(ctx, e, orig->family);
 }
 
 /* connect and sendmsg: a VIP:port of the generation in force is rewritten to

@@ -1254,6 +1254,7 @@ static __always_inline void seed_refresh(struct sl_conn *c, struct sock *sk, str
 {
 	if (gen)
 		c->seen_gen = *gen;
+	conn_steer(c, sk); /* what kprobes could not read at connect */
 	/* the state hook skips the transitions in between (state_matters) */
 	c->state = sk->__sk_common.skc_state;
 	read_tcp_info(c, tp, SL_BTF);
@@ -1300,6 +1301,7 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 	if (!c)
 		return;
 	c->flags |= SL_CONN_SEEDED;
+	conn_steer(c, sk);
 	if (tcp_bytes_from_seq && tp)
 		tcp_seq_base_now(c, tp);
 	if (gen)

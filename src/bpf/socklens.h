@@ -117,6 +117,13 @@ struct sl_conn {
 	 * tcp_tx_total() in conn.bpf.h, nothing queued beyond them. */
 	__u64 tx_total;
 	__u64 rx_total;
+	/* A connection the policy programs steered (a service VIP translated to
+	 * a backend, or a redirect): the address the application connected to,
+	 * which the kernel rewrote to daddr/dport. conn.bpf.h, conn_steer. */
+	__u8 orig_addr[16];
+	__u16 orig_port;   /* host order */
+	__u8 steered;      /* enum slp_xlate_kind (policy.h); 0 = not steered */
+	__u8 _pad2[5];
 };
 
 /* connect, accept, close, retransmit. */

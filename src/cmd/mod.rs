@@ -159,6 +159,9 @@ enum EventName {
     SockRelease,
     /// policy_deny and policy_audit events of the applied policy.
     Policy,
+    /// Each translation of the applied policy: socket cookie, the service
+    /// (or redirected) address asked for and where the kernel sent it.
+    Translate,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -337,6 +340,7 @@ impl CommonArgs {
             events,
             cg_hooks,
             policy_events,
+            translate_events: false,
             pid: self.pid,
             comm: self.comm.clone(),
             cgroup: self.cgroup.clone(),
@@ -365,6 +369,7 @@ impl TraceArgs {
         let mut events: Vec<TraceEvent> = Vec::new();
         let mut cg_hooks: Vec<CgHook> = Vec::new();
         let mut policy_events = false;
+        let mut translate_events = false;
         let names = if self.events.is_empty() {
             &[EventName::Bind, EventName::Listen][..]
         } else {
@@ -386,6 +391,7 @@ impl TraceArgs {
                 EventName::Getpeername => cg_hooks.push(CgHook::Getpeername),
                 EventName::SockRelease => cg_hooks.push(CgHook::SockRelease),
                 EventName::Policy => policy_events = true,
+                EventName::Translate => translate_events = true,
             }
         }
         events.sort();
@@ -394,6 +400,7 @@ impl TraceArgs {
         cg_hooks.dedup();
         let mut req = self.common.request(events, cg_hooks, policy_events, btf);
         req.events_defaulted = self.events.is_empty();
+        req.translate_events = translate_events;
         req
     }
 }

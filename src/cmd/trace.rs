@@ -82,7 +82,7 @@ fn stream_events(
             }
             // The pinned policy's verdicts come unfiltered: filter them here.
             let rel = live.cgroup_rel.as_deref();
-            if !verdict_wanted(&event, live.filters, rel, &mut live.renderer) {
+            if !verdict_wanted(&event, req, live.filters, rel, &mut live.renderer) {
                 continue;
             }
             if let Event::Conn(c) = &mut event {

@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use crate::model::raw::{c_string, ip_from, Comm, DecodeError};
-use crate::skel::policy::types::{slp_event, slp_event_kind, slp_op};
+use crate::skel::policy::types::{slp_event, slp_event_kind, slp_op, slp_xlate_kind};
 
 /// One record of slp_events: an observed call or a policy verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +31,10 @@ pub struct CgEvent {
     pub mode: u8,
     pub action: u8,
     pub addr: IpAddr,
+    /// translate: the entry's kind and where the kernel sent the call.
+    pub steer: u8,
+    pub real_addr: IpAddr,
+    pub real_port: u16,
 }
 
 impl CgEvent {
@@ -45,6 +49,7 @@ impl CgEvent {
             slp_event_kind::SLP_EV_SOCK_RELEASE => "sock_release",
             slp_event_kind::SLP_EV_POLICY_DENY => "policy_deny",
             slp_event_kind::SLP_EV_POLICY_AUDIT => "policy_audit",
+            slp_event_kind::SLP_EV_TRANSLATE => "translate",
             _ => "unknown",
         }
     }
@@ -54,6 +59,10 @@ impl CgEvent {
             slp_event_kind(self.kind),
             slp_event_kind::SLP_EV_POLICY_DENY | slp_event_kind::SLP_EV_POLICY_AUDIT
         )
+    }
+
+    pub fn is_translate(&self) -> bool {
+        slp_event_kind(self.kind) == slp_event_kind::SLP_EV_TRANSLATE
     }
 
     /// Whether the event carries an address and port.
@@ -73,6 +82,16 @@ pub fn op_name(op: u8) -> &'static str {
         slp_op::SLP_OP_BIND4 | slp_op::SLP_OP_BIND6 => "bind",
         slp_op::SLP_OP_CONNECT4 | slp_op::SLP_OP_CONNECT6 => "connect",
         slp_op::SLP_OP_SENDMSG4 | slp_op::SLP_OP_SENDMSG6 => "sendmsg",
+        _ => "unknown",
+    }
+}
+
+/// The name of a steering kind (policy.h enum slp_xlate_kind), as records
+/// show it.
+pub fn steer_name(kind: u8) -> &'static str {
+    match slp_xlate_kind(u32::from(kind)) {
+        slp_xlate_kind::SLP_XLATE_SERVICE => "service",
+        slp_xlate_kind::SLP_XLATE_REDIRECT => "redirect",
         _ => "unknown",
     }
 }
@@ -104,6 +123,9 @@ pub fn decode(bytes: &[u8]) -> Result<CgEvent, DecodeError> {
         mode: raw.mode,
         action: raw.action,
         addr: ip_from(raw.family, &raw.addr),
+        steer: raw.steer,
+        real_addr: ip_from(raw.family, &raw.real_addr),
+        real_port: raw.real_port,
     };
     if e.name() == "unknown" {
         return Err(DecodeError::UnknownKind(raw.kind));

@@ -170,6 +170,18 @@ pub struct Conn {
     pub closed_at_destroy: bool,
     /// Its start was missed: tracked later, its counts from the socket's start.
     pub found_late: bool,
+    /// The policy steered it: the address the application connected to.
+    pub steer: Option<Steer>,
+}
+
+/// Where a steered connection was opened to: a service VIP, or the address a
+/// redirect took it from (daddr/dport are where the kernel sent it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Steer {
+    /// "service" or "redirect" (cg::steer_name).
+    pub kind: &'static str,
+    pub addr: IpAddr,
+    pub port: u16,
 }
 
 impl Conn {
@@ -208,6 +220,11 @@ impl Conn {
             established: flag(sl_conn_flag::SL_CONN_ESTABLISHED),
             closed_at_destroy: flag(sl_conn_flag::SL_CONN_CLOSED_AT_DESTROY),
             found_late: flag(sl_conn_flag::SL_CONN_FOUND_LATE),
+            steer: (raw.steered != 0).then(|| Steer {
+                kind: cg::steer_name(raw.steered),
+                addr: ip_from(raw.family, &raw.orig_addr),
+                port: raw.orig_port,
+            }),
         }
     }
 
@@ -440,6 +457,7 @@ impl Conn {
             established: true,
             closed_at_destroy: false,
             found_late: false,
+            steer: None,
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use crate::host::cgroup::CgroupPaths;
-use crate::model::cg::{op_name, CgEvent};
+use crate::model::cg::{op_name, steer_name, CgEvent};
 use crate::model::names::{level_name, type_name};
 use crate::model::{errno_name, family_name, proto_name};
 use crate::output::columns::{self, Row};
@@ -45,6 +45,11 @@ pub fn json_line(clock: &Clock, cgroups: Option<&mut CgroupPaths>, e: &CgEvent) 
         match slp_event_kind(e.kind) {
             slp_event_kind::SLP_EV_SOCK_RELEASE => {
                 obj.uint_or_null("lifetime_ns", (e.lifetime_ns != 0).then_some(e.lifetime_ns));
+            }
+            slp_event_kind::SLP_EV_TRANSLATE => {
+                obj.value("steered", &steer_name(e.steer));
+                obj.ip("real_addr", e.real_addr);
+                obj.uint("real_port", e.real_port);
             }
             slp_event_kind::SLP_EV_GETSOCKOPT => {
                 obj.value("level", &e.level);
@@ -132,6 +137,11 @@ pub fn row(e: &CgEvent) -> Row {
         slp_event_kind::SLP_EV_SOCK_RELEASE if e.lifetime_ns != 0 => {
             row.kv("life", columns::duration_ns(e.lifetime_ns));
         }
+        slp_event_kind::SLP_EV_TRANSLATE => {
+            row.kv("to", SocketAddr::new(e.real_addr, e.real_port));
+            row.kv("steered", steer_name(e.steer));
+            row.kv("cookie", e.cookie);
+        }
         _ => {}
     }
     columns::proto_unless_tcp(&mut row, e.proto);
@@ -204,6 +214,35 @@ mod tests {
             panic!("decode");
         };
         assert_eq!(json_of(&e)["lifetime_ns"], serde_json::Value::Null);
+    }
+
+    #[test]
+    fn translate_names_the_service_and_the_backend() {
+        let mut r = raw(slp_event_kind::SLP_EV_TRANSLATE);
+        r.family = libc::AF_INET as u16;
+        r.addr = [198, 51, 100, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        r.port = 80;
+        r.real_addr = [10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        r.real_port = 8080;
+        r.steer = 1;
+        r.cookie = 77;
+        let Ok(e) = decode(&bytes(&r)) else {
+            panic!("decode");
+        };
+        let v = json_of(&e);
+        assert_eq!(v["event"], "translate");
+        assert_eq!(v["addr"], "198.51.100.10");
+        assert_eq!(v["port"], 80);
+        assert_eq!(v["real_addr"], "10.0.0.2");
+        assert_eq!(v["real_port"], 8080);
+        assert_eq!(v["steered"], "service");
+        assert_eq!(v["cookie"], 77);
+        let row = row(&e);
+        assert_eq!(row.remote, Some("198.51.100.10:80".parse().unwrap()));
+        assert_eq!(
+            row.details[..3],
+            ["to=10.0.0.2:8080", "steered=service", "cookie=77"]
+        );
     }
 
     #[test]

@@ -250,6 +250,9 @@ fn conn_base(event: &'static str, ts_ns: u64, c: &Conn) -> Row {
     if c.direction != Direction::Unknown {
         row.kv("dir", c.direction.name());
     }
+    if let Some(s) = &c.steer {
+        row.kv(s.kind, sock_addr(s.addr, s.port));
+    }
     row
 }
 
@@ -411,6 +414,9 @@ mod tests {
             mode: 1,
             action: slp_action::SLP_DENY.0 as u8,
             addr: "93.184.216.34".parse().unwrap(),
+            steer: 0,
+            real_addr: "0.0.0.0".parse().unwrap(),
+            real_port: 0,
         })
     }
 

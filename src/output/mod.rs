@@ -131,6 +131,11 @@ impl Renderer {
         obj.uint("sport", c.sport);
         obj.ip("daddr", c.daddr);
         obj.uint("dport", c.dport);
+        if let Some(s) = &c.steer {
+            obj.plain("steered", s.kind);
+            obj.ip("orig_addr", s.addr);
+            obj.uint("orig_port", s.port);
+        }
         obj.uint("netns", c.netns);
         obj.plain("direction", c.direction.json_name());
         obj.plain("state", tcp_state_name(c.state));
@@ -413,6 +418,47 @@ mod tests {
         }
     }
 
+    fn steered() -> ConnEvent {
+        let mut c = Conn::sample(4, 10, 1, 2);
+        c.daddr = "10.0.0.2".parse().unwrap();
+        c.dport = 8080;
+        c.steer = Some(crate::model::Steer {
+            kind: "service",
+            addr: "198.51.100.10".parse().unwrap(),
+            port: 80,
+        });
+        ConnEvent {
+            kind: ConnEventKind::Close,
+            tier: Tier::Tracepoint,
+            ts_ns: 11,
+            conn: c,
+        }
+    }
+
+    #[test]
+    fn steered_connections_name_the_address_asked_for_after_the_real_one() {
+        let mut r = renderer(true);
+        let e = steered();
+        let line = r.render(&Event::Conn(e.clone()));
+        assert!(
+            line.contains(r#""daddr":"10.0.0.2","dport":8080,"steered":"service","orig_addr":"198.51.100.10","orig_port":80,"netns":1,"#),
+            "{line}"
+        );
+        let mut line: serde_json::Value = serde_json::from_str(&line).unwrap();
+        for k in ["time", "time_ns", "attach"] {
+            line.as_object_mut().unwrap().remove(k);
+        }
+        line["event"] = "conn".into();
+        let snapshot: serde_json::Value = serde_json::from_str(&r.conn_line(&e.conn)).unwrap();
+        assert_eq!(snapshot, line);
+        let row = crate::output::columns::conn_event_row(&e);
+        assert!(
+            row.details.contains(&"service=198.51.100.10:80".to_owned()),
+            "{:?}",
+            row.details
+        );
+    }
+
     /// The time to render a connection event as JSON, for working on that
     /// path (a figure, not a test):
     /// `cargo test --release --lib render_cost -- --ignored --nocapture`.
@@ -421,6 +467,7 @@ mod tests {
     fn conn_event_render_cost() {
         let mut r = renderer(true);
         let mut events: Vec<Event> = conn_events(7).into_iter().map(Event::Conn).collect();
+        events.push(Event::Conn(steered()));
         let rounds = 50_000;
         let mut line = Vec::new();
         let mut best = f64::MAX;

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::model::policy::{PolicyView, RuleTarget, RuleView, ScopeView};
+use crate::model::policy::{PolicyView, RuleTarget, RuleView, ScopeView, ServiceView};
 use libbpf_rs::RingBufferBuilder;
 
 use crate::error::{Context, Error, Result};
@@ -167,6 +167,16 @@ pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64>
 }
 
 /// `policy remove`: detach and unpin; every call is allowed again.
+/// The services in force with their picks (since their generation's
+/// apply) and generation; None when no policy is applied.
+pub fn services_in_force() -> Result<Option<(u32, Vec<ServiceView>)>> {
+    let Some(maps) = state::PinnedMaps::open()? else {
+        return Ok(None);
+    };
+    let gen = maps.config()?.r#gen & 1;
+    Ok(Some((gen, svcmaps::services(gen)?)))
+}
+
 pub fn remove(out: &mut dyn Write) -> Result<()> {
     let existed = state::remove()?;
     let msg = if existed {
@@ -296,7 +306,7 @@ pub fn show_view() -> Result<Option<PolicyView>> {
         links,
         events_lost: maps.lost(),
         scopes,
-        services: svcmaps::show(gen)?,
+        services: svcmaps::services(gen)?,
         translated_live,
         translated_total,
     }))

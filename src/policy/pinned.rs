@@ -5,7 +5,7 @@ use plain::Plain;
 
 use crate::attach::cgroup_attach::Pins;
 
-pub const COMPONENT: &str = "policy";
+pub const COMPONENT: &str = crate::attach::cgroup_attach::POLICY;
 
 pub fn pins() -> Pins {
     Pins::new(COMPONENT)

@@ -79,7 +79,7 @@ fn in_netns<T: Send>(p: &Path, f: impl FnOnce() -> Result<T> + Send) -> Result<T
 }
 
 /// Map names the services add to the policy's pinned set.
-pub const PINNED_MAPS: [&str; 7] = [
+pub const PINNED_MAPS: [&str; 8] = [
     "slp_svc",
     "slp_slots",
     "slp_backends",
@@ -87,6 +87,7 @@ pub const PINNED_MAPS: [&str; 7] = [
     "slp_svc_counters",
     "slp_xlate",
     "slp_xlate_stats",
+    "slp_watch",
 ];
 
 /// The maps `write` fills, from the loaded skeleton or opened by pin path.
@@ -317,6 +318,14 @@ fn open_pinned(name: &str) -> Result<MapHandle> {
     })
 }
 
+/// Asks the policy programs for a translate record per translation until
+/// CLOCK_MONOTONIC `until_ns` (the `slp_watch` lease); 0 stops them.
+pub fn watch_translations(until_ns: u64) -> Result<()> {
+    open_pinned("slp_watch")?
+        .update(&0u32.to_ne_bytes(), &until_ns.to_ne_bytes(), MapFlags::ANY)
+        .ctx("writing slp_watch")
+}
+
 /// Sockets holding translation state now, and ever.
 pub fn xlate_stats() -> Result<(i64, i64)> {
     let m = open_pinned("slp_xlate_stats")?;
@@ -333,8 +342,8 @@ pub fn xlate_stats() -> Result<(i64, i64)> {
     ))
 }
 
-/// The services of generation `gen`, with per-backend counters, for show.
-pub fn show(gen: u32) -> Result<Vec<ServiceView>> {
+/// The services of generation `gen`, with per-backend counters.
+pub fn services(gen: u32) -> Result<Vec<ServiceView>> {
     use crate::skel::percpu_sum;
     let svc = open_pinned("slp_svc")?;
     let info = open_pinned("slp_svc_info")?;

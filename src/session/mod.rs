@@ -83,6 +83,8 @@ pub struct TraceRequest {
     pub cg_hooks: Vec<CgHook>,
     /// policy_deny and policy_audit events of the pinned policy.
     pub policy_events: bool,
+    /// translate events of the pinned policy (services, redirects).
+    pub translate_events: bool,
     pub pid: Option<u32>,
     pub comm: Option<String>,
     pub cgroup: Option<String>,
@@ -147,7 +149,11 @@ impl TraceRequest {
 
 /// Checks everything the user typed before touching the system.
 fn validate(req: &TraceRequest) -> Result<Filters> {
-    if req.events.is_empty() && req.cg_hooks.is_empty() && !req.policy_events {
+    if req.events.is_empty()
+        && req.cg_hooks.is_empty()
+        && !req.policy_events
+        && !req.translate_events
+    {
         return Err(Error::Usage("--events names no event".into()));
     }
     if let Some(pid) = req.pid {
@@ -340,9 +346,16 @@ pub fn with_session<T>(
             &at,
         )?)
     };
-    let pinned = if req.policy_events {
+    let pinned = if req.policy_events || req.translate_events {
+        let name = if req.policy_events {
+            "policy"
+        } else {
+            "translate"
+        };
         let maps = crate::policy::state::PinnedMaps::open()?.ok_or_else(|| {
-            Error::Usage("--events policy: no policy is applied (socklens policy apply)".into())
+            Error::Usage(format!(
+                "--events {name}: no policy is applied (socklens policy apply)"
+            ))
         })?;
         maps.drain_events()?;
         Some(maps)
@@ -398,18 +411,45 @@ pub fn with_session<T>(
             cg.attached_at
         );
     }
-    if pinned.is_some() {
+    if req.policy_events {
         what = format!("{what}; policy verdicts of the pinned policy");
     }
-    eprintln!("socklens: tracing {what}. Ctrl-C to stop.");
-    body(&mut live)
+    if !req.translate_events {
+        eprintln!("socklens: tracing {what}. Ctrl-C to stop.");
+        return body(&mut live);
+    }
+    // The lease first: what happens after the ready line is recorded.
+    watch_translations()?;
+    eprintln!("socklens: tracing {what}; translations of the pinned policy. Ctrl-C to stop.");
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(LEASE / 4);
+                // A failed renewal ends the records within LEASE; nothing to report.
+                let _ = watch_translations();
+            }
+        });
+        let r = body(&mut live);
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
+    })
 }
 
-/// Whether a policy verdict passes the trace filters. The pinned policy's
-/// programs emit every verdict; the observer programs filter in the kernel, so
-/// every other event passes.
+/// How long the policy programs emit translate records after a renewal.
+const LEASE: Duration = Duration::from_secs(1);
+
+fn watch_translations() -> Result<()> {
+    let until = reorder::monotonic_ns() + LEASE.as_nanos() as u64;
+    crate::policy::svcmaps::watch_translations(until)
+}
+
+/// Whether a record of the pinned policy (a verdict, a translation) was asked
+/// for and passes the trace filters. The pinned policy's programs emit every
+/// one; the observer programs filter in the kernel, so every other event passes.
 pub fn verdict_wanted(
     event: &Event,
+    req: &TraceRequest,
     f: &Filters,
     cgroup_rel: Option<&str>,
     r: &mut Renderer,
@@ -417,7 +457,15 @@ pub fn verdict_wanted(
     let Event::Cg(e) = event else {
         return true;
     };
-    if !e.is_verdict() {
+    if e.is_verdict() {
+        if !req.policy_events {
+            return false;
+        }
+    } else if e.is_translate() {
+        if !req.translate_events {
+            return false;
+        }
+    } else {
         return true;
     }
     if f.pid.is_some_and(|p| p != e.pid)
