@@ -496,10 +496,10 @@ fn removed_backend_gets_no_connection_after_apply_returns() {
     let t0 = Instant::now();
     bed.apply(&both);
     // The loop must outlast the next apply (seconds in an emulated VM).
-    let ms = 1500 + 3 * t0.elapsed().as_millis();
+    let ms = 3000 + 6 * t0.elapsed().as_millis();
     let netns = bed.netns.name.clone();
     let cli = bed.cli();
-    let looper = thread::spawn(move || {
+    let connect_for = move |ms: u128| {
         testbed(&[
             "--netns",
             &netns,
@@ -507,8 +507,13 @@ fn removed_backend_gets_no_connection_after_apply_returns() {
             cli.to_str().unwrap(),
             &format!("connects_for,tcp4,198.51.100.14,80,{ms}"),
         ])
-    });
-    thread::sleep(Duration::from_millis(800));
+    };
+    let looper = {
+        let connect_for = connect_for.clone();
+        thread::spawn(move || connect_for(ms))
+    };
+    // Both backends in use before the update, however slow the loop's start.
+    eventually("both backends used", || sa.count() > 0 && sb.count() > 0);
     bed.apply(&only_a);
     // Connections translated before the flip may still be in the accept queue
     // (or its thread not yet scheduled on a busy host): wait until b's count
@@ -523,13 +528,26 @@ fn removed_backend_gets_no_connection_after_apply_returns() {
         }
         b_at_apply = now;
     }
-    let a_at_apply = sa.count();
+    // A loop wholly after the update, beside the one that spans it.
+    let a_before = sa.count();
+    let after = connect_for(300);
+    let n_after = after["steps"][0]["n"].as_u64().unwrap();
+    assert!(n_after > 0, "{after}");
     let tb = looper.join().unwrap();
     let n = tb["steps"][0]["n"].as_u64().unwrap();
     assert_eq!(tb["steps"][0]["by_errno"], json!({"0": n}), "{tb}");
-    eventually("every connection accepted", || sa.count() + sb.count() == n);
-    assert!(b_at_apply > 0, "b was used before the update");
-    assert!(sa.count() > a_at_apply, "the loop went on after the update");
+    assert_eq!(
+        after["steps"][0]["by_errno"],
+        json!({"0": n_after}),
+        "{after}"
+    );
+    eventually("every connection accepted", || {
+        sa.count() + sb.count() == n + n_after
+    });
+    assert!(
+        sa.count() >= a_before + n_after,
+        "the loop after the update reached a"
+    );
     assert_eq!(
         sb.count(),
         b_at_apply,
