@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::policy::redirect::{self, RawRedirect, Redirect};
 use crate::policy::services::{self, RawService, Service};
 use crate::skel::policy::types::slp_limit;
 
@@ -27,6 +28,8 @@ struct RawPolicy {
     scope: Vec<Spanned<RawScope>>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    redirect: Vec<Spanned<RawRedirect>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +172,7 @@ pub struct Policy {
     pub attach: CgroupDir,
     pub scopes: Vec<Scope>,
     pub services: Vec<Service>,
+    pub redirects: Vec<Redirect>,
 }
 
 impl Policy {
@@ -346,11 +350,13 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
         });
     }
     let services = services::parse(&src, tree, &attach, &raw.service)?;
+    let redirects = redirect::parse(&src, tree, &attach, &raw.redirect)?;
     Ok(Policy {
         file: file.to_owned(),
         attach,
         scopes,
         services,
+        redirects,
     })
 }
 
@@ -642,10 +648,14 @@ fn rule(
             }
         }
         Target::Addr {
-            net: r.cidr.as_ref().map(|c| cidr(src, id, c)).transpose()?,
+            net: r
+                .cidr
+                .as_ref()
+                .map(|c| cidr(src, &format!("rule {id}"), c))
+                .transpose()?,
             ports: match &r.ports {
                 None => (0, u16::MAX),
-                Some(p) => ports(src, id, p)?,
+                Some(p) => ports(src, &format!("rule {id}"), p)?,
             },
             proto: match &r.proto {
                 None => 0,
@@ -715,9 +725,10 @@ fn create_proto(
     }
 }
 
-fn cidr(src: &Src<'_>, id: u32, c: &Spanned<String>) -> Result<Cidr, PolicyError> {
+/// A CIDR of `what` ("rule 3", "redirect"): host bits must be clear.
+pub(crate) fn cidr(src: &Src<'_>, what: &str, c: &Spanned<String>) -> Result<Cidr, PolicyError> {
     let text = c.get_ref();
-    let bad = |why: String| src.err(c.span(), format!("rule {id}: cidr '{text}': {why}"));
+    let bad = |why: String| src.err(c.span(), format!("{what}: cidr '{text}': {why}"));
     let (addr_text, prefix_text) = match text.split_once('/') {
         Some((a, p)) => (a, Some(p)),
         None => (text.as_str(), None),
@@ -766,9 +777,14 @@ pub fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
     }
 }
 
-fn ports(src: &Src<'_>, id: u32, p: &Spanned<toml::Value>) -> Result<(u16, u16), PolicyError> {
+/// PORT or "LOW-HIGH" of `what` ("rule 3", "redirect").
+pub(crate) fn ports(
+    src: &Src<'_>,
+    what: &str,
+    p: &Spanned<toml::Value>,
+) -> Result<(u16, u16), PolicyError> {
     let shown = value_text(p.get_ref());
-    let bad = |why: &str| src.err(p.span(), format!("rule {id}: ports {shown}: {why}"));
+    let bad = |why: &str| src.err(p.span(), format!("{what}: ports {shown}: {why}"));
     let port = |s: &str| -> Result<u16, PolicyError> {
         match s.trim().parse::<i64>() {
             Ok(n) if (0..=65535).contains(&n) => Ok(n as u16),

@@ -9,6 +9,7 @@
 pub mod compile;
 pub mod file;
 pub mod pinned;
+pub mod redirect;
 pub mod services;
 pub mod source;
 pub mod state;
@@ -306,6 +307,7 @@ pub fn show_value() -> Result<Option<Value>> {
         "events_lost": maps.lost(),
         "scopes": scopes,
         "services": svcmaps::show(gen)?,
+        "redirects": redirect::show(gen)?,
         "translated_sockets": {"live": live, "total": made},
     })))
 }
@@ -399,6 +401,18 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
             )
             .ctx("writing output")?;
         }
+    }
+    for r in v["redirects"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "redirect (line {}): ports {} -> proxy {} proxy6 {}: redirected {}",
+            r["line"],
+            s(&r["ports"]),
+            s(&r["proxy"]),
+            s(&r["proxy6"]),
+            r["redirected"]
+        )
+        .ctx("writing output")?;
     }
     writeln!(
         out,
