@@ -411,3 +411,69 @@ fn survives_the_applier_and_remove_lifts_it() {
     assert_eq!(r["steps"][0]["errno"], ECONNREFUSED, "not redirected: {r}");
     drop(proxy.finish());
 }
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Kills the proxy process it holds on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn haproxy_reads_the_original_destination_unchanged() {
+    let Some(s) = Setup::new("rd-haproxy") else {
+        return;
+    };
+    let e = echo("127.0.0.1:0");
+    let port = free_port();
+    // `server 0.0.0.0:0`: forward to the destination the connection had before
+    // NAT, which haproxy asks with getsockopt(SOL_IP, SO_ORIGINAL_DST).
+    let cfg = s.dir.join("haproxy.cfg");
+    fs::write(
+        &cfg,
+        format!(
+            "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 10s\n  timeout server 10s\nfrontend f\n  bind 127.0.0.1:{port}\n  default_backend orig\nbackend orig\n  server s 0.0.0.0:0\n"
+        ),
+    )
+    .unwrap();
+    let procs = format!("{}/cgroup.procs", s.cg("proxy"));
+    let _haproxy = Child(
+        Command::new("sh")
+            .args([
+                "-c",
+                &format!("echo $$ > {procs} && exec haproxy -db -f {}", cfg.display()),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("haproxy (scripts/install-deps.sh installs it)"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Listening once the port cannot be bound (a probe connection would be
+    // forwarded to haproxy itself: it has no original destination).
+    while TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        assert!(Instant::now() < deadline, "haproxy did not listen");
+        thread::sleep(Duration::from_millis(50));
+    }
+    s.apply(&e.port.to_string(), port, port);
+    let r = s.run(
+        "app",
+        &[
+            &format!("connect,tcp4,127.0.0.1,{}", e.port),
+            "send,0,50000,1000",
+            "recv,0,50000,4096",
+        ],
+    );
+    assert_eq!(r["steps"][0]["errno"], 0, "{r}");
+    assert_eq!(r["steps"][2]["bytes"], 50000, "through haproxy: {r}");
+    assert_eq!(e.accepted.load(Ordering::SeqCst), 1);
+    let client = r["steps"][0]["local_port"].as_u64().unwrap() as u16;
+    assert_ne!(e.peers.lock().unwrap().last().unwrap().port(), client);
+}
