@@ -36,20 +36,8 @@ impl Setup {
         require_root();
         let (code, _, err) = socklens(&["policy", "remove"]);
         assert_eq!(code, 0, "{err}");
-        if kernel_release() < (5, 18) {
-            let p = std::env::temp_dir().join(format!("{}.toml", unique(tag)));
-            fs::write(
-                &p,
-                "[[redirect]]\nproxy = \"127.0.0.1:15001\"\nproxy_uids = [1337]\n",
-            )
-            .unwrap();
-            let (code, out, err) = socklens(&["policy", "apply", p.to_str().unwrap()]);
-            let _ = fs::remove_file(&p);
-            assert_eq!((code, out.as_str()), (1, ""), "{err}");
-            assert_eq!(err.lines().count(), 1, "{err}");
-            assert!(err.contains("this kernel lacks"), "{err}");
-            let (_, show, _) = socklens(&["policy", "show", "--json"]);
-            assert!(show.contains("\"policy\":null"), "nothing applied: {show}");
+        let file = "[[redirect]]\nproxy = \"127.0.0.1:15001\"\nproxy_uids = [1337]\n";
+        if policy_apply_fails_here(tag, file) {
             return None;
         }
         let root = Cgroup::new(tag);

@@ -246,15 +246,9 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
             Ok(json!({"step": "rawopt", "errno": errno, "optlen": optlen, "bytes": shown}))
         })(),
         ("proxy", [proto, addr, port]) => (|| {
-            let sa = sockaddr(addr, port)?;
-            let (family, ty) = proto_of(proto)?;
-            let fd = socket(family, ty, SockFlag::SOCK_CLOEXEC, SockProtocol::Tcp)?;
-            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-            bind(fd.as_raw_fd(), &sa)?;
-            listen(&fd, Backlog::MAXCONN)?;
-            let local: SockaddrStorage = getsockname(fd.as_raw_fd())?;
+            let (fd, local) = tcp_listener(proto, addr, port)?;
             let listener = std::net::TcpListener::from(fd.try_clone()?);
-            let v6 = family == AddressFamily::Inet6;
+            let v6 = local.as_sockaddr_in6().is_some();
             std::thread::spawn(move || {
                 for c in listener.incoming().flatten() {
                     std::thread::spawn(move || relay(c, v6));
@@ -282,13 +276,7 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
                 Some(&"echo") => true,
                 Some(other) => bail!("serve: unknown mode {other}"),
             };
-            let sa = sockaddr(addr, port)?;
-            let (family, ty) = proto_of(proto)?;
-            let fd = socket(family, ty, SockFlag::SOCK_CLOEXEC, SockProtocol::Tcp)?;
-            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-            bind(fd.as_raw_fd(), &sa)?;
-            listen(&fd, Backlog::MAXCONN)?;
-            let local: SockaddrStorage = getsockname(fd.as_raw_fd())?;
+            let (fd, local) = tcp_listener(proto, addr, port)?;
             let raw = fd.as_raw_fd();
             std::thread::spawn(move || loop {
                 // SAFETY: accept(2) on the listening socket, which lives as long
@@ -348,6 +336,18 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
         _ => return None,
     };
     Some(r)
+}
+
+/// A TCP socket bound (SO_REUSEADDR) and listening: (it, its address).
+fn tcp_listener(proto: &str, addr: &str, port: &str) -> Result<(OwnedFd, SockaddrStorage)> {
+    let sa = sockaddr(addr, port)?;
+    let (family, ty) = proto_of(proto)?;
+    let fd = socket(family, ty, SockFlag::SOCK_CLOEXEC, SockProtocol::Tcp)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(fd.as_raw_fd(), &sa)?;
+    listen(&fd, Backlog::MAXCONN)?;
+    let local: SockaddrStorage = getsockname(fd.as_raw_fd())?;
+    Ok((fd, local))
 }
 
 /// getsockopt(2) into a `len`-byte buffer prefilled with 0xAA: (errno, the
