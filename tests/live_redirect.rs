@@ -52,13 +52,17 @@ impl Setup {
         self.root.path.join(name).to_str().unwrap().to_owned()
     }
 
-    /// Redirects the app cgroup's connections to `ports` on loopback.
+    /// Redirects the app cgroup's TCP connections to `ports` on loopback.
     fn apply(&self, ports: &str, proxy4: u16, proxy6: u16) -> PathBuf {
+        self.apply_proto("tcp", ports, proxy4, proxy6)
+    }
+
+    fn apply_proto(&self, proto: &str, ports: &str, proxy4: u16, proxy6: u16) -> PathBuf {
         let path = self.dir.join("redirect.toml");
         fs::write(
             &path,
             format!(
-                "attach = \"{r}\"\n[[redirect]]\ncgroup = \"{r}/app\"\nto = [\"127.0.0.1/32\", \"::1/128\"]\nports = \"{ports}\"\nproxy = \"127.0.0.1:{proxy4}\"\nproxy6 = \"[::1]:{proxy6}\"\nproxy_cgroups = [\"{r}/proxy\"]\n",
+                "attach = \"{r}\"\n[[redirect]]\nproto = \"{proto}\"\ncgroup = \"{r}/app\"\nto = [\"127.0.0.1/32\", \"::1/128\"]\nports = \"{ports}\"\nproxy = \"127.0.0.1:{proxy4}\"\nproxy6 = \"[::1]:{proxy6}\"\nproxy_cgroups = [\"{r}/proxy\"]\n",
                 r = self.root.rel
             ),
         )
@@ -478,4 +482,55 @@ fn haproxy_reads_the_original_destination_unchanged() {
     assert_eq!(e.accepted.load(Ordering::SeqCst), 1);
     let client = r["steps"][0]["local_port"].as_u64().unwrap() as u16;
     assert_ne!(e.peers.lock().unwrap().last().unwrap().port(), client);
+}
+
+#[test]
+fn udp_to_a_local_resolver_replies_from_the_original_server() {
+    let Some(s) = Setup::new("rd-udp") else {
+        return;
+    };
+    // The resolver: answers each datagram to its sender.
+    let mut ports = Vec::new();
+    let seen = Arc::new(AtomicU64::new(0));
+    for addr in ["127.0.0.1:0", "[::1]:0"] {
+        let u = std::net::UdpSocket::bind(addr).unwrap();
+        ports.push(u.local_addr().unwrap().port());
+        let seen = Arc::clone(&seen);
+        thread::spawn(move || {
+            let mut b = [0u8; 512];
+            while let Ok((n, from)) = u.recv_from(&mut b) {
+                seen.fetch_add(1, Ordering::SeqCst);
+                let _ = u.send_to(&b[..n], from);
+            }
+        });
+    }
+    // The "server" the client asks: a port nothing listens on.
+    let orig = {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        u.local_addr().unwrap().port()
+    };
+    s.apply_proto("udp", &orig.to_string(), ports[0], ports[1]);
+    let r = s.run(
+        "app",
+        &[
+            &format!("sendto,udp4,127.0.0.1,{orig}"),
+            "recv,0",
+            &format!("sendto,udp6,::1,{orig}"),
+            "recv,1",
+        ],
+    );
+    let st = &r["steps"];
+    for (i, host) in [(1, "127.0.0.1"), (3, "::1")] {
+        assert_eq!(st[i]["errno"], 0, "the resolver answered: {r}");
+        assert_eq!(st[i]["from_addr"], host, "{r}");
+        assert_eq!(
+            st[i]["from_port"],
+            u64::from(orig),
+            "reply from the original server: {r}"
+        );
+    }
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    let v = show();
+    assert_eq!(v["redirects"][0]["proto"], "udp", "{v}");
+    assert_eq!(v["redirects"][0]["redirected"], 2, "{v}");
 }

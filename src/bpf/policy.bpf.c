@@ -594,8 +594,8 @@ static __always_inline int addr_hook(struct bpf_sock_addr *ctx, bool v6, __u32 k
 
 		if (!x)
 			return 0;
-		/* A connect no service translated may go to a local proxy. */
-		if (x == 1 && op4 == SLP_OP_CONNECT4)
+		/* A connect or send no service translated may go to a local proxy. */
+		if (x == 1)
 			redirect_fwd(ctx, v6, cfg->gen & 1);
 	}
 	view_addr(ctx, v6, &v);

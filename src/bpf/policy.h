@@ -359,7 +359,7 @@ struct slp_redir_cidr {
  * with line 0 ends the list. */
 struct slp_redirect {
 	__u32 line;         /* in the policy file; 0 = unused */
-	__u8 protos;        /* bit 0: tcp */
+	__u8 protos;        /* bit 0: tcp, bit 1: udp */
 	__u8 ncidrs;
 	__u8 nexempt_cg;
 	__u8 nexempt_uid;

@@ -8,6 +8,7 @@
 #define SLP_SOL_IP 0
 #define SLP_SOL_IPV6 41
 #define SLP_EINVAL 22
+#define SLP_IPPROTO_UDP 17
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -62,7 +63,7 @@ static long redir_step(__u32 i, void *data)
 
 	if (!r || !r->line)
 		return 1;
-	if (w->proto != SLP_IPPROTO_TCP || !(r->protos & 1))
+	if (!(r->protos & (w->proto == SLP_IPPROTO_TCP ? 1 : w->proto == SLP_IPPROTO_UDP ? 2 : 0)))
 		return 0;
 	if (w->v.port < r->port_lo || w->v.port > r->port_hi)
 		return 0;
@@ -100,8 +101,9 @@ static long redir_step(__u32 i, void *data)
 	return 1;
 }
 
-/* connect4/6 (TCP): a destination a rule covers goes to that rule's proxy; the
- * socket remembers the original, so getpeername still shows it. */
+/* connect4/6 and sendmsg4/6 (UDP): a destination a rule covers goes to that
+ * rule's proxy; the socket remembers the original, so getpeername and
+ * recvmsg (a UDP reply from the proxy) still show it. */
 static __always_inline void redirect_fwd(struct bpf_sock_addr *ctx, bool v6, __u32 gen)
 {
 	struct redir_walk w = { .gen = gen, .hit = -1, .proto = ctx->protocol };
@@ -112,7 +114,7 @@ static __always_inline void redirect_fwd(struct bpf_sock_addr *ctx, bool v6, __u
 	__u32 idx;
 	bool mapped;
 
-	if (ctx->protocol != SLP_IPPROTO_TCP)
+	if (ctx->protocol != SLP_IPPROTO_TCP && ctx->protocol != SLP_IPPROTO_UDP)
 		return;
 	view_addr(ctx, v6, &orig);
 	mapped = v6 && v4_mapped(orig.addr);

@@ -405,8 +405,9 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
     for r in v["redirects"].as_array().into_iter().flatten() {
         writeln!(
             out,
-            "redirect (line {}): ports {} -> proxy {} proxy6 {}: redirected {}",
+            "redirect (line {}): {} ports {} -> proxy {} proxy6 {}: redirected {}",
             r["line"],
+            s(&r["proto"]),
             s(&r["ports"]),
             s(&r["proxy"]),
             s(&r["proxy6"]),

@@ -43,6 +43,8 @@ pub struct RawRedirect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Redirect {
     pub line: usize,
+    /// Bit 0: tcp, bit 1: udp.
+    pub protos: u8,
     /// Tasks in this cgroup or below; None: every one under the attach cgroup.
     pub cgroup: Option<CgroupDir>,
     pub to: Vec<Cidr>,
@@ -106,17 +108,17 @@ pub(crate) fn parse(
                 ),
             ));
         }
-        if let Some(p) = &r.proto {
-            if p.get_ref() != "tcp" {
+        let protos = match r.proto.as_ref().map(|p| (p, p.get_ref().as_str())) {
+            None | Some((_, "tcp")) => 1,
+            Some((_, "udp")) => 2,
+            Some((_, "both")) => 3,
+            Some((p, other)) => {
                 return Err(src.err(
                     p.span(),
-                    format!(
-                        "redirect: proto '{}': expected tcp (the only protocol redirected)",
-                        p.get_ref()
-                    ),
-                ));
+                    format!("redirect: proto '{other}': expected tcp, udp or both"),
+                ))
             }
-        }
+        };
         let proxy = |v: &Option<Spanned<String>>, v6: bool| -> Result<_, PolicyError> {
             let Some(v) = v else { return Ok(None) };
             let a = sock_addr(src, "redirect proxy", v)?;
@@ -253,6 +255,7 @@ pub(crate) fn parse(
         }
         let red = Redirect {
             line,
+            protos,
             cgroup,
             to,
             exclude,
@@ -281,6 +284,7 @@ fn overlap(a: &Redirect, b: &Redirect, attach: &str) -> bool {
     let ra = a.cgroup.as_ref().map_or(attach, |c| c.rel.as_str());
     let rb = b.cgroup.as_ref().map_or(attach, |c| c.rel.as_str());
     (is_under(ra, rb) || is_under(rb, ra))
+        && a.protos & b.protos != 0
         && a.ports.0 <= b.ports.1
         && b.ports.0 <= a.ports.1
         && a.to.iter().any(|x| b.to.iter().any(|y| overlaps(x, y)))
@@ -322,7 +326,7 @@ pub fn compile(redirects: &[Redirect], netns_cookie: u64) -> Vec<slp_redirect> {
         .map(|r| {
             let mut e = slp_redirect {
                 line: r.line as u32,
-                protos: 1,
+                protos: r.protos,
                 port_lo: r.ports.0,
                 port_hi: r.ports.1,
                 netns_cookie,
@@ -436,6 +440,7 @@ pub fn show(gen: u32) -> Result<Value> {
         list.push(json!({
             "line": r.line,
             "cgroup_id": r.cgroup_id,
+            "proto": match r.protos { 1 => "tcp", 2 => "udp", _ => "both" },
             "ports": format!("{}-{}", r.port_lo, r.port_hi),
             "proxy": proxy4,
             "proxy6": proxy6,
