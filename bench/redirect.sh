@@ -84,7 +84,7 @@ sh -c "echo \$\$ > $CG/proxy/cgroup.procs && exec ${IN_NS[*]} haproxy -db -f $WO
 PIDS+=($!)
 sleep 1
 
-round() { # config -> rate
+round() { # config round -> rate
     local config=$1 target=$BACKEND,7000 out
     case $config in
         direct) target=127.0.0.1,15002 ;;
@@ -102,22 +102,6 @@ round() { # config -> rate
 }
 
 CONFIGS="direct socklens iptables"
-declare -A rates
-echo "kernel $(uname -r), $(nproc) CPUs, testbed on CPU $CPU, N=$N exchanges per round, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
-for r in $(seq 1 "$ROUNDS"); do
-    for config in $CONFIGS; do
-        rate=$(round "$config")
-        [ -n "$rate" ] || { echo "round $r $config failed" >&2; exit 1; }
-        rates[$config]="${rates[$config]:-} $rate"
-        echo "round $r $config $rate exchanges/s"
-    done
-done
-echo "load after $(cut -d' ' -f1-3 /proc/loadavg)"
-declare -A med
-for config in $CONFIGS; do
-    med[$config]=$(echo "${rates[$config]}" | median)
-    range=$(echo "${rates[$config]}" | tr ' ' '\n' | grep -v '^$' | sort -n | sed -n '1p;$p' | paste -sd-)
-    echo "median $config ${med[$config]} exchanges/s (range $range) ratio to direct $(awk "BEGIN { printf \"%.3f\", ${med[$config]} / ${med[direct]} }")"
-done
+run_rounds
 echo "socklens / direct   $(awk "BEGIN { printf \"%.3f\", ${med[socklens]} / ${med[direct]} }")  (target >= 0.97)"
 echo "socklens / iptables $(awk "BEGIN { printf \"%.3f\", ${med[socklens]} / ${med[iptables]} }")  (target >= 1.0)"

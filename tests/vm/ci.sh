@@ -29,7 +29,7 @@ for b in $bins; do
         # The tests whose outcome depends on the kernel's features (every one
         # of them checks the failing apply on 5.10); the rest run on the host.
         */live_services-*) echo "$b auto terminate tcp_v4 udp_unconnected zero_backends" ;;
-        */live_redirect-*) echo "$b auto tcp_reaches so_original_dst" ;;
+        */live_redirect-*) echo "$b auto tcp_reaches so_original_dst udp_to" ;;
         */live_conns-*) echo "$b -auto" ;;
         *) echo "$b" ;;
     esac
