@@ -53,12 +53,13 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
     let policy = load(path, &root)?;
     writeln!(
         out,
-        "{}: ok: {} scopes, {} rules, {} cgroups governed, {} services, attach at {}",
+        "{}: ok: {} scopes, {} rules, {} cgroups governed, {} services, {} redirects, attach at {}",
         path.display(),
         policy.scopes.len(),
         policy.rule_count(),
         policy.scopes.iter().map(|s| s.governs.len()).sum::<usize>(),
         policy.services.len(),
+        policy.redirects.len(),
         policy.attach.rel
     )
     .ctx("writing output")?;
@@ -76,12 +77,13 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
     let done = state::apply(&policy, &root)?;
     writeln!(
         out,
-        "applied {}: {} scopes, {} rules, {} cgroups governed, {} services; generation {}; attached at {}{}{}",
+        "applied {}: {} scopes, {} rules, {} cgroups governed, {} services, {} redirects; generation {}; attached at {}{}{}",
         path.display(),
         done.scopes,
         done.rules,
         done.cgroups,
         done.services,
+        policy.redirects.len(),
         done.gen,
         done.attach,
         if done.attached_now {
