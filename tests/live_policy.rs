@@ -695,7 +695,7 @@ fn reapply_keeps_links_and_flips_generation_and_down_removes_everything() {
     let second = show();
     assert_ne!(first["generation"], second["generation"]);
     assert_eq!(first["links"], second["links"]);
-    assert_eq!(second["links"].as_array().unwrap().len(), 12, "{second}");
+    assert_eq!(second["links"].as_array().unwrap().len(), 14, "{second}");
     assert_eq!(
         second["attach"]["cgroup"],
         bed.root.rel.as_str(),

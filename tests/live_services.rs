@@ -38,19 +38,7 @@ impl Bed {
         require_root();
         let (code, _, err) = socklens(&["policy", "remove"]);
         assert_eq!(code, 0, "{err}");
-        if kernel_release() < (5, 18) {
-            let p = std::env::temp_dir().join(format!("{}.toml", unique(tag)));
-            fs::write(&p, "[[service]]\naddress = \"198.51.100.1:80\"\n").unwrap();
-            let (code, out, err) = socklens(&["policy", "apply", p.to_str().unwrap()]);
-            let _ = fs::remove_file(&p);
-            assert_eq!((code, out.as_str()), (1, ""), "{err}");
-            assert_eq!(err.lines().count(), 1, "{err}");
-            assert!(
-                err.contains("lacks bpf_loop (Linux 5.17), bpf_set_retval (Linux 5.18)"),
-                "{err}"
-            );
-            let (_, show, _) = socklens(&["policy", "show", "--json"]);
-            assert!(show.contains("\"policy\":null"), "nothing applied: {show}");
+        if policy_apply_fails_here(tag, "[[service]]\naddress = \"198.51.100.1:80\"\n") {
             return None;
         }
         let root = Cgroup::new(tag);

@@ -418,7 +418,9 @@ static __always_inline void conn_steer(struct sl_conn *c, struct sock *sk)
 		struct slp_xlate_entry *e = &st->e[i];
 		const __u32 *r = (const __u32 *)e->real;
 
-		if (!e->kind || e->real_port != c->dport || r[0] != d[0] || r[1] != d[1] ||
+		/* The proxy side's SO_ORIGINAL_DST entry is no steering of this socket. */
+		if ((e->kind != SLP_XLATE_SERVICE && e->kind != SLP_XLATE_REDIRECT) ||
+		    e->real_port != c->dport || r[0] != d[0] || r[1] != d[1] ||
 		    r[2] != d[2] || r[3] != d[3])
 			continue;
 		__builtin_memcpy(c->orig_addr, e->orig, 16);

@@ -47,6 +47,10 @@ enum slp_xlate_kind _slp_xlate_kind = SLP_XLATE_SERVICE;
 enum slp_svc_flags _slp_svc_flags = SLP_SVC_ANY_NETNS;
 enum slp_xlate_stat _slp_xlate_stat = SLP_XS_LIVE;
 enum slp_backend_flags _slp_backend_flags = SLP_BE_TERMINATE;
+struct slp_redirect _slp_redirect = {};
+struct slp_redir_key _slp_redir_key = {};
+struct slp_redir_orig _slp_redir_orig = {};
+enum slp_redir_limit _slp_redir_limit = SLP_MAX_REDIRECTS;
 
 /* Written by the loader before load and frozen. */
 const volatile bool observe = false; /* emit an event per observed call (trace) */
@@ -479,6 +483,7 @@ static __always_inline int judge_create(struct bpf_sock *ctx)
 }
 
 #include "services.bpf.h"
+#include "redirect.bpf.h"
 
 /* ---- observing --------------------------------------------------------- */
 
@@ -564,8 +569,10 @@ int slp_sock_release(struct bpf_sock *ctx)
 {
 	if (observe)
 		observe_sock(ctx, SLP_EV_SOCK_RELEASE);
-	if (enforce)
+	if (enforce) {
+		redirect_release(ctx);
 		xlate_release(ctx);
+	}
 	return 1;
 }
 
@@ -582,8 +589,15 @@ static __always_inline int addr_hook(struct bpf_sock_addr *ctx, bool v6, __u32 k
 	if (!enforce)
 		return 1;
 	cfg = slp_cfg();
-	if (xlate && cfg && !xlate_fwd(ctx, v6, cfg->gen & 1))
-		return 0;
+	if (xlate && cfg) {
+		int x = xlate_fwd(ctx, v6, cfg->gen & 1);
+
+		if (!x)
+			return 0;
+		/* A connect or send no service translated may go to a local proxy. */
+		if (x == 1)
+			redirect_fwd(ctx, v6, cfg->gen & 1);
+	}
 	view_addr(ctx, v6, &v);
 	return judge_addr(ctx, &v, op4, op6, err);
 }
@@ -688,5 +702,28 @@ int slp_getsockopt(struct bpf_sockopt *ctx)
 	e.optname = ctx->optname;
 	e.ret = ctx->retval;
 	emit(&e);
+	return 1;
+}
+
+/* Redirect's half of the policy (docs/redirect.md): answers SO_ORIGINAL_DST on
+ * a proxy's accepted socket and returns 1 with everything else untouched. */
+SEC("cgroup/getsockopt")
+int slp_orig_dst(struct bpf_sockopt *ctx)
+{
+	if (enforce)
+		serve_orig_dst(ctx);
+	return 1;
+}
+
+/* Pairs a redirected client's connection with the proxy's accepted socket. */
+SEC("sockops")
+int slp_redir_sockops(struct bpf_sock_ops *ctx)
+{
+	if (!enforce)
+		return 1;
+	if (ctx->op == BPF_SOCK_OPS_TCP_CONNECT_CB)
+		redirect_connect_cb(ctx);
+	else if (ctx->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
+		redirect_accept_cb(ctx);
 	return 1;
 }

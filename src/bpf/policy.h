@@ -235,7 +235,12 @@ enum slp_svc_limit {
  * one table. 0 = empty. */
 enum slp_xlate_kind {
 	SLP_XLATE_SERVICE = 1,
-	SLP_XLATE_REDIRECT = 2,  /* to a local proxy */
+	/* A client's connect sent to a local proxy (orig: where it was going,
+	 * real: the proxy). service = rule index. */
+	SLP_XLATE_REDIRECT = 2,
+	/* On the proxy's accepted socket: orig is the client's original
+	 * destination, for getsockopt SO_ORIGINAL_DST. Never reverse-translated. */
+	SLP_XLATE_ORIG_DST = 3,
 };
 
 enum slp_svc_flags {
@@ -319,7 +324,7 @@ struct slp_xlate_entry {
 	__u16 real_port;
 	__u8 kind;       /* enum slp_xlate_kind; 0 = unused */
 	__u8 gen;
-	__u16 pad;
+	__u16 family;    /* SLP_XLATE_ORIG_DST: family of orig (v4 in 4 bytes); else 0 */
 	__u32 service;   /* index within gen */
 	__u32 backend;   /* index within gen */
 };
@@ -341,6 +346,72 @@ enum slp_xlate_stat {
 	SLP_XS_LIVE = 0, /* sockets holding translation state now */
 	SLP_XS_MADE = 1, /* sockets that ever got translation state */
 	SLP_XS_COUNT = 2,
+};
+
+/* ---- redirect: outbound connections to a local proxy ------------------- */
+
+enum slp_redir_limit {
+	SLP_MAX_REDIRECTS = 64,    /* [[redirect]] entries per policy */
+	SLP_REDIR_CIDRS = 8,       /* destination and exclusion prefixes per entry */
+	SLP_REDIR_EXEMPT = 4,      /* exempt cgroups, exempt uids, excluded port ranges */
+	SLP_REDIR_PAIRS = 65536,   /* connections between connect and the proxy's accept */
+	SLP_SO_ORIGINAL_DST = 80,  /* SOL_IP SO_ORIGINAL_DST = SOL_IPV6 IP6T_SO_ORIGINAL_DST */
+};
+
+/* One destination prefix: (dst & mask) == addr. IPv4 in the first 4 bytes. */
+struct slp_redir_cidr {
+	__u8 addr[16];
+	__u8 mask[16];
+	__u16 family;
+	__u8 exclude;    /* 1: never redirected */
+	__u8 pad;
+};
+
+/* `slp_redirects` array, index gen * SLP_MAX_REDIRECTS + i; the first entry
+ * with line 0 ends the list. */
+struct slp_redirect {
+	__u32 line;         /* in the policy file; 0 = unused */
+	__u8 protos;        /* bit 0: tcp, bit 1: udp */
+	__u8 ncidrs;
+	__u8 nexempt_cg;
+	__u8 nexempt_uid;
+	__u16 port_lo;      /* host order, inclusive */
+	__u16 port_hi;
+	__u16 xport_lo[SLP_REDIR_EXEMPT]; /* excluded port ranges */
+	__u16 xport_hi[SLP_REDIR_EXEMPT];
+	__u8 nxports;
+	__u8 pad[3];
+	__u16 cgroup_level;
+	__u16 exempt_level[SLP_REDIR_EXEMPT];
+	__u16 pad2;
+	__u64 cgroup_id;    /* scope: tasks in this cgroup or below */
+	__u64 exempt_cg[SLP_REDIR_EXEMPT]; /* the proxy's cgroups: never redirected */
+	__u32 exempt_uid[SLP_REDIR_EXEMPT];
+	__u64 netns_cookie; /* sockets of this network namespace only */
+	__u8 proxy4[4];     /* 0.0.0.0:0 = no IPv4 proxy */
+	__u16 proxy4_port;
+	__u16 proxy6_port;  /* 0 = no IPv6 proxy */
+	__u8 proxy6[16];
+	struct slp_redir_cidr cidrs[SLP_REDIR_CIDRS];
+};
+
+/* `slp_redir_pairs` LRU key: a redirected connection as the proxy's accepted
+ * socket sees it. A v4-mapped pair is kept in its IPv4 form. */
+struct slp_redir_key {
+	__u8 client[16];
+	__u8 proxy[16];
+	__u16 client_port;  /* host order */
+	__u16 proxy_port;
+	__u16 family;
+	__u16 pad;
+	__u64 netns_cookie;
+};
+
+struct slp_redir_orig {
+	__u8 addr[16];
+	__u16 port;         /* host order */
+	__u16 family;
+	__u32 rule;         /* index within its generation */
 };
 
 #endif

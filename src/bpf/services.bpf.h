@@ -171,7 +171,7 @@ static __always_inline void remember(struct bpf_sock_addr *ctx, const struct sa_
 
 /* connect and sendmsg: a VIP:port of the generation in force is rewritten to
  * one of its backends. Returns 0 (with the errno set) when the service has no
- * backend, else 1. TCP picks by weighted random; UDP by socket cookie, so one
+ * backend, 2 when translated, else 1. TCP picks by weighted random; UDP by socket cookie, so one
  * socket's datagrams all reach one backend. */
 static __always_inline int xlate_fwd(struct bpf_sock_addr *ctx, bool v6, __u32 gen)
 {
@@ -233,7 +233,7 @@ static __always_inline int xlate_fwd(struct bpf_sock_addr *ctx, bool v6, __u32 g
 	}
 	remember(ctx, &v, real, be->port, v6, svc->kind, gen, svc->index, *slot);
 	write_addr(ctx, v6, real, be->port);
-	return 1;
+	return 2;
 }
 
 /* recvmsg and getpeername: an address this socket was translated to reads as
@@ -249,7 +249,8 @@ static __always_inline void xlate_rev(struct bpf_sock_addr *ctx, bool v6)
 	for (__u32 i = 0; i < SLP_XLATE_ENTRIES; i++) {
 		struct slp_xlate_entry *e = &st->e[i];
 
-		if (!e->kind || e->real_port != v.port || !same_addr(e->real, v.addr, v6))
+		if (!e->kind || e->kind == SLP_XLATE_ORIG_DST || e->real_port != v.port ||
+		    !same_addr(e->real, v.addr, v6))
 			continue;
 		write_addr(ctx, v6, e->orig, e->orig_port);
 		return;

@@ -70,7 +70,7 @@ int slp_terminate(struct bpf_iter__tcp *ctx)
 	for (__u32 i = 0; i < SLP_XLATE_ENTRIES; i++) {
 		struct slp_term_key k = {};
 
-		if (!st->e[i].kind)
+		if (st->e[i].kind != SLP_XLATE_SERVICE)
 			continue;
 		term_key(&k, &st->e[i], family);
 		if (!bpf_map_lookup_elem(&slp_term, &k))

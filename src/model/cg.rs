@@ -92,6 +92,7 @@ pub fn steer_name(kind: u8) -> &'static str {
     match slp_xlate_kind(u32::from(kind)) {
         slp_xlate_kind::SLP_XLATE_SERVICE => "service",
         slp_xlate_kind::SLP_XLATE_REDIRECT => "redirect",
+        slp_xlate_kind::SLP_XLATE_ORIG_DST => "original_dst",
         _ => "unknown",
     }
 }

@@ -12,6 +12,7 @@ pub struct PolicyView {
     pub events_lost: u64,
     pub scopes: Vec<ScopeView>,
     pub services: Vec<ServiceView>,
+    pub redirects: Vec<RedirectView>,
     /// Sockets holding translation state now, and since apply.
     pub translated_live: i64,
     pub translated_total: i64,
@@ -68,4 +69,16 @@ pub struct BackendView {
     pub terminate: bool,
     pub line: u32,
     pub picks: u64,
+}
+
+/// One `[[redirect]]` rule in force, with how many sockets it sent to its proxy.
+#[derive(Debug, Clone)]
+pub struct RedirectView {
+    pub line: u32,
+    pub cgroup_id: u64,
+    pub proto: &'static str,
+    pub ports: String,
+    pub proxy: Option<String>,
+    pub proxy6: Option<String>,
+    pub redirected: u64,
 }

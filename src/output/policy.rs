@@ -67,6 +67,19 @@ pub fn json(view: Option<&PolicyView>) -> String {
                 });
             }
         });
+        obj.array("redirects", |list| {
+            for r in &v.redirects {
+                list.object(|o| {
+                    o.uint("line", r.line);
+                    o.uint("cgroup_id", r.cgroup_id);
+                    o.plain("proto", r.proto);
+                    o.value("ports", &r.ports);
+                    o.value("proxy", &r.proxy);
+                    o.value("proxy6", &r.proxy6);
+                    o.uint("redirected", r.redirected);
+                });
+            }
+        });
         obj.object("translated_sockets", |t| {
             t.value("live", &v.translated_live);
             t.value("total", &v.translated_total);
@@ -144,6 +157,17 @@ pub fn text(view: Option<&PolicyView>) -> Vec<String> {
             ));
         }
     }
+    for r in &v.redirects {
+        lines.push(format!(
+            "redirect (line {}): {} ports {} -> proxy {} proxy6 {}: redirected {}",
+            r.line,
+            r.proto,
+            r.ports,
+            r.proxy.as_deref().unwrap_or("-"),
+            r.proxy6.as_deref().unwrap_or("-"),
+            r.redirected
+        ));
+    }
     lines.push(format!(
         "translated sockets: {} open, {} since apply",
         v.translated_live, v.translated_total
@@ -199,6 +223,7 @@ mod tests {
                     picks: 4,
                 }],
             }],
+            redirects: Vec::new(),
             translated_live: 1,
             translated_total: 5,
         }

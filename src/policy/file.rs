@@ -3,17 +3,18 @@
 //! offending value.
 
 use std::collections::HashMap;
-use std::fmt;
-use std::net::IpAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::policy::redirect::{self, RawRedirect, Redirect};
 use crate::policy::services::{self, RawService, Service};
 use crate::skel::policy::types::slp_limit;
 
+use crate::policy::addr::{cidr, ports};
+pub use crate::policy::addr::{mask, Cidr};
 use crate::policy::source::{is_under, normalize, value_text, Src, UNIT_SUFFIXES};
 pub use crate::policy::source::{CgroupDir, CgroupTree, PolicyError};
 
@@ -27,6 +28,8 @@ struct RawPolicy {
     scope: Vec<Spanned<RawScope>>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    redirect: Vec<Spanned<RawRedirect>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -108,19 +111,6 @@ impl Action {
     }
 }
 
-/// An address prefix with no host bits set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
 /// What a rule matches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -169,6 +159,7 @@ pub struct Policy {
     pub attach: CgroupDir,
     pub scopes: Vec<Scope>,
     pub services: Vec<Service>,
+    pub redirects: Vec<Redirect>,
 }
 
 impl Policy {
@@ -346,11 +337,13 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
         });
     }
     let services = services::parse(&src, tree, &attach, &raw.service)?;
+    let redirects = redirect::parse(&src, tree, &attach, &raw.redirect)?;
     Ok(Policy {
         file: file.to_owned(),
         attach,
         scopes,
         services,
+        redirects,
     })
 }
 
@@ -642,10 +635,14 @@ fn rule(
             }
         }
         Target::Addr {
-            net: r.cidr.as_ref().map(|c| cidr(src, id, c)).transpose()?,
+            net: r
+                .cidr
+                .as_ref()
+                .map(|c| cidr(src, &format!("rule {id}"), c))
+                .transpose()?,
             ports: match &r.ports {
                 None => (0, u16::MAX),
-                Some(p) => ports(src, id, p)?,
+                Some(p) => ports(src, &format!("rule {id}"), p)?,
             },
             proto: match &r.proto {
                 None => 0,
@@ -715,86 +712,6 @@ fn create_proto(
     }
 }
 
-fn cidr(src: &Src<'_>, id: u32, c: &Spanned<String>) -> Result<Cidr, PolicyError> {
-    let text = c.get_ref();
-    let bad = |why: String| src.err(c.span(), format!("rule {id}: cidr '{text}': {why}"));
-    let (addr_text, prefix_text) = match text.split_once('/') {
-        Some((a, p)) => (a, Some(p)),
-        None => (text.as_str(), None),
-    };
-    let addr: IpAddr = addr_text
-        .parse()
-        .map_err(|_| bad(format!("'{addr_text}' is not an IPv4 or IPv6 address")))?;
-    let max = if addr.is_ipv4() { 32 } else { 128 };
-    let prefix = match prefix_text {
-        None => max,
-        Some(p) => match p.parse::<u8>() {
-            Ok(n) if n <= max => n,
-            _ => return Err(bad(format!("prefix length '{p}' is not 0 to {max}"))),
-        },
-    };
-    let masked = mask(addr, prefix);
-    if masked != addr {
-        return Err(bad(format!(
-            "host bits set (did you mean {masked}/{prefix}?)"
-        )));
-    }
-    Ok(Cidr { addr, prefix })
-}
-
-/// The address with every bit past `prefix` cleared.
-pub fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let bits = u32::from(a);
-            let m = if prefix == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(prefix))
-            };
-            IpAddr::V4((bits & m).into())
-        }
-        IpAddr::V6(a) => {
-            let bits = u128::from(a);
-            let m = if prefix == 0 {
-                0
-            } else {
-                u128::MAX << (128 - u32::from(prefix))
-            };
-            IpAddr::V6((bits & m).into())
-        }
-    }
-}
-
-fn ports(src: &Src<'_>, id: u32, p: &Spanned<toml::Value>) -> Result<(u16, u16), PolicyError> {
-    let shown = value_text(p.get_ref());
-    let bad = |why: &str| src.err(p.span(), format!("rule {id}: ports {shown}: {why}"));
-    let port = |s: &str| -> Result<u16, PolicyError> {
-        match s.trim().parse::<i64>() {
-            Ok(n) if (0..=65535).contains(&n) => Ok(n as u16),
-            Ok(_) => Err(bad("a port is 0 to 65535")),
-            Err(_) => Err(bad("expected PORT or LOW-HIGH")),
-        }
-    };
-    match p.get_ref() {
-        toml::Value::Integer(n) => port(&n.to_string()).map(|v| (v, v)),
-        toml::Value::String(s) => {
-            let (lo, hi) = match s.split_once('-') {
-                Some((a, b)) if !a.trim().is_empty() => (port(a)?, port(b)?),
-                _ => {
-                    let v = port(s)?;
-                    (v, v)
-                }
-            };
-            if lo > hi {
-                return Err(bad("the range is inverted (LOW-HIGH with LOW <= HIGH)"));
-            }
-            Ok((lo, hi))
-        }
-        _ => Err(bad("expected PORT or LOW-HIGH")),
-    }
-}
-
 /// Resolves the cgroup v2 root for policy files.
 pub fn cgroup_root() -> Result<PathBuf, crate::error::Error> {
     crate::host::system::cgroup2_root()
@@ -805,6 +722,7 @@ pub fn cgroup_root() -> Result<PathBuf, crate::error::Error> {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+    use std::net::IpAddr;
 
     fn tree() -> CgroupTree {
         let mut dirs = BTreeMap::new();

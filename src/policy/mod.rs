@@ -6,9 +6,11 @@
 //! pinned maps and links and swaps rule sets atomically (`svcmaps` the services'
 //! maps and terminate, both on `pinned`).
 
+pub mod addr;
 pub mod compile;
 pub mod file;
 pub mod pinned;
+pub mod redirect;
 pub mod services;
 pub mod source;
 pub mod state;
@@ -52,12 +54,13 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
     let policy = load(path, &root)?;
     writeln!(
         out,
-        "{}: ok: {} scopes, {} rules, {} cgroups governed, {} services, attach at {}",
+        "{}: ok: {} scopes, {} rules, {} cgroups governed, {} services, {} redirects, attach at {}",
         path.display(),
         policy.scopes.len(),
         policy.rule_count(),
         policy.scopes.iter().map(|s| s.governs.len()).sum::<usize>(),
         policy.services.len(),
+        policy.redirects.len(),
         policy.attach.rel
     )
     .ctx("writing output")?;
@@ -75,12 +78,13 @@ pub fn apply(path: &Path, out: &mut dyn Write) -> Result<()> {
     let done = state::apply(&policy, &root)?;
     writeln!(
         out,
-        "applied {}: {} scopes, {} rules, {} cgroups governed, {} services; generation {}; attached at {}{}{}",
+        "applied {}: {} scopes, {} rules, {} cgroups governed, {} services, {} redirects; generation {}; attached at {}{}{}",
         path.display(),
         done.scopes,
         done.rules,
         done.cgroups,
         done.services,
+        policy.redirects.len(),
         done.gen,
         done.attach,
         if done.attached_now {
@@ -307,6 +311,7 @@ pub fn show_view() -> Result<Option<PolicyView>> {
         events_lost: maps.lost(),
         scopes,
         services: svcmaps::services(gen)?,
+        redirects: redirect::show(gen)?,
         translated_live,
         translated_total,
     }))

@@ -92,7 +92,11 @@ fn lim(l: slp_svc_limit) -> usize {
     l.0 as usize
 }
 
-fn sock_addr(src: &Src<'_>, what: &str, v: &Spanned<String>) -> Result<SocketAddr, PolicyError> {
+pub(crate) fn sock_addr(
+    src: &Src<'_>,
+    what: &str,
+    v: &Spanned<String>,
+) -> Result<SocketAddr, PolicyError> {
     v.get_ref().parse().map_err(|_| {
         src.err(
             v.span(),
@@ -104,18 +108,22 @@ fn sock_addr(src: &Src<'_>, what: &str, v: &Spanned<String>) -> Result<SocketAdd
     })
 }
 
-fn scope_cgroup(
+/// The one cgroup (`cgroup` path or systemd `unit`) that scopes a `what`
+/// ("service", "redirect"); None when neither is given.
+pub(crate) fn scope_cgroup(
     src: &Src<'_>,
     tree: &CgroupTree,
     attach: &CgroupDir,
-    r: &RawService,
+    what: &str,
+    cgroup: Option<&Spanned<String>>,
+    unit: Option<&Spanned<String>>,
 ) -> Result<Option<CgroupDir>, PolicyError> {
-    let (dir, name, span) = match (&r.cgroup, &r.unit) {
+    let (dir, name, span) = match (cgroup, unit) {
         (Some(_), Some(u)) => {
             return Err(src.err(
                 u.span(),
                 format!(
-                    "service: give either cgroup or unit, not both (unit '{}')",
+                    "{what}: give either cgroup or unit, not both (unit '{}')",
                     u.get_ref()
                 ),
             ))
@@ -126,7 +134,7 @@ fn scope_cgroup(
                 return Err(src.err(
                     c.span(),
                     format!(
-                        "cgroup '{}': a service names one cgroup, without '*'",
+                        "cgroup '{}': a {what} names one cgroup, without '*'",
                         c.get_ref()
                     ),
                 ));
@@ -175,7 +183,7 @@ fn scope_cgroup(
         return Err(src.err(
             span,
             format!(
-                "service scope '{name}': cgroup {} is outside the attach point {}",
+                "{what} scope '{name}': cgroup {} is outside the attach point {}",
                 dir.rel, attach.rel
             ),
         ));
@@ -309,7 +317,14 @@ pub(crate) fn parse(
                 NetnsScope::Path(p.to_owned())
             }
         };
-        let cgroup = scope_cgroup(src, tree, attach, r)?;
+        let cgroup = scope_cgroup(
+            src,
+            tree,
+            attach,
+            "service",
+            r.cgroup.as_ref(),
+            r.unit.as_ref(),
+        )?;
         let svc = Service {
             line,
             vip,

@@ -20,6 +20,7 @@ use crate::host::system;
 use crate::policy::compile::{compile, compile_services, Tables};
 use crate::policy::file::Policy;
 use crate::policy::pinned::{bytes, decode, pins};
+use crate::policy::redirect;
 use crate::policy::services;
 use crate::policy::svcmaps;
 use crate::skel::percpu_sum;
@@ -29,8 +30,9 @@ use crate::skel::policy::types::{
 };
 use crate::skel::policy::{PolicySkel, PolicySkelBuilder};
 
-/// The programs that enforce and translate; getsockopt is never pinned.
-pub const ENFORCING: [&str; 12] = [
+/// The programs that enforce and translate; the observing getsockopt
+/// (slp_getsockopt) is never pinned, redirect's slp_orig_dst is.
+pub const ENFORCING: [&str; 14] = [
     "slp_bind4",
     "slp_bind6",
     "slp_connect4",
@@ -43,10 +45,12 @@ pub const ENFORCING: [&str; 12] = [
     "slp_getpeername4",
     "slp_getpeername6",
     "slp_sock_release",
+    "slp_orig_dst",
+    "slp_redir_sockops",
 ];
 
 /// Maps shared by every load of the enforcing programs, pinned by name.
-pub const PINNED_MAPS: [&str; 9] = [
+pub const PINNED_MAPS: [&str; 12] = [
     "slp_config",
     "slp_scope_of",
     "slp_scopes",
@@ -56,6 +60,9 @@ pub const PINNED_MAPS: [&str; 9] = [
     "slp_counters",
     "slp_events",
     "slp_lost",
+    "slp_redirects",
+    "slp_redir_counters",
+    "slp_redir_pairs",
 ];
 
 /// Serializes concurrent `policy` commands: an advisory lock on the bpffs root.
@@ -208,25 +215,38 @@ pub struct Applied {
     pub terminated: Option<svcmaps::Terminated>,
 }
 
-/// Helpers the policy programs cannot do without (cgroup sock_addr programs),
-/// with the release that brought each. Without them the object cannot load;
-/// no fallback replaces them (docs/services.md, "Kernels").
-const NEEDED_HELPERS: [(libbpf_rs::libbpf_sys::bpf_func_id, &str); 4] = [
+/// Helpers the policy programs cannot do without, by program type, with the
+/// release that brought each. Without them the object cannot load; no fallback
+/// replaces them (docs/services.md and docs/redirect.md, "Kernels").
+const NEEDED_HELPERS: [(
+    libbpf_rs::ProgramType,
+    libbpf_rs::libbpf_sys::bpf_func_id,
+    &str,
+); 5] = [
     (
+        libbpf_rs::ProgramType::CgroupSockAddr,
         libbpf_rs::libbpf_sys::BPF_FUNC_loop,
         "bpf_loop (Linux 5.17)",
     ),
     (
+        libbpf_rs::ProgramType::CgroupSockAddr,
         libbpf_rs::libbpf_sys::BPF_FUNC_set_retval,
         "bpf_set_retval (Linux 5.18)",
     ),
     (
+        libbpf_rs::ProgramType::CgroupSockAddr,
         libbpf_rs::libbpf_sys::BPF_FUNC_sk_storage_get,
         "socket-local storage in cgroup sock_addr programs",
     ),
     (
+        libbpf_rs::ProgramType::CgroupSockAddr,
         libbpf_rs::libbpf_sys::BPF_FUNC_get_netns_cookie,
         "bpf_get_netns_cookie in cgroup sock_addr programs (Linux 5.7)",
+    ),
+    (
+        libbpf_rs::ProgramType::SockOps,
+        libbpf_rs::libbpf_sys::BPF_FUNC_get_netns_cookie,
+        "bpf_get_netns_cookie in sock_ops programs (Linux 5.15)",
     ),
 ];
 
@@ -234,12 +254,8 @@ const NEEDED_HELPERS: [(libbpf_rs::libbpf_sys::bpf_func_id, &str); 4] = [
 pub fn missing_features() -> Vec<&'static str> {
     NEEDED_HELPERS
         .iter()
-        .filter(|(id, _)| {
-            !libbpf_rs::ProgramType::CgroupSockAddr
-                .is_helper_supported(*id)
-                .unwrap_or(false)
-        })
-        .map(|(_, name)| *name)
+        .filter(|(ty, id, _)| !ty.is_helper_supported(*id).unwrap_or(false))
+        .map(|(_, _, name)| *name)
         .collect()
 }
 
@@ -284,6 +300,13 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         &svc_maps,
         next,
         &compile_services(&policy.services, next, &cookies),
+    )?;
+    let own_netns = svcmaps::netns_cookie(&services::NetnsScope::Applier)?;
+    redirect::write(
+        &m.slp_redirects,
+        &m.slp_redir_counters,
+        next,
+        &redirect::compile(&policy.redirects, own_netns),
     )?;
 
     let target = CgroupTarget::open(&cgroup_root.join(policy.attach.rel.trim_start_matches('/')))?;

@@ -728,3 +728,25 @@ pub fn http_get(
         .unwrap_or(0);
     Ok((status, body.to_owned()))
 }
+
+/// On a kernel older than 5.18 (bpf_loop 5.17, bpf_set_retval 5.18): checks
+/// the documented fallback, `policy apply` of `text` failing with exit 1, one
+/// line naming the missing features and nothing applied, and returns true.
+pub fn policy_apply_fails_here(tag: &str, text: &str) -> bool {
+    if kernel_release() >= (5, 18) {
+        return false;
+    }
+    let p = std::env::temp_dir().join(format!("{}.toml", unique(tag)));
+    std::fs::write(&p, text).unwrap();
+    let (code, out, err) = socklens(&["policy", "apply", p.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&p);
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("lacks bpf_loop (Linux 5.17), bpf_set_retval (Linux 5.18)"),
+        "{err}"
+    );
+    let (_, show, _) = socklens(&["policy", "show", "--json"]);
+    assert!(show.contains("\"policy\":null"), "nothing applied: {show}");
+    true
+}

@@ -14,6 +14,10 @@
 //!                                   US microseconds apart
 //!   connects_for,PROTO,ADDR,PORT,MS connects like that until MS milliseconds passed
 //!   rr,PROTO,ADDR,PORT,N            N times: connect, one byte out and back, close
+//!   rawopt,SOCKET,LEVEL,OPTNAME,LEN getsockopt into a LEN-byte buffer filled with 0xAA:
+//!                                   errno, the optlen returned and the buffer (hex)
+//!   proxy,PROTO,ADDR,PORT           a transparent proxy: each accepted connection asks
+//!                                   SO_ORIGINAL_DST, connects there and relays both ways
 //!
 //! A step that makes a socket reports its index as "socket" (null if it failed).
 
@@ -230,6 +234,29 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
             let (_, errno) = errno_of(nix::errno::Errno::result(rc));
             Ok(json!({"step": "getsockopt", "errno": errno, "value": val}))
         })(),
+        ("rawopt", [idx, level, optname, len]) => (|| {
+            let fd = get(sockets, idx)?;
+            let (errno, optlen, buf) = raw_getsockopt(
+                fd.as_raw_fd(),
+                level.parse()?,
+                optname.parse()?,
+                len.parse()?,
+            );
+            let shown: String = buf.iter().take(256).map(|b| format!("{b:02x}")).collect();
+            Ok(json!({"step": "rawopt", "errno": errno, "optlen": optlen, "bytes": shown}))
+        })(),
+        ("proxy", [proto, addr, port]) => (|| {
+            let (fd, local) = tcp_listener(proto, addr, port)?;
+            let listener = std::net::TcpListener::from(fd.try_clone()?);
+            let v6 = local.as_sockaddr_in6().is_some();
+            std::thread::spawn(move || {
+                for c in listener.incoming().flatten() {
+                    std::thread::spawn(move || relay(c, v6));
+                }
+            });
+            sockets.push(fd);
+            Ok(json!({"step": "proxy", "socket": sockets.len() - 1, "port": port_of(&local)}))
+        })(),
         ("close", [idx]) => (|| {
             let i: usize = idx.parse()?;
             let fd = sockets.get_mut(i).ok_or_else(|| anyhow!("no socket {i}"))?;
@@ -249,13 +276,7 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
                 Some(&"echo") => true,
                 Some(other) => bail!("serve: unknown mode {other}"),
             };
-            let sa = sockaddr(addr, port)?;
-            let (family, ty) = proto_of(proto)?;
-            let fd = socket(family, ty, SockFlag::SOCK_CLOEXEC, SockProtocol::Tcp)?;
-            setsockopt(&fd, sockopt::ReuseAddr, &true)?;
-            bind(fd.as_raw_fd(), &sa)?;
-            listen(&fd, Backlog::MAXCONN)?;
-            let local: SockaddrStorage = getsockname(fd.as_raw_fd())?;
+            let (fd, local) = tcp_listener(proto, addr, port)?;
             let raw = fd.as_raw_fd();
             std::thread::spawn(move || loop {
                 // SAFETY: accept(2) on the listening socket, which lives as long
@@ -315,4 +336,72 @@ pub fn run(name: &str, parts: &[&str], sockets: &mut Vec<OwnedFd>) -> Option<Res
         _ => return None,
     };
     Some(r)
+}
+
+/// A TCP socket bound (SO_REUSEADDR) and listening: (it, its address).
+fn tcp_listener(proto: &str, addr: &str, port: &str) -> Result<(OwnedFd, SockaddrStorage)> {
+    let sa = sockaddr(addr, port)?;
+    let (family, ty) = proto_of(proto)?;
+    let fd = socket(family, ty, SockFlag::SOCK_CLOEXEC, SockProtocol::Tcp)?;
+    setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    bind(fd.as_raw_fd(), &sa)?;
+    listen(&fd, Backlog::MAXCONN)?;
+    let local: SockaddrStorage = getsockname(fd.as_raw_fd())?;
+    Ok((fd, local))
+}
+
+/// getsockopt(2) into a `len`-byte buffer prefilled with 0xAA: (errno, the
+/// optlen the kernel wrote back, the buffer).
+fn raw_getsockopt(fd: i32, level: i32, optname: i32, len: i32) -> (i32, i32, Vec<u8>) {
+    let mut buf = vec![0xAAu8; len.max(0) as usize];
+    let mut optlen = len as libc::socklen_t;
+    // SAFETY: getsockopt(2) into a buffer we own, with its size.
+    let rc = unsafe { libc::getsockopt(fd, level, optname, buf.as_mut_ptr().cast(), &mut optlen) };
+    let (_, errno) = errno_of(nix::errno::Errno::result(rc));
+    (errno, optlen as i32, buf)
+}
+
+/// The original destination of an accepted connection, as an iptables
+/// REDIRECT proxy asks for it: SOL_IP or SOL_IPV6, optname 80.
+fn original_dst(fd: i32, v6: bool) -> Option<SocketAddr> {
+    let (level, len) = if v6 {
+        (libc::SOL_IPV6, 28)
+    } else {
+        (libc::SOL_IP, 16)
+    };
+    let (errno, _, b) = raw_getsockopt(fd, level, 80, len);
+    if errno != 0 {
+        return None;
+    }
+    let port = u16::from_be_bytes([b[2], b[3]]);
+    let ip: IpAddr = if v6 {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(&b[8..24]);
+        IpAddr::from(a)
+    } else {
+        IpAddr::from([b[4], b[5], b[6], b[7]])
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+/// One proxied connection: onward to the original destination, bytes copied
+/// both ways until each side closes.
+fn relay(c: std::net::TcpStream, v6: bool) {
+    let Some(dst) = original_dst(c.as_raw_fd(), v6) else {
+        return;
+    };
+    let Ok(up) = std::net::TcpStream::connect(dst) else {
+        return;
+    };
+    let (Ok(mut c2), Ok(mut up2)) = (c.try_clone(), up.try_clone()) else {
+        return;
+    };
+    let t = std::thread::spawn(move || {
+        let _ = std::io::copy(&mut c2, &mut up2);
+        let _ = up2.shutdown(std::net::Shutdown::Write);
+    });
+    let (mut c3, mut up3) = (c, up);
+    let _ = std::io::copy(&mut up3, &mut c3);
+    let _ = c3.shutdown(std::net::Shutdown::Write);
+    let _ = t.join();
 }
