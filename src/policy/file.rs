@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::policy::accelerate::{self, Accelerate, RawAccelerate};
 use crate::policy::services::{self, RawService, Service};
 use crate::skel::policy::types::slp_limit;
 
@@ -27,6 +28,8 @@ struct RawPolicy {
     scope: Vec<Spanned<RawScope>>,
     #[serde(default)]
     service: Vec<Spanned<RawService>>,
+    #[serde(default)]
+    accelerate: Vec<Spanned<RawAccelerate>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -169,6 +172,7 @@ pub struct Policy {
     pub attach: CgroupDir,
     pub scopes: Vec<Scope>,
     pub services: Vec<Service>,
+    pub accelerate: Vec<Accelerate>,
 }
 
 impl Policy {
@@ -314,26 +318,9 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
     // Every cgroup under the attach point goes to the deepest scope that matched
     // it or an ancestor.
     let mut governed = 0usize;
-    for (rel, &id) in &tree.dirs {
-        if !is_under(rel, &attach.rel) {
-            continue;
-        }
-        let mut cur = rel.as_str();
-        loop {
-            if let Some(&s) = matched_by.get(cur) {
-                scopes[s].governs.push(id);
-                governed += 1;
-                break;
-            }
-            if cur == "/" {
-                break;
-            }
-            cur = match cur.rfind('/') {
-                Some(0) => "/",
-                Some(i) => &cur[..i],
-                None => break,
-            };
-        }
+    for (s, id) in deepest_owner(tree, &attach.rel, &matched_by) {
+        scopes[s].governs.push(id);
+        governed += 1;
     }
     let max_cgroups = slp_limit::SLP_MAX_CGROUPS.0 as usize;
     if governed > max_cgroups {
@@ -346,12 +333,45 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
         });
     }
     let services = services::parse(&src, tree, &attach, &raw.service)?;
+    let accelerate = accelerate::parse(&src, tree, &raw.accelerate)?;
     Ok(Policy {
         file: file.to_owned(),
         attach,
         scopes,
         services,
+        accelerate,
     })
+}
+
+/// Every cgroup under `under` paired with the entry that matched it or its
+/// deepest matched ancestor (`matched_by`: cgroup path -> entry index).
+pub(crate) fn deepest_owner(
+    tree: &CgroupTree,
+    under: &str,
+    matched_by: &HashMap<String, usize>,
+) -> Vec<(usize, u64)> {
+    let mut out = Vec::new();
+    for (rel, &id) in &tree.dirs {
+        if !is_under(rel, under) {
+            continue;
+        }
+        let mut cur = rel.as_str();
+        loop {
+            if let Some(&s) = matched_by.get(cur) {
+                out.push((s, id));
+                break;
+            }
+            if cur == "/" {
+                break;
+            }
+            cur = match cur.rfind('/') {
+                Some(0) => "/",
+                Some(i) => &cur[..i],
+                None => break,
+            };
+        }
+    }
+    out
 }
 
 fn scopes_name(scopes: &[Scope], i: usize) -> &str {
@@ -378,19 +398,82 @@ fn scope(
     ids: &mut HashMap<u32, usize>,
 ) -> Result<Scope, PolicyError> {
     let r = raw.get_ref();
-    let (name, span, matched) = match (&r.cgroup, &r.unit) {
+    let (name, span, matched) = match_target(src, tree, "scope", raw.span(), &r.cgroup, &r.unit)?;
+    if let Some(out) = matched.iter().find(|m| !is_under(&m.rel, &attach.rel)) {
+        return Err(src.err(
+            span.clone(),
+            format!(
+                "scope '{name}': cgroup {} is outside the attach point {}",
+                out.rel, attach.rel
+            ),
+        ));
+    }
+    if name.len() >= slp_limit::SLP_NAME_LEN.0 as usize {
+        return Err(src.err(
+            span.clone(),
+            format!(
+                "scope '{name}': longer than {} bytes",
+                slp_limit::SLP_NAME_LEN.0 - 1
+            ),
+        ));
+    }
+    let mode = match &r.mode {
+        None => Mode::Enforce,
+        Some(m) => match m.get_ref().as_str() {
+            "enforce" => Mode::Enforce,
+            "audit" => Mode::Audit,
+            other => {
+                return Err(src.err(
+                    m.span(),
+                    format!("mode '{other}': expected enforce or audit"),
+                ))
+            }
+        },
+    };
+    let default = match &r.default {
+        None => Action::Allow,
+        Some(d) => action(src, d, "default")?,
+    };
+    let rules = r
+        .rule
+        .iter()
+        .map(|raw_rule| rule(src, raw_rule, ids))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Scope {
+        name,
+        line: src.line(span.start),
+        mode,
+        default,
+        matched,
+        governs: Vec::new(),
+        rules,
+    })
+}
+
+/// The cgroups a `cgroup` pattern or `unit` name matches (exactly one of the two):
+/// (the name as written, its span, the matched cgroups). `what` names the table
+/// in errors; `whole` is its span when neither key is there.
+pub(crate) fn match_target(
+    src: &Src<'_>,
+    tree: &CgroupTree,
+    what: &str,
+    whole: Range<usize>,
+    cgroup: &Option<Spanned<String>>,
+    unit: &Option<Spanned<String>>,
+) -> Result<(String, Range<usize>, Vec<CgroupDir>), PolicyError> {
+    let found = match (cgroup, unit) {
         (Some(c), Some(u)) => {
             return Err(src.err(
                 u.span(),
                 format!(
-                    "scope '{}': give either cgroup or unit, not both (unit '{}')",
+                    "{what} '{}': give either cgroup or unit, not both (unit '{}')",
                     c.get_ref(),
                     u.get_ref()
                 ),
             ))
         }
         (None, None) => {
-            return Err(src.err(raw.span(), "scope: needs a cgroup or a unit"));
+            return Err(src.err(whole, format!("{what}: needs a cgroup or a unit")));
         }
         (Some(c), None) => {
             if leaves_root(c.get_ref()) {
@@ -451,55 +534,7 @@ fn scope(
             (unit.clone(), u.span(), matched)
         }
     };
-    if let Some(out) = matched.iter().find(|m| !is_under(&m.rel, &attach.rel)) {
-        return Err(src.err(
-            span.clone(),
-            format!(
-                "scope '{name}': cgroup {} is outside the attach point {}",
-                out.rel, attach.rel
-            ),
-        ));
-    }
-    if name.len() >= slp_limit::SLP_NAME_LEN.0 as usize {
-        return Err(src.err(
-            span.clone(),
-            format!(
-                "scope '{name}': longer than {} bytes",
-                slp_limit::SLP_NAME_LEN.0 - 1
-            ),
-        ));
-    }
-    let mode = match &r.mode {
-        None => Mode::Enforce,
-        Some(m) => match m.get_ref().as_str() {
-            "enforce" => Mode::Enforce,
-            "audit" => Mode::Audit,
-            other => {
-                return Err(src.err(
-                    m.span(),
-                    format!("mode '{other}': expected enforce or audit"),
-                ))
-            }
-        },
-    };
-    let default = match &r.default {
-        None => Action::Allow,
-        Some(d) => action(src, d, "default")?,
-    };
-    let rules = r
-        .rule
-        .iter()
-        .map(|raw_rule| rule(src, raw_rule, ids))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Scope {
-        name,
-        line: src.line(span.start),
-        mode,
-        default,
-        matched,
-        governs: Vec::new(),
-        rules,
-    })
+    Ok(found)
 }
 
 fn action(src: &Src<'_>, v: &Spanned<String>, key: &str) -> Result<Action, PolicyError> {
@@ -767,8 +802,18 @@ pub fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
 }
 
 fn ports(src: &Src<'_>, id: u32, p: &Spanned<toml::Value>) -> Result<(u16, u16), PolicyError> {
-    let shown = value_text(p.get_ref());
-    let bad = |why: &str| src.err(p.span(), format!("rule {id}: ports {shown}: {why}"));
+    port_range(src, &format!("rule {id}"), p.span(), p.get_ref())
+}
+
+/// PORT or "LOW-HIGH"; errors name `owner` ("rule 7") and the value.
+pub(crate) fn port_range(
+    src: &Src<'_>,
+    owner: &str,
+    span: Range<usize>,
+    v: &toml::Value,
+) -> Result<(u16, u16), PolicyError> {
+    let shown = value_text(v);
+    let bad = |why: &str| src.err(span.clone(), format!("{owner}: ports {shown}: {why}"));
     let port = |s: &str| -> Result<u16, PolicyError> {
         match s.trim().parse::<i64>() {
             Ok(n) if (0..=65535).contains(&n) => Ok(n as u16),
@@ -776,7 +821,7 @@ fn ports(src: &Src<'_>, id: u32, p: &Spanned<toml::Value>) -> Result<(u16, u16),
             Err(_) => Err(bad("expected PORT or LOW-HIGH")),
         }
     };
-    match p.get_ref() {
+    match v {
         toml::Value::Integer(n) => port(&n.to_string()).map(|v| (v, v)),
         toml::Value::String(s) => {
             let (lo, hi) = match s.split_once('-') {

@@ -6,6 +6,7 @@
 //! pinned maps and links and swaps rule sets atomically (`svcmaps` the services'
 //! maps and terminate, both on `pinned`).
 
+pub mod accelerate;
 pub mod compile;
 pub mod file;
 pub mod pinned;
