@@ -7,6 +7,7 @@
 //! maps and terminate, both on `pinned`).
 
 pub mod accelerate;
+pub mod accelmaps;
 pub mod compile;
 pub mod file;
 pub mod pinned;
@@ -64,6 +65,15 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
     .ctx("writing output")?;
     if services::wants_terminate(&policy.services) && !svcmaps::kernel_can_terminate() {
         eprintln!("{}", svcmaps::NO_TERMINATE);
+    }
+    if !policy.accelerate.is_empty() {
+        writeln!(
+            out,
+            "accelerate: {} entries, {} cgroups",
+            policy.accelerate.len(),
+            policy.accelerate.iter().map(|a| a.governs.len()).sum::<usize>()
+        )
+        .ctx("writing output")?;
     }
     Ok(policy)
 }
@@ -181,11 +191,29 @@ pub fn remove(out: &mut dyn Write) -> Result<()> {
 /// `socklens down`: detach and unpin everything socklens ever pinned.
 pub fn down(out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
-    crate::attach::cgroup_attach::remove_all()?;
+    let left = accelmaps::retire()?;
+    if left == 0 {
+        crate::attach::cgroup_attach::remove_all()?;
+        return writeln!(
+            out,
+            "socklens is down: nothing pinned or attached under {}",
+            crate::attach::cgroup_attach::pin_root().display()
+        )
+        .ctx("writing output");
+    }
+    // Unpinning a sockhash drops what its sockets have not read yet: it stays
+    // until its connections close (docs/accelerate.md).
+    let root = crate::attach::cgroup_attach::pin_root();
+    let keep = accelmaps::pins().dir;
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        if e.path() != keep {
+            crate::attach::cgroup_attach::remove_tree(&e.path())?;
+        }
+    }
     writeln!(
         out,
-        "socklens is down: nothing pinned or attached under {}",
-        crate::attach::cgroup_attach::pin_root().display()
+        "socklens is down; {left} accelerated sockets keep {} pinned until they close",
+        keep.display()
     )
     .ctx("writing output")
 }
@@ -308,6 +336,7 @@ pub fn show_value() -> Result<Option<Value>> {
         "scopes": scopes,
         "services": svcmaps::show(gen)?,
         "translated_sockets": {"live": live, "total": made},
+        "accelerate": accelmaps::show(),
     })))
 }
 
