@@ -146,6 +146,11 @@ static __always_inline bool accel_eligible(struct tcp_sock *tp, __u16 port)
 		accel_count(SLP_AS_SKIP_ZEROCOPY, 1);
 		return false;
 	}
+	/* poll on a hashed socket ignores SO_RCVLOWAT (tcp_bpf_sock_is_readable). */
+	if (BPF_CORE_READ(tp, inet_conn.icsk_inet.sk.sk_rcvlowat) > 1) {
+		accel_count(SLP_AS_SKIP_RCVLOWAT, 1);
+		return false;
+	}
 	if (BPF_CORE_READ(tp, inet_conn.icsk_ulp_ops)) {
 		accel_count(SLP_AS_SKIP_ULP, 1);
 		return false;

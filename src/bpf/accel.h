@@ -47,7 +47,8 @@ enum slp_accel_stat {
 	SLP_AS_UNPAIRED = 4,      /* lone active ends taken out (peer not eligible) */
 	SLP_AS_SKIP_ZEROCOPY = 6, /* ends not joined: SO_ZEROCOPY */
 	SLP_AS_SKIP_ULP = 7,      /* ends not joined: a ULP (kTLS, MPTCP) */
-	SLP_AS_NSTATS = 8,
+	SLP_AS_SKIP_RCVLOWAT = 8, /* ends not joined: SO_RCVLOWAT above 1 */
+	SLP_AS_NSTATS = 9,
 };
 
 #endif

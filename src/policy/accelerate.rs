@@ -49,7 +49,10 @@ pub(crate) fn parse(
     if raw.len() > max {
         return Err(src.err(
             raw[max].span(),
-            format!("accelerate {}: more entries than the maps hold ({max})", max + 1),
+            format!(
+                "accelerate {}: more entries than the maps hold ({max})",
+                max + 1
+            ),
         ));
     }
     let mut out: Vec<Accelerate> = Vec::new();
@@ -98,7 +101,11 @@ pub(crate) fn parse(
 }
 
 /// `ports = 6379`, `"8000-8100"` or a list of those.
-fn ports(src: &Src<'_>, name: &str, p: &Spanned<toml::Value>) -> Result<Vec<(u16, u16)>, PolicyError> {
+fn ports(
+    src: &Src<'_>,
+    name: &str,
+    p: &Spanned<toml::Value>,
+) -> Result<Vec<(u16, u16)>, PolicyError> {
     let owner = format!("accelerate '{name}'");
     let list: Vec<(u16, u16)> = match p.get_ref() {
         toml::Value::Array(items) => items
@@ -182,8 +189,12 @@ ports = ["8000-8100", 9000]
             "p.toml:3: accelerate '/system.slice': ports: give 1 to 8 ports or ranges (omit the key for any port)"
         );
         assert!(err("[[accelerate]]\nports = 1\n").contains("accelerate: needs a cgroup or a unit"));
-        assert!(err("[[accelerate]]\ncgroup = \"/\"\n[[accelerate]]\ncgroup = \"/\"\n")
-            .starts_with("p.toml:4: accelerate '/': cgroup / is already accelerated"));
-        assert!(err("[[accelerate]]\ncgroup = \"/\"\nkernel = 1\n").contains("unknown field `kernel`"));
+        assert!(
+            err("[[accelerate]]\ncgroup = \"/\"\n[[accelerate]]\ncgroup = \"/\"\n")
+                .starts_with("p.toml:4: accelerate '/': cgroup / is already accelerated")
+        );
+        assert!(
+            err("[[accelerate]]\ncgroup = \"/\"\nkernel = 1\n").contains("unknown field `kernel`")
+        );
     }
 }

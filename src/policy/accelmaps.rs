@@ -37,11 +37,31 @@ pub fn pins() -> Pins {
 pub fn kernel_support() -> std::result::Result<(), &'static str> {
     use libbpf_rs::libbpf_sys as sys;
     let need = [
-        (libbpf_rs::ProgramType::SockOps, sys::BPF_FUNC_sock_hash_update, "bpf_sock_hash_update in sock_ops"),
-        (libbpf_rs::ProgramType::SockOps, sys::BPF_FUNC_skc_to_tcp_sock, "bpf_skc_to_tcp_sock in sock_ops"),
-        (libbpf_rs::ProgramType::SockOps, sys::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in sock_ops"),
-        (libbpf_rs::ProgramType::SkMsg, sys::BPF_FUNC_msg_redirect_hash, "bpf_msg_redirect_hash"),
-        (libbpf_rs::ProgramType::SkMsg, sys::BPF_FUNC_get_netns_cookie, "bpf_get_netns_cookie in sk_msg"),
+        (
+            libbpf_rs::ProgramType::SockOps,
+            sys::BPF_FUNC_sock_hash_update,
+            "bpf_sock_hash_update in sock_ops",
+        ),
+        (
+            libbpf_rs::ProgramType::SockOps,
+            sys::BPF_FUNC_skc_to_tcp_sock,
+            "bpf_skc_to_tcp_sock in sock_ops",
+        ),
+        (
+            libbpf_rs::ProgramType::SockOps,
+            sys::BPF_FUNC_get_netns_cookie,
+            "bpf_get_netns_cookie in sock_ops",
+        ),
+        (
+            libbpf_rs::ProgramType::SkMsg,
+            sys::BPF_FUNC_msg_redirect_hash,
+            "bpf_msg_redirect_hash",
+        ),
+        (
+            libbpf_rs::ProgramType::SkMsg,
+            sys::BPF_FUNC_get_netns_cookie,
+            "bpf_get_netns_cookie in sk_msg",
+        ),
     ];
     for (ty, id, name) in need {
         if !ty.is_helper_supported(id).unwrap_or(false) {
@@ -74,7 +94,7 @@ pub fn write(skel: &PolicySkel<'_>, gen: u32, entries: &[Accelerate]) -> Result<
         for &id in &a.governs {
             let k = slp_accel_cg_key {
                 cgroup_id: id,
-                r#gen: gen,
+                r#gen,
                 ..Default::default()
             };
             map.update(bytes(&k), bytes(&v), MapFlags::ANY)
@@ -145,5 +165,6 @@ pub fn show() -> serde_json::Value {
         "unpaired": stat(slp_accel_stat::SLP_AS_UNPAIRED),
         "skipped_zerocopy": stat(slp_accel_stat::SLP_AS_SKIP_ZEROCOPY),
         "skipped_ulp": stat(slp_accel_stat::SLP_AS_SKIP_ULP),
+        "skipped_rcvlowat": stat(slp_accel_stat::SLP_AS_SKIP_RCVLOWAT),
     })
 }

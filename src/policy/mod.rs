@@ -71,7 +71,11 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
             out,
             "accelerate: {} entries, {} cgroups",
             policy.accelerate.len(),
-            policy.accelerate.iter().map(|a| a.governs.len()).sum::<usize>()
+            policy
+                .accelerate
+                .iter()
+                .map(|a| a.governs.len())
+                .sum::<usize>()
         )
         .ctx("writing output")?;
     }
