@@ -8,8 +8,10 @@ set -euo pipefail
 # benchmark compares with its DNAT); procps gives sysctl;
 # bpftool regenerates vmlinux.h; python3 is the second process in the `top` tests;
 # prometheus (server + promtool) scrapes the agent in its tests and benchmark;
-# openssl makes the test certificates; systemd (systemd-analyze) scores the unit.
-PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables iptables procps bpftool python3 prometheus openssl systemd)
+# openssl makes the test certificates; systemd (systemd-analyze) scores the unit;
+# sockperf, iperf3, redis (server + redis-benchmark), nginx-light and wrk run
+# accelerated in bench/accel.sh.
+PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables iptables procps bpftool python3 prometheus openssl systemd sockperf iperf3 redis-server redis-tools nginx-light wrk)
 
 die() { echo "install-deps: $*" >&2; exit 1; }
 

@@ -210,6 +210,7 @@ fn stream(tx: TcpStream, rx: TcpStream, seed: u64, len: usize) -> Job {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn sixty_four_pairs_stream_byte_exact_both_ways_and_the_redirected_bytes_equal_the_applications() {
     let bed = Accel::new("accel-streams", "");
     let before = accel_show();
@@ -252,6 +253,7 @@ fn sixty_four_pairs_stream_byte_exact_both_ways_and_the_redirected_bytes_equal_t
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn peek_fionread_poll_dontwait_half_close_rcvlowat_and_close_with_unread_data() {
     let bed = Accel::new("accel-semantics", "");
     let (c, s) = pair();
@@ -350,6 +352,7 @@ fn peek_fionread_poll_dontwait_half_close_rcvlowat_and_close_with_unread_data() 
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn sendfile_and_splice_into_an_accelerated_socket_arrive_intact() {
     let bed = Accel::new("accel-sendfile", "");
     let (c, s) = pair();
@@ -420,6 +423,7 @@ fn sendfile_and_splice_into_an_accelerated_socket_arrive_intact() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn one_end_outside_every_entry_is_not_accelerated_and_fionread_stays_right() {
     let bed = Accel::new("accel-lonely", "");
     let before = accel_show();
@@ -460,6 +464,7 @@ fn one_end_outside_every_entry_is_not_accelerated_and_fionread_stays_right() {
 }
 
 #[test]
+#[ignore = "needs root: ./test.sh"]
 fn removing_acceleration_while_16_streams_are_mid_transfer_loses_nothing() {
     let bed = Accel::new("accel-remove", "");
     let pairs: Vec<(TcpStream, TcpStream)> = (0..16).map(|_| pair()).collect();
