@@ -7,7 +7,7 @@
 # Plain runs in one fresh cgroup, accelerated in another named by an
 # [[accelerate]] entry; both under the same socklens policy (pin root as set by
 # SOCKLENS_PIN_ROOT). Each pair runs back to back, accelerated second.
-# Usage (root): bench/accel.sh [SECONDS]
+# Usage (root): [CPU=1] bench/accel.sh [SECONDS]
 set -euo pipefail
 shopt -s inherit_errexit
 cd "$(dirname "$0")/.."
@@ -35,14 +35,20 @@ printf '[[accelerate]]\ncgroup = "/%s/accel"\n' "$NAME" > "$WORK/accel.toml"
 "$SL" policy apply "$WORK/accel.toml" >/dev/null
 
 # incg MODE CMD...: runs CMD in the cgroup of MODE (plain | accel).
-incg() { local m=$1; shift; sh -c 'echo $$ > "$0/cgroup.procs"; exec "$@"' "$CG2/$NAME/$m" "$@"; }
-bg() { incg "$@" >/dev/null 2>&1 & PIDS+=($!); }
-port=17100
-next_port() { port=$((port + 1)); }
+# Everything on one CPU ($CPU): on this 2-CPU host with other load, client and
+# server on different CPUs made ping-pong rates swing tenfold between runs.
+CPU=${CPU:-1}
+CGRUN='echo $$ > "$0/cgroup.procs"; exec taskset -c '"$CPU"' "$@"'
+incg() { local m=$1; shift; sh -c "$CGRUN" "$CG2/$NAME/$m" "$@"; }
+# bg MODE CMD...: a server in the background; $! is the server itself (sh execs it).
+bg() { local m=$1; shift; sh -c "$CGRUN" "$CG2/$NAME/$m" "$@" >/dev/null 2>&1 & PIDS+=($!); }
+port=$((20000 + $$ % 20000))
+# The next port nothing listens on.
+next_port() { port=$((port + 1)); while ss -ltnH "sport = :$port" | grep -q .; do port=$((port + 1)); done; }
 wait_port() { for _ in $(seq 100); do ss -ltn "sport = :$1" | grep -q LISTEN && return; sleep 0.05; done; echo "port $1 never listened" >&2; exit 1; }
 stop_last() { kill "${PIDS[-1]}" 2>/dev/null || true; wait "${PIDS[-1]}" 2>/dev/null || true; unset 'PIDS[-1]'; }
 
-echo "kernel $(uname -r); $(nproc) CPUs; ${SECS}s per run"
+echo "kernel $(uname -r); $(nproc) CPUs, all on CPU $CPU; ${SECS}s per run; load $(cut -d" " -f1-3 /proc/loadavg)"
 printf '%-22s %14s %14s %7s\n' test plain accelerated ratio
 row() { awk -v t="$1" -v a="$2" -v b="$3" 'BEGIN { printf "%-22s %14s %14s %7.2f\n", t, a, b, (a > 0 ? b / a : 0) }'; }
 
