@@ -249,6 +249,11 @@ fn sixty_four_pairs_stream_byte_exact_both_ways_and_the_redirected_bytes_equal_t
     assert_eq!(d("redirected_bytes"), total, "{after}");
     assert_eq!(d("passed_msgs"), 0);
     assert_eq!(after["sockets"].as_u64(), Some(128));
+    assert_eq!(after["connections"].as_u64(), Some(64));
+    assert_eq!(
+        after["entries"][0]["name"].as_str(),
+        Some(bed.cg.rel.as_str())
+    );
     drop(pairs);
 }
 
@@ -461,6 +466,70 @@ fn one_end_outside_every_entry_is_not_accelerated_and_fionread_stays_right() {
         1,
         "{v}"
     );
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn a_port_outside_the_entry_ports_is_not_accelerated_one_inside_is() {
+    // The listener's port is ephemeral (>= 1024): port 1 never matches it.
+    for (ports, accelerated) in [("1", false), ("[1, \"1024-65535\"]", true)] {
+        let bed = Accel::new("accel-ports", &format!("ports = {ports}\n"));
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        bed.leave();
+        (&c).write_all(&[9u8; 4000]).unwrap();
+        let mut b = [0u8; 4000];
+        (&s).read_exact(&mut b).unwrap();
+        assert_eq!(
+            tcp_bytes(&s).1 == 0,
+            accelerated,
+            "ports = {ports}: {:?}",
+            tcp_bytes(&s)
+        );
+        assert_eq!(
+            accel_show()["connections"].as_u64(),
+            Some(u64::from(accelerated)),
+            "ports = {ports}"
+        );
+        drop((c, s, l));
+        drop(bed);
+    }
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn so_zerocopy_sockets_are_not_accelerated_and_get_their_completions() {
+    let bed = Accel::new("accel-zerocopy", "");
+    let before = accel_show();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    set_int(&l, libc::SOL_SOCKET, libc::SO_ZEROCOPY, 1);
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    bed.leave();
+    let data = [8u8; 65536];
+    // SAFETY: send from a buffer we own.
+    let n = unsafe {
+        libc::send(
+            s.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_ZEROCOPY,
+        )
+    };
+    assert_eq!(n, 65536, "{}", std::io::Error::last_os_error());
+    let mut got = vec![0u8; 65536];
+    (&c).read_exact(&mut got).unwrap();
+    // The completion arrives on the error queue, as on plain TCP.
+    assert_eq!(
+        poll(&s, 0, 2000) & libc::POLLERR,
+        libc::POLLERR,
+        "no zerocopy completion"
+    );
+    let after = accel_show();
+    let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert!(d("skipped_zerocopy") >= 1, "{after}");
+    assert_eq!(after["connections"].as_u64(), Some(0));
 }
 
 #[test]

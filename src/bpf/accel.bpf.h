@@ -14,6 +14,7 @@
 struct slp_accel_key _slp_accel_key = {};
 struct slp_accel_cg_key _slp_accel_cg_key = {};
 struct slp_accel_scope _slp_accel_scope = {};
+struct slp_accel_info _slp_accel_info = {};
 enum slp_accel_limit _slp_accel_limit = SLP_ACCEL_MAX_SCOPES;
 enum slp_accel_stat _slp_accel_stat = SLP_AS_PAIRED;
 
@@ -31,6 +32,13 @@ struct {
 	__type(key, struct slp_accel_cg_key);
 	__type(value, struct slp_accel_scope);
 } slp_accel_of SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 2 * SLP_ACCEL_MAX_SCOPES);
+	__type(key, __u32);
+	__type(value, struct slp_accel_info);
+} slp_accel_info SEC(".maps");
 
 /* Active ends that joined and wait for their passive end: sock_ops cannot hold
  * a socket looked up in the sockhash (no bpf_sk_release there). */

@@ -38,6 +38,18 @@ struct slp_accel_scope {
 	__u16 hi[SLP_ACCEL_MAX_PORTS];
 };
 
+/* `slp_accel_info`, index gen * SLP_ACCEL_MAX_SCOPES + entry: what `policy show`
+ * lists. Not read by the programs. */
+struct slp_accel_info {
+	__u32 line;
+	__u32 ncgroups;
+	__u16 nports;
+	__u16 pad[3];
+	__u16 lo[SLP_ACCEL_MAX_PORTS];
+	__u16 hi[SLP_ACCEL_MAX_PORTS];
+	char name[96];
+};
+
 /* Per-CPU counters (`policy show`), array index = the stat. */
 enum slp_accel_stat {
 	SLP_AS_PAIRED = 0,        /* connections whose both ends joined */

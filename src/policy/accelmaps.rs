@@ -19,14 +19,22 @@ use crate::error::{Context, Error, Result};
 use crate::policy::accelerate::Accelerate;
 use crate::policy::pinned::{bytes, decode};
 use crate::skel::percpu_sum;
-use crate::skel::policy::types::{slp_accel_cg_key, slp_accel_scope, slp_accel_stat};
+use crate::skel::policy::types::{
+    slp_accel_cg_key, slp_accel_info, slp_accel_limit, slp_accel_scope, slp_accel_stat,
+};
 use crate::skel::policy::PolicySkel;
 
 pub const COMPONENT: &str = "accel";
 pub const SOCKOPS: &str = "slp_accel_sockops";
 pub const MSG: &str = "slp_accel_msg";
 pub const HASH: &str = "slp_accel_hash";
-pub const PINNED_MAPS: [&str; 4] = [HASH, "slp_accel_of", "slp_accel_stats", "slp_accel_pending"];
+pub const PINNED_MAPS: [&str; 5] = [
+    HASH,
+    "slp_accel_of",
+    "slp_accel_info",
+    "slp_accel_stats",
+    "slp_accel_pending",
+];
 
 pub fn pins() -> Pins {
     Pins::new(COMPONENT)
@@ -81,16 +89,39 @@ pub fn write(skel: &PolicySkel<'_>, gen: u32, entries: &[Accelerate]) -> Result<
     for k in stale {
         map.delete(&k).ctx("clearing slp_accel_of")?;
     }
+    // Entries of an earlier file in this half: line 0 marks a free slot.
+    let max = slp_accel_limit::SLP_ACCEL_MAX_SCOPES.0;
+    let empty = slp_accel_info::default();
+    for i in entries.len() as u32..max {
+        skel.maps
+            .slp_accel_info
+            .update(&(gen * max + i).to_ne_bytes(), bytes(&empty), MapFlags::ANY)
+            .ctx("clearing slp_accel_info")?;
+    }
     for (i, a) in entries.iter().enumerate() {
         let mut v = slp_accel_scope {
             index: i as u32,
             nports: a.ports.len() as u16,
             ..Default::default()
         };
+        let mut info = slp_accel_info {
+            line: a.line as u32,
+            ncgroups: a.governs.len() as u32,
+            nports: v.nports,
+            ..Default::default()
+        };
         for (j, &(lo, hi)) in a.ports.iter().enumerate() {
-            v.lo[j] = lo;
-            v.hi[j] = hi;
+            (v.lo[j], v.hi[j]) = (lo, hi);
+            (info.lo[j], info.hi[j]) = (lo, hi);
         }
+        for (d, b) in info.name.iter_mut().zip(a.name.bytes().take(95)) {
+            *d = b as _;
+        }
+        let idx = gen * slp_accel_limit::SLP_ACCEL_MAX_SCOPES.0 + i as u32;
+        skel.maps
+            .slp_accel_info
+            .update(&idx.to_ne_bytes(), bytes(&info), MapFlags::ANY)
+            .ctx("writing slp_accel_info")?;
         for &id in &a.governs {
             let k = slp_accel_cg_key {
                 cgroup_id: id,
@@ -151,12 +182,43 @@ pub fn retire() -> Result<u64> {
     Ok(left)
 }
 
-/// `policy show`'s acceleration part.
-pub fn show() -> serde_json::Value {
+/// The entries of generation `gen` as applied.
+fn entries(gen: u32) -> Vec<serde_json::Value> {
+    let Ok(m) = MapHandle::from_pinned_path(pins().map("slp_accel_info")) else {
+        return Vec::new();
+    };
+    let base = gen * slp_accel_limit::SLP_ACCEL_MAX_SCOPES.0;
+    (0..slp_accel_limit::SLP_ACCEL_MAX_SCOPES.0)
+        .filter_map(|i| {
+            let v = m.lookup(&(base + i).to_ne_bytes(), MapFlags::ANY).ok()??;
+            let info: slp_accel_info = decode(&v).filter(|x: &slp_accel_info| x.line != 0)?;
+            let name: Vec<u8> = info.name.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+            let ports: Vec<String> = (0..usize::from(info.nports))
+                .map(|j| match (info.lo[j], info.hi[j]) {
+                    (lo, hi) if lo == hi => lo.to_string(),
+                    (lo, hi) => format!("{lo}-{hi}"),
+                })
+                .collect();
+            Some(serde_json::json!({
+                "name": String::from_utf8_lossy(&name),
+                "line": info.line,
+                "cgroups": info.ncgroups,
+                "ports": if ports.is_empty() { serde_json::json!("any") } else { serde_json::json!(ports) },
+            }))
+        })
+        .collect()
+}
+
+/// `policy show`'s acceleration part: the entries of generation `gen` and the
+/// counters.
+pub fn show(gen: u32) -> serde_json::Value {
     let stats = MapHandle::from_pinned_path(pins().map("slp_accel_stats")).ok();
     let stat = |s: slp_accel_stat| stats.as_ref().map_or(0, |m| percpu_sum(m, s.0));
+    let sockets = sockets().unwrap_or(0);
     serde_json::json!({
-        "sockets": sockets().unwrap_or(0),
+        "entries": if pins().link(SOCKOPS).exists() { entries(gen) } else { Vec::new() },
+        "sockets": sockets,
+        "connections": sockets / 2,
         "attached": pins().link(SOCKOPS).exists(),
         "paired": stat(slp_accel_stat::SLP_AS_PAIRED),
         "redirected_msgs": stat(slp_accel_stat::SLP_AS_MSGS),

@@ -340,7 +340,7 @@ pub fn show_value() -> Result<Option<Value>> {
         "scopes": scopes,
         "services": svcmaps::show(gen)?,
         "translated_sockets": {"live": live, "total": made},
-        "accelerate": accelmaps::show(),
+        "accelerate": accelmaps::show(gen),
     })))
 }
 
@@ -348,10 +348,21 @@ pub fn show_value() -> Result<Option<Value>> {
 pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
     let Some(v) = show_value()? else {
+        // Connections still accelerated after `remove` keep their sockhash.
+        let accel = accelmaps::pins().exists().then(|| accelmaps::show(0));
         if json_out {
-            writeln!(out, "{}", json!({"policy": null})).ctx("writing output")?;
+            writeln!(out, "{}", json!({"policy": null, "accelerate": accel}))
+                .ctx("writing output")?;
         } else {
             writeln!(out, "no policy is applied").ctx("writing output")?;
+            if let Some(a) = accel {
+                writeln!(
+                    out,
+                    "accelerated connections: {} still open",
+                    a["connections"]
+                )
+                .ctx("writing output")?;
+            }
         }
         return Ok(());
     };
@@ -438,6 +449,30 @@ pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
         out,
         "translated sockets: {} open, {} since apply",
         v["translated_sockets"]["live"], v["translated_sockets"]["total"]
+    )
+    .ctx("writing output")?;
+    let a = &v["accelerate"];
+    for e in a["entries"].as_array().into_iter().flatten() {
+        writeln!(
+            out,
+            "accelerate {} (line {}): {} cgroups, ports {}",
+            s(&e["name"]),
+            e["line"],
+            e["cgroups"],
+            e["ports"]
+        )
+        .ctx("writing output")?;
+    }
+    writeln!(
+        out,
+        "accelerated connections: {} now ({} paired since the sockhash was made{})",
+        a["connections"],
+        a["paired"],
+        if a["attached"] == true {
+            ""
+        } else {
+            "; new connections are not accelerated"
+        }
     )
     .ctx("writing output")?;
     Ok(())
