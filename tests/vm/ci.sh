@@ -8,7 +8,7 @@
 # SOCKLENS_ATTACH (it forces each tier itself), so it runs once per kernel, in
 # the auto cell. The cgroup policy tests do not depend on the tier: live_services
 # runs once per kernel in the auto cell and checks each kernel's documented
-# fallback (docs/services.md, "Kernels").
+# fallback (docs/services.md, "Kernels"); live_accel likewise.
 #
 # Environment: SOCKLENS_VM_TIERS (default "auto:fentry fentry kprobe tracepoint"),
 # SOCKLENS_VM_KERNELS (default "6.1 6.12 5.10 7"), SOCKLENS_TEST_SCALE for the
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/../.."
 export PATH="$HOME/.cargo/bin:$PATH"
 list=target/vm-tests.txt
 bins=$(cargo test --locked --no-run 2>&1 \
-    | grep -oE 'target/debug/deps/(cli|live_bind_listen|live_conns|live_services)-[0-9a-f]+' | sort -u)
+    | grep -oE 'target/debug/deps/(cli|live_bind_listen|live_conns|live_services|live_accel)-[0-9a-f]+' | sort -u)
 [ -n "$bins" ] || { echo "vm/ci: no test binaries found" >&2; exit 1; }
 # The auto cell checks auto's choice with cli and live_bind_listen (every
 # event must carry the expected tier); the connection suite runs in the cell
@@ -30,6 +30,9 @@ for b in $bins; do
         # of them checks the failing apply on 5.10); the rest run on the host.
         */live_services-*) echo "$b auto terminate tcp_v4 udp_unconnected zero_backends" ;;
         */live_conns-*) echo "$b -auto" ;;
+        # Tier-independent; checks acceleration where doctor says the kernel
+        # has it, the refused apply where not (docs/accelerate.md).
+        */live_accel-*) echo "$b auto" ;;
         *) echo "$b" ;;
     esac
 done > "$list"
