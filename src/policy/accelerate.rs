@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::policy::file::{deepest_owner, match_target, port_range};
-use crate::policy::source::{CgroupDir, CgroupTree, PolicyError, Src};
+use crate::policy::source::{
+    deepest_owner, match_target, port_range, CgroupDir, CgroupTree, PolicyError, Src,
+};
 use crate::skel::policy::types::slp_accel_limit;
 
 #[derive(Debug, Deserialize)]
