@@ -102,6 +102,9 @@ mod policy_plain {
     unsafe impl plain::Plain for slp_create_key {}
     unsafe impl plain::Plain for slp_create_rule {}
     unsafe impl plain::Plain for slp_rule_info {}
+    unsafe impl plain::Plain for super::policy::types::slp_accel_cg_key {}
+    unsafe impl plain::Plain for super::policy::types::slp_accel_scope {}
+    unsafe impl plain::Plain for super::policy::types::slp_accel_info {}
 }
 
 /// Sum over CPUs of slot `idx` of a per-CPU array of u64 counters.

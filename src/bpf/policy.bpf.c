@@ -484,6 +484,7 @@ static __always_inline int judge_create(struct bpf_sock *ctx)
 
 #include "services.bpf.h"
 #include "redirect.bpf.h"
+#include "accel.bpf.h"
 
 /* ---- observing --------------------------------------------------------- */
 

@@ -62,6 +62,10 @@ pub fn run(btf: &Path, force: Option<Tier>, knobs: &Knobs, out: &mut dyn Write) 
         "from each send and receive"
     };
     writeln!(out, "tcp bytes    {tcp_bytes}").ctx("writing report")?;
+    let accel = crate::policy::accelmaps::kernel_support()
+        .map(|()| "sock_ops + sockhash + sk_msg redirect")
+        .map_err(|what| format!("this kernel lacks {what}"));
+    writeln!(out, "accelerate   {}", status(&accel)).ctx("writing report")?;
     writeln!(out, "hooks:").ctx("writing report")?;
     for (hook, result) in &planned {
         match result {

@@ -13,6 +13,7 @@ pub struct PolicyView {
     pub scopes: Vec<ScopeView>,
     pub services: Vec<ServiceView>,
     pub redirects: Vec<RedirectView>,
+    pub accelerate: AccelView,
     /// Sockets holding translation state now, and since apply.
     pub translated_live: i64,
     pub translated_total: i64,
@@ -81,4 +82,32 @@ pub struct RedirectView {
     pub proxy: Option<String>,
     pub proxy6: Option<String>,
     pub redirected: u64,
+}
+
+/// Local TCP acceleration: the `[[accelerate]]` entries in force and the
+/// sockhash's counters (which outlive a `remove` while connections drain).
+#[derive(Debug, Clone, Default)]
+pub struct AccelView {
+    pub entries: Vec<AccelEntryView>,
+    /// Sockets in the sockhash now (two per accelerated connection).
+    pub sockets: u64,
+    /// Whether new connections are accelerated (the sock_ops link is there).
+    pub attached: bool,
+    pub paired: u64,
+    pub redirected_msgs: u64,
+    pub redirected_bytes: u64,
+    pub passed_msgs: u64,
+    pub unpaired: u64,
+    pub skipped_zerocopy: u64,
+    pub skipped_ulp: u64,
+    pub skipped_rcvlowat: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct AccelEntryView {
+    pub name: String,
+    pub line: u64,
+    pub cgroups: u64,
+    /// None: every port.
+    pub ports: Option<Vec<String>>,
 }

@@ -1,12 +1,19 @@
 //! `policy show`: the policy in force as text or as one JSON object.
 
-use crate::model::policy::{PolicyView, RuleTarget};
+use crate::model::policy::{AccelView, PolicyView, RuleTarget};
 use crate::output::json::{line, JsonObject};
 
-/// The JSON form: one object; `None` (no policy applied) is `{"policy":null}`.
-pub fn json(view: Option<&PolicyView>) -> String {
+/// The JSON form: one object; `None` (no policy applied) is `{"policy":null}`,
+/// with `draining`: connections still accelerated after a remove.
+pub fn json(view: Option<&PolicyView>, draining: Option<&AccelView>) -> String {
     let Some(v) = view else {
-        return line(|obj| obj.null("policy"));
+        return line(|obj| {
+            obj.null("policy");
+            match draining {
+                Some(a) => obj.object("accelerate", |o| write_accel(o, a)),
+                None => obj.null("accelerate"),
+            }
+        });
     };
     line(|obj| {
         obj.uint("generation", v.generation);
@@ -84,7 +91,59 @@ pub fn json(view: Option<&PolicyView>) -> String {
             t.value("live", &v.translated_live);
             t.value("total", &v.translated_total);
         });
+        obj.object("accelerate", |o| write_accel(o, &v.accelerate));
     })
+}
+
+fn write_accel(o: &mut JsonObject<'_>, a: &AccelView) {
+    o.array("entries", |list| {
+        for e in &a.entries {
+            list.object(|o| {
+                o.value("name", &e.name);
+                o.uint("line", e.line);
+                o.uint("cgroups", e.cgroups);
+                match &e.ports {
+                    Some(p) => o.value("ports", p),
+                    None => o.plain("ports", "any"),
+                }
+            });
+        }
+    });
+    o.uint("sockets", a.sockets);
+    o.uint("connections", a.sockets / 2);
+    o.bool("attached", a.attached);
+    o.uint("paired", a.paired);
+    o.uint("redirected_msgs", a.redirected_msgs);
+    o.uint("redirected_bytes", a.redirected_bytes);
+    o.uint("passed_msgs", a.passed_msgs);
+    o.uint("unpaired", a.unpaired);
+    o.uint("skipped_zerocopy", a.skipped_zerocopy);
+    o.uint("skipped_ulp", a.skipped_ulp);
+    o.uint("skipped_rcvlowat", a.skipped_rcvlowat);
+}
+
+fn accel_lines(a: &AccelView, lines: &mut Vec<String>) {
+    for e in &a.entries {
+        lines.push(format!(
+            "accelerate {} (line {}): {} cgroups, ports {}",
+            e.name,
+            e.line,
+            e.cgroups,
+            e.ports
+                .as_ref()
+                .map_or_else(|| "any".to_owned(), |p| p.join(","))
+        ));
+    }
+    lines.push(format!(
+        "accelerated connections: {} now ({} paired since the sockhash was made{})",
+        a.sockets / 2,
+        a.paired,
+        if a.attached {
+            ""
+        } else {
+            "; new connections are not accelerated"
+        }
+    ));
 }
 
 fn write_rule(o: &mut JsonObject<'_>, r: &crate::model::policy::RuleView) {
@@ -106,10 +165,18 @@ fn write_rule(o: &mut JsonObject<'_>, r: &crate::model::policy::RuleView) {
     o.value("proto", &r.proto);
 }
 
-/// The text form, one line per scope, rule, service and backend.
-pub fn text(view: Option<&PolicyView>) -> Vec<String> {
+/// The text form, one line per scope, rule, service, backend, redirect and
+/// acceleration entry.
+pub fn text(view: Option<&PolicyView>, draining: Option<&AccelView>) -> Vec<String> {
     let Some(v) = view else {
-        return vec!["no policy is applied".into()];
+        let mut lines = vec!["no policy is applied".to_owned()];
+        if let Some(a) = draining {
+            lines.push(format!(
+                "accelerated connections: {} still open",
+                a.sockets / 2
+            ));
+        }
+        return lines;
     };
     let mut lines = vec![format!(
         "policy in force: generation {}, attached at {} ({} links), {} events lost",
@@ -172,6 +239,7 @@ pub fn text(view: Option<&PolicyView>) -> Vec<String> {
         "translated sockets: {} open, {} since apply",
         v.translated_live, v.translated_total
     ));
+    accel_lines(&v.accelerate, &mut lines);
     lines
 }
 
@@ -224,6 +292,7 @@ mod tests {
                 }],
             }],
             redirects: Vec::new(),
+            accelerate: AccelView::default(),
             translated_live: 1,
             translated_total: 5,
         }
@@ -231,7 +300,7 @@ mod tests {
 
     #[test]
     fn json_nests_rules_in_scopes_and_backends_in_services() {
-        let v: serde_json::Value = serde_json::from_str(&json(Some(&view()))).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json(Some(&view()), None)).unwrap();
         assert_eq!(v["attach"]["cgroup"], "/w");
         assert_eq!(v["links"][0]["program"], "slp_connect4");
         assert_eq!(v["scopes"][0]["rules"][0]["cidr"], "10.0.0.0/8");
@@ -239,14 +308,17 @@ mod tests {
         assert_eq!(v["services"][0]["netns"], "any");
         assert_eq!(v["services"][0]["backends"][0]["picks"], 4);
         assert_eq!(v["translated_sockets"]["total"], 5);
-        let none: serde_json::Value = serde_json::from_str(&json(None)).unwrap();
-        assert_eq!(none, serde_json::json!({"policy": null}));
+        let none: serde_json::Value = serde_json::from_str(&json(None, None)).unwrap();
+        assert_eq!(
+            none,
+            serde_json::json!({"policy": null, "accelerate": null})
+        );
     }
 
     #[test]
     fn text_has_a_line_per_scope_rule_service_and_backend() {
-        let t = text(Some(&view()));
-        assert_eq!(t.len(), 6, "{t:#?}");
+        let t = text(Some(&view()), None);
+        assert_eq!(t.len(), 7, "{t:#?}");
         assert!(
             t[2].contains("10.0.0.0/8 ports 80-80 proto tcp  hits 3"),
             "{}",

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use toml::Spanned;
 
-use crate::policy::source::{value_text, PolicyError, Src};
+use crate::policy::source::{PolicyError, Src};
 
 /// An address prefix with no host bits set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -79,30 +79,5 @@ pub(crate) fn ports(
     what: &str,
     p: &Spanned<toml::Value>,
 ) -> Result<(u16, u16), PolicyError> {
-    let shown = value_text(p.get_ref());
-    let bad = |why: &str| src.err(p.span(), format!("{what}: ports {shown}: {why}"));
-    let port = |s: &str| -> Result<u16, PolicyError> {
-        match s.trim().parse::<i64>() {
-            Ok(n) if (0..=65535).contains(&n) => Ok(n as u16),
-            Ok(_) => Err(bad("a port is 0 to 65535")),
-            Err(_) => Err(bad("expected PORT or LOW-HIGH")),
-        }
-    };
-    match p.get_ref() {
-        toml::Value::Integer(n) => port(&n.to_string()).map(|v| (v, v)),
-        toml::Value::String(s) => {
-            let (lo, hi) = match s.split_once('-') {
-                Some((a, b)) if !a.trim().is_empty() => (port(a)?, port(b)?),
-                _ => {
-                    let v = port(s)?;
-                    (v, v)
-                }
-            };
-            if lo > hi {
-                return Err(bad("the range is inverted (LOW-HIGH with LOW <= HIGH)"));
-            }
-            Ok((lo, hi))
-        }
-        _ => Err(bad("expected PORT or LOW-HIGH")),
-    }
+    crate::policy::source::port_range(src, what, p.span(), p.get_ref())
 }

@@ -9,13 +9,16 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
+use crate::policy::accelerate::{self, Accelerate, RawAccelerate};
 use crate::policy::redirect::{self, RawRedirect, Redirect};
 use crate::policy::services::{self, RawService, Service};
 use crate::skel::policy::types::slp_limit;
 
 use crate::policy::addr::{cidr, ports};
 pub use crate::policy::addr::{mask, Cidr};
-use crate::policy::source::{is_under, normalize, value_text, Src, UNIT_SUFFIXES};
+use crate::policy::source::{
+    deepest_owner, is_under, leaves_root, match_target, normalize, value_text, Src,
+};
 pub use crate::policy::source::{CgroupDir, CgroupTree, PolicyError};
 
 // ---- the file as written -------------------------------------------------
@@ -30,6 +33,8 @@ struct RawPolicy {
     service: Vec<Spanned<RawService>>,
     #[serde(default)]
     redirect: Vec<Spanned<RawRedirect>>,
+    #[serde(default)]
+    accelerate: Vec<Spanned<RawAccelerate>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -160,6 +165,7 @@ pub struct Policy {
     pub scopes: Vec<Scope>,
     pub services: Vec<Service>,
     pub redirects: Vec<Redirect>,
+    pub accelerate: Vec<Accelerate>,
 }
 
 impl Policy {
@@ -167,31 +173,6 @@ impl Policy {
         self.scopes.iter().map(|s| s.rules.len()).sum()
     }
 }
-
-/// A `.` or `..` component: a pattern names cgroups under the root only.
-fn leaves_root(path: &str) -> bool {
-    path.split('/').any(|p| p == ".." || p == ".")
-}
-
-/// `*` matches any run of characters within one path component.
-fn glob_component(pat: &[u8], s: &[u8]) -> bool {
-    match pat.split_first() {
-        None => s.is_empty(),
-        Some((b'*', rest)) => (0..=s.len()).any(|i| glob_component(rest, &s[i..])),
-        Some((c, rest)) => s.first() == Some(c) && glob_component(rest, &s[1..]),
-    }
-}
-
-fn glob_path(pattern: &str, rel: &str) -> bool {
-    let p: Vec<&str> = pattern.split('/').filter(|x| !x.is_empty()).collect();
-    let r: Vec<&str> = rel.split('/').filter(|x| !x.is_empty()).collect();
-    p.len() == r.len()
-        && p.iter()
-            .zip(&r)
-            .all(|(a, b)| glob_component(a.as_bytes(), b.as_bytes()))
-}
-
-// ---- validation ----------------------------------------------------------
 
 /// Reads and validates a policy file against the cgroup tree under `cgroup_root`.
 pub fn load(path: &Path, cgroup_root: &Path) -> Result<Policy, PolicyError> {
@@ -305,26 +286,9 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
     // Every cgroup under the attach point goes to the deepest scope that matched
     // it or an ancestor.
     let mut governed = 0usize;
-    for (rel, &id) in &tree.dirs {
-        if !is_under(rel, &attach.rel) {
-            continue;
-        }
-        let mut cur = rel.as_str();
-        loop {
-            if let Some(&s) = matched_by.get(cur) {
-                scopes[s].governs.push(id);
-                governed += 1;
-                break;
-            }
-            if cur == "/" {
-                break;
-            }
-            cur = match cur.rfind('/') {
-                Some(0) => "/",
-                Some(i) => &cur[..i],
-                None => break,
-            };
-        }
+    for (s, id) in deepest_owner(tree, &attach.rel, &matched_by) {
+        scopes[s].governs.push(id);
+        governed += 1;
     }
     let max_cgroups = slp_limit::SLP_MAX_CGROUPS.0 as usize;
     if governed > max_cgroups {
@@ -338,12 +302,14 @@ pub fn parse(file: &str, text: &str, tree: &CgroupTree) -> Result<Policy, Policy
     }
     let services = services::parse(&src, tree, &attach, &raw.service)?;
     let redirects = redirect::parse(&src, tree, &attach, &raw.redirect)?;
+    let accelerate = accelerate::parse(&src, tree, &raw.accelerate)?;
     Ok(Policy {
         file: file.to_owned(),
         attach,
         scopes,
         services,
         redirects,
+        accelerate,
     })
 }
 
@@ -371,79 +337,7 @@ fn scope(
     ids: &mut HashMap<u32, usize>,
 ) -> Result<Scope, PolicyError> {
     let r = raw.get_ref();
-    let (name, span, matched) = match (&r.cgroup, &r.unit) {
-        (Some(c), Some(u)) => {
-            return Err(src.err(
-                u.span(),
-                format!(
-                    "scope '{}': give either cgroup or unit, not both (unit '{}')",
-                    c.get_ref(),
-                    u.get_ref()
-                ),
-            ))
-        }
-        (None, None) => {
-            return Err(src.err(raw.span(), "scope: needs a cgroup or a unit"));
-        }
-        (Some(c), None) => {
-            if leaves_root(c.get_ref()) {
-                return Err(src.err(
-                    c.span(),
-                    format!(
-                        "cgroup '{}': '.' and '..' are not allowed: patterns are paths under the cgroup v2 root",
-                        c.get_ref()
-                    ),
-                ));
-            }
-            let pat = normalize(c.get_ref());
-            let matched: Vec<CgroupDir> = if pat.contains('*') {
-                tree.dirs
-                    .iter()
-                    .filter(|(rel, _)| glob_path(&pat, rel))
-                    .map(|(rel, &id)| CgroupDir {
-                        rel: rel.clone(),
-                        id,
-                    })
-                    .collect()
-            } else {
-                tree.get(&pat).into_iter().collect()
-            };
-            if matched.is_empty() {
-                return Err(src.err(
-                    c.span(),
-                    format!("cgroup '{}': no such cgroup", c.get_ref()),
-                ));
-            }
-            (c.get_ref().clone(), c.span(), matched)
-        }
-        (None, Some(u)) => {
-            let unit = u.get_ref();
-            if unit.contains('/') || !UNIT_SUFFIXES.iter().any(|s| unit.ends_with(s)) {
-                return Err(src.err(
-                    u.span(),
-                    format!(
-                        "unit '{unit}': not a systemd unit name (NAME.service, .slice, .scope, .socket, .mount, .swap)"
-                    ),
-                ));
-            }
-            let matched: Vec<CgroupDir> = tree
-                .dirs
-                .iter()
-                .filter(|(rel, _)| rel.rsplit('/').next() == Some(unit.as_str()))
-                .map(|(rel, &id)| CgroupDir {
-                    rel: rel.clone(),
-                    id,
-                })
-                .collect();
-            if matched.is_empty() {
-                return Err(src.err(
-                    u.span(),
-                    format!("unit '{unit}': no cgroup of that unit exists"),
-                ));
-            }
-            (unit.clone(), u.span(), matched)
-        }
-    };
+    let (name, span, matched) = match_target(src, tree, "scope", raw.span(), &r.cgroup, &r.unit)?;
     if let Some(out) = matched.iter().find(|m| !is_under(&m.rel, &attach.rel)) {
         return Err(src.err(
             span.clone(),
@@ -721,6 +615,7 @@ pub fn cgroup_root() -> Result<PathBuf, crate::error::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::source::glob_path;
     use std::collections::BTreeMap;
     use std::net::IpAddr;
 

@@ -6,6 +6,8 @@
 //! pinned maps and links and swaps rule sets atomically (`svcmaps` the services'
 //! maps and terminate, both on `pinned`).
 
+pub mod accelerate;
+pub mod accelmaps;
 pub mod addr;
 pub mod compile;
 pub mod file;
@@ -66,6 +68,19 @@ pub fn check(path: &Path, out: &mut dyn Write) -> Result<Policy> {
     .ctx("writing output")?;
     if services::wants_terminate(&policy.services) && !svcmaps::kernel_can_terminate() {
         eprintln!("{}", svcmaps::NO_TERMINATE);
+    }
+    if !policy.accelerate.is_empty() {
+        writeln!(
+            out,
+            "accelerate: {} entries, {} cgroups",
+            policy.accelerate.len(),
+            policy
+                .accelerate
+                .iter()
+                .map(|a| a.governs.len())
+                .sum::<usize>()
+        )
+        .ctx("writing output")?;
     }
     Ok(policy)
 }
@@ -194,11 +209,29 @@ pub fn remove(out: &mut dyn Write) -> Result<()> {
 /// `socklens down`: detach and unpin everything socklens ever pinned.
 pub fn down(out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
-    crate::attach::cgroup_attach::remove_all()?;
+    let left = accelmaps::retire()?;
+    if left == 0 {
+        crate::attach::cgroup_attach::remove_all()?;
+        return writeln!(
+            out,
+            "socklens is down: nothing pinned or attached under {}",
+            crate::attach::cgroup_attach::pin_root().display()
+        )
+        .ctx("writing output");
+    }
+    // Unpinning a sockhash drops what its sockets have not read yet: it stays
+    // until its connections close (docs/accelerate.md).
+    let root = crate::attach::cgroup_attach::pin_root();
+    let keep = accelmaps::pins().dir;
+    for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        if e.path() != keep {
+            crate::attach::cgroup_attach::remove_tree(&e.path())?;
+        }
+    }
     writeln!(
         out,
-        "socklens is down: nothing pinned or attached under {}",
-        crate::attach::cgroup_attach::pin_root().display()
+        "socklens is down; {left} accelerated sockets keep {} pinned until they close",
+        keep.display()
     )
     .ctx("writing output")
 }
@@ -312,6 +345,7 @@ pub fn show_view() -> Result<Option<PolicyView>> {
         scopes,
         services: svcmaps::services(gen)?,
         redirects: redirect::show(gen)?,
+        accelerate: accelmaps::show(gen),
         translated_live,
         translated_total,
     }))
@@ -321,10 +355,20 @@ pub fn show_view() -> Result<Option<PolicyView>> {
 pub fn show(json_out: bool, out: &mut dyn Write) -> Result<()> {
     system::check_privileges()?;
     let view = show_view()?;
+    // Connections still accelerated after `remove` keep their sockhash.
+    let draining = view
+        .is_none()
+        .then(|| accelmaps::pins().exists().then(|| accelmaps::show(0)))
+        .flatten();
     if json_out {
-        writeln!(out, "{}", crate::output::policy::json(view.as_ref())).ctx("writing output")?;
+        writeln!(
+            out,
+            "{}",
+            crate::output::policy::json(view.as_ref(), draining.as_ref())
+        )
+        .ctx("writing output")?;
     } else {
-        for line in crate::output::policy::text(view.as_ref()) {
+        for line in crate::output::policy::text(view.as_ref(), draining.as_ref()) {
             writeln!(out, "{line}").ctx("writing output")?;
         }
     }

@@ -17,6 +17,7 @@ use libbpf_rs::{MapCore, MapFlags, MapHandle, OpenObject};
 use crate::attach::cgroup_attach::{link_cgroup, CgroupTarget, Pins};
 use crate::error::{Context, Error, Result};
 use crate::host::system;
+use crate::policy::accelmaps;
 use crate::policy::compile::{compile, compile_services, Tables};
 use crate::policy::file::Policy;
 use crate::policy::pinned::{bytes, decode, pins};
@@ -84,7 +85,10 @@ fn lock() -> Result<Lock> {
 fn load_enforcing<'obj>(
     storage: &'obj mut MaybeUninit<OpenObject>,
     pins: &Pins,
+    accel: bool,
 ) -> Result<PolicySkel<'obj>> {
+    let accel_pins = accelmaps::pins();
+    let pin_accel = accel || accel_pins.map(accelmaps::HASH).exists();
     let mut open = PolicySkelBuilder::default()
         .open(storage)
         .ctx("opening the policy programs")?;
@@ -103,10 +107,18 @@ fn load_enforcing<'obj>(
         if PINNED_MAPS.contains(&name.as_str()) || svcmaps::PINNED_MAPS.contains(&name.as_str()) {
             map.set_pin_path(pins.map(&name))
                 .ctx("setting a map pin path")?;
+        } else if pin_accel && accelmaps::PINNED_MAPS.contains(&name.as_str()) {
+            map.set_pin_path(accel_pins.map(&name))
+                .ctx("setting a map pin path")?;
         }
     }
+    if pin_accel {
+        accel_pins.create_dirs()?;
+    }
     for mut prog in open.open_object_mut().progs_mut() {
-        let keep = prog.name().to_str().is_some_and(|n| ENFORCING.contains(&n));
+        let keep = prog.name().to_str().is_some_and(|n| {
+            ENFORCING.contains(&n) || (accel && [accelmaps::SOCKOPS, accelmaps::MSG].contains(&n))
+        });
         prog.set_autoload(keep);
     }
     open.load()
@@ -272,16 +284,24 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
             ),
         });
     }
+    let accel = !policy.accelerate.is_empty();
+    if accel {
+        accelmaps::kernel_support().map_err(|what| Error::Unsupported {
+            what: "accelerate",
+            detail: format!("this kernel lacks {what}, which acceleration needs"),
+        })?;
+    }
     let _lock = lock()?;
     let pins = pins();
     pins.create_dirs()?;
     let mut storage = MaybeUninit::uninit();
-    let skel = load_enforcing(&mut storage, &pins)?;
+    let skel = load_enforcing(&mut storage, &pins, accel)?;
     let mut cfg = read_config(&skel.maps.slp_config)?;
     let next = (cfg.r#gen & 1) ^ 1;
     let tables = compile(policy, next)
         .map_err(|(line, msg)| Error::Usage(format!("{}:{line}: {msg}", policy.file)))?;
     write_generation(&skel, &tables)?;
+    accelmaps::write(&skel, next, &policy.accelerate)?;
     let cookies = policy
         .services
         .iter()
@@ -331,6 +351,10 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         }
     }
 
+    if accel {
+        accelmaps::attach(&skel, cgroup_root)?;
+    }
+
     // The switch: one update of the config element.
     let n = next as usize;
     cfg.r#gen = next;
@@ -347,6 +371,9 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
         // The new links run the new generation already; drop the old ones.
         pins.detach_links()?;
         pins.pin_links(&mut new_links)?;
+    }
+    if !accel {
+        accelmaps::retire()?;
     }
     // After the flip no connect reaches a removed backend; reset the open ones.
     let term = svcmaps::terminate_keys(&svc_maps, cfg_old, &policy.services);
@@ -374,6 +401,7 @@ pub fn remove() -> Result<bool> {
     let pins = pins();
     let existed = pins.exists();
     pins.remove()?;
+    accelmaps::retire()?;
     Ok(existed)
 }
 

@@ -8,7 +8,8 @@
 # SOCKLENS_ATTACH (it forces each tier itself), so it runs once per kernel, in
 # the auto cell. The cgroup policy tests do not depend on the tier: live_services
 # and live_redirect run once per kernel in the auto cell and check each kernel's
-# documented fallback (docs/services.md and docs/redirect.md, "Kernels").
+# documented fallback (docs/services.md and docs/redirect.md, "Kernels");
+# live_accel likewise (docs/accelerate.md).
 #
 # Environment: SOCKLENS_VM_TIERS (default "auto:fentry fentry kprobe tracepoint"),
 # SOCKLENS_VM_KERNELS (default "6.1 6.12 5.10 7"), SOCKLENS_TEST_SCALE for the
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/../.."
 export PATH="$HOME/.cargo/bin:$PATH"
 list=target/vm-tests.txt
 bins=$(cargo test --locked --no-run 2>&1 \
-    | grep -oE 'target/debug/deps/(cli|live_bind_listen|live_conns|live_services|live_redirect)-[0-9a-f]+' | sort -u)
+    | grep -oE 'target/debug/deps/(cli|live_bind_listen|live_conns|live_services|live_redirect|live_accel)-[0-9a-f]+' | sort -u)
 [ -n "$bins" ] || { echo "vm/ci: no test binaries found" >&2; exit 1; }
 # The auto cell checks auto's choice with cli and live_bind_listen (every
 # event must carry the expected tier); the connection suite runs in the cell
@@ -31,6 +32,9 @@ for b in $bins; do
         */live_services-*) echo "$b auto terminate tcp_v4 udp_unconnected zero_backends" ;;
         */live_redirect-*) echo "$b auto tcp_reaches so_original_dst udp_to" ;;
         */live_conns-*) echo "$b -auto" ;;
+        # Tier-independent; checks acceleration where doctor says the kernel
+        # has it, the refused apply where not (docs/accelerate.md).
+        */live_accel-*) echo "$b auto" ;;
         *) echo "$b" ;;
     esac
 done > "$list"

@@ -1,0 +1,66 @@
+/* Shared structs of local TCP acceleration (accel.bpf.h) and src/policy/accel*.rs.
+ * Rust uses the skeleton's generated types. Design: docs/accelerate.md. */
+#ifndef SOCKLENS_ACCEL_H
+#define SOCKLENS_ACCEL_H
+
+enum slp_accel_limit {
+	SLP_ACCEL_MAX_SCOPES = 256,    /* [[accelerate]] entries per policy */
+	SLP_ACCEL_MAX_PORTS = 8,       /* port ranges per entry */
+	SLP_ACCEL_MAX_CGROUPS = 65536, /* cgroup -> entry per generation */
+	SLP_ACCEL_MAX_SOCKS = 131072,  /* sockets in the sockhash (two per connection) */
+};
+
+/* The sockhash key: one end of a connection as that end sees it. Ports in host
+ * order; the peer's key is the same with local and remote swapped. */
+struct slp_accel_key {
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u16 lport;
+	__u16 rport;
+	__u16 family;
+	__u16 pad;
+	__u64 netns;
+};
+
+/* `slp_accel_of`: (gen, cgroup id) -> the entry accelerating that cgroup. */
+struct slp_accel_cg_key {
+	__u64 cgroup_id;
+	__u32 gen;
+	__u32 pad;
+};
+
+/* One [[accelerate]] entry: the server ports it accepts (nports 0: any). */
+struct slp_accel_scope {
+	__u32 index;
+	__u16 nports;
+	__u16 pad;
+	__u16 lo[SLP_ACCEL_MAX_PORTS];
+	__u16 hi[SLP_ACCEL_MAX_PORTS];
+};
+
+/* `slp_accel_info`, index gen * SLP_ACCEL_MAX_SCOPES + entry: what `policy show`
+ * lists. Not read by the programs. */
+struct slp_accel_info {
+	__u32 line;
+	__u32 ncgroups;
+	__u16 nports;
+	__u16 pad[3];
+	__u16 lo[SLP_ACCEL_MAX_PORTS];
+	__u16 hi[SLP_ACCEL_MAX_PORTS];
+	char name[96];
+};
+
+/* Per-CPU counters (`policy show`), array index = the stat. */
+enum slp_accel_stat {
+	SLP_AS_PAIRED = 0,        /* connections whose both ends joined */
+	SLP_AS_MSGS = 1,          /* messages redirected */
+	SLP_AS_BYTES = 2,         /* bytes redirected */
+	SLP_AS_PASSED = 3,        /* messages of hashed sockets sent through TCP */
+	SLP_AS_UNPAIRED = 4,      /* lone active ends taken out (peer not eligible) */
+	SLP_AS_SKIP_ZEROCOPY = 6, /* ends not joined: SO_ZEROCOPY */
+	SLP_AS_SKIP_ULP = 7,      /* ends not joined: a ULP (kTLS, MPTCP) */
+	SLP_AS_SKIP_RCVLOWAT = 8, /* ends not joined: SO_RCVLOWAT above 1 */
+	SLP_AS_NSTATS = 9,
+};
+
+#endif

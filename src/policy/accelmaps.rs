@@ -1,0 +1,237 @@
+//! The acceleration's kernel state: the sockhash, the cgroup -> entry map (two
+//! generations, flipped with the policy's), the sock_ops link at the cgroup v2
+//! root and the sk_msg program attached to the sockhash. Pinned under
+//! <pin root>/accel. Design: docs/accelerate.md.
+//!
+//! Taking a socket out of a sockhash drops the bytes redirected to it and not yet
+//! read (measured, docs/accelerate.md). So nothing here ever deletes entries or
+//! frees a sockhash that holds sockets: turning acceleration off detaches the
+//! sock_ops link, and the sockhash stays pinned until its connections close.
+
+use crate::model::policy::{AccelEntryView, AccelView};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+
+use libbpf_rs::skel::Skel;
+use libbpf_rs::{MapCore, MapFlags, MapHandle};
+
+use crate::attach::cgroup_attach::{CgroupTarget, Pins};
+use crate::error::{Context, Error, Result};
+use crate::policy::accelerate::Accelerate;
+use crate::policy::pinned::{bytes, decode};
+use crate::skel::percpu_sum;
+use crate::skel::policy::types::{
+    slp_accel_cg_key, slp_accel_info, slp_accel_limit, slp_accel_scope, slp_accel_stat,
+};
+use crate::skel::policy::PolicySkel;
+
+pub const COMPONENT: &str = "accel";
+pub const SOCKOPS: &str = "slp_accel_sockops";
+pub const MSG: &str = "slp_accel_msg";
+pub const HASH: &str = "slp_accel_hash";
+pub const PINNED_MAPS: [&str; 5] = [
+    HASH,
+    "slp_accel_of",
+    "slp_accel_info",
+    "slp_accel_stats",
+    "slp_accel_pending",
+];
+
+pub fn pins() -> Pins {
+    Pins::new(COMPONENT)
+}
+
+/// Whether the kernel has what acceleration needs: sock_ops and sk_msg programs
+/// with the sockhash helpers (a trial load each).
+pub fn kernel_support() -> std::result::Result<(), &'static str> {
+    use libbpf_rs::libbpf_sys as sys;
+    let need = [
+        (
+            libbpf_rs::ProgramType::SockOps,
+            sys::BPF_FUNC_sock_hash_update,
+            "bpf_sock_hash_update in sock_ops",
+        ),
+        (
+            libbpf_rs::ProgramType::SockOps,
+            sys::BPF_FUNC_skc_to_tcp_sock,
+            "bpf_skc_to_tcp_sock in sock_ops",
+        ),
+        (
+            libbpf_rs::ProgramType::SockOps,
+            sys::BPF_FUNC_get_netns_cookie,
+            "bpf_get_netns_cookie in sock_ops",
+        ),
+        (
+            libbpf_rs::ProgramType::SkMsg,
+            sys::BPF_FUNC_msg_redirect_hash,
+            "bpf_msg_redirect_hash",
+        ),
+        (
+            libbpf_rs::ProgramType::SkMsg,
+            sys::BPF_FUNC_get_netns_cookie,
+            "bpf_get_netns_cookie in sk_msg",
+        ),
+    ];
+    for (ty, id, name) in need {
+        if !ty.is_helper_supported(id).unwrap_or(false) {
+            return Err(name);
+        }
+    }
+    Ok(())
+}
+
+/// Writes generation `gen` of slp_accel_of (cleared first).
+pub fn write(skel: &PolicySkel<'_>, gen: u32, entries: &[Accelerate]) -> Result<()> {
+    let map = &skel.maps.slp_accel_of;
+    let stale: Vec<Vec<u8>> = map
+        .keys()
+        .filter(|k| decode::<slp_accel_cg_key>(k).map(|k| k.r#gen) == Some(gen))
+        .collect();
+    for k in stale {
+        map.delete(&k).ctx("clearing slp_accel_of")?;
+    }
+    // Entries of an earlier file in this half: line 0 marks a free slot.
+    let max = slp_accel_limit::SLP_ACCEL_MAX_SCOPES.0;
+    let empty = slp_accel_info::default();
+    for i in entries.len() as u32..max {
+        skel.maps
+            .slp_accel_info
+            .update(&(gen * max + i).to_ne_bytes(), bytes(&empty), MapFlags::ANY)
+            .ctx("clearing slp_accel_info")?;
+    }
+    for (i, a) in entries.iter().enumerate() {
+        let mut v = slp_accel_scope {
+            index: i as u32,
+            nports: a.ports.len() as u16,
+            ..Default::default()
+        };
+        let mut info = slp_accel_info {
+            line: a.line as u32,
+            ncgroups: a.governs.len() as u32,
+            nports: v.nports,
+            ..Default::default()
+        };
+        for (j, &(lo, hi)) in a.ports.iter().enumerate() {
+            (v.lo[j], v.hi[j]) = (lo, hi);
+            (info.lo[j], info.hi[j]) = (lo, hi);
+        }
+        for (d, b) in info.name.iter_mut().zip(a.name.bytes().take(95)) {
+            *d = b as _;
+        }
+        let idx = gen * slp_accel_limit::SLP_ACCEL_MAX_SCOPES.0 + i as u32;
+        skel.maps
+            .slp_accel_info
+            .update(&idx.to_ne_bytes(), bytes(&info), MapFlags::ANY)
+            .ctx("writing slp_accel_info")?;
+        for &id in &a.governs {
+            let k = slp_accel_cg_key {
+                cgroup_id: id,
+                r#gen,
+                ..Default::default()
+            };
+            map.update(bytes(&k), bytes(&v), MapFlags::ANY)
+                .ctx("writing slp_accel_of")?;
+        }
+    }
+    Ok(())
+}
+
+/// Attaches sk_msg to the sockhash and, once, sock_ops at the cgroup v2 root:
+/// the root so that a passive end outside every entry still takes a lone
+/// active end out of the sockhash (docs/accelerate.md, "FIONREAD").
+pub fn attach(skel: &PolicySkel<'_>, cgroup_root: &Path) -> Result<()> {
+    let pins = pins();
+    pins.create_dirs()?;
+    let prog = |name: &str| {
+        skel.object()
+            .progs_mut()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| Error::Object {
+                what: format!("program {name}").into(),
+                detail: "missing from object",
+            })
+    };
+    prog(MSG)?
+        .attach_sockmap(skel.maps.slp_accel_hash.as_fd().as_raw_fd())
+        .ctx("attaching slp_accel_msg to the sockhash")?;
+    if pins.link(SOCKOPS).exists() {
+        return Ok(());
+    }
+    let link = CgroupTarget::open(cgroup_root)?.attach(&prog(SOCKOPS)?)?;
+    pins.pin_links(&mut [(SOCKOPS.to_owned(), link)])
+}
+
+/// Sockets in the pinned sockhash now (two per accelerated connection).
+pub fn sockets() -> Option<u64> {
+    let h = MapHandle::from_pinned_path(pins().map(HASH)).ok()?;
+    Some(h.keys().count() as u64)
+}
+
+/// Turns acceleration off: no new connection joins. The sockhash and sk_msg stay
+/// while they carry connections; once empty, everything is unpinned. Returns
+/// the sockets still accelerated.
+pub fn retire() -> Result<u64> {
+    let pins = pins();
+    if !pins.exists() {
+        return Ok(0);
+    }
+    pins.detach_links()?;
+    let left = sockets().unwrap_or(0);
+    if left == 0 {
+        pins.remove()?;
+    }
+    Ok(left)
+}
+
+/// The entries of generation `gen` as applied.
+fn entries(gen: u32) -> Vec<AccelEntryView> {
+    let Ok(m) = MapHandle::from_pinned_path(pins().map("slp_accel_info")) else {
+        return Vec::new();
+    };
+    let base = gen * slp_accel_limit::SLP_ACCEL_MAX_SCOPES.0;
+    (0..slp_accel_limit::SLP_ACCEL_MAX_SCOPES.0)
+        .filter_map(|i| {
+            let v = m.lookup(&(base + i).to_ne_bytes(), MapFlags::ANY).ok()??;
+            let info: slp_accel_info = decode(&v).filter(|x: &slp_accel_info| x.line != 0)?;
+            let name: Vec<u8> = info
+                .name
+                .iter()
+                .take_while(|&&c| c != 0)
+                .map(|&c| c as u8)
+                .collect();
+            let ports: Vec<String> = (0..usize::from(info.nports))
+                .map(|j| match (info.lo[j], info.hi[j]) {
+                    (lo, hi) if lo == hi => lo.to_string(),
+                    (lo, hi) => format!("{lo}-{hi}"),
+                })
+                .collect();
+            Some(AccelEntryView {
+                name: String::from_utf8_lossy(&name).into_owned(),
+                line: u64::from(info.line),
+                cgroups: u64::from(info.ncgroups),
+                ports: (!ports.is_empty()).then_some(ports),
+            })
+        })
+        .collect()
+}
+
+/// `policy show`'s acceleration part: the entries of generation `gen` and the
+/// counters.
+pub fn show(gen: u32) -> AccelView {
+    let stats = MapHandle::from_pinned_path(pins().map("slp_accel_stats")).ok();
+    let stat = |s: slp_accel_stat| stats.as_ref().map_or(0, |m| percpu_sum(m, s.0));
+    let attached = pins().link(SOCKOPS).exists();
+    AccelView {
+        entries: if attached { entries(gen) } else { Vec::new() },
+        sockets: sockets().unwrap_or(0),
+        attached,
+        paired: stat(slp_accel_stat::SLP_AS_PAIRED),
+        redirected_msgs: stat(slp_accel_stat::SLP_AS_MSGS),
+        redirected_bytes: stat(slp_accel_stat::SLP_AS_BYTES),
+        passed_msgs: stat(slp_accel_stat::SLP_AS_PASSED),
+        unpaired: stat(slp_accel_stat::SLP_AS_UNPAIRED),
+        skipped_zerocopy: stat(slp_accel_stat::SLP_AS_SKIP_ZEROCOPY),
+        skipped_ulp: stat(slp_accel_stat::SLP_AS_SKIP_ULP),
+        skipped_rcvlowat: stat(slp_accel_stat::SLP_AS_SKIP_RCVLOWAT),
+    }
+}

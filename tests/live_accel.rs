@@ -1,0 +1,630 @@
+//! Local TCP acceleration (`[[accelerate]]`): streams through the sockhash and
+//! sk_msg redirect arrive byte-exact, socket semantics match plain TCP, and
+//! turning acceleration off mid-transfer loses nothing. The test process moves
+//! itself into an accelerated cgroup to make its sockets, and proves the bypass
+//! with TCP_INFO (the TCP byte counters stay 0 when every byte is redirected).
+//! Root only.
+
+mod common;
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+/// This process in an accelerated cgroup (under a policy applied for the test);
+/// back to its own cgroup and the policy removed on drop.
+struct Accel {
+    cg: Cgroup,
+    home: PathBuf,
+    file: PathBuf,
+}
+
+fn own_cgroup() -> PathBuf {
+    let text = fs::read_to_string("/proc/self/cgroup").unwrap();
+    let rel = text
+        .lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .expect("cgroup v2 entry");
+    cgroup2_root().join(rel.trim_start_matches('/'))
+}
+
+fn join(cg: &std::path::Path) {
+    fs::write(cg.join("cgroup.procs"), std::process::id().to_string()).unwrap();
+}
+
+/// Whether `doctor` says this kernel can accelerate; where it cannot, `apply` of
+/// an `[[accelerate]]` file must refuse with one line naming what is missing.
+fn supported() -> bool {
+    let (code, out, err) = socklens(&["doctor"]);
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("accelerate "))
+        .expect("doctor has an accelerate line")
+        .to_owned();
+    if line.contains(" ok (") {
+        return true;
+    }
+    assert!(line.contains("lacks"), "{line}");
+    let cg = Cgroup::new("accel-refused");
+    let file = std::env::temp_dir().join(format!("accel-{}.toml", unique("refused")));
+    fs::write(&file, format!("[[accelerate]]\ncgroup = \"{}\"\n", cg.rel)).unwrap();
+    let (code, _, err) = socklens(&["policy", "apply", file.to_str().unwrap()]);
+    let _ = fs::remove_file(&file);
+    assert_eq!(code, 1, "apply on a kernel without support: {err}");
+    assert!(err.contains("lacks") && err.lines().count() == 1, "{err}");
+    assert!(!pin_root().join("accel").exists());
+    false
+}
+
+impl Accel {
+    /// None where the kernel cannot accelerate (after checking the refusal).
+    fn new(tag: &str, extra: &str) -> Option<Self> {
+        require_root();
+        if !supported() {
+            return None;
+        }
+        let (code, _, err) = socklens(&["policy", "remove"]);
+        assert_eq!(code, 0, "{err}");
+        let cg = Cgroup::new(tag);
+        let file = std::env::temp_dir().join(format!("accel-{}.toml", unique(tag)));
+        fs::write(
+            &file,
+            format!("[[accelerate]]\ncgroup = \"{}\"\n{extra}", cg.rel),
+        )
+        .unwrap();
+        let (code, out, err) = socklens(&["policy", "apply", file.to_str().unwrap()]);
+        assert_eq!(code, 0, "apply: {err}");
+        assert!(out.starts_with("applied "), "{out}");
+        let home = own_cgroup();
+        join(&cg.path);
+        Some(Self { cg, home, file })
+    }
+
+    fn leave(&self) {
+        join(&self.home);
+    }
+}
+
+impl Drop for Accel {
+    fn drop(&mut self) {
+        join(&self.home);
+        let _ = socklens(&["policy", "remove"]);
+        let _ = fs::remove_file(&self.file);
+        let _ = &self.cg;
+    }
+}
+
+fn accel_show() -> Value {
+    let (code, out, err) = socklens(&["policy", "show", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["accelerate"].clone()
+}
+
+/// (bytes_acked, bytes_received) from TCP_INFO.
+fn tcp_bytes(s: &TcpStream) -> (u64, u64) {
+    let mut buf = [0u8; 256];
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: getsockopt into a buffer of `len` bytes we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0);
+    let at = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap());
+    (at(120), at(128))
+}
+
+fn set_int(s: &impl AsRawFd, level: libc::c_int, opt: libc::c_int, v: libc::c_int) {
+    // SAFETY: setsockopt with an int we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            opt,
+            (&v as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+}
+
+fn fionread(s: &TcpStream) -> i32 {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(rc, 0);
+    n
+}
+
+/// poll(2) revents for `events` within `ms`.
+fn poll(s: &TcpStream, events: libc::c_short, ms: i32) -> libc::c_short {
+    let mut p = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events,
+        revents: 0,
+    };
+    // SAFETY: one pollfd we own.
+    let rc = unsafe { libc::poll(&mut p, 1, ms) };
+    assert!(rc >= 0);
+    p.revents
+}
+
+fn pair() -> (TcpStream, TcpStream) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    (c, s)
+}
+
+/// xorshift64*: the stream's content and the sizes of writes and reads.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        1 + self.next() % n
+    }
+}
+
+fn content(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = Rng(seed | 1);
+    (0..len).map(|_| (r.next() >> 32) as u8).collect()
+}
+
+/// Writes `data` in random sizes 1 B..1 MiB.
+fn send_all(mut s: &TcpStream, data: &[u8], seed: u64) {
+    let mut r = Rng(seed ^ 0x9e37_79b9_7f4a_7c15);
+    let mut off = 0;
+    while off < data.len() {
+        let n = (r.below(1 << 20) as usize).min(data.len() - off);
+        s.write_all(&data[off..off + n]).unwrap();
+        off += n;
+    }
+}
+
+static SPURIOUS_EAGAIN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Reads to EOF in random sizes; returns everything read.
+fn recv_all(mut s: &TcpStream, seed: u64) -> Vec<u8> {
+    let mut r = Rng(seed ^ 0xdead_beef);
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let want = r.below(buf.len() as u64) as usize;
+        // A blocking read of a hashed socket can return EAGAIN when woken
+        // without data (docs/accelerate.md, "Blocking reads"): read again.
+        let n = match s.read(&mut buf[..want]) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                SPURIOUS_EAGAIN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                continue;
+            }
+            r => r.unwrap(),
+        };
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// One direction of a pair: write `len` bytes, half-close, the peer reads to EOF.
+type Job = (thread::JoinHandle<()>, thread::JoinHandle<Vec<u8>>);
+
+fn stream(tx: TcpStream, rx: TcpStream, seed: u64, len: usize) -> Job {
+    let data = content(seed, len);
+    let w = thread::spawn(move || {
+        send_all(&tx, &data, seed);
+        tx.shutdown(Shutdown::Write).unwrap();
+    });
+    let r = thread::spawn(move || recv_all(&rx, seed));
+    (w, r)
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn sixty_four_pairs_stream_byte_exact_both_ways_and_the_redirected_bytes_equal_the_applications() {
+    let Some(bed) = Accel::new("accel-streams", "") else {
+        return;
+    };
+    let before = accel_show();
+    let pairs: Vec<(TcpStream, TcpStream)> = (0..64).map(|_| pair()).collect();
+    bed.leave();
+    let mut jobs = Vec::new();
+    let mut total = 0u64;
+    for (i, (c, s)) in pairs.iter().enumerate() {
+        for (dir, (tx, rx)) in [(c, s), (s, c)].into_iter().enumerate() {
+            let seed = (i as u64) << 8 | dir as u64;
+            let len = Rng(seed + 7).below(scaled(3 << 20)) as usize;
+            total += len as u64;
+            let (w, r) = stream(tx.try_clone().unwrap(), rx.try_clone().unwrap(), seed, len);
+            jobs.push((seed, len, w, r));
+        }
+    }
+    for (seed, len, w, r) in jobs {
+        let got = r.join().unwrap();
+        w.join().unwrap();
+        assert_eq!(got.len(), len, "stream {seed}: length");
+        assert!(got == content(seed, len), "stream {seed}: content differs");
+    }
+    for (c, s) in &pairs {
+        // Every byte went through the sockhash: TCP never carried one.
+        // At most the FIN (1) came through TCP.
+        assert!(tcp_bytes(c).1 <= 1, "client received through TCP");
+        assert!(tcp_bytes(s).1 <= 1, "server received through TCP");
+    }
+    eprintln!(
+        "blocking reads that returned EAGAIN: {}",
+        SPURIOUS_EAGAIN.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    let after = accel_show();
+    let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(d("paired"), 64);
+    assert_eq!(d("redirected_bytes"), total, "{after}");
+    assert_eq!(d("passed_msgs"), 0);
+    assert_eq!(after["sockets"].as_u64(), Some(128));
+    assert_eq!(after["connections"].as_u64(), Some(64));
+    assert_eq!(
+        after["entries"][0]["name"].as_str(),
+        Some(bed.cg.rel.as_str())
+    );
+    drop(pairs);
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn peek_fionread_poll_dontwait_half_close_rcvlowat_and_close_with_unread_data() {
+    let Some(bed) = Accel::new("accel-semantics", "") else {
+        return;
+    };
+    let (c, s) = pair();
+    let (c2, s2) = pair();
+    // SO_RCVLOWAT on the listener, inherited at accept: never accelerated (poll
+    // on a hashed socket ignores it), so 500 of 1000 bytes are not readable.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    set_int(&l, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1000);
+    let c3 = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s3, _) = l.accept().unwrap();
+    bed.leave();
+    (&c3).write_all(&[1u8; 500]).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    assert_eq!(
+        poll(&s3, libc::POLLIN, 0),
+        0,
+        "SO_RCVLOWAT: readable with 500 of 1000 bytes"
+    );
+    (&c3).write_all(&[2u8; 500]).unwrap();
+    assert_eq!(poll(&s3, libc::POLLIN, 2000) & libc::POLLIN, libc::POLLIN);
+    assert!(
+        tcp_bytes(&s3).1 >= 1000,
+        "SO_RCVLOWAT socket was accelerated"
+    );
+    // Nothing there: not readable, FIONREAD 0.
+    assert_eq!(poll(&s, libc::POLLIN, 0), 0);
+    assert_eq!(fionread(&s), 0);
+    (&c).write_all(&[7u8; 1000]).unwrap();
+    assert_eq!(poll(&s, libc::POLLIN, 2000) & libc::POLLIN, libc::POLLIN);
+    assert_eq!(fionread(&s), 1000);
+    let mut b = [0u8; 4096];
+    // MSG_PEEK leaves the bytes.
+    // SAFETY: recv into a buffer we own.
+    let n = unsafe { libc::recv(s.as_raw_fd(), b.as_mut_ptr().cast(), 100, libc::MSG_PEEK) };
+    assert_eq!(n, 100);
+    assert_eq!(fionread(&s), 1000);
+    assert_eq!((&s).read(&mut b[..300]).unwrap(), 300);
+    assert_eq!(fionread(&s), 700);
+    assert_eq!((&s).read(&mut b).unwrap(), 700);
+    assert_eq!(fionread(&s), 0);
+    // MSG_DONTWAIT on an empty queue: EAGAIN.
+    // SAFETY: as above.
+    let n = unsafe { libc::recv(s.as_raw_fd(), b.as_mut_ptr().cast(), 10, libc::MSG_DONTWAIT) };
+    assert_eq!(n, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EAGAIN)
+    );
+    assert_eq!(poll(&s, libc::POLLIN, 0), 0);
+
+    // Half-close: the data, then EOF and POLLRDHUP; the other way still works.
+    (&c).write_all(b"last").unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let ev = poll(&s, libc::POLLIN | libc::POLLRDHUP, 2000);
+    assert_eq!(ev & libc::POLLRDHUP, libc::POLLRDHUP);
+    let mut got = Vec::new();
+    (&s).read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"last");
+    (&s).write_all(b"reply").unwrap();
+    let mut r = [0u8; 5];
+    (&c).read_exact(&mut r).unwrap();
+    assert_eq!(&r, b"reply");
+    assert!(
+        tcp_bytes(&s).1 <= 1,
+        "went through TCP (1 is the FIN): {:?}",
+        tcp_bytes(&s)
+    );
+
+    // Close with unread data: plain TCP resets the peer; here the unread bytes
+    // sit in the psock queue, the kernel sends a FIN and the peer reads EOF
+    // (docs/accelerate.md). The writer still learns: its writes then fail.
+    (&c2).write_all(&[3u8; 100]).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    drop(s2);
+    thread::sleep(Duration::from_millis(50));
+    let eof = (&c2).read(&mut b);
+    assert!(
+        matches!(eof, Ok(0))
+            || eof
+                .as_ref()
+                .is_err_and(|e| e.raw_os_error() == Some(libc::ECONNRESET)),
+        "{eof:?}"
+    );
+    let mut failed = None;
+    for _ in 0..3 {
+        if let Err(e) = (&c2).write_all(&[4u8; 100]) {
+            failed = e.raw_os_error();
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        matches!(failed, Some(libc::EPIPE | libc::ECONNRESET)),
+        "writes to a closed peer kept succeeding: {failed:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn sendfile_and_splice_into_an_accelerated_socket_arrive_intact() {
+    let Some(bed) = Accel::new("accel-sendfile", "") else {
+        return;
+    };
+    let (c, s) = pair();
+    bed.leave();
+    let data = content(42, 3 << 20);
+    let path = std::env::temp_dir().join(format!("accel-sf-{}", unique("sf")));
+    fs::write(&path, &data).unwrap();
+    let reader = {
+        let s = s.try_clone().unwrap();
+        thread::spawn(move || {
+            let mut got = vec![0u8; 2 * data.len()];
+            (&s).read_exact(&mut got).unwrap();
+            got
+        })
+    };
+    let f = fs::File::open(&path).unwrap();
+    let mut off: libc::off_t = 0;
+    while (off as usize) < 3 << 20 {
+        // SAFETY: sendfile between two descriptors we own.
+        let n = unsafe { libc::sendfile(c.as_raw_fd(), f.as_raw_fd(), &mut off, 1 << 20) };
+        assert!(n > 0, "sendfile: {}", std::io::Error::last_os_error());
+    }
+    // splice: file -> pipe -> socket.
+    let mut p = [0 as libc::c_int; 2];
+    // SAFETY: pipe into an array of two ints.
+    assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+    let mut foff: libc::loff_t = 0;
+    while foff < 3 << 20 {
+        // SAFETY: splice between descriptors we own.
+        let n = unsafe {
+            libc::splice(
+                f.as_raw_fd(),
+                &mut foff,
+                p[1],
+                std::ptr::null_mut(),
+                65536,
+                0,
+            )
+        };
+        assert!(n > 0);
+        let mut left = n;
+        while left > 0 {
+            // SAFETY: as above.
+            let m = unsafe {
+                libc::splice(
+                    p[0],
+                    std::ptr::null_mut(),
+                    c.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    left as usize,
+                    0,
+                )
+            };
+            assert!(m > 0, "splice: {}", std::io::Error::last_os_error());
+            left -= m;
+        }
+    }
+    // SAFETY: closing the pipe we made.
+    unsafe {
+        libc::close(p[0]);
+        libc::close(p[1]);
+    }
+    let got = reader.join().unwrap();
+    let _ = fs::remove_file(&path);
+    let expect = content(42, 3 << 20);
+    assert!(got[..3 << 20] == expect[..], "sendfile bytes differ");
+    assert!(got[3 << 20..] == expect[..], "splice bytes differ");
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn one_end_outside_every_entry_is_not_accelerated_and_fionread_stays_right() {
+    let Some(bed) = Accel::new("accel-lonely", "") else {
+        return;
+    };
+    let before = accel_show();
+    // Client in the accelerated cgroup, server outside (an accepted socket has
+    // its listener's cgroup); then the other way.
+    let l2 = TcpListener::bind("127.0.0.1:0").unwrap();
+    bed.leave();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    join(&bed.cg.path);
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    bed.leave();
+    let (s, _) = l.accept().unwrap();
+    let c2 = TcpStream::connect(l2.local_addr().unwrap()).unwrap();
+    let (s2, _) = l2.accept().unwrap();
+    for (mut tx, mut rx) in [(&s, &c), (&c, &s), (&s2, &c2), (&c2, &s2)] {
+        tx.write_all(&[5u8; 5000]).unwrap();
+        let mut waited = 0;
+        while fionread(rx) < 5000 && waited < 100 {
+            thread::sleep(Duration::from_millis(10));
+            waited += 1;
+        }
+        assert_eq!(fionread(rx), 5000, "FIONREAD");
+        let mut b = vec![0u8; 5000];
+        rx.read_exact(&mut b).unwrap();
+        assert!(
+            tcp_bytes(rx).1 >= 5000,
+            "not through TCP: {:?}",
+            tcp_bytes(rx)
+        );
+    }
+    let v = accel_show();
+    assert_eq!(v["sockets"].as_u64(), Some(0), "{v}");
+    assert_eq!(
+        v["unpaired"].as_u64().unwrap() - before["unpaired"].as_u64().unwrap(),
+        1,
+        "{v}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn a_port_outside_the_entry_ports_is_not_accelerated_one_inside_is() {
+    // The listener's port is ephemeral (>= 1024): port 1 never matches it.
+    for (ports, accelerated) in [("1", false), ("[1, \"1024-65535\"]", true)] {
+        let Some(bed) = Accel::new("accel-ports", &format!("ports = {ports}\n")) else {
+            return;
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (s, _) = l.accept().unwrap();
+        bed.leave();
+        (&c).write_all(&[9u8; 4000]).unwrap();
+        let mut b = [0u8; 4000];
+        (&s).read_exact(&mut b).unwrap();
+        assert_eq!(
+            tcp_bytes(&s).1 == 0,
+            accelerated,
+            "ports = {ports}: {:?}",
+            tcp_bytes(&s)
+        );
+        assert_eq!(
+            accel_show()["connections"].as_u64(),
+            Some(u64::from(accelerated)),
+            "ports = {ports}"
+        );
+        drop((c, s, l));
+        drop(bed);
+    }
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn so_zerocopy_sockets_are_not_accelerated_and_get_their_completions() {
+    let Some(bed) = Accel::new("accel-zerocopy", "") else {
+        return;
+    };
+    let before = accel_show();
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    set_int(&l, libc::SOL_SOCKET, libc::SO_ZEROCOPY, 1);
+    let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (s, _) = l.accept().unwrap();
+    bed.leave();
+    let data = [8u8; 65536];
+    // SAFETY: send from a buffer we own.
+    let n = unsafe {
+        libc::send(
+            s.as_raw_fd(),
+            data.as_ptr().cast(),
+            data.len(),
+            libc::MSG_ZEROCOPY,
+        )
+    };
+    assert_eq!(n, 65536, "{}", std::io::Error::last_os_error());
+    let mut got = vec![0u8; 65536];
+    (&c).read_exact(&mut got).unwrap();
+    // The completion arrives on the error queue, as on plain TCP.
+    assert_eq!(
+        poll(&s, 0, 2000) & libc::POLLERR,
+        libc::POLLERR,
+        "no zerocopy completion"
+    );
+    let after = accel_show();
+    let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert!(d("skipped_zerocopy") >= 1, "{after}");
+    assert_eq!(after["connections"].as_u64(), Some(0));
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn removing_acceleration_while_16_streams_are_mid_transfer_loses_nothing() {
+    let Some(bed) = Accel::new("accel-remove", "") else {
+        return;
+    };
+    let pairs: Vec<(TcpStream, TcpStream)> = (0..16).map(|_| pair()).collect();
+    bed.leave();
+    let len = scaled(24 << 20) as usize;
+    // Writers start; readers wait until acceleration is off, so the receive
+    // queues are full and the writers blocked when it goes.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let go_rx = std::sync::Arc::new(std::sync::Mutex::new(go_rx));
+    let mut jobs = Vec::new();
+    for (i, (c, s)) in pairs.iter().enumerate() {
+        let seed = 1000 + i as u64;
+        let (tx, rx) = (c.try_clone().unwrap(), s.try_clone().unwrap());
+        let data = content(seed, len);
+        let w = thread::spawn(move || {
+            send_all(&tx, &data, seed);
+            tx.shutdown(Shutdown::Write).unwrap();
+        });
+        let go = std::sync::Arc::clone(&go_rx);
+        let r = thread::spawn(move || {
+            go.lock().unwrap().recv().unwrap();
+            recv_all(&rx, seed)
+        });
+        jobs.push((seed, w, r));
+    }
+    thread::sleep(Duration::from_millis(300));
+    let queued: i32 = pairs.iter().map(|(_, s)| fionread(s)).sum();
+    assert!(queued > 0, "nothing queued before the removal");
+    let (code, _, err) = socklens(&["policy", "remove"]);
+    assert_eq!(code, 0, "{err}");
+    // The sockhash stays while it holds these sockets.
+    assert!(pin_root().join("accel/maps/slp_accel_hash").exists());
+    for _ in 0..16 {
+        go_tx.send(()).unwrap();
+    }
+    for (seed, w, r) in jobs {
+        let got = r.join().unwrap();
+        w.join().unwrap();
+        assert_eq!(got.len(), len, "stream {seed}: length");
+        assert!(got == content(seed, len), "stream {seed}: content differs");
+    }
+    eprintln!("bytes queued unread at the removal: {queued}");
+    drop(pairs);
+    thread::sleep(Duration::from_millis(100));
+    let (code, _, err) = socklens(&["down"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !pin_root().join("accel").exists(),
+        "the drained sockhash is unpinned"
+    );
+}
