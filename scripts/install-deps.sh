@@ -8,8 +8,10 @@ set -euo pipefail
 # benchmark compares with its DNAT); procps gives sysctl;
 # bpftool regenerates vmlinux.h; python3 is the second process in the `top` tests;
 # prometheus (server + promtool) scrapes the agent in its tests and benchmark;
-# openssl makes the test certificates; systemd (systemd-analyze) scores the unit.
-PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables iptables procps bpftool python3 prometheus openssl systemd)
+# openssl makes the test certificates; systemd (systemd-analyze) scores the unit;
+# redis-server and redis-tools (redis-benchmark) are the real server under load
+# whose own byte counters the connection tests compare with.
+PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables iptables procps bpftool python3 prometheus openssl systemd redis-server redis-tools)
 
 die() { echo "install-deps: $*" >&2; exit 1; }
 
