@@ -573,10 +573,42 @@ fn udp_unconnected_socket_to_three_peers_exact_per_peer() {
 #[test]
 #[ignore = "needs root: ./test.sh"]
 fn udp_receiver_counts_per_sender() {
+    let (flows, missed) = udp_receiver_flows("sludpq", &[]);
+    // Flagged exactly when some hook run was skipped.
+    for f in flows {
+        assert_eq!(f.get("maybe_short").is_some(), missed > 0, "{f}");
+    }
+}
+
+/// With every UDP send run skipped (as when the kernel skips them), the
+/// receiver's counts stay exact and every flow says it may be short.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn udp_flows_say_they_may_be_short_after_skipped_runs() {
+    let (flows, missed) = udp_receiver_flows("sludpm", &[("SOCKLENS_DISABLE", "udp_send")]);
+    assert!(missed >= 3, "the three sends count as missed: {missed}");
+    for f in flows {
+        assert_eq!(f["maybe_short"], true, "{f}");
+    }
+}
+
+/// The `N missed hook runs` of a summary line.
+fn missed_in(stderr: &str) -> u64 {
+    let words: Vec<&str> = stderr.split_whitespace().collect();
+    let at = words
+        .windows(2)
+        .rposition(|w| w[1] == "missed")
+        .unwrap_or_else(|| panic!("no missed count: {stderr}"));
+    words[at].parse().unwrap()
+}
+
+/// A receiver's flows from two senders, checked exact; returns them and the
+/// summary's missed count.
+fn udp_receiver_flows(tag: &str, env: &[(&str, &str)]) -> (Vec<Value>, u64) {
     require_root();
-    let comm = unique("sludpq");
+    let comm = unique(tag);
     let mut got = None;
-    let (lines, _) = conns_snapshot(3.0, &["--comm", &comm], || {
+    let (lines, stderr) = conns_snapshot_env(3.0, &["--comm", &comm], env, || {
         let bed = Bed::spawn(&[
             "--comm",
             &comm,
@@ -619,6 +651,8 @@ fn udp_receiver_counts_per_sender() {
         assert_eq!(f["direction"], "in", "{f}");
         assert_eq!(f["peer"], "127.0.0.1", "{f}");
     }
+    let flows = flows.into_iter().cloned().collect();
+    (flows, missed_in(&stderr))
 }
 
 /// A UDP socket ends without an event: a snapshot must not list a closed

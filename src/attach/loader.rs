@@ -165,6 +165,7 @@ fn write_filters(
     ro.tracing_has_cookie_helper = opts.plan.shape.tracing_cookie_helper;
     ro.state_skips_close = opts.plan.state_skips_close;
     ro.state_skips_start = opts.plan.state_skips_start;
+    ro.udp_sends_skipped = opts.plan.udp_sends_skipped;
     Ok(())
 }
 

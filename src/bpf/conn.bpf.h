@@ -48,6 +48,9 @@ const volatile bool tcp_bytes_from_seq = false;
  * open's ESTABLISHED), as when the kernel skips its run. */
 const volatile bool state_skips_close = false;
 const volatile bool state_skips_start = false;
+/* SOCKLENS_DISABLE=udp_send: every UDP send run is skipped and counted as
+ * missed, as when the kernel skips it; UDP has no counters to recover from. */
+const volatile bool udp_sends_skipped = false;
 
 /* TCP sockets whose owner is not known yet: their first send or receive, in
  * process context, claims them (tcp_touch). Two kinds, each found so that the
@@ -906,6 +909,10 @@ static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 co
 		return;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
 		tcp_touch(NULL, sk, cookie, ret, false, 0, btf);
+		return;
+	}
+	if (proto == IPPROTO_UDP && udp_sends_skipped) {
+		stat_inc(SL_STAT_RET_MISSED);
 		return;
 	}
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN, btf);

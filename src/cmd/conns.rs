@@ -48,10 +48,17 @@ pub fn run(
                 live.renderer.columns(&columns::conn_snapshot_row(now, c))
             })?;
         }
+        // The kernel does not say which socket a skipped run was for, and UDP
+        // has no counters to recover from: after any, every flow may be short.
+        let maybe_short = live.stream.losses().missed > 0;
         for f in &flows {
             let owner = conns.get(&f.sk);
             emit(if live.renderer.json {
-                live.renderer.udp_flow_json(owner, f).to_string()
+                let mut v = live.renderer.udp_flow_json(owner, f);
+                if maybe_short {
+                    v["maybe_short"] = serde_json::json!(true);
+                }
+                v.to_string()
             } else {
                 live.renderer.columns(&columns::udp_flow_row(now, owner, f))
             })?;
