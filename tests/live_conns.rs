@@ -1124,6 +1124,15 @@ fn concurrent_load_exact_with_starts_skipped() {
     concurrent_load_exact("slsk", &[("SOCKLENS_DISABLE", "state_start")]);
 }
 
+/// The same with every hook but the socket's destruction blind to the
+/// connections (their start, every call and their close skipped): each is
+/// still reported, found late when the kernel frees its socket.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn concurrent_load_exact_with_only_destruction_seen() {
+    concurrent_load_exact("slun", &[("SOCKLENS_DISABLE", "conn_hooks")]);
+}
+
 /// (bytes_acked, bytes_received) from `ss -tin` for the socket from local
 /// port `sport` to remote port `dport`: the kernel's lifetime counters.
 fn ss_lifetime_bytes(sport: u64, dport: u64) -> (u64, u64) {

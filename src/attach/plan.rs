@@ -505,6 +505,10 @@ impl Knobs {
         self.has("state_close")
     }
 
+    pub fn conn_hooks_off(&self) -> bool {
+        self.has("conn_hooks")
+    }
+
     pub fn udp_send_off(&self) -> bool {
         self.has("udp_send")
     }
@@ -610,6 +614,8 @@ pub struct Plan {
     pub state_skips_start: bool,
     /// The send hook skips UDP sends and counts them missed (the `udp_send` knob).
     pub udp_sends_skipped: bool,
+    /// Only the destruction hook sees TCP connections (the `conn_hooks` knob).
+    pub conn_hooks_blind: bool,
     /// The kernel's function signatures the programs branch on (rodata).
     pub shape: KernelShape,
 }
@@ -795,6 +801,7 @@ pub fn plan(caps: &Capabilities, opts: &PlanOptions) -> Result<Plan, PlanError> 
         state_skips_close: opts.knobs.state_close_off(),
         state_skips_start: opts.knobs.state_start_off(),
         udp_sends_skipped: opts.knobs.udp_send_off(),
+        conn_hooks_blind: opts.knobs.conn_hooks_off(),
         shape: opts.shape,
         hooks,
         skipped,

@@ -51,6 +51,9 @@ const volatile bool state_skips_start = false;
 /* SOCKLENS_DISABLE=udp_send: every UDP send run is skipped and counted as
  * missed, as when the kernel skips it; UDP has no counters to recover from. */
 const volatile bool udp_sends_skipped = false;
+/* SOCKLENS_DISABLE=conn_hooks: the state, accept, send, receive and sendfile
+ * hooks ignore TCP connections, so only the destruction hook sees them. */
+const volatile bool conn_hooks_blind = false;
 
 /* TCP sockets whose owner is not known yet: their first send or receive, in
  * process context, claims them (tcp_touch). Two kinds, each found so that the
@@ -93,6 +96,17 @@ struct {
 	__type(key, struct sl_udp_key);
 	__type(value, struct sl_udp_flow);
 } udp_flows SEC(".maps");
+
+/* Sockets whose close was reported, until the kernel frees them: the
+ * destruction hook tells them from a connection no other hook ever saw (its
+ * start, calls and close all skipped). LRU: a skipped destruction run leaves
+ * a key that ages out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); /* the loader sets --max-conns */
+	__type(key, __u64);
+	__type(value, __u8);
+} reported SEC(".maps");
 
 /* Room for records too big for the 512-byte BPF stack. */
 struct {
@@ -504,13 +518,31 @@ static __always_inline struct sl_conn *conn_track_open(struct sock *sk, __u64 co
 
 /* ---- TCP lifecycle ---------------------------------------------------- */
 
-static __always_inline void finish(void *ctx, struct sock *sk, struct sl_conn *c, __u32 tier)
+/* Whether the destruction hook reports connections no other hook saw: only
+ * with the counters, and without a task filter (outside its process nobody
+ * can tell whose a socket is). */
+static __always_inline bool destroy_finds_unseen(void)
+{
+	return tcp_bytes_from_seq && !filter_pid && !filter_comm && !filter_cgroup;
+}
+
+/* `freed`: the socket is being destroyed, nothing will look it up again. */
+static __always_inline void finish_sk(void *ctx, struct sock *sk, struct sl_conn *c, __u32 tier,
+				      bool freed)
 {
 	__u64 key = (__u64)sk;
+	__u8 one = 1;
 
 	waiting_done(c);
 	emit_conn(ctx, SL_EV_CLOSE, tier, sk, c);
 	bpf_map_delete_elem(&conns, &key);
+	if (!freed && destroy_finds_unseen())
+		bpf_map_update_elem(&reported, &key, &one, BPF_ANY);
+}
+
+static __always_inline void finish(void *ctx, struct sock *sk, struct sl_conn *c, __u32 tier)
+{
+	finish_sk(ctx, sk, c, tier, false);
 }
 
 /* TCP_CLOSE. A socket the application still holds can reach it with received
@@ -612,7 +644,7 @@ static __always_inline void on_state(void *ctx, struct sock *sk, int old, int ne
 	struct tcp_sock *tp;
 	struct sl_conn *c;
 
-	if (sock_proto(sk, btf) != IPPROTO_TCP)
+	if (sock_proto(sk, btf) != IPPROTO_TCP || conn_hooks_blind)
 		return;
 	if (starts && state_skips_start)
 		return;
@@ -673,6 +705,27 @@ static __always_inline bool tcp_fin_queued_at_destroy(struct tcp_sock *tp, int b
 	return (shutdown & 2 /* SEND_SHUTDOWN */) && !SL_READ(btf, sk, sk_err) && !unread;
 }
 
+/* A socket being freed that no entry holds: reported already (its key in
+ * `reported`), never a connection (a listener, a failed or no connect: only
+ * a peer's SYN sets rcv_nxt), or a connection every other hook run missed,
+ * tracked now from its counters to be reported at once. */
+static __always_inline struct sl_conn *conn_unseen(struct sock *sk, int btf)
+{
+	__u64 key = (__u64)sk;
+	struct tcp_sock *tp;
+	struct sl_conn *c;
+
+	if (!destroy_finds_unseen() || !bpf_map_delete_elem(&reported, &key))
+		return NULL;
+	tp = tcp_sk_of(sk, btf);
+	if (!tp || !SL_READ(btf, tp, rcv_nxt))
+		return NULL;
+	c = conn_recover(sk, sock_cookie(sk, btf), tcp_active_open(sk, btf), false, btf);
+	if (c)
+		c->flags |= SL_CONN_ESTABLISHED;
+	return c;
+}
+
 /* The kernel is about to free a TCP socket. Its entry normally left at
  * TCP_CLOSE; one still here either waits for unread data its application
  * never read, or missed its close: the kernel skips a tracing program already
@@ -689,6 +742,8 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, i
 	bool wiped;
 
 	c = bpf_map_lookup_elem(&conns, &key);
+	if (!c)
+		c = conn_unseen(sk, btf);
 	if (!c)
 		return;
 	tp = tcp_sk_of(sk, btf);
@@ -716,7 +771,7 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, i
 		tcp_seq_sync_rx(c, tp, btf);
 	}
 	c->state = SL_TCP_CLOSE;
-	finish(ctx, sk, c, tier);
+	finish_sk(ctx, sk, c, tier, true);
 }
 
 /* A UDP socket is being closed: its entry goes, so that a socket the kernel
@@ -749,7 +804,7 @@ static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, 
 	__u64 key = (__u64)sk;
 	struct sl_conn *c;
 
-	if (!sk)
+	if (!sk || conn_hooks_blind)
 		return;
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (c && !task_wanted()) {
@@ -864,7 +919,7 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, __u64 cookie, 
 	bool first = false, active;
 	struct sl_conn *c;
 
-	if (!tp)
+	if (!tp || conn_hooks_blind)
 		return;
 	if (btf == SL_CAST) {
 		first = tcp_maybe_first_use(tp, ret, recv, false, btf);
@@ -989,7 +1044,7 @@ static __always_inline void on_sendfile_sk(struct sock *sk, long ret)
 {
 	struct sl_conn *c;
 
-	if (ret <= 0 || !sk || sock_proto(sk, SL_PROBED) != IPPROTO_TCP)
+	if (ret <= 0 || !sk || sock_proto(sk, SL_PROBED) != IPPROTO_TCP || conn_hooks_blind)
 		return;
 	c = conn_track(sk, 0, SL_DIR_UNKNOWN, true, SL_PROBED);
 	if (!c)
