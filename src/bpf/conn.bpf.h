@@ -534,6 +534,13 @@ static __always_inline void finish_sk(void *ctx, struct sock *sk, struct sl_conn
 	__u8 one = 1;
 
 	waiting_done(c);
+	/* Under a task filter, an accepted connection no process ever claimed
+	 * (closed before its accept or first use) cannot be shown to match. */
+	if (!(c->flags & (SL_CONN_OWNER | SL_CONN_SEEDED)) &&
+	    (filter_pid || filter_comm || filter_cgroup)) {
+		bpf_map_delete_elem(&conns, &key);
+		return;
+	}
 	emit_conn(ctx, SL_EV_CLOSE, tier, sk, c);
 	bpf_map_delete_elem(&conns, &key);
 	if (!freed && destroy_finds_unseen())
@@ -939,7 +946,14 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, __u64 cookie, 
 		if (!c)
 			return;
 	}
-	/* Its first use, in its owner's process. */
+	/* Its first use, in its owner's process. An accepted socket is tracked
+	 * in softirq, and can be after its accept returned (the child is queued
+	 * before its ESTABLISHED): a task filter decides here. */
+	if (!(c->flags & SL_CONN_OWNER) && !task_wanted()) {
+		waiting_done(c);
+		bpf_map_delete_elem(&conns, &key);
+		return;
+	}
 	waiting_done(c);
 	set_owner(c, btf);
 	if (!recv || !closed || !(c->flags & SL_CONN_DRAINING))
