@@ -10,8 +10,9 @@ set -euo pipefail
 # prometheus (server + promtool) scrapes the agent in its tests and benchmark;
 # openssl makes the test certificates; systemd (systemd-analyze) scores the unit;
 # haproxy is the unchanged proxy that reads SO_ORIGINAL_DST in the redirect tests;
-# sockperf, iperf3, redis (server + redis-benchmark), nginx-light and wrk run
-# accelerated in bench/accel.sh.
+# redis-server and redis-tools (redis-benchmark) are the real server under load
+# whose own byte counters the connection tests compare with; sockperf, iperf3,
+# redis, nginx-light and wrk run accelerated in bench/accel.sh.
 PACKAGES=(clang llvm libelf-dev zlib1g-dev pkg-config make iproute2 nftables iptables procps bpftool python3 prometheus openssl systemd haproxy sockperf iperf3 redis-server redis-tools nginx-light wrk)
 
 die() { echo "install-deps: $*" >&2; exit 1; }

@@ -102,6 +102,10 @@ pub fn load<'obj>(
     let entries = opts.max_conns.unwrap_or(1);
     open.maps.conns.set_max_entries(entries).ctx("conns map")?;
     open.maps
+        .reported
+        .set_max_entries(entries)
+        .ctx("reported map")?;
+    open.maps
         .udp_flows
         .set_max_entries(if opts.udp_flows { entries } else { 1 })
         .ctx("udp_flows map")?;
@@ -191,6 +195,8 @@ fn write_filters(
     ro.tracing_has_cookie_helper = opts.plan.shape.tracing_cookie_helper;
     ro.state_skips_close = opts.plan.state_skips_close;
     ro.state_skips_start = opts.plan.state_skips_start;
+    ro.udp_sends_skipped = opts.plan.udp_sends_skipped;
+    ro.conn_hooks_blind = opts.plan.conn_hooks_blind;
     Ok(())
 }
 

@@ -505,6 +505,14 @@ impl Knobs {
         self.has("state_close")
     }
 
+    pub fn conn_hooks_off(&self) -> bool {
+        self.has("conn_hooks")
+    }
+
+    pub fn udp_send_off(&self) -> bool {
+        self.has("udp_send")
+    }
+
     pub fn state_start_off(&self) -> bool {
         self.has("state_start")
     }
@@ -604,6 +612,10 @@ pub struct Plan {
     pub state_skips_close: bool,
     /// The state hook ignores connection starts (the `state_start` knob).
     pub state_skips_start: bool,
+    /// The send hook skips UDP sends and counts them missed (the `udp_send` knob).
+    pub udp_sends_skipped: bool,
+    /// Only the destruction hook sees TCP connections (the `conn_hooks` knob).
+    pub conn_hooks_blind: bool,
     /// The kernel's function signatures the programs branch on (rodata).
     pub shape: KernelShape,
 }
@@ -788,6 +800,8 @@ pub fn plan(caps: &Capabilities, opts: &PlanOptions) -> Result<Plan, PlanError> 
         sendfile_adds_tx,
         state_skips_close: opts.knobs.state_close_off(),
         state_skips_start: opts.knobs.state_start_off(),
+        udp_sends_skipped: opts.knobs.udp_send_off(),
+        conn_hooks_blind: opts.knobs.conn_hooks_off(),
         shape: opts.shape,
         hooks,
         skipped,
@@ -1418,9 +1432,14 @@ mod tests {
         assert!(p.names().contains(UDP_RELEASE));
         let send = p.hooks.iter().find(|h| h.hook == Hook::Send);
         assert!(send.is_some_and(HookPlan::via_syscalls));
-        let p = plan(&caps, &opts("tcp_seq,state_close,state_start", false)).unwrap();
+        assert!(!p.udp_sends_skipped);
+        let p = plan(
+            &caps,
+            &opts("tcp_seq,state_close,state_start,udp_send", false),
+        )
+        .unwrap();
         assert!(p.names().contains(SEND_LEN) && !p.tcp_bytes_from_seq);
-        assert!(p.state_skips_close && p.state_skips_start);
+        assert!(p.state_skips_close && p.state_skips_start && p.udp_sends_skipped);
         assert!(!p.names().contains(SEED_UDP) && !p.names().contains(UDP_RELEASE));
         let err = plan_hook(
             &caps,

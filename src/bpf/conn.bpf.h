@@ -45,6 +45,12 @@ const volatile bool tcp_bytes_from_seq = false;
  * open's ESTABLISHED), as when the kernel skips its run. */
 const volatile bool state_skips_close = false;
 const volatile bool state_skips_start = false;
+/* SOCKLENS_DISABLE=udp_send: every UDP send run is skipped and counted as
+ * missed, as when the kernel skips it; UDP has no counters to recover from. */
+const volatile bool udp_sends_skipped = false;
+/* SOCKLENS_DISABLE=conn_hooks: the state, accept, send, receive and sendfile
+ * hooks ignore TCP connections, so only the destruction hook sees them. */
+const volatile bool conn_hooks_blind = false;
 
 /* Seeded sockets whose owner is not known yet, counted by a hash of their
  * cookie: a send or receive on a socket whose slot counts none costs one array
@@ -70,6 +76,17 @@ struct {
 	__type(key, struct sl_udp_key);
 	__type(value, struct sl_udp_flow);
 } udp_flows SEC(".maps");
+
+/* Sockets whose close was reported, until the kernel frees them: the
+ * destruction hook tells them from a connection no other hook ever saw (its
+ * start, calls and close all skipped). LRU: a skipped destruction run leaves
+ * a key that ages out. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536); /* the loader sets --max-conns */
+	__type(key, __u64);
+	__type(value, __u8);
+} reported SEC(".maps");
 
 /* Room for records too big for the 512-byte BPF stack. */
 struct {
@@ -515,13 +532,38 @@ static __always_inline struct sl_conn *conn_track_open(struct sock *sk, __u64 co
 
 /* ---- TCP lifecycle ---------------------------------------------------- */
 
-static __always_inline void finish(void *ctx, struct sock *sk, struct sl_conn *c, __u32 tier)
+/* Whether the destruction hook reports connections no other hook saw: only
+ * with the counters, and without a task filter (outside its process nobody
+ * can tell whose a socket is). */
+static __always_inline bool destroy_finds_unseen(void)
+{
+	return tcp_bytes_from_seq && !filter_pid && !filter_comm && !filter_cgroup;
+}
+
+/* `freed`: the socket is being destroyed, nothing will look it up again. */
+static __always_inline void finish_sk(void *ctx, struct sock *sk, struct sl_conn *c, __u32 tier,
+				      bool freed)
 {
 	__u64 key = (__u64)sk;
+	__u8 one = 1;
 
 	waiting_done(c);
+	/* Under a task filter, an accepted connection no process ever claimed
+	 * (closed before its accept or first use) cannot be shown to match. */
+	if (!(c->flags & (SL_CONN_OWNER | SL_CONN_SEEDED)) &&
+	    (filter_pid || filter_comm || filter_cgroup)) {
+		bpf_map_delete_elem(&conns, &key);
+		return;
+	}
 	emit_conn(ctx, SL_EV_CLOSE, tier, sk, c);
 	bpf_map_delete_elem(&conns, &key);
+	if (!freed && destroy_finds_unseen())
+		bpf_map_update_elem(&reported, &key, &one, BPF_ANY);
+}
+
+static __always_inline void finish(void *ctx, struct sock *sk, struct sl_conn *c, __u32 tier)
+{
+	finish_sk(ctx, sk, c, tier, false);
 }
 
 /* TCP_CLOSE. A socket the application still holds can reach it with received
@@ -625,7 +667,7 @@ static __always_inline void on_state(void *ctx, struct sock *sk, int old, int ne
 	struct tcp_sock *tp;
 	struct sl_conn *c;
 
-	if (sock_proto(sk, btf) != IPPROTO_TCP)
+	if (sock_proto(sk, btf) != IPPROTO_TCP || conn_hooks_blind)
 		return;
 	if (starts && state_skips_start)
 		return;
@@ -686,6 +728,27 @@ static __always_inline bool tcp_fin_queued_at_destroy(struct tcp_sock *tp, int b
 	return (shutdown & 2 /* SEND_SHUTDOWN */) && !SL_READ(btf, sk, sk_err) && !unread;
 }
 
+/* A socket being freed that no entry holds: reported already (its key in
+ * `reported`), never a connection (a listener, a failed or no connect: only
+ * a peer's SYN sets rcv_nxt), or a connection every other hook run missed,
+ * tracked now from its counters to be reported at once. */
+static __always_inline struct sl_conn *conn_unseen(struct sock *sk, int btf)
+{
+	__u64 key = (__u64)sk;
+	struct tcp_sock *tp;
+	struct sl_conn *c;
+
+	if (!destroy_finds_unseen() || !bpf_map_delete_elem(&reported, &key))
+		return NULL;
+	tp = tcp_sk_of(sk, btf);
+	if (!tp || !SL_READ(btf, tp, rcv_nxt))
+		return NULL;
+	c = conn_recover(sk, sock_cookie(sk, btf), tcp_active_open(sk, btf), false, btf);
+	if (c)
+		c->flags |= SL_CONN_ESTABLISHED;
+	return c;
+}
+
 /* The kernel is about to free a TCP socket. Its entry normally left at
  * TCP_CLOSE; one still here either waits for unread data its application
  * never read, or missed its close: the kernel skips a tracing program already
@@ -702,6 +765,8 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, i
 	bool wiped;
 
 	c = bpf_map_lookup_elem(&conns, &key);
+	if (!c)
+		c = conn_unseen(sk, btf);
 	if (!c)
 		return;
 	tp = tcp_sk_of(sk, btf);
@@ -729,7 +794,7 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, i
 		tcp_seq_sync_rx(c, tp, btf);
 	}
 	c->state = SL_TCP_CLOSE;
-	finish(ctx, sk, c, tier);
+	finish_sk(ctx, sk, c, tier, true);
 }
 
 /* A UDP socket is being closed: its entry goes, so that a socket the kernel
@@ -762,7 +827,7 @@ static __always_inline void on_accept(void *ctx, struct sock *sk, __u64 cookie, 
 	__u64 key = (__u64)sk;
 	struct sl_conn *c;
 
-	if (!sk)
+	if (!sk || conn_hooks_blind)
 		return;
 	c = bpf_map_lookup_elem(&conns, &key);
 	if (c && !task_wanted()) {
@@ -877,7 +942,7 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, __u64 cookie, 
 	bool first = false, active;
 	struct sl_conn *c;
 
-	if (!tp)
+	if (!tp || conn_hooks_blind)
 		return;
 	if (btf == SL_CAST) {
 		first = tcp_maybe_first_use(tp, ret, recv, false, btf);
@@ -897,7 +962,14 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, __u64 cookie, 
 		if (!c)
 			return;
 	}
-	/* Its first use, in its owner's process. */
+	/* Its first use, in its owner's process. An accepted socket is tracked
+	 * in softirq, and can be after its accept returned (the child is queued
+	 * before its ESTABLISHED): a task filter decides here. */
+	if (!(c->flags & SL_CONN_OWNER) && !task_wanted()) {
+		waiting_done(c);
+		bpf_map_delete_elem(&conns, &key);
+		return;
+	}
 	waiting_done(c);
 	set_owner(c, btf);
 	if (!recv || !closed || !(c->flags & SL_CONN_DRAINING))
@@ -922,6 +994,10 @@ static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 co
 		return;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
 		tcp_touch(NULL, sk, cookie, ret, false, 0, btf);
+		return;
+	}
+	if (proto == IPPROTO_UDP && udp_sends_skipped) {
+		stat_inc(SL_STAT_RET_MISSED);
 		return;
 	}
 	c = conn_track_open(sk, cookie, SL_DIR_UNKNOWN, btf);
@@ -998,7 +1074,7 @@ static __always_inline void on_sendfile_sk(struct sock *sk, long ret)
 {
 	struct sl_conn *c;
 
-	if (ret <= 0 || !sk || sock_proto(sk, SL_PROBED) != IPPROTO_TCP)
+	if (ret <= 0 || !sk || sock_proto(sk, SL_PROBED) != IPPROTO_TCP || conn_hooks_blind)
 		return;
 	c = conn_track(sk, 0, SL_DIR_UNKNOWN, true, SL_PROBED);
 	if (!c)

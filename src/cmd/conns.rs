@@ -46,10 +46,13 @@ pub fn run(
                 live.renderer.columns(&columns::conn_snapshot_row(now, c))
             })?;
         }
+        // The kernel does not say which socket a skipped run was for, and UDP
+        // has no counters to recover from: after any, every flow may be short.
+        let maybe_short = live.stream.losses().missed > 0;
         for f in &flows {
             let owner = conns.get(&f.sk);
             emit(if live.renderer.json {
-                live.renderer.udp_flow_line(owner, f)
+                live.renderer.udp_flow_line(owner, f, maybe_short)
             } else {
                 live.renderer.columns(&columns::udp_flow_row(now, owner, f))
             })?;

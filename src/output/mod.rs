@@ -197,8 +197,14 @@ impl Renderer {
     }
 
     /// One peer of a UDP socket in a `conns` snapshot as one JSON line: the
-    /// socket's own members (when it is tracked) and the flow's.
-    pub fn udp_flow_line(&mut self, owner: Option<&Conn>, f: &UdpFlow) -> String {
+    /// socket's own members (when it is tracked) and the flow's;
+    /// `maybe_short` once the kernel skipped hook runs (docs/json.md).
+    pub fn udp_flow_line(
+        &mut self,
+        owner: Option<&Conn>,
+        f: &UdpFlow,
+        maybe_short: bool,
+    ) -> String {
         let mut out = Vec::with_capacity(512);
         let mut obj = JsonObject::new(&mut out);
         obj.plain("event", "udp_flow");
@@ -232,6 +238,9 @@ impl Renderer {
         obj.uint("rx_packets", f.rx_packets);
         obj.value("start", &self.clock.iso(f.first_ns));
         obj.value("last", &self.clock.iso(f.last_ns));
+        if maybe_short {
+            obj.bool("maybe_short", true);
+        }
         obj.finish();
         utf8(out)
     }

@@ -546,7 +546,17 @@ pub fn wait_tcp_closed(port: u16, netns: &[Option<&str>], limit: Duration) {
 /// Runs `socklens conns --json --duration SECS ARGS`, calls `during` once it
 /// is attached, and returns the snapshot lines and its stderr.
 pub fn conns_snapshot(secs: f64, args: &[&str], during: impl FnOnce()) -> (Vec<Value>, String) {
-    conns_snapshot_inner(secs, args, during, None)
+    conns_snapshot_inner(secs, args, &[], during, None)
+}
+
+/// The same with these environment variables set for socklens.
+pub fn conns_snapshot_env(
+    secs: f64,
+    args: &[&str],
+    env: &[(&str, &str)],
+    during: impl FnOnce(),
+) -> (Vec<Value>, String) {
+    conns_snapshot_inner(secs, args, env, during, None)
 }
 
 /// Like [`conns_snapshot`], but the snapshot is taken `settle` after `during`
@@ -558,12 +568,13 @@ pub fn conns_snapshot_after(
     args: &[&str],
     during: impl FnOnce(),
 ) -> (Vec<Value>, String) {
-    conns_snapshot_inner(cap_secs, args, during, Some(settle))
+    conns_snapshot_inner(cap_secs, args, &[], during, Some(settle))
 }
 
 fn conns_snapshot_inner(
     secs: f64,
     args: &[&str],
+    env: &[(&str, &str)],
     during: impl FnOnce(),
     stop_after: Option<Duration>,
 ) -> (Vec<Value>, String) {
@@ -579,6 +590,7 @@ fn conns_snapshot_inner(
             &duration,
         ])
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
