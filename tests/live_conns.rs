@@ -1407,16 +1407,20 @@ fn redis_benchmark_bytes_equal_redis_own_counters() {
         "server side (tx, rx) vs redis' own counters; summary {:?}",
         stopped.summary
     );
-    // The client ends mirror the server's, connection by connection: all it
-    // wrote the server read; of the replies, redis-benchmark stops reading
-    // when its count of requests is done, with pipelined replies in flight.
+    // The client ends mirror the server's, connection by connection. Only the
+    // server side has ground truth: redis-benchmark stops when its count of
+    // requests is done, with pipelined requests unread by redis and replies
+    // unread by itself, so each client end bounds the server's from above.
     assert_eq!(
         client_side.keys().collect::<Vec<_>>(),
         server_side.keys().collect::<Vec<_>>()
     );
     for (peer, (tx, rx)) in &client_side {
         let (server_tx, server_rx) = server_side[peer];
-        assert_eq!(*tx, server_rx, "client {peer}: tx vs the server's rx");
+        assert!(
+            *tx >= server_rx,
+            "client {peer}: tx {tx} < the server's rx {server_rx}"
+        );
         assert!(
             *rx <= server_tx,
             "client {peer}: rx {rx} > the server's tx {server_tx}"
