@@ -41,6 +41,17 @@ pub fn pins() -> Pins {
     Pins::new(COMPONENT)
 }
 
+/// Whether `release` ("6.1.0-57-amd64") is older than `floor` (major, minor).
+fn release_below(release: &str, floor: (u32, u32)) -> bool {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) < floor,
+        _ => false,
+    }
+}
+
 /// Whether the kernel has what acceleration needs: sock_ops and sk_msg programs
 /// with the sockhash helpers (a trial load each).
 pub fn kernel_support() -> std::result::Result<(), &'static str> {
@@ -76,6 +87,11 @@ pub fn kernel_support() -> std::result::Result<(), &'static str> {
         if !ty.is_helper_supported(id).unwrap_or(false) {
             return Err(name);
         }
+    }
+    // No probe shows it: 6.1 answers FIONREAD with 0 for redirected data
+    // (measured in the kernel matrix); 6.12 and later count it.
+    if release_below(&crate::host::system::kernel_release(), (6, 12)) {
+        return Err("a FIONREAD that counts redirected data (Linux 6.12)");
     }
     Ok(())
 }
@@ -233,5 +249,17 @@ pub fn show(gen: u32) -> AccelView {
         skipped_zerocopy: stat(slp_accel_stat::SLP_AS_SKIP_ZEROCOPY),
         skipped_ulp: stat(slp_accel_stat::SLP_AS_SKIP_ULP),
         skipped_rcvlowat: stat(slp_accel_stat::SLP_AS_SKIP_RCVLOWAT),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn release_floor() {
+        assert!(super::release_below("6.1.0-57-amd64", (6, 12)));
+        assert!(super::release_below("5.10.0-46-amd64", (6, 12)));
+        assert!(!super::release_below("6.12.118+deb12-amd64", (6, 12)));
+        assert!(!super::release_below("6.18.44-fc-v1252", (6, 12)));
+        assert!(!super::release_below("7.3.4+deb13-amd64", (6, 12)));
     }
 }
