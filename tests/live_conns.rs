@@ -346,6 +346,41 @@ fn reset_by_unread_close_counts_what_was_accepted_and_what_was_read() {
     assert_tx_rx(inn, 0, 1000);
 }
 
+/// The server reads the client's 100 bytes and its FIN, then writes: the
+/// client's closed socket answers with a reset, and the server's next write
+/// takes the error (which clears sk_err). Neither socket's FIN may be guessed
+/// from its shutdown flags: the client queued one, the server did not.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn reset_after_the_peers_fin_counts_no_fin_in_tx() {
+    require_root();
+    let (server, client, stopped) = exchange(
+        &[
+            "bind,tcp4,127.0.0.1,0",
+            "listen,0,8",
+            "announce",
+            "accept,0",
+            "recvall,1,65536",
+            "sendtillerr,1,1000,20",
+            "close,1",
+        ],
+        &[
+            "connect,tcp4,127.0.0.1,PORT".into(),
+            "send,0,100,100".into(),
+            "close,0".into(),
+        ],
+        None,
+    );
+    assert_eq!(u(&server["steps"][3]["bytes"]), 100, "{server}");
+    let sent = u(&server["steps"][4]["bytes"]);
+    assert!(sent >= 1000, "{server}");
+    assert_eq!(server["steps"][4]["errno"], libc::EPIPE, "{server}");
+    let out = close_of_first(&stopped, &client);
+    assert_tx_rx(out, 100, 0);
+    let inn = close_of_first(&stopped, &server);
+    assert_tx_rx(inn, sent, 100);
+}
+
 #[test]
 #[ignore = "needs root: ./test.sh"]
 fn veth_between_two_netns_exact_with_each_sides_netns() {

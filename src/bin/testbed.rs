@@ -10,6 +10,8 @@
 //!                                   PORT "@N" is the local port of socket N
 //!   accept,SOCKET                   a new socket from a listener
 //!   send,SOCKET,BYTES,CHUNK[,GAP_MS] write BYTES in CHUNK-sized send() calls, pausing between
+//!   sendtillerr,SOCKET,CHUNK,GAP_MS  send() CHUNK bytes every GAP_MS until a call fails (the peer
+//!                                   reset): reports the bytes sent and the error
 //!   churn,PROTO,ADDR,PORT,N         N short connections: connect, close
 //!   acceptloop,SOCKET,N             accept and close N connections
 //!   load,CONNS,ROUNDS,SEED,FILE     concurrent pipelined connections on one CPU (load.rs)
@@ -268,6 +270,24 @@ fn send_step(parts: &[&str], sockets: &[OwnedFd]) -> Result<Value> {
     Ok(json!({"step": "send", "socket": idx.parse::<usize>()?, "bytes": sent}))
 }
 
+fn send_till_error_step(parts: &[&str], sockets: &[OwnedFd]) -> Result<Value> {
+    let [idx, chunk, gap] = parts else {
+        bail!("sendtillerr needs SOCKET,CHUNK,GAP_MS")
+    };
+    let fd = sock(sockets, idx)?;
+    let buf = vec![b's'; chunk.parse::<usize>()?.max(1)];
+    let gap = std::time::Duration::from_millis(gap.parse()?);
+    let mut sent = 0;
+    let errno = loop {
+        match nix::sys::socket::send(fd.as_raw_fd(), &buf, MsgFlags::MSG_NOSIGNAL) {
+            Ok(n) => sent += n,
+            Err(e) => break e,
+        }
+        std::thread::sleep(gap);
+    };
+    Ok(json!({"step": "sendtillerr", "bytes": sent, "errno": errno as i32}))
+}
+
 fn recv_until(fd: &OwnedFd, want: Option<usize>, bufsize: usize) -> Result<(usize, usize)> {
     let mut buf = vec![0u8; bufsize.max(1)];
     let (mut got, mut calls) = (0, 0);
@@ -418,6 +438,7 @@ fn run_step(step: &str, sockets: &mut Vec<OwnedFd>) -> Result<Value> {
         "connect" => connect_step(rest, sockets),
         "accept" => accept_step(rest, sockets),
         "send" => send_step(rest, sockets),
+        "sendtillerr" => send_till_error_step(rest, sockets),
         "recv" | "recvall" => recv_step(rest, sockets),
         "peek" => peek_step(rest, sockets),
         "sendfile" => sendfile_step(rest, sockets),

@@ -19,6 +19,9 @@
 #define SL_TCP_SYN_RECV 3
 #define SL_TCP_TIME_WAIT 6
 #define SL_TCP_CLOSE 7
+#define SL_TCP_FIN_WAIT1 4
+#define SL_TCP_CLOSE_WAIT 8
+#define SL_TCP_LAST_ACK 9
 #define SL_TCP_LISTEN 10
 #define SL_TCP_NEW_SYN_RECV 12
 
@@ -591,13 +594,15 @@ static __always_inline void on_closed(void *ctx, struct sock *sk, struct tcp_soc
 	finish(ctx, sk, c, tier);
 }
 
-/* Only these transitions change what socklens records; the others (FIN_WAIT1,
- * FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING) are six of a short connection's ten
- * state changes, so the wrappers return before any kernel read. Snapshots take
- * the current state from the socket iterator. */
+/* Only these transitions change what socklens records: FIN_WAIT1 and LAST_ACK
+ * say a FIN was queued, for a close seen only at destruction. The others
+ * (FIN_WAIT2, CLOSE_WAIT, CLOSING, TIME_WAIT) are four of a short connection's
+ * ten state changes, so the wrappers return before any kernel read. Snapshots
+ * take the current state from the socket iterator. */
 static __always_inline bool state_matters(int new)
 {
-	return new == SL_TCP_SYN_SENT || new == SL_TCP_ESTABLISHED || new == SL_TCP_CLOSE;
+	return new == SL_TCP_SYN_SENT || new == SL_TCP_ESTABLISHED || new == SL_TCP_CLOSE ||
+	       new == SL_TCP_FIN_WAIT1 || new == SL_TCP_LAST_ACK;
 }
 
 /* The entry of a connection that starts here (connect, or the end of a
@@ -674,6 +679,11 @@ static __always_inline void on_state(void *ctx, struct sock *sk, int old, int ne
 	if (starts && conn_start(sk, new, btf) != -SL_EEXIST)
 		return;
 	c = bpf_map_lookup_elem(&conns, &key);
+	if (new == SL_TCP_FIN_WAIT1 || new == SL_TCP_LAST_ACK) {
+		if (c)
+			c->flags |= SL_CONN_FIN_QUEUED;
+		return;
+	}
 	if (!c && new == SL_TCP_ESTABLISHED && old == SL_TCP_SYN_SENT)
 		c = conn_recover(sk, sock_cookie(sk, btf), true, false, btf);
 	/* An established connection never seen: its last chance (the runs that
@@ -710,19 +720,26 @@ static __always_inline void on_state(void *ctx, struct sock *sk, int old, int ne
 	}
 	on_closed(ctx, sk, tp, c, old, tier, btf);
 }
-/* Whether the socket queued a FIN, for a close seen only at destruction (the
- * state it left for TCP_CLOSE is unknown then): it was shut down for sending
- * (close or shutdown), not reset or timed out (sk_err), and not closed with
- * unread data (that sends a reset instead; the unread bytes stay between
- * copied_seq and rcv_nxt, a FIN received taking one). */
-static __always_inline bool tcp_fin_queued_at_destroy(struct tcp_sock *tp, int btf)
+/* Whether the socket queued a FIN, for a close seen only at destruction: the
+ * hooks saw it do so, or saw it open and not (its close then a reset, or with
+ * unread data). An entry made only now knows neither: it was shut down for
+ * sending, not reset (sk_err, until the application reads the error) and not
+ * closed with unread data (between copied_seq and rcv_nxt, a FIN taking one). */
+static __always_inline bool tcp_fin_queued_at_destroy(struct sl_conn *c, struct tcp_sock *tp,
+						      int btf)
 {
 	struct sock *sk = &tp->inet_conn.icsk_inet.sk;
-	/* a bitfield before 6.5 */
-	__u8 shutdown = btf ? BPF_CORE_READ_BITFIELD(sk, sk_shutdown)
-			    : BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
-	__u32 unread = SL_READ(btf, tp, rcv_nxt) - SL_READ(btf, tp, copied_seq);
+	__u8 shutdown;
+	__u32 unread;
 
+	if ((c->flags & SL_CONN_FIN_QUEUED) || tcp_fin_queued(c->state))
+		return true;
+	if (c->state != SL_TCP_CLOSE)
+		return false;
+	/* a bitfield before 6.5 */
+	shutdown = btf ? BPF_CORE_READ_BITFIELD(sk, sk_shutdown)
+		       : BPF_CORE_READ_BITFIELD_PROBED(sk, sk_shutdown);
+	unread = SL_READ(btf, tp, rcv_nxt) - SL_READ(btf, tp, copied_seq);
 	if (unread && tcp_fin_received(tp, btf))
 		unread--;
 	return (shutdown & 2 /* SEND_SHUTDOWN */) && !SL_READ(btf, sk, sk_err) && !unread;
@@ -790,7 +807,7 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, i
 	if (tcp_bytes_from_seq && !wiped) {
 		/* A draining entry's tx was final at TCP_CLOSE. */
 		if (!(c->flags & SL_CONN_DRAINING))
-			tcp_seq_sync_tx(c, tp, tcp_fin_queued_at_destroy(tp, btf), btf);
+			tcp_seq_sync_tx(c, tp, tcp_fin_queued_at_destroy(c, tp, btf), btf);
 		tcp_seq_sync_rx(c, tp, btf);
 	}
 	c->state = SL_TCP_CLOSE;

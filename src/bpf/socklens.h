@@ -54,6 +54,7 @@ enum sl_conn_flag {
 	SL_CONN_CLOSED_AT_DESTROY = 16, /* its close was seen only when the kernel freed it */
 	SL_CONN_WAITING = 32,    /* seeded, counted in seeded_waiting until its owner's first use */
 	SL_CONN_FOUND_LATE = 64, /* its start was missed: tracked later, from its socket's start */
+	SL_CONN_FIN_QUEUED = 128, /* its FIN took a sequence number (FIN_WAIT1 or LAST_ACK seen) */
 };
 
 /* bind and listen. Every event record starts with `kind`. */
