@@ -508,6 +508,20 @@ impl NetnsPair {
 /// that comes in softirq can be deferred to ksoftirqd, which a loaded VM runs
 /// late; a fixed pause raced it. Panics after `limit`, naming what is left.
 pub fn wait_tcp_closed(port: u16, netns: &[Option<&str>], limit: Duration) {
+    wait_closed(port, netns, limit, &["exclude", "time-wait"]);
+}
+
+/// [`wait_tcp_closed`] for a port whose listener stays: its connections.
+pub fn wait_conns_closed(port: u16, netns: &[Option<&str>], limit: Duration) {
+    wait_closed(
+        port,
+        netns,
+        limit,
+        &["exclude", "time-wait", "exclude", "listening"],
+    );
+}
+
+fn wait_closed(port: u16, netns: &[Option<&str>], limit: Duration, exclude: &[&str]) {
     let filter = format!("( sport = :{port} or dport = :{port} )");
     let left = || -> String {
         let mut out = String::new();
@@ -521,7 +535,9 @@ pub fn wait_tcp_closed(port: u16, netns: &[Option<&str>], limit: Duration) {
                 None => Command::new("ss"),
             };
             let o = cmd
-                .args(["-tanH", "state", "all", "exclude", "time-wait", &filter])
+                .args(["-tanH", "state", "all"])
+                .args(exclude)
+                .arg(&filter)
                 .output()
                 .expect("run ss");
             assert!(o.status.success(), "ss failed: {o:?}");
@@ -761,4 +777,57 @@ pub fn policy_apply_fails_here(tag: &str, text: &str) -> bool {
     let (_, show, _) = socklens(&["policy", "show", "--json"]);
     assert!(show.contains("\"policy\":null"), "nothing applied: {show}");
     true
+}
+
+/// The value of every sample of `metric` whose labels contain all of `labels`
+/// (`key="value"` text), summed; None when there is none.
+pub fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(metric).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let Some((lbl, v)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        if labels
+            .iter()
+            .all(|want| lbl.split(',').any(|have| have == *want))
+        {
+            *found.get_or_insert(0.0) += v.parse::<f64>().unwrap();
+        }
+    }
+    found
+}
+
+/// Whether connection events carry steering: the kprobe tier cannot read
+/// socket storage (docs/services.md, "Seen in trace, conns and the agent"),
+/// its events go without; snapshots have it on every tier.
+pub fn events_carry_steering() -> bool {
+    attach_arg() != "kprobe"
+}
+
+/// A client's record for local port `sport`, one exactly.
+pub fn record_of<'a>(records: &[&'a Value], pid: &Value, sport: &Value) -> &'a Value {
+    let found: Vec<&&Value> = records
+        .iter()
+        .filter(|e| e["pid"] == *pid && e["sport"] == *sport)
+        .collect();
+    assert_eq!(found.len(), 1, "one record of {pid}:{sport} in {records:?}");
+    found[0]
+}
+
+/// A connection record steered (`kind`: service or redirect) from `orig` to `to`.
+pub fn assert_steered(rec: &Value, kind: &str, orig: (&str, u16), to: std::net::SocketAddr) {
+    assert_eq!(rec["steered"], kind, "{rec}");
+    assert_eq!(rec["orig_addr"], orig.0, "{rec}");
+    assert_eq!(rec["orig_port"], orig.1, "{rec}");
+    assert_eq!(rec["daddr"], to.ip().to_string(), "{rec}");
+    assert_eq!(rec["dport"], to.port(), "{rec}");
+}
+
+pub fn assert_not_steered(rec: &Value) {
+    for k in ["steered", "orig_addr", "orig_port"] {
+        assert!(rec.get(k).is_none(), "{k} on an untranslated record: {rec}");
+    }
 }
