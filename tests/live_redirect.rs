@@ -425,11 +425,6 @@ fn survives_the_applier_and_remove_lifts_it() {
     drop(proxy.finish());
 }
 
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// Kills the proxy process it holds on drop.
 struct Child(std::process::Child);
 
@@ -719,36 +714,7 @@ fn agent_counts_the_connections_each_redirect_sent_to_its_proxy() {
     let other = echo("127.0.0.1:0");
     let (proxy, p4, p6) = start_proxy(&s);
     let policy = s.write("tcp", &e.port.to_string(), p4, p6);
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let config = s.dir.join("agent.toml");
-    fs::write(
-        &config,
-        format!(
-            "listen = \"{addr}\"\npolicy = \"{}\"\ninterval = 0.3\ncgroup = \"{}\"\n",
-            policy.display(),
-            s.root.rel
-        ),
-    )
-    .unwrap();
-    let mut agent = Child(
-        Command::new(SOCKLENS)
-            .args(["agent", "--attach", &attach_arg(), "--config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = watch_stderr(&mut agent.0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(http_get(addr, "/healthz", None), Ok((200, _))) {
-        assert!(
-            Instant::now() < deadline,
-            "agent not ready: {}",
-            stderr.lock().unwrap()
-        );
-        thread::sleep(Duration::from_millis(100));
-    }
+    let agent = Agent::with_policy(&s.dir, &policy, &s.root.rel);
     let n = scaled(200);
     let r = s.run(
         "app",
@@ -785,27 +751,16 @@ fn agent_counts_the_connections_each_redirect_sent_to_its_proxy() {
         format!("proxy6=\"[::1]:{p6}\""),
     ];
     let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, text) = http_get(addr, "/metrics", None).unwrap();
-        assert_eq!(status, 200);
-        let all = metric_sum(&text, "socklens_redirects_total", &[]);
-        let ours = metric_sum(&text, "socklens_redirects_total", &labels);
+    agent.wait_metrics(|text| {
+        let all = metric_sum(text, "socklens_redirects_total", &[]);
+        let ours = metric_sum(text, "socklens_redirects_total", &labels);
         if all == Some(n as f64) && ours == all {
-            break;
+            Ok(())
+        } else {
+            Err(format!("want {n} for {labels:?}, got {ours:?} of {all:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "want {n} for {labels:?}, got {ours:?} of {all:?}:\n{text}"
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(agent.0.wait().unwrap().success());
+    });
+    agent.stop();
     drop(proxy.finish());
 }
 

@@ -1008,35 +1008,7 @@ fn agent_counts_picks_failed_picks_and_bytes_per_service() {
             + &bed.service("198.51.100.23:80", "tcp", &[(echo, 1)])
             + &bed.service("198.51.100.24:80", "tcp", &[])),
     );
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = bed.dir.join("agent.toml");
-    fs::write(
-        &config,
-        format!(
-            "listen = \"{addr}\"\npolicy = \"{}\"\ninterval = 0.3\ncgroup = \"{}\"\n",
-            p.display(),
-            bed.root.rel
-        ),
-    )
-    .unwrap();
-    let mut agent = Reaped(
-        Command::new(SOCKLENS)
-            .args(["agent", "--attach", &attach_arg(), "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = watch_stderr(&mut agent.0);
-    wait_ready(&mut agent.0, &stderr, Duration::from_secs(30));
-    eventually("the agent serving metrics", || {
-        http_get(addr, "/healthz", None).is_ok_and(|(s, _)| s == 200)
-    });
+    let agent = Agent::with_policy(&bed.dir, &p, &bed.root.rel);
     let n = 30;
     let tb = bed.run(&[
         &format!("connects,tcp4,198.51.100.22,80,{n}"),
@@ -1080,35 +1052,13 @@ fn agent_counts_picks_failed_picks_and_bytes_per_service() {
                 || metric_sum(text, "socklens_connections_closed_total", &svc23) == Some(1.0),
         ]
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, text) = http_get(addr, "/metrics", None).unwrap();
-        assert_eq!(status, 200);
-        let got = want(&text);
+    agent.wait_metrics(|text| {
+        let got = want(text);
         if got.iter().all(|ok| *ok) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{got:?}\n{text}\n{}",
-            stderr.lock().unwrap()
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(agent.0.wait().unwrap().success());
-}
-
-/// A child process killed if the test fails before it ends it.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    });
+    agent.stop();
 }
