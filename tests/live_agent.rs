@@ -7,18 +7,16 @@ mod common;
 
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::Value;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 /// A name for this test's cgroups, netns and files: `slagent-PID-N`.
 fn name(tag: &str) -> String {
@@ -28,14 +26,6 @@ fn name(tag: &str) -> String {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     )
-}
-
-/// A loopback port nothing listens on right now.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
 }
 
 fn urlencode(s: &str) -> String {
@@ -98,130 +88,6 @@ impl Drop for Ns {
 fn run_ok(cmd: &str, args: &[&str]) {
     let st = Command::new(cmd).args(args).status().expect("spawn");
     assert!(st.success(), "{cmd} {args:?} failed");
-}
-
-/// A running `socklens agent`, ready (its /healthz said 200).
-struct Agent {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Arc<Mutex<String>>,
-    pub config: PathBuf,
-}
-
-impl Agent {
-    /// Starts the agent with `config` written to `dir/agent.toml`.
-    fn start(dir: &Path, config: &str, addr: SocketAddr) -> Self {
-        let path = dir.join("agent.toml");
-        fs::write(&path, config).expect("write config");
-        Self::start_with(&["--config", path.to_str().unwrap()], path.clone(), addr)
-    }
-
-    /// `start` for an endpoint that wants a password (on /healthz too): ready
-    /// is the agent's own line.
-    fn start_protected(dir: &Path, config: &str, addr: SocketAddr) -> Self {
-        let path = dir.join("agent.toml");
-        fs::write(&path, config).expect("write config");
-        Self::spawn(
-            &["--config", path.to_str().unwrap()],
-            path.clone(),
-            addr,
-            |a| a.stderr().contains("agent ready"),
-        )
-    }
-
-    fn start_with(args: &[&str], config: PathBuf, addr: SocketAddr) -> Self {
-        Self::spawn(args, config, addr, |a| {
-            matches!(http_get(a.addr, "/healthz", None), Ok((200, _)))
-        })
-    }
-
-    /// Starts the agent and waits until `ready` says so.
-    fn spawn(
-        args: &[&str],
-        config: PathBuf,
-        addr: SocketAddr,
-        ready: impl Fn(&Self) -> bool,
-    ) -> Self {
-        let mut child = Command::new(SOCKLENS)
-            .args(["agent", "--attach", &attach_arg()])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn agent");
-        let stderr = watch_stderr(&mut child);
-        let mut agent = Self {
-            child,
-            addr,
-            stderr,
-            config,
-        };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if ready(&agent) {
-                break;
-            }
-            if let Ok(Some(st)) = agent.child.try_wait() {
-                thread::sleep(Duration::from_millis(100));
-                panic!("agent exited early ({st}): {}", agent.stderr());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent not ready: {}",
-                agent.stderr()
-            );
-            thread::sleep(Duration::from_millis(100));
-        }
-        agent
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, sig).expect("signal agent");
-    }
-
-    /// The Prometheus text format, as `promtool` and old scrapers read it.
-    fn metrics_text(&self) -> String {
-        let (status, body) = http_get(self.addr, "/metrics", None).expect("scrape");
-        assert_eq!(status, 200);
-        body
-    }
-
-    /// The value of one sample line (exact label text) in the text format.
-    fn sample(&self, series: &str) -> Option<f64> {
-        self.metrics_text().lines().find_map(|l| {
-            let (s, v) = l.rsplit_once(' ')?;
-            (s == series).then(|| v.parse().ok())?
-        })
-    }
-
-    /// SIGTERM; the exit status must be 0.
-    fn stop(mut self) -> String {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + WAIT;
-        let status = loop {
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                break st;
-            }
-            assert!(Instant::now() < deadline, "agent did not stop");
-            thread::sleep(Duration::from_millis(50));
-        };
-        thread::sleep(Duration::from_millis(100));
-        let err = self.stderr();
-        assert!(status.success(), "agent exit {status}: {err}");
-        err
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Debian's prometheus on loopback, scraping the agent every second, with
@@ -944,7 +810,7 @@ fn metrics_endpoint_serves_scrapes_beside_idle_slow_and_hostile_clients() {
     let dir = temp_dir("http");
     let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let agent = Agent::start(&dir, &format!("listen = \"{addr}\"\n"), addr);
-    let pid = agent.child.id();
+    let pid = agent.pid();
     // Until the readiness probe's connection is gone.
     thread::sleep(Duration::from_millis(300));
     let (threads, fds, rss) = (
@@ -1149,7 +1015,7 @@ fn agent_drops_capabilities_it_no_longer_needs() {
     );
     // CAP_DAC_READ_SEARCH 2, NET_ADMIN 12, SYS_PTRACE 19, SYS_ADMIN 21, PERFMON 38, BPF 39.
     let want: u64 = [2, 12, 19, 21, 38, 39].iter().map(|b| 1u64 << b).sum();
-    let pid = agent.child.id();
+    let pid = agent.pid();
     let mut seen = Vec::new();
     for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let task = task.unwrap().path();

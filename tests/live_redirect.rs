@@ -57,7 +57,9 @@ impl Setup {
         self.apply_proto("tcp", ports, proxy4, proxy6)
     }
 
-    fn apply_proto(&self, proto: &str, ports: &str, proxy4: u16, proxy6: u16) -> PathBuf {
+    /// Writes the policy file that redirects the app cgroup's `proto`
+    /// connections to `ports` on loopback (one `[[redirect]]`, on line 2).
+    fn write(&self, proto: &str, ports: &str, proxy4: u16, proxy6: u16) -> PathBuf {
         let path = self.dir.join("redirect.toml");
         fs::write(
             &path,
@@ -67,6 +69,11 @@ impl Setup {
             ),
         )
         .unwrap();
+        path
+    }
+
+    fn apply_proto(&self, proto: &str, ports: &str, proxy4: u16, proxy6: u16) -> PathBuf {
+        let path = self.write(proto, ports, proxy4, proxy6);
         let (code, out, err) = socklens(&["policy", "apply", path.to_str().unwrap()]);
         assert_eq!(code, 0, "apply failed: {err}");
         assert!(out.starts_with("applied "), "{out}");
@@ -355,7 +362,7 @@ fn ten_thousand_connections_leave_no_state() {
     let e = echo("127.0.0.1:0");
     let (proxy, p4, p6) = start_proxy(&s);
     s.apply(&e.port.to_string(), p4, p6);
-    let n = 10_000u64;
+    let n = scaled(10_000);
     let r = s.run("app", &[&format!("rr,tcp4,127.0.0.1,{},{n}", e.port)]);
     assert_eq!(
         r["steps"][0]["by_errno"],
@@ -416,11 +423,6 @@ fn survives_the_applier_and_remove_lifts_it() {
     let r = s.run("app", &[&format!("connect,tcp4,127.0.0.1,{gone}")]);
     assert_eq!(r["steps"][0]["errno"], ECONNREFUSED, "not redirected: {r}");
     drop(proxy.finish());
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// Kills the proxy process it holds on drop.
@@ -533,4 +535,320 @@ fn udp_to_a_local_resolver_replies_from_the_original_server() {
     let v = show();
     assert_eq!(v["redirects"][0]["proto"], "udp", "{v}");
     assert_eq!(v["redirects"][0]["redirected"], 2, "{v}");
+}
+
+/// The client's records (trace's established and close, a `conns` snapshot)
+/// name the original destination beside the proxy the kernel connected to;
+/// a direct connection and the proxy's own sockets are not steered.
+#[test]
+fn conns_and_close_records_carry_the_original_destination_beside_the_proxy() {
+    let Some(s) = Setup::new("rd-conns") else {
+        return;
+    };
+    // Dual-stack: one port for 127.0.0.1 and ::1.
+    let e = echo("[::]:0");
+    let other = echo("127.0.0.1:0");
+    let (proxy, p4, p6) = start_proxy(&s);
+    s.apply(&e.port.to_string(), p4, p6);
+    let tracer = Tracer::start(&["--events", "established,close"]);
+    let app = s.cg("app");
+    let (ep, op) = (e.port.to_string(), other.port.to_string());
+    let mut client = Bed::spawn(&[
+        "--cgroup",
+        &app,
+        &format!("connect,tcp4,127.0.0.1,{ep}"),
+        &format!("connect,tcp6,::1,{ep}"),
+        &format!("connect,tcp4,127.0.0.1,{op}"),
+        "wait",
+        "close,0",
+        "close,1",
+        "close,2",
+    ]);
+    let open = client.report();
+    let pid = open["pid"].clone();
+    let port = |i: usize| open["steps"][i]["local_port"].clone();
+    let (via4, via6, direct) = (port(0), port(1), port(2));
+    for i in 0..3 {
+        assert_eq!(open["steps"][i]["errno"], 0, "{open}");
+    }
+    let proxy4: SocketAddr = format!("127.0.0.1:{p4}").parse().unwrap();
+    let proxy6: SocketAddr = format!("[::1]:{p6}").parse().unwrap();
+    let (snap, _) = conns_snapshot(0.5, &[], || {});
+    let snap: Vec<&Value> = snap.iter().collect();
+    let orig4 = ("127.0.0.1", e.port);
+    let orig6 = ("::1", e.port);
+    assert_steered(record_of(&snap, &pid, &via4), "redirect", orig4, proxy4);
+    assert_steered(record_of(&snap, &pid, &via6), "redirect", orig6, proxy6);
+    assert_not_steered(record_of(&snap, &pid, &direct));
+    client.release();
+    client.finish();
+    for p in [e.port, other.port, p4, p6] {
+        wait_conns_closed(p, &[None], Duration::from_secs(20));
+    }
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    for kind in ["established", "close"] {
+        let recs = stopped.of_kind(kind);
+        let (r4, r6) = (record_of(&recs, &pid, &via4), record_of(&recs, &pid, &via6));
+        if events_carry_steering() {
+            assert_steered(r4, "redirect", orig4, proxy4);
+            assert_steered(r6, "redirect", orig6, proxy6);
+        } else {
+            assert_not_steered(r4);
+            assert_not_steered(r6);
+        }
+        assert_not_steered(record_of(&recs, &pid, &direct));
+    }
+    // The proxy's accepted sockets (they hold the original for
+    // SO_ORIGINAL_DST), its onward connections and the server's ends are no
+    // steering of theirs: two of each.
+    let closes = stopped.of_kind("close");
+    let others: Vec<&&Value> = closes
+        .iter()
+        .filter(|r| [&r["sport"], &r["dport"]].iter().any(|p| **p == e.port))
+        .chain(
+            closes
+                .iter()
+                .filter(|r| r["sport"] == p4 || r["sport"] == p6),
+        )
+        .collect();
+    assert_eq!(others.len(), 6, "{closes:?}");
+    for r in others {
+        assert_not_steered(r);
+    }
+    drop(proxy.finish());
+}
+
+/// `trace --events translate`: one record per redirected connect, of kind
+/// redirect, naming the original destination and the proxy, with the
+/// cookie of the client's socket (the cookie of its close record).
+#[test]
+fn trace_translate_shows_each_redirect_with_cookie_original_and_proxy() {
+    let Some(s) = Setup::new("rd-xlate") else {
+        return;
+    };
+    let e = echo("[::]:0");
+    let other = echo("127.0.0.1:0");
+    let (proxy, p4, p6) = start_proxy(&s);
+    s.apply(&e.port.to_string(), p4, p6);
+    let tracer = Tracer::start(&["--events", "translate,close"]);
+    let n = scaled(50);
+    let tb = s.run(
+        "app",
+        &[
+            &format!("connects,tcp4,127.0.0.1,{},{n}", e.port),
+            &format!("connect,tcp6,::1,{}", e.port),
+            &format!("connect,tcp4,127.0.0.1,{}", other.port),
+            "close,0",
+            "close,1",
+        ],
+    );
+    assert_eq!(
+        tb["steps"][0]["by_errno"],
+        serde_json::json!({"0": n}),
+        "{tb}"
+    );
+    for i in [1, 2] {
+        assert_eq!(tb["steps"][i]["errno"], 0, "{tb}");
+    }
+    for p in [e.port, other.port, p4, p6] {
+        wait_conns_closed(p, &[None], Duration::from_secs(20));
+    }
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    let ours = |kind: &str| -> Vec<Value> {
+        stopped
+            .of_kind(kind)
+            .into_iter()
+            .filter(|e| e["pid"] == tb["pid"])
+            .cloned()
+            .collect()
+    };
+    let translated = ours("translate");
+    // One per redirected connect, none for the direct one.
+    assert_eq!(translated.len() as u64, n + 1, "{translated:?}");
+    let mut cookies = std::collections::BTreeMap::new();
+    for t in &translated {
+        let (host, proxy_port) = if t["family"] == "inet6" {
+            ("::1", p6)
+        } else {
+            ("127.0.0.1", p4)
+        };
+        assert_eq!(t["steered"], "redirect", "{t}");
+        assert_eq!(t["proto"], "tcp", "{t}");
+        assert_eq!(
+            (&t["addr"], &t["port"]),
+            (&host.into(), &e.port.into()),
+            "{t}"
+        );
+        assert_eq!(
+            (&t["real_addr"], &t["real_port"]),
+            (&host.into(), &proxy_port.into()),
+            "{t}"
+        );
+        let c = t["cookie"].as_u64().unwrap();
+        assert!(c != 0 && cookies.insert(c, proxy_port).is_none(), "{t}");
+    }
+    assert_eq!(cookies.values().filter(|p| **p == p6).count(), 1);
+    // Each names the socket whose connection went to the proxy.
+    let closed: std::collections::BTreeMap<u64, u16> = ours("close")
+        .iter()
+        .filter(|c| c["dport"] != other.port)
+        .map(|c| {
+            let port = c["dport"].as_u64().unwrap() as u16;
+            (c["cookie"].as_u64().unwrap(), port)
+        })
+        .collect();
+    assert_eq!(closed, cookies);
+    drop(proxy.finish());
+}
+
+/// The agent exports each redirect's count from the pinned counters: the
+/// connections the test sent through the rule, not those it did not cover.
+#[test]
+fn agent_counts_the_connections_each_redirect_sent_to_its_proxy() {
+    let Some(s) = Setup::new("rd-agent") else {
+        return;
+    };
+    let e = echo("127.0.0.1:0");
+    let other = echo("127.0.0.1:0");
+    let (proxy, p4, p6) = start_proxy(&s);
+    let policy = s.write("tcp", &e.port.to_string(), p4, p6);
+    let agent = Agent::with_policy(&s.dir, &policy, &s.root.rel);
+    let n = scaled(200);
+    let r = s.run(
+        "app",
+        &[
+            &format!("rr,tcp4,127.0.0.1,{},{n}", e.port),
+            // Not covered: another port.
+            &format!("connects,tcp4,127.0.0.1,{},3", other.port),
+        ],
+    );
+    // Not covered: the proxy's own cgroup.
+    let p = s.run("proxy", &[&format!("connects,tcp4,127.0.0.1,{},2", e.port)]);
+    assert_eq!(
+        r["steps"][0]["by_errno"],
+        serde_json::json!({"0": n}),
+        "{r}"
+    );
+    assert_eq!(
+        r["steps"][1]["by_errno"],
+        serde_json::json!({"0": 3}),
+        "{r}"
+    );
+    assert_eq!(
+        p["steps"][0]["by_errno"],
+        serde_json::json!({"0": 2}),
+        "{p}"
+    );
+    assert_eq!(e.accepted.load(Ordering::SeqCst), n + 2);
+    assert_eq!(other.accepted.load(Ordering::SeqCst), 3);
+    let line = show()["redirects"][0]["line"].to_string();
+    let labels = [
+        format!("line=\"{line}\""),
+        "proto=\"tcp\"".into(),
+        format!("proxy=\"127.0.0.1:{p4}\""),
+        format!("proxy6=\"[::1]:{p6}\""),
+    ];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    agent.wait_metrics(|text| {
+        let all = metric_sum(text, "socklens_redirects_total", &[]);
+        let ours = metric_sum(text, "socklens_redirects_total", &labels);
+        if all == Some(n as f64) && ours == all {
+            Ok(())
+        } else {
+            Err(format!("want {n} for {labels:?}, got {ours:?} of {all:?}"))
+        }
+    });
+    agent.stop();
+    drop(proxy.finish());
+}
+
+/// A pair the proxy's side never claims is freed when the client's socket
+/// closes, on every kernel: connections refused at the proxy's address, and
+/// connections a proxy outside the attach cgroup accepts (the sock_ops
+/// program never sees its side), while open and after.
+#[test]
+fn pairs_the_proxy_never_claims_are_freed_with_the_client() {
+    let Some(s) = Setup::new("rd-unclaimed") else {
+        return;
+    };
+    // This test's own listener: its cgroup is outside the attach point.
+    let outside = TcpListener::bind("127.0.0.1:0").unwrap();
+    let outside_port = outside.local_addr().unwrap().port();
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    {
+        let accepted = Arc::clone(&accepted);
+        thread::spawn(move || {
+            for c in outside.incoming().flatten() {
+                accepted.lock().unwrap().push(c);
+            }
+        });
+    }
+    // Three distinct ports nothing listens on (held together while chosen).
+    let held: Vec<TcpListener> = (0..3)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let port = |i: usize| held[i].local_addr().unwrap().port();
+    let (dead, orig_a, orig_b) = (port(0), port(1), port(2));
+    drop(held);
+    let path = s.dir.join("unclaimed.toml");
+    let rule = |port: u16, proxy: u16| {
+        format!(
+            "[[redirect]]\ncgroup = \"{r}/app\"\nto = [\"127.0.0.1/32\"]\nports = \"{port}\"\nproxy = \"127.0.0.1:{proxy}\"\nproxy_uids = [1337]\n",
+            r = s.root.rel
+        )
+    };
+    fs::write(
+        &path,
+        format!(
+            "attach = \"{}\"\n{}{}",
+            s.root.rel,
+            rule(orig_a, dead),
+            rule(orig_b, outside_port)
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = socklens(&["policy", "apply", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(pairs_left(), 0);
+    let refused = scaled(1000);
+    let open = 5;
+    let app = s.cg("app");
+    let mut steps = vec![format!("connects,tcp4,127.0.0.1,{orig_a},{refused}")];
+    steps.extend((0..open).map(|_| format!("connect,tcp4,127.0.0.1,{orig_b}")));
+    steps.push("wait".into());
+    let mut args = vec!["--cgroup", app.as_str()];
+    args.extend(steps.iter().map(String::as_str));
+    let mut client = Bed::spawn(&args);
+    let r = client.report();
+    let by_errno = r["steps"][0]["by_errno"].as_object().unwrap();
+    assert_eq!(by_errno.len(), 1, "{r}");
+    assert_eq!(by_errno[&ECONNREFUSED.to_string()], refused, "{r}");
+    for i in 1..=open {
+        assert_eq!(r["steps"][i]["errno"], 0, "{r}");
+    }
+    // The open ones' pairs wait for a claim that never comes.
+    assert_eq!(pairs_left(), open);
+    client.release();
+    client.finish();
+    // The proxy closes its ends too, so the clients' sockets reach TCP_CLOSE.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while accepted.lock().unwrap().len() < open {
+        assert!(Instant::now() < deadline, "the outside proxy accepted all");
+        thread::sleep(Duration::from_millis(20));
+    }
+    accepted.lock().unwrap().clear();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while pairs_left() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} pairs left after the clients closed",
+            pairs_left()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let v = show();
+    assert_eq!(v["redirects"][0]["redirected"], refused, "{v}");
+    assert_eq!(v["redirects"][1]["redirected"], open, "{v}");
 }

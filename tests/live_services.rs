@@ -852,37 +852,6 @@ fn terminate_resets_open_connections_of_removed_and_drained_backends_only() {
     assert_eq!(last["steps"][10]["addr"], "198.51.100.20", "{last}");
 }
 
-/// Whether connection events carry steering: the kprobe tier cannot read
-/// socket storage (docs/services.md, "Seen in trace, conns and the agent"),
-/// its events go without; snapshots have it on every tier.
-fn events_carry_steering() -> bool {
-    attach_arg() != "kprobe"
-}
-
-/// A client's record for local port `sport`, one exactly.
-fn record_of<'a>(records: &[&'a Value], pid: &Value, sport: &Value) -> &'a Value {
-    let found: Vec<&&Value> = records
-        .iter()
-        .filter(|e| e["pid"] == *pid && e["sport"] == *sport)
-        .collect();
-    assert_eq!(found.len(), 1, "one record of {pid}:{sport} in {records:?}");
-    found[0]
-}
-
-fn assert_steered(rec: &Value, vip: &str, port: u16, backend: SocketAddr) {
-    assert_eq!(rec["steered"], "service", "{rec}");
-    assert_eq!(rec["orig_addr"], vip, "{rec}");
-    assert_eq!(rec["orig_port"], port, "{rec}");
-    assert_eq!(rec["daddr"], backend.ip().to_string(), "{rec}");
-    assert_eq!(rec["dport"], backend.port(), "{rec}");
-}
-
-fn assert_not_steered(rec: &Value) {
-    for k in ["steered", "orig_addr", "orig_port"] {
-        assert!(rec.get(k).is_none(), "{k} on an untranslated record: {rec}");
-    }
-}
-
 #[test]
 fn conns_established_and_close_records_name_the_service_beside_the_backend() {
     let Some(bed) = Bed::new("so") else {
@@ -922,8 +891,8 @@ fn conns_established_and_close_records_name_the_service_beside_the_backend() {
     let snap: Vec<&Value> = snap.iter().collect();
     assert_steered(
         record_of(&snap, &pid, &via_vip),
-        "198.51.100.20",
-        80,
+        "service",
+        ("198.51.100.20", 80),
         backend,
     );
     assert_not_steered(record_of(&snap, &pid, &direct));
@@ -945,7 +914,7 @@ fn conns_established_and_close_records_name_the_service_beside_the_backend() {
         let recs = stopped.of_kind(kind);
         let rec = record_of(&recs, &pid, &via_vip);
         if events_carry_steering() {
-            assert_steered(rec, "198.51.100.20", 80, backend);
+            assert_steered(rec, "service", ("198.51.100.20", 80), backend);
         } else {
             assert_not_steered(rec);
         }
@@ -1023,27 +992,6 @@ fn trace_translate_shows_each_translation_with_cookie_vip_and_backend() {
     assert_eq!(ua.seen().values().sum::<u64>(), 1);
 }
 
-/// The value of every sample of `metric` whose labels contain all of `labels`
-/// (`key="value"` text), summed; None when there is none.
-fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
-    let mut found = None;
-    for l in text.lines() {
-        let Some(rest) = l.strip_prefix(metric).and_then(|r| r.strip_prefix('{')) else {
-            continue;
-        };
-        let Some((lbl, v)) = rest.rsplit_once("} ") else {
-            continue;
-        };
-        if labels
-            .iter()
-            .all(|want| lbl.split(',').any(|have| have == *want))
-        {
-            *found.get_or_insert(0.0) += v.parse::<f64>().unwrap();
-        }
-    }
-    found
-}
-
 #[test]
 fn agent_counts_picks_failed_picks_and_bytes_per_service() {
     let Some(bed) = Bed::new("sg") else {
@@ -1060,35 +1008,7 @@ fn agent_counts_picks_failed_picks_and_bytes_per_service() {
             + &bed.service("198.51.100.23:80", "tcp", &[(echo, 1)])
             + &bed.service("198.51.100.24:80", "tcp", &[])),
     );
-    let port = TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port();
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let config = bed.dir.join("agent.toml");
-    fs::write(
-        &config,
-        format!(
-            "listen = \"{addr}\"\npolicy = \"{}\"\ninterval = 0.3\ncgroup = \"{}\"\n",
-            p.display(),
-            bed.root.rel
-        ),
-    )
-    .unwrap();
-    let mut agent = Reaped(
-        Command::new(SOCKLENS)
-            .args(["agent", "--attach", &attach_arg(), "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = watch_stderr(&mut agent.0);
-    wait_ready(&mut agent.0, &stderr, Duration::from_secs(30));
-    eventually("the agent serving metrics", || {
-        http_get(addr, "/healthz", None).is_ok_and(|(s, _)| s == 200)
-    });
+    let agent = Agent::with_policy(&bed.dir, &p, &bed.root.rel);
     let n = 30;
     let tb = bed.run(&[
         &format!("connects,tcp4,198.51.100.22,80,{n}"),
@@ -1132,35 +1052,13 @@ fn agent_counts_picks_failed_picks_and_bytes_per_service() {
                 || metric_sum(text, "socklens_connections_closed_total", &svc23) == Some(1.0),
         ]
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (status, text) = http_get(addr, "/metrics", None).unwrap();
-        assert_eq!(status, 200);
-        let got = want(&text);
+    agent.wait_metrics(|text| {
+        let got = want(text);
         if got.iter().all(|ok| *ok) {
-            break;
+            Ok(())
+        } else {
+            Err(format!("{got:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "{got:?}\n{text}\n{}",
-            stderr.lock().unwrap()
-        );
-        thread::sleep(Duration::from_millis(200));
-    }
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agent.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    assert!(agent.0.wait().unwrap().success());
-}
-
-/// A child process killed if the test fails before it ends it.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    });
+    agent.stop();
 }

@@ -40,6 +40,7 @@ pub struct Metrics {
     pub policy_audits: Family<Labels, Counter>,
     pub service_picks: Family<Labels, Counter>,
     pub service_failed_picks: Family<Labels, Counter>,
+    pub redirects: Family<Labels, Counter>,
     pub events_lost: Counter,
     pub events_malformed: Counter,
     pub hook_runs_missed: Counter,
@@ -69,6 +70,7 @@ impl Metrics {
             policy_audits: Family::default(),
             service_picks: Family::default(),
             service_failed_picks: Family::default(),
+            redirects: Family::default(),
             events_lost: Counter::default(),
             events_malformed: Counter::default(),
             hook_runs_missed: Counter::default(),
@@ -150,6 +152,11 @@ impl Metrics {
             "socklens_service_failed_picks",
             "connect/sendmsg calls to a service refused for want of a backend",
             m.service_failed_picks.clone(),
+        );
+        r.register(
+            "socklens_redirects",
+            "Connections (UDP: connects and datagrams) a redirect sent to its proxy",
+            m.redirects.clone(),
         );
         r.register(
             "socklens_events_lost",

@@ -204,9 +204,9 @@ struct Agent {
     listening: HashSet<Labels>,
     losses: Losses,
     policy_events: bool,
-    /// Service counters as last read, with their generation: the kernel's
-    /// restart at each apply, the exported ones only grow.
-    picks_seen: HashMap<Labels, (u32, u64)>,
+    /// Service and redirect counters as last read, with their generation:
+    /// the kernel's restart at each apply, the exported ones only grow.
+    counters_seen: HashMap<Labels, (u32, u64)>,
 }
 
 fn rules_of(config: &Config) -> LabelRules {
@@ -247,7 +247,7 @@ impl Agent {
             listening: HashSet::new(),
             losses: Losses::default(),
             policy_events,
-            picks_seen: HashMap::new(),
+            counters_seen: HashMap::new(),
         }
     }
 
@@ -426,42 +426,54 @@ impl Agent {
             .get_or_create(&vec![label("map", "udp_flows")])
             .set(flows.len() as f64 / max);
         self.export_losses(live.stream.losses());
-        self.export_services();
+        self.export_steering();
         Ok(())
     }
 
-    /// Picks per service and backend, and failed picks, from the pinned
-    /// policy's counters. A counter of a generation read before adds what it
-    /// grew by; one of a new generation (an apply since) all it holds.
-    fn export_services(&mut self) {
-        // No policy, or one without services: nothing to export. A read that
-        // fails now (a policy removed meanwhile) is retried next interval.
-        let Ok(Some((gen, list))) = crate::policy::services_in_force() else {
+    /// Picks per service and backend, failed picks, and connections sent to
+    /// each redirect's proxy, from the pinned policy's counters. A counter of
+    /// a generation read before adds what it grew by; one of a new generation
+    /// (an apply since) all it holds.
+    fn export_steering(&mut self) {
+        // No policy: nothing to export. A read that fails now (a policy
+        // removed meanwhile) is retried next interval.
+        let Ok(Some(now)) = crate::policy::steering_in_force() else {
             return;
         };
+        let gen = now.gen;
         let mut seen = HashMap::new();
-        for s in list {
-            let svc = s.address.to_string();
-            let mut feed = |family: &Family<Labels, Counter>, l: Labels, now: u64| {
-                let delta = match self.picks_seen.get(&l) {
-                    Some(&(g, before)) if g == gen && now >= before => now - before,
-                    _ => now,
-                };
-                inc(family, &l, delta);
-                seen.insert(l, (gen, now));
+        let mut feed = |family: &Family<Labels, Counter>, l: Labels, count: u64| {
+            let delta = match self.counters_seen.get(&l) {
+                Some(&(g, before)) if g == gen && count >= before => count - before,
+                _ => count,
             };
+            inc(family, &l, delta);
+            seen.insert(l, (gen, count));
+        };
+        let m = &self.metrics;
+        for s in &now.services {
+            let svc = s.address.to_string();
             for b in &s.backends {
                 let l = vec![
                     label("service", svc.clone()),
                     label("proto", s.proto),
                     label("backend", b.address.to_string()),
                 ];
-                feed(&self.metrics.service_picks, l, b.picks);
+                feed(&m.service_picks, l, b.picks);
             }
-            let l = vec![label("service", svc.clone()), label("proto", s.proto)];
-            feed(&self.metrics.service_failed_picks, l, s.failed_picks);
+            let l = vec![label("service", svc), label("proto", s.proto)];
+            feed(&m.service_failed_picks, l, s.failed_picks);
         }
-        self.picks_seen = seen;
+        for r in &now.redirects {
+            let l = vec![
+                label("line", r.line.to_string()),
+                label("proto", r.proto),
+                label("proxy", r.proxy.clone().unwrap_or_default()),
+                label("proxy6", r.proxy6.clone().unwrap_or_default()),
+            ];
+            feed(&m.redirects, l, r.redirected);
+        }
+        self.counters_seen = seen;
     }
 
     fn export_listeners(&mut self, conns: &BTreeMap<u64, Conn>) {

@@ -570,10 +570,8 @@ int slp_sock_release(struct bpf_sock *ctx)
 {
 	if (observe)
 		observe_sock(ctx, SLP_EV_SOCK_RELEASE);
-	if (enforce) {
-		redirect_release(ctx);
+	if (enforce)
 		xlate_release(ctx);
-	}
 	return 1;
 }
 
@@ -726,5 +724,7 @@ int slp_redir_sockops(struct bpf_sock_ops *ctx)
 		redirect_connect_cb(ctx);
 	else if (ctx->op == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB)
 		redirect_accept_cb(ctx);
+	else if (ctx->op == BPF_SOCK_OPS_STATE_CB)
+		redirect_close_cb(ctx);
 	return 1;
 }

@@ -26,8 +26,8 @@ struct {
 } slp_redir_counters SEC(".maps");
 
 /* Between the client's SYN and the proxy's accept only: the proxy's side
- * claims (deletes) the entry, the client's sock_release deletes an unclaimed
- * one. LRU so a burst of never-accepted connections cannot fill it for good. */
+ * claims (deletes) the entry, the client's TCP_CLOSE deletes an unclaimed
+ * one. LRU so a burst of connections nobody closes cannot fill it for good. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, SLP_REDIR_PAIRS);
@@ -228,6 +228,9 @@ static __always_inline void redirect_connect_cb(struct bpf_sock_ops *ctx)
 		o.port = e->orig_port;
 		o.rule = e->service;
 		bpf_map_update_elem(&slp_redir_pairs, &k, &o, BPF_ANY);
+		/* Other programs' flags kept: the helper sets them all. */
+		bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags |
+						       BPF_SOCK_OPS_STATE_CB_FLAG);
 		return;
 	}
 }
@@ -262,36 +265,17 @@ static __always_inline void redirect_accept_cb(struct bpf_sock_ops *ctx)
 	bpf_map_delete_elem(&slp_redir_pairs, &k);
 }
 
-/* sock_release of a redirected client: drop a pair the proxy never claimed. */
-static __always_inline void redirect_release(struct bpf_sock *sk)
+/* The client's socket closes (TCP_CLOSE, whatever the reason: refused, reset,
+ * closed before the proxy's side was established): drop its pair if the proxy
+ * never claimed it. The 4-tuple is still set when tcp_set_state calls us. */
+static __always_inline void redirect_close_cb(struct bpf_sock_ops *ctx)
 {
-	struct slp_sock_xlate *st = bpf_sk_storage_get(&slp_xlate, sk, 0, 0);
 	struct slp_redir_key k = {};
-	struct sock *s;
 
-	if (!st || !bpf_rdonly_cast)
+	if (ctx->args[1] != BPF_TCP_CLOSE)
 		return;
-	for (__u32 i = 0; i < SLP_XLATE_ENTRIES; i++) {
-		struct slp_xlate_entry *e = &st->e[i];
-		__u32 l6[4] = {}, r6[4] = {};
-		__u32 l4 = 0;
-
-		if (e->kind != SLP_XLATE_REDIRECT)
-			continue;
-		s = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct sock));
-		if (sk->family == AF_INET6)
-			BPF_CORE_READ_INTO(&l6, s, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr32);
-		else
-			l4 = BPF_CORE_READ(s, __sk_common.skc_rcv_saddr);
-		__builtin_memcpy(r6, e->real, 16);
-		k.family = ops_addr(k.client, sk->family, l4, l6);
-		ops_addr(k.proxy, sk->family, r6[0], r6);
-		k.client_port = BPF_CORE_READ(s, __sk_common.skc_num);
-		k.proxy_port = e->real_port;
-		k.netns_cookie = bpf_get_netns_cookie(sk);
-		bpf_map_delete_elem(&slp_redir_pairs, &k);
-		return;
-	}
+	ops_key(ctx, &k, true);
+	bpf_map_delete_elem(&slp_redir_pairs, &k);
 }
 
 /* getsockopt SO_ORIGINAL_DST on a socket the proxy accepted from a redirected

@@ -24,7 +24,9 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::model::policy::{PolicyView, RuleTarget, RuleView, ScopeView, ServiceView};
+use crate::model::policy::{
+    PolicyView, RedirectView, RuleTarget, RuleView, ScopeView, ServiceView,
+};
 use libbpf_rs::RingBufferBuilder;
 
 use crate::error::{Context, Error, Result};
@@ -185,17 +187,29 @@ pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64>
     }
 }
 
-/// `policy remove`: detach and unpin; every call is allowed again.
-/// The services in force with their picks (since their generation's
-/// apply) and generation; None when no policy is applied.
-pub fn services_in_force() -> Result<Option<(u32, Vec<ServiceView>)>> {
+/// The services and redirects in force with their counters, which count
+/// from their generation's apply.
+pub struct Steering {
+    pub gen: u32,
+    pub services: Vec<ServiceView>,
+    pub redirects: Vec<RedirectView>,
+}
+
+/// What the policy in force steers (for the agent's counters); None when no
+/// policy is applied.
+pub fn steering_in_force() -> Result<Option<Steering>> {
     let Some(maps) = state::PinnedMaps::open()? else {
         return Ok(None);
     };
     let gen = maps.config()?.r#gen & 1;
-    Ok(Some((gen, svcmaps::services(gen)?)))
+    Ok(Some(Steering {
+        gen,
+        services: svcmaps::services(gen)?,
+        redirects: redirect::show(gen)?,
+    }))
 }
 
+/// `policy remove`: detach and unpin; every call is allowed again.
 pub fn remove(out: &mut dyn Write) -> Result<()> {
     let existed = state::remove()?;
     let msg = if existed {

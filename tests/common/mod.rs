@@ -2,7 +2,10 @@
 //! activity the tests create with socklens-testbed, and compares the two.
 #![allow(dead_code)]
 
+use std::fs;
 use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver};
@@ -508,6 +511,20 @@ impl NetnsPair {
 /// that comes in softirq can be deferred to ksoftirqd, which a loaded VM runs
 /// late; a fixed pause raced it. Panics after `limit`, naming what is left.
 pub fn wait_tcp_closed(port: u16, netns: &[Option<&str>], limit: Duration) {
+    wait_closed(port, netns, limit, &["exclude", "time-wait"]);
+}
+
+/// [`wait_tcp_closed`] for a port whose listener stays: its connections.
+pub fn wait_conns_closed(port: u16, netns: &[Option<&str>], limit: Duration) {
+    wait_closed(
+        port,
+        netns,
+        limit,
+        &["exclude", "time-wait", "exclude", "listening"],
+    );
+}
+
+fn wait_closed(port: u16, netns: &[Option<&str>], limit: Duration, exclude: &[&str]) {
     let filter = format!("( sport = :{port} or dport = :{port} )");
     let left = || -> String {
         let mut out = String::new();
@@ -521,7 +538,9 @@ pub fn wait_tcp_closed(port: u16, netns: &[Option<&str>], limit: Duration) {
                 None => Command::new("ss"),
             };
             let o = cmd
-                .args(["-tanH", "state", "all", "exclude", "time-wait", &filter])
+                .args(["-tanH", "state", "all"])
+                .args(exclude)
+                .arg(&filter)
                 .output()
                 .expect("run ss");
             assert!(o.status.success(), "ss failed: {o:?}");
@@ -761,4 +780,222 @@ pub fn policy_apply_fails_here(tag: &str, text: &str) -> bool {
     let (_, show, _) = socklens(&["policy", "show", "--json"]);
     assert!(show.contains("\"policy\":null"), "nothing applied: {show}");
     true
+}
+
+/// The value of every sample of `metric` whose labels contain all of `labels`
+/// (`key="value"` text), summed; None when there is none.
+pub fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for l in text.lines() {
+        let Some(rest) = l.strip_prefix(metric).and_then(|r| r.strip_prefix('{')) else {
+            continue;
+        };
+        let Some((lbl, v)) = rest.rsplit_once("} ") else {
+            continue;
+        };
+        if labels
+            .iter()
+            .all(|want| lbl.split(',').any(|have| have == *want))
+        {
+            *found.get_or_insert(0.0) += v.parse::<f64>().unwrap();
+        }
+    }
+    found
+}
+
+/// Whether connection events carry steering: the kprobe tier cannot read
+/// socket storage (docs/services.md, "Seen in trace, conns and the agent"),
+/// its events go without; snapshots have it on every tier.
+pub fn events_carry_steering() -> bool {
+    attach_arg() != "kprobe"
+}
+
+/// A client's record for local port `sport`, one exactly.
+pub fn record_of<'a>(records: &[&'a Value], pid: &Value, sport: &Value) -> &'a Value {
+    let found: Vec<&&Value> = records
+        .iter()
+        .filter(|e| e["pid"] == *pid && e["sport"] == *sport)
+        .collect();
+    assert_eq!(found.len(), 1, "one record of {pid}:{sport} in {records:?}");
+    found[0]
+}
+
+/// A connection record steered (`kind`: service or redirect) from `orig` to `to`.
+pub fn assert_steered(rec: &Value, kind: &str, orig: (&str, u16), to: std::net::SocketAddr) {
+    assert_eq!(rec["steered"], kind, "{rec}");
+    assert_eq!(rec["orig_addr"], orig.0, "{rec}");
+    assert_eq!(rec["orig_port"], orig.1, "{rec}");
+    assert_eq!(rec["daddr"], to.ip().to_string(), "{rec}");
+    assert_eq!(rec["dport"], to.port(), "{rec}");
+}
+
+pub fn assert_not_steered(rec: &Value) {
+    for k in ["steered", "orig_addr", "orig_port"] {
+        assert!(rec.get(k).is_none(), "{k} on an untranslated record: {rec}");
+    }
+}
+
+/// How long the agent gets to start, stop or show a figure.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A running `socklens agent`, ready (its /healthz said 200).
+pub struct Agent {
+    child: Child,
+    pub addr: SocketAddr,
+    stderr: Arc<Mutex<String>>,
+    pub config: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent applying the policy file `policy` and tracing the
+    /// cgroup `cgroup` (relative to the cgroup v2 root), metrics on a free
+    /// loopback port, reading the maps every 0.3 s.
+    pub fn with_policy(dir: &Path, policy: &Path, cgroup: &str) -> Self {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let config = format!(
+            "listen = \"{addr}\"\npolicy = \"{}\"\ninterval = 0.3\ncgroup = \"{cgroup}\"\n",
+            policy.display()
+        );
+        Self::start(dir, &config, addr)
+    }
+
+    /// Starts the agent with `config` written to `dir/agent.toml`.
+    pub fn start(dir: &Path, config: &str, addr: SocketAddr) -> Self {
+        let path = dir.join("agent.toml");
+        fs::write(&path, config).expect("write config");
+        Self::start_with(&["--config", path.to_str().unwrap()], path.clone(), addr)
+    }
+
+    /// `start` for an endpoint that wants a password (on /healthz too): ready
+    /// is the agent's own line.
+    pub fn start_protected(dir: &Path, config: &str, addr: SocketAddr) -> Self {
+        let path = dir.join("agent.toml");
+        fs::write(&path, config).expect("write config");
+        Self::spawn(
+            &["--config", path.to_str().unwrap()],
+            path.clone(),
+            addr,
+            |a| a.stderr().contains("agent ready"),
+        )
+    }
+
+    pub fn start_with(args: &[&str], config: PathBuf, addr: SocketAddr) -> Self {
+        Self::spawn(args, config, addr, |a| {
+            matches!(http_get(a.addr, "/healthz", None), Ok((200, _)))
+        })
+    }
+
+    /// Starts the agent and waits until `ready` says so.
+    pub fn spawn(
+        args: &[&str],
+        config: PathBuf,
+        addr: SocketAddr,
+        ready: impl Fn(&Self) -> bool,
+    ) -> Self {
+        let mut child = Command::new(SOCKLENS)
+            .args(["agent", "--attach", &attach_arg()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn agent");
+        let stderr = watch_stderr(&mut child);
+        let mut agent = Self {
+            child,
+            addr,
+            stderr,
+            config,
+        };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if ready(&agent) {
+                break;
+            }
+            if let Ok(Some(st)) = agent.child.try_wait() {
+                thread::sleep(Duration::from_millis(100));
+                panic!("agent exited early ({st}): {}", agent.stderr());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent not ready: {}",
+                agent.stderr()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        agent
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("signal agent");
+    }
+
+    /// The Prometheus text format, as `promtool` and old scrapers read it.
+    pub fn metrics_text(&self) -> String {
+        let (status, body) = http_get(self.addr, "/metrics", None).expect("scrape");
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// Scrapes until `check` of the text format is Ok, for up to [`WAIT`];
+    /// fails with the last error, the text and the agent's stderr.
+    pub fn wait_metrics(&self, check: impl Fn(&str) -> Result<(), String>) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let text = self.metrics_text();
+            let Err(e) = check(&text) else {
+                return;
+            };
+            assert!(Instant::now() < deadline, "{e}\n{text}\n{}", self.stderr());
+            thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The value of one sample line (exact label text) in the text format.
+    pub fn sample(&self, series: &str) -> Option<f64> {
+        self.metrics_text().lines().find_map(|l| {
+            let (s, v) = l.rsplit_once(' ')?;
+            (s == series).then(|| v.parse().ok())?
+        })
+    }
+
+    /// SIGTERM; the exit status must be 0.
+    pub fn stop(mut self) -> String {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + WAIT;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "agent did not stop");
+            thread::sleep(Duration::from_millis(50));
+        };
+        thread::sleep(Duration::from_millis(100));
+        let err = self.stderr();
+        assert!(status.success(), "agent exit {status}: {err}");
+        err
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -30,7 +30,7 @@ for b in $bins; do
         # The tests whose outcome depends on the kernel's features (every one
         # of them checks the failing apply on 5.10); the rest run on the host.
         */live_services-*) echo "$b auto terminate tcp_v4 udp_unconnected zero_backends" ;;
-        */live_redirect-*) echo "$b auto tcp_reaches so_original_dst udp_to" ;;
+        */live_redirect-*) echo "$b auto tcp_reaches so_original_dst udp_to ten_thousand pairs_the_proxy" ;;
         */live_conns-*) echo "$b -auto" ;;
         # Tier-independent; checks acceleration where doctor says the kernel
         # has it, the refused apply where not (docs/accelerate.md).
