@@ -9,9 +9,10 @@
 #   iptables   the same through `iptables -t nat -A OUTPUT ... -j REDIRECT`
 #              (iptables-legacy), the classic sidecar set-up
 # Everything runs in one netns made for the run (the echo server's address on
-# its lo); the client (socklens-testbed, pinned to one CPU) and haproxy (uid
-# 1337, the iptables rule's exclusion; its cgroup, socklens' exclusion) in
-# cgroups made for it. Each round: N times connect, send 1 byte, read it back,
+# its lo); the client (socklens-testbed) and haproxy (uid 1337, the iptables
+# rule's exclusion; its cgroup, socklens' exclusion) in cgroups made for it;
+# client, proxy and server all on one CPU. A last round, apart from the rates,
+# reads the kernel run time of socklens' programs (kernel.bpf_stats_enabled). Each round: N times connect, send 1 byte, read it back,
 # close; every exchange must succeed.
 # Usage (root): [CPU=1] bench/redirect.sh [N] [ROUNDS]
 set -euo pipefail
@@ -30,6 +31,7 @@ BACKEND=10.200.0.2
 PIDS=()
 
 cleanup() {
+    sysctl -qw kernel.bpf_stats_enabled="$STATS_BEFORE"
     "$SL" policy remove >/dev/null 2>&1 || true
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
@@ -78,9 +80,9 @@ TOML
 # The echo server (outside both cgroups) and haproxy, for the whole run.
 # nsenter, not `ip netns exec`: that remounts /sys (cgroup2 and bpffs).
 IN_NS=(nsenter --net="/var/run/netns/$NS")
-"$TB" --netns "$NS" "serve,tcp4,$BACKEND,7000,echo" sleep,86400000 >/dev/null &
+taskset -c "$CPU" "$TB" --netns "$NS" "serve,tcp4,$BACKEND,7000,echo" sleep,86400000 >/dev/null &
 PIDS+=($!)
-sh -c "echo \$\$ > $CG/proxy/cgroup.procs && exec ${IN_NS[*]} haproxy -db -f $WORK/haproxy.cfg" &
+sh -c "echo \$\$ > $CG/proxy/cgroup.procs && exec taskset -c $CPU ${IN_NS[*]} haproxy -db -f $WORK/haproxy.cfg" &
 PIDS+=($!)
 sleep 1
 
@@ -94,7 +96,8 @@ round() { # config round -> rate
     esac
     out=$(taskset -c "$CPU" "$TB" --netns "$NS" --cgroup "$CG/gov" "rr,tcp4,${target%,*},${target#*,},$N")
     case $config in
-        socklens) "$SL" policy remove >/dev/null ;;
+        socklens) [ "$(sysctl -n kernel.bpf_stats_enabled)" = 0 ] || policy_prog_time "$N" >&2
+                  "$SL" policy remove >/dev/null ;;
         iptables) "${IN_NS[@]}" "$IPT" -t nat -F OUTPUT ;;
     esac
     grep -q "\"by_errno\":{\"0\":$N}" <<<"$out" || { echo "$config: exchanges failed: $out" >&2; exit 1; }
@@ -105,3 +108,9 @@ CONFIGS="direct socklens iptables"
 run_rounds
 echo "socklens / direct   $(awk "BEGIN { printf \"%.3f\", ${med[socklens]} / ${med[direct]} }")  (target >= 0.97)"
 echo "socklens / iptables $(awk "BEGIN { printf \"%.3f\", ${med[socklens]} / ${med[iptables]} }")  (target >= 1.0)"
+# One more socklens round, with the kernel's program statistics on: what its
+# programs cost per exchange (not in the rates above).
+sysctl -qw kernel.bpf_stats_enabled=1
+rate=$(round socklens 0 2>"$WORK/stats")
+echo "socklens programs, one more round with kernel.bpf_stats_enabled=1 ($rate exchanges/s):"
+cat "$WORK/stats"

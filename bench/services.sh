@@ -18,9 +18,10 @@
 # netns per round (a 10.0.0.0/16 route on lo there, so untranslated VIPs route
 # like translated ones) and the governed cgroup, pinned to one CPU (see
 # bench/policy_connect.sh for why).
-# The VIP rounds also read the kernel's run time of the policy's programs
-# (kernel.bpf_stats_enabled, on for this script's run only): what translating
-# (and judging) costs per exchange, apart from the exchange itself.
+# A last round of vip1, vip10k and miss10k, apart from the rates, reads the
+# kernel's run time of the policy's programs (kernel.bpf_stats_enabled, on for
+# that round only: it slows every program run): what translating and judging
+# cost per exchange.
 # Usage (root): [CPU=1] bench/services.sh [N] [ROUNDS]
 set -euo pipefail
 shopt -s inherit_errexit
@@ -35,8 +36,6 @@ for tool in iptables-legacy-restore iptables-nft-restore nft cc; do
 done
 RR=$WORK/rr
 cc -O2 -Wall -o "$RR" bench/rr.c
-PIN=${SOCKLENS_PIN_ROOT:-/sys/fs/bpf/socklens}
-STATS_BEFORE=$(sysctl -n kernel.bpf_stats_enabled)
 
 cleanup() {
     sysctl -qw kernel.bpf_stats_enabled="$STATS_BEFORE"
@@ -107,19 +106,7 @@ round() { # config round -> rate
     out=$(sh -c 'echo $$ > "$1/cgroup.procs" && exec taskset -c "$2" ip netns exec "$3" "$4" "$5" "$6" "$7" "$8" 7000' \
         sh "$CG/gov" "$CPU" "$ns" "$RR" "${target%,*}" "${target#*,}" "$N" "$BACKEND")
     case $config in vip*|miss10k)
-        # The kernel's run time of every policy program, per exchange, and
-        # of connect4 (the translation) per run.
-        for link in "$PIN"/policy/links/*; do
-            bpftool -j link show pinned "$link"
-        done | python3 -c 'import json, subprocess, sys
-total, c4 = 0, None
-for line in sys.stdin.read().replace("}{", "}\n{").splitlines():
-    link = json.loads(line)
-    p = json.loads(subprocess.check_output(["bpftool", "-j", "prog", "show", "id", str(link["prog_id"])]))
-    total += p.get("run_time_ns", 0)
-    if p["name"] == "slp_connect4":
-        c4 = p.get("run_time_ns", 0) / max(p.get("run_cnt", 0), 1)
-print("policy programs %.0f ns/exchange, connect4 %.0f ns/run" % (total / int(sys.argv[1]), c4))' "$N" >&2
+        [ "$(sysctl -n kernel.bpf_stats_enabled)" = 0 ] || policy_prog_time "$N" >&2
         "$SL" policy remove >/dev/null ;;
     esac
     ip netns del "$ns"
@@ -128,29 +115,20 @@ print("policy programs %.0f ns/exchange, connect4 %.0f ns/run" % (total / int(sy
     cut -d' ' -f2 <<<"$out"
 }
 
-sysctl -qw kernel.bpf_stats_enabled=1
 CONFIGS="direct vip1 vip100 vip10k miss10k iptl iptl-mid iptn nft"
-declare -A rates
-echo "kernel $(uname -r), $(nproc) CPUs, client and server on CPU $CPU, N=$N exchanges per round, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)"
-for r in $(seq 1 "$ROUNDS"); do
-    for config in $CONFIGS; do
-        rate=$(round "$config" "$r" 2>"$WORK/stats")
-        [ -n "$rate" ] || { echo "round $r $config failed" >&2; exit 1; }
-        rates[$config]="${rates[$config]:-} $rate"
-        echo "round $r $config $rate exchanges/s $(cat "$WORK/stats")"
-    done
-done
-echo "load after $(cut -d' ' -f1-3 /proc/loadavg)"
-declare -A med
-for config in $CONFIGS; do
-    med[$config]=$(echo "${rates[$config]}" | median)
-    range=$(echo "${rates[$config]}" | tr ' ' '\n' | grep -v '^$' | sort -n | sed -n '1p;$p' | paste -sd-)
-    # What the configuration adds to one exchange, in microseconds.
-    echo "median $config ${med[$config]} exchanges/s (range $range) ratio to direct $(awk "BEGIN { printf \"%.3f\", ${med[$config]} / ${med[direct]} }") adds $(awk "BEGIN { printf \"%.1f\", 1e6 / ${med[$config]} - 1e6 / ${med[direct]} }") us/exchange"
-done
+run_rounds
 v=${med[vip10k]}
 echo "vip10k / direct        $(awk "BEGIN { printf \"%.3f\", $v / ${med[direct]} }")  (target >= 0.95)"
 for t in iptl iptl-mid iptn; do
     echo "vip10k / $t $(awk "BEGIN { printf \"%.2f\", $v / ${med[$t]} }")  (target >= 10)"
 done
 echo "vip10k / nft           $(awk "BEGIN { printf \"%.3f\", $v / ${med[nft]} }")  (target >= 1.0)"
+# One more round of each socklens configuration, with the kernel's program
+# statistics on: what translating and judging cost per exchange, measured
+# apart from the rates above.
+sysctl -qw kernel.bpf_stats_enabled=1
+for config in vip1 vip10k miss10k; do
+    rate=$(round "$config" 0 2>"$WORK/stats")
+    echo "$config programs, one more round with kernel.bpf_stats_enabled=1 ($rate exchanges/s):"
+    cat "$WORK/stats"
+done

@@ -50,6 +50,18 @@ pub const ENFORCING: [&str; 14] = [
     "slp_redir_sockops",
 ];
 
+/// Attached only while the file has a `[[redirect]]`: a sock_ops program runs
+/// on some nine callbacks of every TCP connection in the attach cgroup.
+const REDIRECT_ONLY: &str = "slp_redir_sockops";
+
+/// The enforcing programs a policy attaches.
+fn attached(redirects: bool) -> Vec<&'static str> {
+    ENFORCING
+        .into_iter()
+        .filter(|n| redirects || *n != REDIRECT_ONLY)
+        .collect()
+}
+
 /// Maps shared by every load of the enforcing programs, pinned by name.
 pub const PINNED_MAPS: [&str; 12] = [
     "slp_config",
@@ -330,15 +342,16 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     )?;
 
     let target = CgroupTarget::open(&cgroup_root.join(policy.attach.rel.trim_start_matches('/')))?;
+    let wanted = attached(!policy.redirects.is_empty());
     let existing = pins.pinned_links()?;
-    let keep = existing.len() == ENFORCING.len()
+    let keep = existing.len() == wanted.len()
         && existing
             .iter()
-            .all(|(n, l)| ENFORCING.contains(&n.as_str()) && link_cgroup(l) == Some(target.id));
+            .all(|(n, l)| wanted.contains(&n.as_str()) && link_cgroup(l) == Some(target.id));
     drop(existing);
     let mut new_links = Vec::new();
     if !keep {
-        for name in ENFORCING {
+        for name in wanted {
             let prog = skel
                 .object()
                 .progs_mut()
