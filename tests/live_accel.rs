@@ -628,3 +628,104 @@ fn removing_acceleration_while_16_streams_are_mid_transfer_loses_nothing() {
         "the drained sockhash is unpinned"
     );
 }
+
+/// The close record of the socket with local port `sport` and peer port `dport`.
+fn close_of<'a>(closes: &[&'a Value], sport: u16, dport: u16) -> &'a Value {
+    let hits: Vec<_> = closes
+        .iter()
+        .filter(|e| e["sport"] == sport && e["dport"] == dport)
+        .collect();
+    assert_eq!(hits.len(), 1, "close records of {sport}->{dport}: {hits:?}");
+    hits[0]
+}
+
+fn ports(s: &TcpStream) -> (u16, u16) {
+    (
+        s.local_addr().unwrap().port(),
+        s.peer_addr().unwrap().port(),
+    )
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn close_records_of_accelerated_pairs_carry_what_the_applications_sent_and_read() {
+    require_root();
+    let pid = std::process::id().to_string();
+    let tracer = Tracer::start(&["--events", "close", "--pid", &pid]);
+    let Some(bed) = Accel::new("accel-acct", "") else {
+        tracer.stop();
+        return;
+    };
+    let pairs: Vec<(TcpStream, TcpStream)> = (0..8).map(|_| pair()).collect();
+    let (c2, s2) = pair();
+    bed.leave();
+    let (plain_c, plain_s) = pair();
+    let before = accel_show();
+
+    // Ground truth per socket (local port, peer port) -> (written, read).
+    let mut truth = std::collections::HashMap::<(u16, u16), (u64, u64)>::new();
+    let mut jobs = Vec::new();
+    for (i, (c, s)) in pairs.iter().enumerate() {
+        // Before streaming: a socket closed both ways has no peer address.
+        let (cp, sp) = (ports(c), ports(s));
+        for (dir, (tx, rx, txp, rxp)) in [(c, s, cp, sp), (s, c, sp, cp)].into_iter().enumerate() {
+            let seed = (i as u64) << 8 | dir as u64 | 0x5000;
+            let len = Rng(seed + 3).below(scaled(2 << 20)) as usize;
+            let (w, r) = stream(tx.try_clone().unwrap(), rx.try_clone().unwrap(), seed, len);
+            jobs.push((txp, rxp, len, w, r));
+        }
+    }
+    for (txp, rxp, len, w, r) in jobs {
+        let got = r.join().unwrap();
+        w.join().unwrap();
+        assert_eq!(got.len(), len);
+        truth.entry(txp).or_default().0 += len as u64;
+        truth.entry(rxp).or_default().1 += got.len() as u64;
+    }
+    // Closed with data unread: the reader's record has what it read, not
+    // what was sent to it.
+    let sent = content(77, 100_000);
+    send_all(&c2, &sent, 77);
+    let mut part = vec![0u8; 37_123];
+    (&s2).read_exact(&mut part).unwrap();
+    (&s2).write_all(&[9u8; 5000]).unwrap();
+    (&c2).read_exact(&mut [0u8; 5000]).unwrap();
+    truth.insert(ports(&c2), (100_000, 5000));
+    truth.insert(ports(&s2), (5000, 37_123));
+    // A plain pair beside them: exact, and not flagged.
+    (&plain_c).write_all(&[1u8; 3000]).unwrap();
+    (&plain_s).read_exact(&mut [0u8; 3000]).unwrap();
+    let plain = [(ports(&plain_c), (3000, 0)), (ports(&plain_s), (0, 3000))];
+
+    let after = accel_show();
+    let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    let written: u64 = truth.values().map(|t| t.0).sum();
+    assert_eq!(d("redirected_bytes"), written, "{after}");
+    drop(s2);
+    drop(c2);
+    drop(pairs);
+    drop(plain_c);
+    drop(plain_s);
+    thread::sleep(Duration::from_millis(300));
+    let out = tracer.stop();
+    out.assert_clean();
+    let closes = out.of_kind("close");
+    for ((sport, dport), (tx, rx)) in &truth {
+        let e = close_of(&closes, *sport, *dport);
+        assert_eq!(e["accelerated"], true, "{e}");
+        assert_eq!(
+            (e["tx_bytes"].as_u64(), e["rx_bytes"].as_u64()),
+            (Some(*tx), Some(*rx)),
+            "{e}"
+        );
+    }
+    for ((sport, dport), (tx, rx)) in plain {
+        let e = close_of(&closes, sport, dport);
+        assert!(e.get("accelerated").is_none(), "{e}");
+        assert_eq!(
+            (e["tx_bytes"].as_u64(), e["rx_bytes"].as_u64()),
+            (Some(tx), Some(rx)),
+            "{e}"
+        );
+    }
+}

@@ -1005,7 +1005,7 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 		if (sendfile_in_send_len && ret > 0 && in_sendfile())
 			on_sendfile_sk(sk, ret);
 		if (tcp_bytes_from_seq) {
-			tcp_touch(ctx, sk, 0, ret, false, SL_TIER_TRACEPOINT, SL_CAST);
+			tcp_touch(ctx, sk, 0, ret, 0, false, SL_TIER_TRACEPOINT, SL_CAST);
 			return 0;
 		}
 	}
@@ -1026,7 +1026,7 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 	if (!proto)
 		return 0;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
-		tcp_touch(ctx, sk, 0, ret, true, SL_TIER_TRACEPOINT, SL_CAST);
+		tcp_touch(ctx, sk, 0, ret, flags, true, SL_TIER_TRACEPOINT, SL_CAST);
 		return 0;
 	}
 	cookie = tracing_cookie(sk);
@@ -1259,6 +1259,8 @@ static __always_inline void seed_refresh(struct sl_conn *c, struct sock *sk, str
 	c->state = sk->__sk_common.skc_state;
 	read_tcp_info(c, tp, SL_BTF);
 	if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE) {
+		if (tcp_has_psock(sk, SL_BTF))
+			tcp_accel_mark(c);
 		tcp_seq_sync_tx(c, tp, tcp_fin_queued(c->state), SL_BTF);
 		tcp_seq_sync_rx(c, tp, SL_BTF);
 	}
@@ -1302,8 +1304,11 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 		return;
 	c->flags |= SL_CONN_SEEDED;
 	conn_steer(c, sk);
-	if (tcp_bytes_from_seq && tp)
+	if (tcp_bytes_from_seq && tp) {
 		tcp_seq_base_now(c, tp);
+		if (tcp_has_psock(sk, SL_BTF))
+			tcp_accel_mark(c);
+	}
 	if (gen)
 		c->seen_gen = *gen;
 	if (c->state == SL_TCP_ESTABLISHED)

@@ -54,6 +54,7 @@ enum sl_conn_flag {
 	SL_CONN_CLOSED_AT_DESTROY = 16, /* its close was seen only when the kernel freed it */
 	SL_CONN_WAITING = 32,    /* seeded, counted in seeded_waiting until its owner's first use */
 	SL_CONN_FOUND_LATE = 64, /* its start was missed: tracked later, from its socket's start */
+	SL_CONN_ACCEL = 128,     /* had a psock (sockmap/sockhash): bytes redirected past TCP counted */
 };
 
 /* bind and listen. Every event record starts with `kind`. */
@@ -124,6 +125,13 @@ struct sl_conn {
 	__u16 orig_port;   /* host order */
 	__u8 steered;      /* enum slp_xlate_kind (policy.h); 0 = not steered */
 	__u8 _pad2[5];
+	/* SL_CONN_ACCEL: bytes sendmsg/recvmsg moved that the sequence counters
+	 * never saw (sk_msg redirect), and those counters as of the last such
+	 * call, to tell the two apart per call (conn.bpf.h, tcp_accel_count). */
+	__u64 accel_tx;
+	__u64 accel_rx;
+	__u64 tx_seen;
+	__u64 rx_seen;
 };
 
 /* connect, accept, close, retransmit. */
