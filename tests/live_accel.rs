@@ -729,3 +729,185 @@ fn close_records_of_accelerated_pairs_carry_what_the_applications_sent_and_read(
         );
     }
 }
+
+/// What the peer of an end killed with SIGKILL sees: the read, then whether a
+/// write fails within 3 tries. `unread`: bytes sent to the killed end first.
+fn peer_of_killed_end(c: TcpStream, s: TcpStream, unread: usize) -> (String, Option<i32>) {
+    if unread > 0 {
+        (&c).write_all(&vec![5u8; unread]).unwrap();
+        thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: the child only waits to be killed; it touches no lock.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        // SAFETY: closing the peer's copy, then waiting for SIGKILL.
+        unsafe {
+            libc::close(c.as_raw_fd());
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    drop(s);
+    thread::sleep(Duration::from_millis(50));
+    // SAFETY: our own child.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let read = match (&c).read(&mut [0u8; 64]) {
+        Ok(n) => format!("read {n}"),
+        Err(e) => format!("error {:?}", e.raw_os_error()),
+    };
+    let mut failed = None;
+    for _ in 0..3 {
+        if let Err(e) = (&c).write_all(&[4u8; 100]) {
+            failed = e.raw_os_error();
+            break;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    (read, failed)
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn kill_9_of_one_end_the_peer_sees_what_plain_tcp_gives() {
+    let Some(bed) = Accel::new("accel-kill", "") else {
+        return;
+    };
+    let (c, s) = pair();
+    let (c2, s2) = pair();
+    bed.leave();
+    let (pc, ps) = pair();
+    let (pc2, ps2) = pair();
+    assert_eq!(accel_show()["connections"].as_u64(), Some(2));
+    // Nothing unread at the killed end: EOF, then writes fail, as plain TCP.
+    let plain = peer_of_killed_end(pc, ps, 0);
+    let accel = peer_of_killed_end(c, s, 0);
+    assert_eq!(plain.0, "read 0");
+    assert!(
+        matches!(plain.1, Some(libc::EPIPE | libc::ECONNRESET)),
+        "{plain:?}"
+    );
+    assert_eq!(accel.0, plain.0);
+    assert!(
+        matches!(accel.1, Some(libc::EPIPE | libc::ECONNRESET)),
+        "{accel:?}"
+    );
+    // Unread data at the killed end: plain TCP resets; accelerated, the bytes
+    // sit in the psock queue and the peer reads EOF (docs/accelerate.md), then
+    // its writes fail all the same.
+    let plain = peer_of_killed_end(pc2, ps2, 1000);
+    let accel = peer_of_killed_end(c2, s2, 1000);
+    assert_eq!(
+        plain.0,
+        format!("error {:?}", Some(libc::ECONNRESET)),
+        "{plain:?}"
+    );
+    assert!(accel.0 == "read 0" || accel.0 == plain.0, "{accel:?}");
+    assert!(
+        matches!(accel.1, Some(libc::EPIPE | libc::ECONNRESET)),
+        "{accel:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn a_blocking_read_with_a_big_buffer_returns_each_trickled_byte_in_order() {
+    let Some(bed) = Accel::new("accel-trickle", "") else {
+        return;
+    };
+    let (c, s) = pair();
+    bed.leave();
+    let w = thread::spawn(move || {
+        for i in 0..200u8 {
+            (&c).write_all(&[i]).unwrap();
+            thread::sleep(Duration::from_millis(5));
+        }
+        c
+    });
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4 << 20];
+    while got.len() < 200 {
+        let t = std::time::Instant::now();
+        match (&s).read(&mut buf) {
+            Ok(n) => {
+                assert!(n > 0, "EOF after {} bytes", got.len());
+                got.extend_from_slice(&buf[..n]);
+            }
+            // A spurious wakeup returns EAGAIN early (docs/accelerate.md);
+            // the timeout returns it after 5 s: that is a stuck read.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(t.elapsed() < Duration::from_secs(4), "read stuck");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, (0..200u8).collect::<Vec<_>>());
+    let c = w.join().unwrap();
+    assert!(
+        tcp_bytes(&s).1 == 0 && tcp_bytes(&c).0 <= 1,
+        "went through TCP"
+    );
+}
+
+fn epoll_events(ep: libc::c_int, ms: i32) -> u32 {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: one event into a struct we own.
+    let n = unsafe { libc::epoll_wait(ep, &mut ev, 1, ms) };
+    assert!(n >= 0);
+    if n == 0 {
+        0
+    } else {
+        ev.events
+    }
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn epoll_reports_epollin_exactly_while_data_waits_and_epollrdhup_on_half_close() {
+    let Some(bed) = Accel::new("accel-epoll", "") else {
+        return;
+    };
+    let (c, s) = pair();
+    bed.leave();
+    // SAFETY: a new epoll instance we close below.
+    let ep = unsafe { libc::epoll_create1(0) };
+    assert!(ep >= 0);
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+        u64: 1,
+    };
+    // SAFETY: registering our socket.
+    assert_eq!(
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) },
+        0
+    );
+    let rdhup = libc::EPOLLRDHUP as u32;
+    let epollin = libc::EPOLLIN as u32;
+    assert_eq!(epoll_events(ep, 0), 0, "readable with nothing sent");
+    let mut buf = [0u8; 4096];
+    for n in [1usize, 700, 4096] {
+        (&c).write_all(&buf[..n]).unwrap();
+        assert_eq!(epoll_events(ep, 2000), epollin, "{n} bytes sent");
+        let mut left = n;
+        while left > 0 {
+            left -= (&s).read(&mut buf[..left]).unwrap();
+        }
+        assert_eq!(
+            epoll_events(ep, 0),
+            0,
+            "readable after all {n} bytes were read"
+        );
+    }
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(epoll_events(ep, 2000) & (epollin | rdhup), epollin | rdhup);
+    assert_eq!((&s).read(&mut buf).unwrap(), 0);
+    assert!(tcp_bytes(&s).1 <= 1, "went through TCP (1 is the FIN)");
+    // SAFETY: closing the epoll instance we made.
+    unsafe { libc::close(ep) };
+}

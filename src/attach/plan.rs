@@ -763,6 +763,18 @@ pub fn plan(caps: &Capabilities, opts: &PlanOptions) -> Result<Plan, PlanError> 
             }
         }
     }
+    for (hook, name, func) in PSOCK_FEXITS {
+        let fentry = hooks
+            .iter()
+            .any(|h| h.hook == hook && h.tier == Tier::Fentry);
+        if fentry && tcp_bytes_from_seq(&hooks) && caps.check(Requirement::BtfFunc(func)).is_ok() {
+            programs.extend(shaped(name, opts.shape).map(|name| Program {
+                name,
+                hook: Some(hook),
+                tier: Some(Tier::Fentry),
+            }));
+        }
+    }
     // The tracepoint tier has no tracepoint where a UDP socket ends; a
     // cgroup sock_release program at the cgroup v2 root sees every inet
     // socket's release. Without cgroup v2, snapshot refreshes remove them.
@@ -838,6 +850,8 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str>
         "sl_fe_tcp_set_state" if shape.btf_casts => "sl_fe_tcp_set_state_cast",
         "sl_fe_tcp_destroy" if shape.btf_casts => "sl_fe_tcp_destroy_cast",
         "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
+        "sl_fx_tcp_bpf_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_bpf_recvmsg_nb",
+        "sl_fx_tcp_bpf_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_tcp_bpf_recvmsg_na",
         "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
         "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",
         "sl_fx_tcp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_tcp_recvmsg_na",
@@ -849,12 +863,25 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str>
 
 /// Every requirement any tier of these hooks has, for the prober.
 pub fn requirements(hooks: &[Hook]) -> BTreeSet<Requirement> {
+    let psock = PSOCK_FEXITS
+        .iter()
+        .filter(|(hook, ..)| hooks.contains(hook))
+        .map(|&(_, _, func)| Requirement::BtfFunc(func));
     hooks
         .iter()
         .flat_map(|h| h.tiers())
         .flat_map(|s| s.requires.iter().copied())
+        .chain(psock)
         .collect()
 }
+
+/// A socket with a psock (sockmap, sockhash) sends and reads through tcp_bpf,
+/// which reaches tcp_sendmsg/tcp_recvmsg only for bytes that go through TCP.
+/// Where those two carry the fentry tier, these see the bytes sk_msg redirects.
+const PSOCK_FEXITS: [(Hook, &str, &str); 2] = [
+    (Hook::Send, "sl_fx_tcp_bpf_sendmsg", "tcp_bpf_sendmsg"),
+    (Hook::Recv, "sl_fx_tcp_bpf_recvmsg", "tcp_bpf_recvmsg"),
+];
 
 /// Whether TCP byte counts come from the sockets' own sequence counters
 /// (src/bpf/conn.bpf.h) rather than from each send and receive: on every
@@ -1144,6 +1171,21 @@ mod tests {
             assert_eq!(listed, Tier::ALL, "{hook} lists every tier");
             for spec in hook.tiers() {
                 assert!(!spec.programs.is_empty() && !spec.requires.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn fentry_send_and_recv_add_the_tcp_bpf_exits_and_other_tiers_do_not() {
+        for (cell, plan) in matrix::plans() {
+            let names = plan.names();
+            for (hook, name, _) in PSOCK_FEXITS {
+                let fentry = plan
+                    .hooks
+                    .iter()
+                    .any(|h| h.hook == hook && h.tier == Tier::Fentry);
+                let has = names.iter().any(|n| n.starts_with(name));
+                assert_eq!(has, fentry, "{cell}: {name}");
             }
         }
     }

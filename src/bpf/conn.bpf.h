@@ -971,13 +971,13 @@ static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long by
  * always did, and read the counters only without one. `cookie` 0: take it
  * here if needed. */
 static __always_inline void tcp_touch(void *ctx, struct sock *sk, __u64 cookie, long ret,
-				      int flags, bool recv, __u32 tier, int btf)
+				      int flags, bool recv, bool whole, __u32 tier, int btf)
 {
 	__u64 key = (__u64)sk;
 	/* A cast where the checked conversion would be a helper call per call. */
 	struct tcp_sock *tp = tcp_sk_of(sk, btf);
 	bool closed = SL_READ(btf, sk, __sk_common.skc_state) == SL_TCP_CLOSE;
-	bool first = false, active, psock = tcp_has_psock(sk, btf);
+	bool first = false, active, psock = whole && tcp_has_psock(sk, btf);
 	struct sl_conn *c;
 
 	if (!tp || conn_hooks_blind)
@@ -1033,7 +1033,7 @@ static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 co
 	if (ret <= 0 || (proto == IPPROTO_UDP && !track_udp))
 		return;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
-		tcp_touch(NULL, sk, cookie, ret, 0, false, 0, btf);
+		tcp_touch(NULL, sk, cookie, ret, 0, false, false, 0, btf);
 		return;
 	}
 	if (proto == IPPROTO_UDP && udp_sends_skipped) {
@@ -1073,7 +1073,7 @@ static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 prot
 	if (ret < 0 || (flags & MSG_PEEK) || (proto == IPPROTO_UDP && !track_udp))
 		return;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
-		tcp_touch(ctx, sk, cookie, ret, flags, true, tier, btf);
+		tcp_touch(ctx, sk, cookie, ret, flags, true, false, tier, btf);
 		return;
 	}
 	if (!ret) {

@@ -655,29 +655,50 @@ static __always_inline int recv_fexit(void *ctx, struct sock *sk, struct msghdr 
  * kernels (Debian's 7.x) also `addr_len` (4 parameters: the `_na` variant), and
  * an fexit may read only the argument slots its function has. The loader picks
  * the variant from the parameter count in BTF (src/host/probe.rs, kernel_shape). */
-#define RECV_FEXIT(name, func)                                                                    \
+#define RECV_FEXIT(name, func, body)                                                              \
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name, struct sock *sk, struct msghdr *msg, size_t len, int flags,            \
 		     int *addr_len, int ret)                                                      \
 	{                                                                                         \
-		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
+		return body(ctx, sk, msg, flags, ret);                                            \
 	}                                                                                         \
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name##_nb, struct sock *sk, struct msghdr *msg, size_t len, int nonblock,    \
 		     int flags, int *addr_len, int ret)                                           \
 	{                                                                                         \
-		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
+		return body(ctx, sk, msg, flags, ret);                                            \
 	}                                                                                         \
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name##_na, struct sock *sk, struct msghdr *msg, size_t len, int flags,       \
 		     int ret)                                                                     \
 	{                                                                                         \
-		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
+		return body(ctx, sk, msg, flags, ret);                                            \
 	}
 
-RECV_FEXIT(sl_fx_tcp_recvmsg, tcp_recvmsg)
-RECV_FEXIT(sl_fx_udp_recvmsg, udp_recvmsg)
-RECV_FEXIT(sl_fx_udp6_recvmsg, udpv6_recvmsg)
+RECV_FEXIT(sl_fx_tcp_recvmsg, tcp_recvmsg, recv_fexit)
+RECV_FEXIT(sl_fx_udp_recvmsg, udp_recvmsg, recv_fexit)
+RECV_FEXIT(sl_fx_udp6_recvmsg, udpv6_recvmsg, recv_fexit)
+
+/* A socket with a psock sends and reads through tcp_bpf, which calls
+ * tcp_sendmsg/tcp_recvmsg only for what goes through TCP: bytes sk_msg
+ * redirected are seen here, where the whole call is (conn.bpf.h, tcp_accel_count). */
+static __always_inline int psock_recv_fexit(void *ctx, struct sock *sk, struct msghdr *msg,
+					    int flags, int ret)
+{
+	if (ret >= 0 && !(flags & MSG_PEEK))
+		tcp_touch(ctx, sk, tracing_cookie(sk), ret, flags, true, true, SL_TIER_FENTRY, SL_BTF);
+	return 0;
+}
+
+RECV_FEXIT(sl_fx_tcp_bpf_recvmsg, tcp_bpf_recvmsg, psock_recv_fexit)
+
+SEC("fexit/tcp_bpf_sendmsg")
+int BPF_PROG(sl_fx_tcp_bpf_sendmsg, struct sock *sk, struct msghdr *msg, size_t size, int ret)
+{
+	if (ret > 0)
+		tcp_touch(ctx, sk, tracing_cookie(sk), ret, 0, false, true, SL_TIER_FENTRY, SL_BTF);
+	return 0;
+}
 
 /* ---- send / recv: kprobe tier ---- */
 
@@ -1005,7 +1026,7 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 		if (sendfile_in_send_len && ret > 0 && in_sendfile())
 			on_sendfile_sk(sk, ret);
 		if (tcp_bytes_from_seq) {
-			tcp_touch(ctx, sk, 0, ret, 0, false, SL_TIER_TRACEPOINT, SL_CAST);
+			tcp_touch(ctx, sk, 0, ret, 0, false, true, SL_TIER_TRACEPOINT, SL_CAST);
 			return 0;
 		}
 	}
@@ -1026,7 +1047,7 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 	if (!proto)
 		return 0;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
-		tcp_touch(ctx, sk, 0, ret, flags, true, SL_TIER_TRACEPOINT, SL_CAST);
+		tcp_touch(ctx, sk, 0, ret, flags, true, true, SL_TIER_TRACEPOINT, SL_CAST);
 		return 0;
 	}
 	cookie = tracing_cookie(sk);
