@@ -375,14 +375,7 @@ fn peek_fionread_poll_dontwait_half_close_rcvlowat_and_close_with_unread_data() 
                 .is_err_and(|e| e.raw_os_error() == Some(libc::ECONNRESET)),
         "{eof:?}"
     );
-    let mut failed = None;
-    for _ in 0..3 {
-        if let Err(e) = (&c2).write_all(&[4u8; 100]) {
-            failed = e.raw_os_error();
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    let failed = first_write_error(&c2);
     assert!(
         matches!(failed, Some(libc::EPIPE | libc::ECONNRESET)),
         "writes to a closed peer kept succeeding: {failed:?}"
@@ -761,15 +754,18 @@ fn peer_of_killed_end(c: TcpStream, s: TcpStream, unread: usize) -> (String, Opt
         Ok(n) => format!("read {n}"),
         Err(e) => format!("error {:?}", e.raw_os_error()),
     };
-    let mut failed = None;
+    (read, first_write_error(&c))
+}
+
+/// The errno of the first of 3 writes 50 ms apart that fails, if one does.
+fn first_write_error(s: &TcpStream) -> Option<i32> {
     for _ in 0..3 {
-        if let Err(e) = (&c).write_all(&[4u8; 100]) {
-            failed = e.raw_os_error();
-            break;
+        if let Err(e) = (&*s).write_all(&[4u8; 100]) {
+            return e.raw_os_error();
         }
         thread::sleep(Duration::from_millis(50));
     }
-    (read, failed)
+    None
 }
 
 #[test]
