@@ -907,3 +907,72 @@ fn epoll_reports_epollin_exactly_while_data_waits_and_epollrdhup_on_half_close()
     // SAFETY: closing the epoll instance we made.
     unsafe { libc::close(ep) };
 }
+
+/// `tx` writes `len` bytes in random sizes; `rx` reads all but `unread` of them
+/// in random sizes. Returns (written, read).
+fn transfer(tx: &TcpStream, rx: &TcpStream, seed: u64, len: usize, unread: usize) -> (u64, u64) {
+    let data = content(seed, len);
+    thread::scope(|sc| {
+        sc.spawn(|| send_all(tx, &data, seed));
+        let mut r = Rng(seed ^ 0xfeed);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = len - unread;
+        while left > 0 {
+            let want = (r.below(buf.len() as u64) as usize).min(left);
+            match (&*rx).read(&mut buf[..want]) {
+                // Blocking reads of a hashed socket can return EAGAIN.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                n => left -= n.unwrap(),
+            }
+        }
+    });
+    (len as u64, (len - unread) as u64)
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn conns_snapshots_of_accelerated_pairs_carry_what_the_applications_sent_and_read() {
+    require_root();
+    let pid = std::process::id().to_string();
+    let mut held = None;
+    let mut truth = Vec::new();
+    let (lines, _) =
+        conns_snapshot_after(60.0, Duration::from_millis(500), &["--pid", &pid], || {
+            let Some(bed) = Accel::new("accel-conns", "") else {
+                return;
+            };
+            let pairs: Vec<(TcpStream, TcpStream)> = (0..4).map(|_| pair()).collect();
+            bed.leave();
+            for (i, (c, s)) in pairs.iter().enumerate() {
+                let seed = 0x7000 | i as u64;
+                let mut r = Rng(seed);
+                let (l1, l2) = (
+                    r.below(scaled(1 << 20)) as usize,
+                    r.below(scaled(1 << 20)) as usize,
+                );
+                let (u1, u2) = (r.next() as usize % l1, r.next() as usize % l2);
+                let (cw, sr) = transfer(c, s, seed, l1, if i % 2 == 1 { u1 } else { 0 });
+                let (sw, cr) = transfer(s, c, seed << 1, l2, if i == 3 { u2 } else { 0 });
+                truth.push((ports(c), (cw, cr)));
+                truth.push((ports(s), (sw, sr)));
+            }
+            held = Some((bed, pairs));
+        });
+    if held.is_none() {
+        return;
+    }
+    for ((sport, dport), (tx, rx)) in truth {
+        let e: Vec<_> = lines
+            .iter()
+            .filter(|e| e["event"] == "conn" && e["sport"] == sport && e["dport"] == dport)
+            .collect();
+        assert_eq!(e.len(), 1, "{sport}->{dport}: {e:?}");
+        assert_eq!(e[0]["accelerated"], true, "{}", e[0]);
+        assert_eq!(
+            (e[0]["tx_bytes"].as_u64(), e[0]["rx_bytes"].as_u64()),
+            (Some(tx), Some(rx)),
+            "{}",
+            e[0]
+        );
+    }
+}
