@@ -763,18 +763,7 @@ pub fn plan(caps: &Capabilities, opts: &PlanOptions) -> Result<Plan, PlanError> 
             }
         }
     }
-    for (hook, name, func) in PSOCK_FEXITS {
-        let fentry = hooks
-            .iter()
-            .any(|h| h.hook == hook && h.tier == Tier::Fentry);
-        if fentry && tcp_bytes_from_seq(&hooks) && caps.check(Requirement::BtfFunc(func)).is_ok() {
-            programs.extend(shaped(name, opts.shape).map(|name| Program {
-                name,
-                hook: Some(hook),
-                tier: Some(Tier::Fentry),
-            }));
-        }
-    }
+    programs.extend(psock_programs(caps, &hooks, opts.shape));
     // The tracepoint tier has no tracepoint where a UDP socket ends; a
     // cgroup sock_release program at the cgroup v2 root sees every inet
     // socket's release. Without cgroup v2, snapshot refreshes remove them.
@@ -863,25 +852,87 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str>
 
 /// Every requirement any tier of these hooks has, for the prober.
 pub fn requirements(hooks: &[Hook]) -> BTreeSet<Requirement> {
-    let psock = PSOCK_FEXITS
-        .iter()
-        .filter(|(hook, ..)| hooks.contains(hook))
-        .map(|&(_, _, func)| Requirement::BtfFunc(func));
     hooks
         .iter()
         .flat_map(|h| h.tiers())
         .flat_map(|s| s.requires.iter().copied())
-        .chain(psock)
+        .chain(psock_requirements(hooks, None))
         .collect()
+}
+
+/// What the PSOCK_CALLS programs of these hooks need, on `tier` or any.
+pub fn psock_requirements(hooks: &[Hook], tier: Option<Tier>) -> Vec<Requirement> {
+    let mut out = Vec::new();
+    for p in PSOCK_CALLS.iter().filter(|p| hooks.contains(&p.hook)) {
+        if tier.is_none_or(|t| t == Tier::Fentry) {
+            out.push(Requirement::BtfFunc(p.func));
+        }
+        if tier.is_none_or(|t| t == Tier::Kprobe) {
+            out.push(Requirement::Kprobe(p.func));
+        }
+    }
+    out
 }
 
 /// A socket with a psock (sockmap, sockhash) sends and reads through tcp_bpf,
 /// which reaches tcp_sendmsg/tcp_recvmsg only for bytes that go through TCP.
-/// Where those two carry the fentry tier, these see the bytes sk_msg redirects.
-const PSOCK_FEXITS: [(Hook, &str, &str); 2] = [
-    (Hook::Send, "sl_fx_tcp_bpf_sendmsg", "tcp_bpf_sendmsg"),
-    (Hook::Recv, "sl_fx_tcp_bpf_recvmsg", "tcp_bpf_recvmsg"),
+/// Where those two carry the fentry or kprobe tier, these see the bytes
+/// sk_msg redirects (the tracepoint tier sees every call already).
+struct PsockCall {
+    hook: Hook,
+    func: &'static str,
+    fentry: &'static str,
+    kprobe: [&'static str; 2],
+}
+
+const PSOCK_CALLS: [PsockCall; 2] = [
+    PsockCall {
+        hook: Hook::Send,
+        func: "tcp_bpf_sendmsg",
+        fentry: "sl_fx_tcp_bpf_sendmsg",
+        kprobe: ["sl_kp_tcp_bpf_sendmsg", "sl_kr_tcp_bpf_sendmsg"],
+    },
+    PsockCall {
+        hook: Hook::Recv,
+        func: "tcp_bpf_recvmsg",
+        fentry: "sl_fx_tcp_bpf_recvmsg",
+        kprobe: ["sl_kp_tcp_bpf_recvmsg", "sl_kr_tcp_bpf_recvmsg"],
+    },
 ];
+
+/// The programs of PSOCK_CALLS these hooks need on this kernel.
+fn psock_programs(caps: &Capabilities, hooks: &[HookPlan], shape: KernelShape) -> Vec<Program> {
+    let mut out = Vec::new();
+    if !tcp_bytes_from_seq(hooks) {
+        return out;
+    }
+    for p in &PSOCK_CALLS {
+        let Some(hp) = hooks.iter().find(|h| h.hook == p.hook) else {
+            continue;
+        };
+        let (names, req): (&[&'static str], _) = match hp.tier {
+            Tier::Fentry => (
+                std::slice::from_ref(&p.fentry),
+                Requirement::BtfFunc(p.func),
+            ),
+            Tier::Kprobe => (&p.kprobe, Requirement::Kprobe(p.func)),
+            Tier::Tracepoint => continue,
+        };
+        if caps.check(req).is_ok() {
+            out.extend(
+                names
+                    .iter()
+                    .filter_map(|&n| shaped(n, shape))
+                    .map(|name| Program {
+                        name,
+                        hook: Some(p.hook),
+                        tier: Some(hp.tier),
+                    }),
+            );
+        }
+    }
+    out
+}
 
 /// Whether TCP byte counts come from the sockets' own sequence counters
 /// (src/bpf/conn.bpf.h) rather than from each send and receive: on every
@@ -1176,16 +1227,16 @@ mod tests {
     }
 
     #[test]
-    fn fentry_send_and_recv_add_the_tcp_bpf_exits_and_other_tiers_do_not() {
+    fn fentry_and_kprobe_send_and_recv_add_the_tcp_bpf_calls_and_tracepoints_do_not() {
         for (cell, plan) in matrix::plans() {
             let names = plan.names();
-            for (hook, name, _) in PSOCK_FEXITS {
-                let fentry = plan
-                    .hooks
-                    .iter()
-                    .any(|h| h.hook == hook && h.tier == Tier::Fentry);
-                let has = names.iter().any(|n| n.starts_with(name));
-                assert_eq!(has, fentry, "{cell}: {name}");
+            for p in &PSOCK_CALLS {
+                let tier = plan.hooks.iter().find(|h| h.hook == p.hook).map(|h| h.tier);
+                let has = |n: &str| names.iter().any(|m| m.starts_with(n));
+                assert_eq!(has(p.fentry), tier == Some(Tier::Fentry), "{cell}");
+                for n in p.kprobe {
+                    assert_eq!(has(n), tier == Some(Tier::Kprobe), "{cell}: {n}");
+                }
             }
         }
     }

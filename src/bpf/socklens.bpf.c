@@ -832,7 +832,7 @@ int BPF_KRETPROBE(sl_kr_udp6_sendmsg, int ret)
 	return send_kretprobe(ret);
 }
 
-static __always_inline int recv_kprobe(struct pt_regs *ctx)
+static __always_inline int recv_kprobe_to(struct pt_regs *ctx, void *stash)
 {
 	struct sock *sk = (struct sock *)PT_REGS_PARM1(ctx);
 	struct msghdr *msg = (struct msghdr *)PT_REGS_PARM2(ctx);
@@ -842,7 +842,12 @@ static __always_inline int recv_kprobe(struct pt_regs *ctx)
 
 	barrier_var(p4);
 	barrier_var(p5);
-	return stash_msg(&recv_stash, sk, msg, (int)(recvmsg_has_nonblock ? p5 : p4));
+	return stash_msg(stash, sk, msg, (int)(recvmsg_has_nonblock ? p5 : p4));
+}
+
+static __always_inline int recv_kprobe(struct pt_regs *ctx)
+{
+	return recv_kprobe_to(ctx, &recv_stash);
 }
 
 SEC("kprobe/tcp_recvmsg")
@@ -879,6 +884,51 @@ SEC("kretprobe/udpv6_recvmsg")
 int BPF_KRETPROBE(sl_kr_udp6_recvmsg, int ret)
 {
 	return recv_kretprobe(ctx, ret);
+}
+
+/* tcp_bpf_sendmsg/tcp_bpf_recvmsg (see sl_fx_tcp_bpf_sendmsg): their own
+ * stash, as they call tcp_sendmsg/tcp_recvmsg, whose kprobes use the others. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct msg_stash);
+} psock_stash SEC(".maps");
+
+static __always_inline int psock_kretprobe(void *ctx, long ret, bool recv)
+{
+	struct msg_stash st;
+	struct sock *sk;
+
+	if (!take_msg(&psock_stash, &st) || ret < 0 || (!recv && !ret) || (st.flags & MSG_PEEK))
+		return 0;
+	sk = (struct sock *)st.sk;
+	tcp_touch(ctx, sk, kprobe_cookie(sk), ret, st.flags, recv, true, SL_TIER_KPROBE, SL_PROBED);
+	return 0;
+}
+
+SEC("kprobe/tcp_bpf_sendmsg")
+int BPF_KPROBE(sl_kp_tcp_bpf_sendmsg, struct sock *sk, struct msghdr *msg)
+{
+	return stash_msg(&psock_stash, sk, msg, 0);
+}
+
+SEC("kretprobe/tcp_bpf_sendmsg")
+int BPF_KRETPROBE(sl_kr_tcp_bpf_sendmsg, int ret)
+{
+	return psock_kretprobe(ctx, ret, false);
+}
+
+SEC("kprobe/tcp_bpf_recvmsg")
+int BPF_KPROBE(sl_kp_tcp_bpf_recvmsg)
+{
+	return recv_kprobe_to(ctx, &psock_stash);
+}
+
+SEC("kretprobe/tcp_bpf_recvmsg")
+int BPF_KRETPROBE(sl_kr_tcp_bpf_recvmsg, int ret)
+{
+	return psock_kretprobe(ctx, ret, true);
 }
 
 /* ---- send / recv: tracepoint tier, tp_btf variant ----
