@@ -375,14 +375,7 @@ fn peek_fionread_poll_dontwait_half_close_rcvlowat_and_close_with_unread_data() 
                 .is_err_and(|e| e.raw_os_error() == Some(libc::ECONNRESET)),
         "{eof:?}"
     );
-    let mut failed = None;
-    for _ in 0..3 {
-        if let Err(e) = (&c2).write_all(&[4u8; 100]) {
-            failed = e.raw_os_error();
-            break;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
+    let failed = first_write_error(&c2);
     assert!(
         matches!(failed, Some(libc::EPIPE | libc::ECONNRESET)),
         "writes to a closed peer kept succeeding: {failed:?}"
@@ -627,4 +620,359 @@ fn removing_acceleration_while_16_streams_are_mid_transfer_loses_nothing() {
         !pin_root().join("accel").exists(),
         "the drained sockhash is unpinned"
     );
+}
+
+/// The close record of the socket with local port `sport` and peer port `dport`.
+fn close_of<'a>(closes: &[&'a Value], sport: u16, dport: u16) -> &'a Value {
+    let hits: Vec<_> = closes
+        .iter()
+        .filter(|e| e["sport"] == sport && e["dport"] == dport)
+        .collect();
+    assert_eq!(hits.len(), 1, "close records of {sport}->{dport}: {hits:?}");
+    hits[0]
+}
+
+fn ports(s: &TcpStream) -> (u16, u16) {
+    (
+        s.local_addr().unwrap().port(),
+        s.peer_addr().unwrap().port(),
+    )
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn close_records_of_accelerated_pairs_carry_what_the_applications_sent_and_read() {
+    require_root();
+    let pid = std::process::id().to_string();
+    let tracer = Tracer::start(&["--events", "close", "--pid", &pid]);
+    let Some(bed) = Accel::new("accel-acct", "") else {
+        tracer.stop();
+        return;
+    };
+    let pairs: Vec<(TcpStream, TcpStream)> = (0..8).map(|_| pair()).collect();
+    let (c2, s2) = pair();
+    bed.leave();
+    let (plain_c, plain_s) = pair();
+    let before = accel_show();
+
+    // Ground truth per socket (local port, peer port) -> (written, read).
+    let mut truth = std::collections::HashMap::<(u16, u16), (u64, u64)>::new();
+    let mut jobs = Vec::new();
+    for (i, (c, s)) in pairs.iter().enumerate() {
+        // Before streaming: a socket closed both ways has no peer address.
+        let (cp, sp) = (ports(c), ports(s));
+        for (dir, (tx, rx, txp, rxp)) in [(c, s, cp, sp), (s, c, sp, cp)].into_iter().enumerate() {
+            let seed = (i as u64) << 8 | dir as u64 | 0x5000;
+            let len = Rng(seed + 3).below(scaled(2 << 20)) as usize;
+            let (w, r) = stream(tx.try_clone().unwrap(), rx.try_clone().unwrap(), seed, len);
+            jobs.push((txp, rxp, len, w, r));
+        }
+    }
+    for (txp, rxp, len, w, r) in jobs {
+        let got = r.join().unwrap();
+        w.join().unwrap();
+        assert_eq!(got.len(), len);
+        truth.entry(txp).or_default().0 += len as u64;
+        truth.entry(rxp).or_default().1 += got.len() as u64;
+    }
+    // Closed with data unread: the reader's record has what it read, not
+    // what was sent to it.
+    let sent = content(77, 100_000);
+    send_all(&c2, &sent, 77);
+    let mut part = vec![0u8; 37_123];
+    (&s2).read_exact(&mut part).unwrap();
+    (&s2).write_all(&[9u8; 5000]).unwrap();
+    (&c2).read_exact(&mut [0u8; 5000]).unwrap();
+    truth.insert(ports(&c2), (100_000, 5000));
+    truth.insert(ports(&s2), (5000, 37_123));
+    // A plain pair beside them: exact, and not flagged.
+    (&plain_c).write_all(&[1u8; 3000]).unwrap();
+    (&plain_s).read_exact(&mut [0u8; 3000]).unwrap();
+    let plain = [(ports(&plain_c), (3000, 0)), (ports(&plain_s), (0, 3000))];
+
+    let after = accel_show();
+    let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    let written: u64 = truth.values().map(|t| t.0).sum();
+    assert_eq!(d("redirected_bytes"), written, "{after}");
+    drop(s2);
+    drop(c2);
+    drop(pairs);
+    drop(plain_c);
+    drop(plain_s);
+    thread::sleep(Duration::from_millis(300));
+    let out = tracer.stop();
+    out.assert_clean();
+    let closes = out.of_kind("close");
+    for ((sport, dport), (tx, rx)) in &truth {
+        let e = close_of(&closes, *sport, *dport);
+        assert_eq!(e["accelerated"], true, "{e}");
+        assert_eq!(
+            (e["tx_bytes"].as_u64(), e["rx_bytes"].as_u64()),
+            (Some(*tx), Some(*rx)),
+            "{e}"
+        );
+    }
+    for ((sport, dport), (tx, rx)) in plain {
+        let e = close_of(&closes, sport, dport);
+        assert!(e.get("accelerated").is_none(), "{e}");
+        assert_eq!(
+            (e["tx_bytes"].as_u64(), e["rx_bytes"].as_u64()),
+            (Some(tx), Some(rx)),
+            "{e}"
+        );
+    }
+}
+
+/// What the peer of an end killed with SIGKILL sees: the read, then whether a
+/// write fails within 3 tries. `unread`: bytes sent to the killed end first.
+fn peer_of_killed_end(c: TcpStream, s: TcpStream, unread: usize) -> (String, Option<i32>) {
+    if unread > 0 {
+        (&c).write_all(&vec![5u8; unread]).unwrap();
+        thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: the child only waits to be killed; it touches no lock.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        // SAFETY: closing the peer's copy, then waiting for SIGKILL.
+        unsafe {
+            libc::close(c.as_raw_fd());
+            loop {
+                libc::pause();
+            }
+        }
+    }
+    drop(s);
+    thread::sleep(Duration::from_millis(50));
+    // SAFETY: our own child.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let read = match (&c).read(&mut [0u8; 64]) {
+        Ok(n) => format!("read {n}"),
+        Err(e) => format!("error {:?}", e.raw_os_error()),
+    };
+    (read, first_write_error(&c))
+}
+
+/// The errno of the first of 3 writes 50 ms apart that fails, if one does.
+fn first_write_error(s: &TcpStream) -> Option<i32> {
+    for _ in 0..3 {
+        if let Err(e) = (&*s).write_all(&[4u8; 100]) {
+            return e.raw_os_error();
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn kill_9_of_one_end_the_peer_sees_what_plain_tcp_gives() {
+    let Some(bed) = Accel::new("accel-kill", "") else {
+        return;
+    };
+    let (c, s) = pair();
+    let (c2, s2) = pair();
+    bed.leave();
+    let (pc, ps) = pair();
+    let (pc2, ps2) = pair();
+    assert_eq!(accel_show()["connections"].as_u64(), Some(2));
+    // Nothing unread at the killed end: EOF, then writes fail, as plain TCP.
+    let plain = peer_of_killed_end(pc, ps, 0);
+    let accel = peer_of_killed_end(c, s, 0);
+    assert_eq!(plain.0, "read 0");
+    assert!(
+        matches!(plain.1, Some(libc::EPIPE | libc::ECONNRESET)),
+        "{plain:?}"
+    );
+    assert_eq!(accel.0, plain.0);
+    assert!(
+        matches!(accel.1, Some(libc::EPIPE | libc::ECONNRESET)),
+        "{accel:?}"
+    );
+    // Unread data at the killed end: plain TCP resets; accelerated, the bytes
+    // sit in the psock queue and the peer reads EOF (docs/accelerate.md), then
+    // its writes fail all the same.
+    let plain = peer_of_killed_end(pc2, ps2, 1000);
+    let accel = peer_of_killed_end(c2, s2, 1000);
+    assert_eq!(
+        plain.0,
+        format!("error {:?}", Some(libc::ECONNRESET)),
+        "{plain:?}"
+    );
+    assert!(accel.0 == "read 0" || accel.0 == plain.0, "{accel:?}");
+    assert!(
+        matches!(accel.1, Some(libc::EPIPE | libc::ECONNRESET)),
+        "{accel:?}"
+    );
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn a_blocking_read_with_a_big_buffer_returns_each_trickled_byte_in_order() {
+    let Some(bed) = Accel::new("accel-trickle", "") else {
+        return;
+    };
+    let (c, s) = pair();
+    bed.leave();
+    let w = thread::spawn(move || {
+        for i in 0..200u8 {
+            (&c).write_all(&[i]).unwrap();
+            thread::sleep(Duration::from_millis(5));
+        }
+        c
+    });
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 4 << 20];
+    while got.len() < 200 {
+        let t = std::time::Instant::now();
+        match (&s).read(&mut buf) {
+            Ok(n) => {
+                assert!(n > 0, "EOF after {} bytes", got.len());
+                got.extend_from_slice(&buf[..n]);
+            }
+            // A spurious wakeup returns EAGAIN early (docs/accelerate.md);
+            // the timeout returns it after 5 s: that is a stuck read.
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                assert!(t.elapsed() < Duration::from_secs(4), "read stuck");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, (0..200u8).collect::<Vec<_>>());
+    let c = w.join().unwrap();
+    assert!(
+        tcp_bytes(&s).1 == 0 && tcp_bytes(&c).0 <= 1,
+        "went through TCP"
+    );
+}
+
+fn epoll_events(ep: libc::c_int, ms: i32) -> u32 {
+    let mut ev = libc::epoll_event { events: 0, u64: 0 };
+    // SAFETY: one event into a struct we own.
+    let n = unsafe { libc::epoll_wait(ep, &mut ev, 1, ms) };
+    assert!(n >= 0);
+    if n == 0 {
+        0
+    } else {
+        ev.events
+    }
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn epoll_reports_epollin_exactly_while_data_waits_and_epollrdhup_on_half_close() {
+    let Some(bed) = Accel::new("accel-epoll", "") else {
+        return;
+    };
+    let (c, s) = pair();
+    bed.leave();
+    // SAFETY: a new epoll instance we close below.
+    let ep = unsafe { libc::epoll_create1(0) };
+    assert!(ep >= 0);
+    let mut ev = libc::epoll_event {
+        events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+        u64: 1,
+    };
+    // SAFETY: registering our socket.
+    assert_eq!(
+        unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, s.as_raw_fd(), &mut ev) },
+        0
+    );
+    let rdhup = libc::EPOLLRDHUP as u32;
+    let epollin = libc::EPOLLIN as u32;
+    assert_eq!(epoll_events(ep, 0), 0, "readable with nothing sent");
+    let mut buf = [0u8; 4096];
+    for n in [1usize, 700, 4096] {
+        (&c).write_all(&buf[..n]).unwrap();
+        assert_eq!(epoll_events(ep, 2000), epollin, "{n} bytes sent");
+        let mut left = n;
+        while left > 0 {
+            left -= (&s).read(&mut buf[..left]).unwrap();
+        }
+        assert_eq!(
+            epoll_events(ep, 0),
+            0,
+            "readable after all {n} bytes were read"
+        );
+    }
+    c.shutdown(Shutdown::Write).unwrap();
+    assert_eq!(epoll_events(ep, 2000) & (epollin | rdhup), epollin | rdhup);
+    assert_eq!((&s).read(&mut buf).unwrap(), 0);
+    assert!(tcp_bytes(&s).1 <= 1, "went through TCP (1 is the FIN)");
+    // SAFETY: closing the epoll instance we made.
+    unsafe { libc::close(ep) };
+}
+
+/// `tx` writes `len` bytes in random sizes; `rx` reads all but `unread` of them
+/// in random sizes. Returns (written, read).
+fn transfer(tx: &TcpStream, rx: &TcpStream, seed: u64, len: usize, unread: usize) -> (u64, u64) {
+    let data = content(seed, len);
+    thread::scope(|sc| {
+        sc.spawn(|| send_all(tx, &data, seed));
+        let mut r = Rng(seed ^ 0xfeed);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = len - unread;
+        while left > 0 {
+            let want = (r.below(buf.len() as u64) as usize).min(left);
+            match (&*rx).read(&mut buf[..want]) {
+                // Blocking reads of a hashed socket can return EAGAIN.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                n => left -= n.unwrap(),
+            }
+        }
+    });
+    (len as u64, (len - unread) as u64)
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn conns_snapshots_of_accelerated_pairs_carry_what_the_applications_sent_and_read() {
+    require_root();
+    let pid = std::process::id().to_string();
+    let mut held = None;
+    let mut truth = Vec::new();
+    let (lines, _) =
+        conns_snapshot_after(60.0, Duration::from_millis(500), &["--pid", &pid], || {
+            let Some(bed) = Accel::new("accel-conns", "") else {
+                return;
+            };
+            let pairs: Vec<(TcpStream, TcpStream)> = (0..4).map(|_| pair()).collect();
+            bed.leave();
+            for (i, (c, s)) in pairs.iter().enumerate() {
+                let seed = 0x7000 | i as u64;
+                let mut r = Rng(seed);
+                let (l1, l2) = (
+                    r.below(scaled(1 << 20)) as usize,
+                    r.below(scaled(1 << 20)) as usize,
+                );
+                let (u1, u2) = (r.next() as usize % l1, r.next() as usize % l2);
+                let (cw, sr) = transfer(c, s, seed, l1, if i % 2 == 1 { u1 } else { 0 });
+                let (sw, cr) = transfer(s, c, seed << 1, l2, if i == 3 { u2 } else { 0 });
+                truth.push((ports(c), (cw, cr)));
+                truth.push((ports(s), (sw, sr)));
+            }
+            held = Some((bed, pairs));
+        });
+    if held.is_none() {
+        return;
+    }
+    for ((sport, dport), (tx, rx)) in truth {
+        let e: Vec<_> = lines
+            .iter()
+            .filter(|e| e["event"] == "conn" && e["sport"] == sport && e["dport"] == dport)
+            .collect();
+        assert_eq!(e.len(), 1, "{sport}->{dport}: {e:?}");
+        assert_eq!(e[0]["accelerated"], true, "{}", e[0]);
+        assert_eq!(
+            (e[0]["tx_bytes"].as_u64(), e[0]["rx_bytes"].as_u64()),
+            (Some(tx), Some(rx)),
+            "{}",
+            e[0]
+        );
+    }
 }

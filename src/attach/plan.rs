@@ -763,6 +763,7 @@ pub fn plan(caps: &Capabilities, opts: &PlanOptions) -> Result<Plan, PlanError> 
             }
         }
     }
+    programs.extend(psock_programs(caps, &hooks, opts.shape));
     // The tracepoint tier has no tracepoint where a UDP socket ends; a
     // cgroup sock_release program at the cgroup v2 root sees every inet
     // socket's release. Without cgroup v2, snapshot refreshes remove them.
@@ -838,6 +839,8 @@ pub fn shaped(program: &'static str, shape: KernelShape) -> Option<&'static str>
         "sl_fe_tcp_set_state" if shape.btf_casts => "sl_fe_tcp_set_state_cast",
         "sl_fe_tcp_destroy" if shape.btf_casts => "sl_fe_tcp_destroy_cast",
         "sl_fx_tcp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_recvmsg_nb",
+        "sl_fx_tcp_bpf_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_tcp_bpf_recvmsg_nb",
+        "sl_fx_tcp_bpf_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_tcp_bpf_recvmsg_na",
         "sl_fx_udp_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp_recvmsg_nb",
         "sl_fx_udp6_recvmsg" if shape.recvmsg_has_nonblock => "sl_fx_udp6_recvmsg_nb",
         "sl_fx_tcp_recvmsg" if shape.recvmsg_lacks_addr_len => "sl_fx_tcp_recvmsg_na",
@@ -853,7 +856,82 @@ pub fn requirements(hooks: &[Hook]) -> BTreeSet<Requirement> {
         .iter()
         .flat_map(|h| h.tiers())
         .flat_map(|s| s.requires.iter().copied())
+        .chain(psock_requirements(hooks, None))
         .collect()
+}
+
+/// What the PSOCK_CALLS programs of these hooks need, on `tier` or any.
+pub fn psock_requirements(hooks: &[Hook], tier: Option<Tier>) -> Vec<Requirement> {
+    let mut out = Vec::new();
+    for p in PSOCK_CALLS.iter().filter(|p| hooks.contains(&p.hook)) {
+        if tier.is_none_or(|t| t == Tier::Fentry) {
+            out.push(Requirement::BtfFunc(p.func));
+        }
+        if tier.is_none_or(|t| t == Tier::Kprobe) {
+            out.push(Requirement::Kprobe(p.func));
+        }
+    }
+    out
+}
+
+/// A socket with a psock (sockmap, sockhash) sends and reads through tcp_bpf,
+/// which reaches tcp_sendmsg/tcp_recvmsg only for bytes that go through TCP.
+/// Where those two carry the fentry or kprobe tier, these see the bytes
+/// sk_msg redirects (the tracepoint tier sees every call already).
+struct PsockCall {
+    hook: Hook,
+    func: &'static str,
+    fentry: &'static str,
+    kprobe: [&'static str; 2],
+}
+
+const PSOCK_CALLS: [PsockCall; 2] = [
+    PsockCall {
+        hook: Hook::Send,
+        func: "tcp_bpf_sendmsg",
+        fentry: "sl_fx_tcp_bpf_sendmsg",
+        kprobe: ["sl_kp_tcp_bpf_sendmsg", "sl_kr_tcp_bpf_sendmsg"],
+    },
+    PsockCall {
+        hook: Hook::Recv,
+        func: "tcp_bpf_recvmsg",
+        fentry: "sl_fx_tcp_bpf_recvmsg",
+        kprobe: ["sl_kp_tcp_bpf_recvmsg", "sl_kr_tcp_bpf_recvmsg"],
+    },
+];
+
+/// The programs of PSOCK_CALLS these hooks need on this kernel.
+fn psock_programs(caps: &Capabilities, hooks: &[HookPlan], shape: KernelShape) -> Vec<Program> {
+    let mut out = Vec::new();
+    if !tcp_bytes_from_seq(hooks) {
+        return out;
+    }
+    for p in &PSOCK_CALLS {
+        let Some(hp) = hooks.iter().find(|h| h.hook == p.hook) else {
+            continue;
+        };
+        let (names, req): (&[&'static str], _) = match hp.tier {
+            Tier::Fentry => (
+                std::slice::from_ref(&p.fentry),
+                Requirement::BtfFunc(p.func),
+            ),
+            Tier::Kprobe => (&p.kprobe, Requirement::Kprobe(p.func)),
+            Tier::Tracepoint => continue,
+        };
+        if caps.check(req).is_ok() {
+            out.extend(
+                names
+                    .iter()
+                    .filter_map(|&n| shaped(n, shape))
+                    .map(|name| Program {
+                        name,
+                        hook: Some(p.hook),
+                        tier: Some(hp.tier),
+                    }),
+            );
+        }
+    }
+    out
 }
 
 /// Whether TCP byte counts come from the sockets' own sequence counters
@@ -1144,6 +1222,21 @@ mod tests {
             assert_eq!(listed, Tier::ALL, "{hook} lists every tier");
             for spec in hook.tiers() {
                 assert!(!spec.programs.is_empty() && !spec.requires.is_empty());
+            }
+        }
+    }
+
+    #[test]
+    fn fentry_and_kprobe_send_and_recv_add_the_tcp_bpf_calls_and_tracepoints_do_not() {
+        for (cell, plan) in matrix::plans() {
+            let names = plan.names();
+            for p in &PSOCK_CALLS {
+                let tier = plan.hooks.iter().find(|h| h.hook == p.hook).map(|h| h.tier);
+                let has = |n: &str| names.iter().any(|m| m.starts_with(n));
+                assert_eq!(has(p.fentry), tier == Some(Tier::Fentry), "{cell}");
+                for n in p.kprobe {
+                    assert_eq!(has(n), tier == Some(Tier::Kprobe), "{cell}: {n}");
+                }
             }
         }
     }

@@ -10,6 +10,7 @@
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define MSG_PEEK 2
+#define SL_SK_USER_DATA_PSOCK 4 /* include/net/sock.h: sk_user_data holds a psock */
 /* Map helpers' errors are compared as int (see conn_put). */
 #define SL_EEXIST 17
 
@@ -348,12 +349,49 @@ static __always_inline __u64 seq_delta(__u64 total, __u64 base, __u64 fin)
 static __always_inline void tcp_seq_sync_tx(struct sl_conn *c, struct tcp_sock *tp, bool fin_queued,
 					    int btf)
 {
-	c->tx_bytes = seq_delta(tcp_tx_total(tp, btf), c->tx_base, fin_queued);
+	c->tx_bytes = seq_delta(tcp_tx_total(tp, btf), c->tx_base, fin_queued) + c->accel_tx;
 }
 
 static __always_inline void tcp_seq_sync_rx(struct sl_conn *c, struct tcp_sock *tp, int btf)
 {
-	c->rx_bytes = seq_delta(tcp_rx_total(tp, btf), c->rx_base, tcp_fin_read(tp, btf));
+	c->rx_bytes = seq_delta(tcp_rx_total(tp, btf), c->rx_base, tcp_fin_read(tp, btf)) + c->accel_rx;
+}
+
+/* A socket with a psock (in a sockmap or sockhash): sk_msg may hand its sends
+ * to a peer, and its reads may come from the psock queue, past TCP. */
+static __always_inline bool tcp_has_psock(struct sock *sk, int btf)
+{
+	return (unsigned long)SL_READ(btf, sk, sk_user_data) & SL_SK_USER_DATA_PSOCK;
+}
+
+/* From here on its sends and reads are split. The counters as of its base:
+ * exact for a socket that joined its sockhash before its first byte, as
+ * [[accelerate]] ends do (docs/accelerate.md). */
+static __always_inline void tcp_accel_mark(struct sl_conn *c)
+{
+	if (c->flags & SL_CONN_ACCEL)
+		return;
+	c->flags |= SL_CONN_ACCEL;
+	c->tx_seen = c->tx_base;
+	c->rx_seen = c->rx_base;
+}
+
+/* A send or read of `ret` bytes on a socket with a psock: the part of it the
+ * sequence counters did not move since the last such call went past TCP. The
+ * counters move only by this socket's own sends and reads (acks move
+ * bytes_acked and snd_una alike), so the split is exact per call. */
+static __always_inline void tcp_accel_count(struct sl_conn *c, struct tcp_sock *tp, long ret,
+					    bool recv, int btf)
+{
+	__u64 now = recv ? tcp_rx_total(tp, btf) : tcp_tx_total(tp, btf);
+	__u64 *seen = recv ? &c->rx_seen : &c->tx_seen;
+	__u64 moved, n = ret > 0 ? ret : 0;
+
+	tcp_accel_mark(c);
+	moved = now - *seen;
+	*seen = now;
+	if (n > moved)
+		__sync_fetch_and_add(recv ? &c->accel_rx : &c->accel_tx, n - moved);
 }
 
 /* Counting from the start of a new connection: the counters start at zero on
@@ -950,20 +988,20 @@ static __always_inline void udp_account(struct sock *sk, const __u8 *sa, long by
  * always did, and read the counters only without one. `cookie` 0: take it
  * here if needed. */
 static __always_inline void tcp_touch(void *ctx, struct sock *sk, __u64 cookie, long ret,
-				      bool recv, __u32 tier, int btf)
+				      int flags, bool recv, bool whole, __u32 tier, int btf)
 {
 	__u64 key = (__u64)sk;
 	/* A cast where the checked conversion would be a helper call per call. */
 	struct tcp_sock *tp = tcp_sk_of(sk, btf);
 	bool closed = SL_READ(btf, sk, __sk_common.skc_state) == SL_TCP_CLOSE;
-	bool first = false, active;
+	bool first = false, active, psock = whole && tcp_has_psock(sk, btf);
 	struct sl_conn *c;
 
 	if (!tp || conn_hooks_blind)
 		return;
 	if (btf == SL_CAST) {
 		first = tcp_maybe_first_use(tp, ret, recv, false, btf);
-		if (!first && !maybe_waiting(sk) && !(closed && recv))
+		if (!first && !psock && !maybe_waiting(sk) && !(closed && recv))
 			return;
 	}
 	c = bpf_map_lookup_elem(&conns, &key);
@@ -989,6 +1027,8 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, __u64 cookie, 
 	}
 	waiting_done(c);
 	set_owner(c, btf);
+	if (psock && !(flags & MSG_PEEK))
+		tcp_accel_count(c, tp, ret, recv, btf);
 	if (!recv || !closed || !(c->flags & SL_CONN_DRAINING))
 		return;
 	/* Closed with data unread: its record waits for this read. */
@@ -1010,7 +1050,7 @@ static __always_inline void on_send_proto(struct sock *sk, __u16 proto, __u64 co
 	if (ret <= 0 || (proto == IPPROTO_UDP && !track_udp))
 		return;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
-		tcp_touch(NULL, sk, cookie, ret, false, 0, btf);
+		tcp_touch(NULL, sk, cookie, ret, 0, false, false, 0, btf);
 		return;
 	}
 	if (proto == IPPROTO_UDP && udp_sends_skipped) {
@@ -1050,7 +1090,7 @@ static __always_inline void on_recv_proto(void *ctx, struct sock *sk, __u16 prot
 	if (ret < 0 || (flags & MSG_PEEK) || (proto == IPPROTO_UDP && !track_udp))
 		return;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
-		tcp_touch(ctx, sk, cookie, ret, true, tier, btf);
+		tcp_touch(ctx, sk, cookie, ret, flags, true, false, tier, btf);
 		return;
 	}
 	if (!ret) {

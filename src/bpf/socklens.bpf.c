@@ -655,29 +655,50 @@ static __always_inline int recv_fexit(void *ctx, struct sock *sk, struct msghdr 
  * kernels (Debian's 7.x) also `addr_len` (4 parameters: the `_na` variant), and
  * an fexit may read only the argument slots its function has. The loader picks
  * the variant from the parameter count in BTF (src/host/probe.rs, kernel_shape). */
-#define RECV_FEXIT(name, func)                                                                    \
+#define RECV_FEXIT(name, func, body)                                                              \
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name, struct sock *sk, struct msghdr *msg, size_t len, int flags,            \
 		     int *addr_len, int ret)                                                      \
 	{                                                                                         \
-		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
+		return body(ctx, sk, msg, flags, ret);                                            \
 	}                                                                                         \
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name##_nb, struct sock *sk, struct msghdr *msg, size_t len, int nonblock,    \
 		     int flags, int *addr_len, int ret)                                           \
 	{                                                                                         \
-		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
+		return body(ctx, sk, msg, flags, ret);                                            \
 	}                                                                                         \
 	SEC("fexit/" #func)                                                                       \
 	int BPF_PROG(name##_na, struct sock *sk, struct msghdr *msg, size_t len, int flags,       \
 		     int ret)                                                                     \
 	{                                                                                         \
-		return recv_fexit(ctx, sk, msg, flags, ret);                                      \
+		return body(ctx, sk, msg, flags, ret);                                            \
 	}
 
-RECV_FEXIT(sl_fx_tcp_recvmsg, tcp_recvmsg)
-RECV_FEXIT(sl_fx_udp_recvmsg, udp_recvmsg)
-RECV_FEXIT(sl_fx_udp6_recvmsg, udpv6_recvmsg)
+RECV_FEXIT(sl_fx_tcp_recvmsg, tcp_recvmsg, recv_fexit)
+RECV_FEXIT(sl_fx_udp_recvmsg, udp_recvmsg, recv_fexit)
+RECV_FEXIT(sl_fx_udp6_recvmsg, udpv6_recvmsg, recv_fexit)
+
+/* A socket with a psock sends and reads through tcp_bpf, which calls
+ * tcp_sendmsg/tcp_recvmsg only for what goes through TCP: bytes sk_msg
+ * redirected are seen here, where the whole call is (conn.bpf.h, tcp_accel_count). */
+static __always_inline int psock_recv_fexit(void *ctx, struct sock *sk, struct msghdr *msg,
+					    int flags, int ret)
+{
+	if (ret >= 0 && !(flags & MSG_PEEK))
+		tcp_touch(ctx, sk, tracing_cookie(sk), ret, flags, true, true, SL_TIER_FENTRY, SL_BTF);
+	return 0;
+}
+
+RECV_FEXIT(sl_fx_tcp_bpf_recvmsg, tcp_bpf_recvmsg, psock_recv_fexit)
+
+SEC("fexit/tcp_bpf_sendmsg")
+int BPF_PROG(sl_fx_tcp_bpf_sendmsg, struct sock *sk, struct msghdr *msg, size_t size, int ret)
+{
+	if (ret > 0)
+		tcp_touch(ctx, sk, tracing_cookie(sk), ret, 0, false, true, SL_TIER_FENTRY, SL_BTF);
+	return 0;
+}
 
 /* ---- send / recv: kprobe tier ---- */
 
@@ -811,7 +832,7 @@ int BPF_KRETPROBE(sl_kr_udp6_sendmsg, int ret)
 	return send_kretprobe(ret);
 }
 
-static __always_inline int recv_kprobe(struct pt_regs *ctx)
+static __always_inline int recv_kprobe_to(struct pt_regs *ctx, void *stash)
 {
 	struct sock *sk = (struct sock *)PT_REGS_PARM1(ctx);
 	struct msghdr *msg = (struct msghdr *)PT_REGS_PARM2(ctx);
@@ -821,7 +842,12 @@ static __always_inline int recv_kprobe(struct pt_regs *ctx)
 
 	barrier_var(p4);
 	barrier_var(p5);
-	return stash_msg(&recv_stash, sk, msg, (int)(recvmsg_has_nonblock ? p5 : p4));
+	return stash_msg(stash, sk, msg, (int)(recvmsg_has_nonblock ? p5 : p4));
+}
+
+static __always_inline int recv_kprobe(struct pt_regs *ctx)
+{
+	return recv_kprobe_to(ctx, &recv_stash);
 }
 
 SEC("kprobe/tcp_recvmsg")
@@ -858,6 +884,51 @@ SEC("kretprobe/udpv6_recvmsg")
 int BPF_KRETPROBE(sl_kr_udp6_recvmsg, int ret)
 {
 	return recv_kretprobe(ctx, ret);
+}
+
+/* tcp_bpf_sendmsg/tcp_bpf_recvmsg (see sl_fx_tcp_bpf_sendmsg): their own
+ * stash, as they call tcp_sendmsg/tcp_recvmsg, whose kprobes use the others. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct msg_stash);
+} psock_stash SEC(".maps");
+
+static __always_inline int psock_kretprobe(void *ctx, long ret, bool recv)
+{
+	struct msg_stash st;
+	struct sock *sk;
+
+	if (!take_msg(&psock_stash, &st) || ret < 0 || (!recv && !ret) || (st.flags & MSG_PEEK))
+		return 0;
+	sk = (struct sock *)st.sk;
+	tcp_touch(ctx, sk, kprobe_cookie(sk), ret, st.flags, recv, true, SL_TIER_KPROBE, SL_PROBED);
+	return 0;
+}
+
+SEC("kprobe/tcp_bpf_sendmsg")
+int BPF_KPROBE(sl_kp_tcp_bpf_sendmsg, struct sock *sk, struct msghdr *msg)
+{
+	return stash_msg(&psock_stash, sk, msg, 0);
+}
+
+SEC("kretprobe/tcp_bpf_sendmsg")
+int BPF_KRETPROBE(sl_kr_tcp_bpf_sendmsg, int ret)
+{
+	return psock_kretprobe(ctx, ret, false);
+}
+
+SEC("kprobe/tcp_bpf_recvmsg")
+int BPF_KPROBE(sl_kp_tcp_bpf_recvmsg)
+{
+	return recv_kprobe_to(ctx, &psock_stash);
+}
+
+SEC("kretprobe/tcp_bpf_recvmsg")
+int BPF_KRETPROBE(sl_kr_tcp_bpf_recvmsg, int ret)
+{
+	return psock_kretprobe(ctx, ret, true);
 }
 
 /* ---- send / recv: tracepoint tier, tp_btf variant ----
@@ -1005,7 +1076,7 @@ int BPF_PROG(sl_tp_send_len, struct sock *sk, int ret, int flags)
 		if (sendfile_in_send_len && ret > 0 && in_sendfile())
 			on_sendfile_sk(sk, ret);
 		if (tcp_bytes_from_seq) {
-			tcp_touch(ctx, sk, 0, ret, false, SL_TIER_TRACEPOINT, SL_CAST);
+			tcp_touch(ctx, sk, 0, ret, 0, false, true, SL_TIER_TRACEPOINT, SL_CAST);
 			return 0;
 		}
 	}
@@ -1026,7 +1097,7 @@ int BPF_PROG(sl_tp_recv_len, struct sock *sk, int ret, int flags)
 	if (!proto)
 		return 0;
 	if (proto == IPPROTO_TCP && tcp_bytes_from_seq) {
-		tcp_touch(ctx, sk, 0, ret, true, SL_TIER_TRACEPOINT, SL_CAST);
+		tcp_touch(ctx, sk, 0, ret, flags, true, true, SL_TIER_TRACEPOINT, SL_CAST);
 		return 0;
 	}
 	cookie = tracing_cookie(sk);
@@ -1259,6 +1330,8 @@ static __always_inline void seed_refresh(struct sl_conn *c, struct sock *sk, str
 	c->state = sk->__sk_common.skc_state;
 	read_tcp_info(c, tp, SL_BTF);
 	if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE) {
+		if (tcp_has_psock(sk, SL_BTF))
+			tcp_accel_mark(c);
 		tcp_seq_sync_tx(c, tp, tcp_fin_queued(c->state), SL_BTF);
 		tcp_seq_sync_rx(c, tp, SL_BTF);
 	}
@@ -1302,8 +1375,11 @@ static __always_inline void seed(struct sock *sk, struct tcp_sock *tp)
 		return;
 	c->flags |= SL_CONN_SEEDED;
 	conn_steer(c, sk);
-	if (tcp_bytes_from_seq && tp)
+	if (tcp_bytes_from_seq && tp) {
 		tcp_seq_base_now(c, tp);
+		if (tcp_has_psock(sk, SL_BTF))
+			tcp_accel_mark(c);
+	}
 	if (gen)
 		c->seen_gen = *gen;
 	if (c->state == SL_TCP_ESTABLISHED)

@@ -55,6 +55,7 @@ enum sl_conn_flag {
 	SL_CONN_WAITING = 32,    /* seeded, counted in seeded_waiting until its owner's first use */
 	SL_CONN_FOUND_LATE = 64, /* its start was missed: tracked later, from its socket's start */
 	SL_CONN_FIN_QUEUED = 128, /* its FIN took a sequence number (FIN_WAIT1 or LAST_ACK seen) */
+	SL_CONN_ACCEL = 256,     /* had a psock (sockmap/sockhash): bytes redirected past TCP counted */
 };
 
 /* bind and listen. Every event record starts with `kind`. */
@@ -106,8 +107,7 @@ struct sl_conn {
 	__u8 daddr[16];
 	__u8 state;        /* TCP_* */
 	__u8 direction;    /* enum sl_direction */
-	__u8 flags;        /* enum sl_conn_flag bits */
-	__u8 _pad;
+	__u16 flags;       /* enum sl_conn_flag bits */
 	__u8 comm[SL_COMM_LEN];
 	/* Where tx/rx come from the socket's sequence counters (conn.bpf.h,
 	 * tcp_bytes_from_seq): the counters' values that count as zero. */
@@ -125,6 +125,13 @@ struct sl_conn {
 	__u16 orig_port;   /* host order */
 	__u8 steered;      /* enum slp_xlate_kind (policy.h); 0 = not steered */
 	__u8 _pad2[5];
+	/* SL_CONN_ACCEL: bytes sendmsg/recvmsg moved that the sequence counters
+	 * never saw (sk_msg redirect), and those counters as of the last such
+	 * call, to tell the two apart per call (conn.bpf.h, tcp_accel_count). */
+	__u64 accel_tx;
+	__u64 accel_rx;
+	__u64 tx_seen;
+	__u64 rx_seen;
 };
 
 /* connect, accept, close, retransmit. */

@@ -170,6 +170,9 @@ pub struct Conn {
     pub closed_at_destroy: bool,
     /// Its start was missed: tracked later, its counts from the socket's start.
     pub found_late: bool,
+    /// It had a psock: some of its bytes may have moved by sk_msg redirect,
+    /// counted per call (docs/accelerate.md, "Accounting").
+    pub accelerated: bool,
     /// The policy steered it: the address the application connected to.
     pub steer: Option<Steer>,
 }
@@ -220,6 +223,7 @@ impl Conn {
             established: flag(sl_conn_flag::SL_CONN_ESTABLISHED),
             closed_at_destroy: flag(sl_conn_flag::SL_CONN_CLOSED_AT_DESTROY),
             found_late: flag(sl_conn_flag::SL_CONN_FOUND_LATE),
+            accelerated: flag(sl_conn_flag::SL_CONN_ACCEL),
             steer: (raw.steered != 0).then(|| Steer {
                 kind: cg::steer_name(raw.steered),
                 addr: ip_from(raw.family, &raw.orig_addr),
@@ -457,6 +461,7 @@ impl Conn {
             established: true,
             closed_at_destroy: false,
             found_late: false,
+            accelerated: false,
             steer: None,
         }
     }
@@ -531,7 +536,7 @@ mod tests {
         assert_eq!(e.conn.failure().as_deref(), Some("refused"));
         assert_eq!(e.conn.duration_ms(), Some(2.5));
         assert_eq!(e.conn.tx_bytes, 7);
-        raw.conn.flags = sl_conn_flag::SL_CONN_ESTABLISHED.0 as u8;
+        raw.conn.flags = sl_conn_flag::SL_CONN_ESTABLISHED.0 as u16;
         let bytes = unsafe { plain::as_bytes(&raw) }.to_vec();
         let Event::Conn(e) = decode(&bytes).unwrap() else {
             panic!("not a conn event")

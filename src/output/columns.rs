@@ -277,10 +277,18 @@ pub fn conn_event_row(e: &ConnEvent) -> Row {
     if c.retransmits != 0 || e.kind == ConnEventKind::Retransmit {
         row.kv("retr", c.retransmits);
     }
+    flag_kvs(&mut row, c);
+    row
+}
+
+/// The flags worth a column, set ones only.
+fn flag_kvs(row: &mut Row, c: &Conn) {
+    if c.accelerated {
+        row.kv("accel", "yes");
+    }
     if c.seeded {
         row.kv("seeded", "yes");
     }
-    row
 }
 
 /// A `conns` row: since-start counts beside the kernel's lifetime ones.
@@ -295,9 +303,7 @@ pub fn conn_snapshot_row(ts_ns: u64, c: &Conn) -> Row {
         row.kv("retr", c.retransmits);
         row.kv("rtt", format!("{}us", c.srtt_us));
     }
-    if c.seeded {
-        row.kv("seeded", "yes");
-    }
+    flag_kvs(&mut row, c);
     row
 }
 

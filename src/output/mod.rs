@@ -154,6 +154,10 @@ impl Renderer {
         obj.value("duration_ms", &c.duration_ms());
         obj.value("failure", &c.failure());
         obj.bool("seeded", c.seeded);
+        // Only where some bytes may have bypassed TCP (docs/accelerate.md).
+        if c.accelerated {
+            obj.bool("accelerated", true);
+        }
         // Only on the rare close the state hook missed (docs/accounting.md).
         if c.found_late {
             obj.bool("found_late", true);

@@ -214,6 +214,7 @@ pub fn prepare(req: &TraceRequest) -> Result<Prepared> {
             .flat_map(|h| h.tiers())
             .filter(|spec| spec.tier == tier)
             .flat_map(|spec| spec.requires.iter().copied())
+            .chain(plan::psock_requirements(&hooks, Some(tier)))
             .collect(),
     };
     let caps = prober.probe(&reqs);
