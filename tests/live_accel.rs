@@ -976,3 +976,58 @@ fn conns_snapshots_of_accelerated_pairs_carry_what_the_applications_sent_and_rea
         );
     }
 }
+
+/// Applications that do not know: Debian's redis-server and redis-benchmark,
+/// both in an accelerated cgroup, give identical results (keys of random
+/// sizes written over accelerated TCP read back over the unix socket, and the
+/// other way round), and the close records of the accelerated connections
+/// equal redis' own byte counters (as in live_conns'
+/// `redis_benchmark_bytes_equal_redis_own_counters`).
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn redis_and_its_benchmark_run_accelerated_with_identical_results_and_exact_accounting() {
+    require_root();
+    let tracer = Tracer::start(&["--events", "close"]);
+    let Some(bed) = Accel::new("accel-redis", "") else {
+        tracer.stop();
+        return;
+    };
+    let before = accel_show();
+    let (mut server, ctl) = Redis::start();
+    let mut ctl = RedisCtl::begin(ctl);
+    redis_benchmark(server.port, scaled(1000));
+    let mut tcp = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    let mut rng = Rng(0x4ed15);
+    for i in 0..scaled(24) {
+        let key = format!("k{i}");
+        let value = content(rng.next(), rng.below(1 << 20) as usize);
+        let got = if i % 2 == 0 {
+            let (ok, _) = redis_raw(&mut tcp, &[b"SET".as_slice(), key.as_bytes(), &value]);
+            assert_eq!(ok, b"+OK\r\n");
+            ctl.call(&[b"GET".as_slice(), key.as_bytes()])
+        } else {
+            assert_eq!(ctl.call(&[b"SET", key.as_bytes(), &value]), b"+OK\r\n");
+            redis_raw(&mut tcp, &[b"GET".as_slice(), key.as_bytes()]).0
+        };
+        assert!(
+            got == value,
+            "{key}: {} bytes back of {}",
+            got.len(),
+            value.len()
+        );
+    }
+    drop(tcp);
+    let counted = ctl.end(Duration::from_secs(20));
+    server.stop();
+    let after = accel_show();
+    bed.leave();
+    wait_tcp_closed(server.port, &[None], Duration::from_secs(20));
+    let stopped = tracer.stop();
+    stopped.assert_clean();
+    let server_side = redis_closes_match(&stopped, server.port, counted, 9);
+    for e in server_side.values() {
+        assert_eq!(e["accelerated"], true, "{e}");
+    }
+    let redirected = |v: &Value| v["redirected_bytes"].as_u64().unwrap();
+    assert!(redirected(&after) > redirected(&before), "{after}");
+}

@@ -1266,49 +1266,6 @@ fn seeded_connection_lifetime_totals_equal_ss_beside_counts_from_start() {
     assert!(client_ss.0 > 20_000 + 4321, "{client_ss:?}");
 }
 
-/// Sends one RESP command on `s` and returns its bulk-string reply, and the
-/// reply's length on the wire (what redis counts as output).
-fn redis_call(s: &mut std::os::unix::net::UnixStream, args: &[&str]) -> (String, u64) {
-    use std::io::{BufRead, BufReader, Read, Write};
-    let mut req = format!("*{}\r\n", args.len());
-    for a in args {
-        req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
-    }
-    s.write_all(req.as_bytes()).unwrap();
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut head = String::new();
-    r.read_line(&mut head).unwrap();
-    let Some(len) = head.strip_prefix('$') else {
-        return (head.clone(), head.len() as u64); // +OK, -ERR
-    };
-    let len: usize = len.trim().parse().unwrap();
-    let mut body = vec![0; len + 2];
-    r.read_exact(&mut body).unwrap();
-    (
-        String::from_utf8_lossy(&body[..len]).into_owned(),
-        (head.len() + len + 2) as u64,
-    )
-}
-
-/// The length of `args` as one RESP request: what redis counts as input.
-fn redis_request_len(args: &[&str]) -> u64 {
-    let mut n = format!("*{}\r\n", args.len()).len();
-    for a in args {
-        n += format!("${}\r\n{a}\r\n", a.len()).len();
-    }
-    n as u64
-}
-
-/// An `INFO stats` field of redis.
-fn redis_stat(info: &str, name: &str) -> u64 {
-    info.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .unwrap_or_else(|| panic!("no {name} in INFO: {info}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// A real server under its own benchmark: Debian's redis-server under
 /// redis-benchmark (8 clients, pipelined SET and GET of 100 kB values). Ground
 /// truth is redis' own byte counters (INFO total_net_input/output_bytes, this
@@ -1318,147 +1275,14 @@ fn redis_stat(info: &str, name: &str) -> u64 {
 #[ignore = "needs root: ./test.sh"]
 fn redis_benchmark_bytes_equal_redis_own_counters() {
     require_root();
-    let dir = std::env::temp_dir().join(unique("slredis"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let sock = dir.join("redis.sock");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
     let tracer = Tracer::start(&["--events", "close"]);
-    let mut server = std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args([
-            "--unixsocket",
-            sock.to_str().unwrap(),
-            "--dir",
-            dir.to_str().unwrap(),
-        ])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("spawn redis-server (scripts/install-deps.sh installs it)");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let mut ctl = loop {
-        if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    // Control traffic is counted by redis too: each request when read, each
-    // reply when written (after the next INFO's snapshot of the counters).
-    let (stats, clients) = (["INFO", "stats"], ["INFO", "clients"]);
-    let (before, mut ctl_out) = redis_call(&mut ctl, &stats);
-    let mut ctl_in = 0;
-    let requests = scaled(2000).to_string();
-    let bench = std::process::Command::new("redis-benchmark")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-c",
-            "8",
-            "-P",
-            "16",
-            "-d",
-            "100000",
-        ])
-        .args(["-n", &requests, "-t", "set,get", "-q"])
-        .output()
-        .expect("spawn redis-benchmark");
-    assert!(bench.status.success(), "redis-benchmark: {bench:?}");
-    // The server closes its ends when it reads the clients' FINs.
-    let deadline = std::time::Instant::now() + SETTLE;
-    loop {
-        let (c, len) = redis_call(&mut ctl, &clients);
-        ctl_in += redis_request_len(&clients);
-        ctl_out += len;
-        if redis_stat(&c, "connected_clients") == 1 {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "clients left: {c}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let (after, _) = redis_call(&mut ctl, &stats);
-    ctl_in += redis_request_len(&stats);
-    server.kill().unwrap();
-    server.wait().unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
-    let port: u64 = port.parse().unwrap();
-    wait_tcp_closed(port as u16, &[None], SETTLE);
+    let (mut server, ctl) = Redis::start();
+    let ctl = RedisCtl::begin(ctl);
+    redis_benchmark(server.port, scaled(2000));
+    let counted = ctl.end(SETTLE);
+    server.stop();
+    wait_tcp_closed(server.port, &[None], SETTLE);
     let stopped = tracer.stop();
     stopped.assert_clean();
-    let field = |info: &str, name| redis_stat(info, name);
-    let redis_in =
-        field(&after, "total_net_input_bytes") - field(&before, "total_net_input_bytes") - ctl_in;
-    let redis_out = field(&after, "total_net_output_bytes")
-        - field(&before, "total_net_output_bytes")
-        - ctl_out;
-    // Each connection both ends: the server's (sport = port) and the
-    // benchmark's (dport = port), one close each.
-    let mut server_side = std::collections::BTreeMap::new();
-    let mut client_side = std::collections::BTreeMap::new();
-    for e in stopped.of_kind("close") {
-        let (sport, dport) = (u(&e["sport"]), u(&e["dport"]));
-        let (side, peer) = match (sport == port, dport == port) {
-            (true, _) => (&mut server_side, dport),
-            (_, true) => (&mut client_side, sport),
-            _ => continue,
-        };
-        let prev = side.insert(peer, (u(&e["tx_bytes"]), u(&e["rx_bytes"])));
-        assert!(prev.is_none(), "two closes for {sport}->{dport}: {e}");
-    }
-    let total = |side: &std::collections::BTreeMap<u64, (u64, u64)>| {
-        side.values()
-            .fold((0, 0), |(t, r), (tx, rx)| (t + tx, r + rx))
-    };
-    eprintln!(
-        "redis counted in {redis_in} out {redis_out} on {} connections",
-        server_side.len()
-    );
-    assert!(
-        server_side.len() >= 8,
-        "{server_side:?} {:?}",
-        stopped.summary
-    );
-    assert_eq!(
-        total(&server_side),
-        (redis_out, redis_in),
-        "server side (tx, rx) vs redis' own counters; summary {:?}",
-        stopped.summary
-    );
-    // The client ends mirror the server's, connection by connection. Only the
-    // server side has ground truth: redis-benchmark stops when its count of
-    // requests is done, with pipelined requests unread by redis and replies
-    // unread by itself, so each client end bounds the server's from above.
-    assert_eq!(
-        client_side.keys().collect::<Vec<_>>(),
-        server_side.keys().collect::<Vec<_>>()
-    );
-    for (peer, (tx, rx)) in &client_side {
-        let (server_tx, server_rx) = server_side[peer];
-        assert!(
-            *tx >= server_rx,
-            "client {peer}: tx {tx} < the server's rx {server_rx}"
-        );
-        assert!(
-            *rx <= server_tx,
-            "client {peer}: rx {rx} > the server's tx {server_tx}"
-        );
-    }
+    redis_closes_match(&stopped, server.port, counted, 8);
 }

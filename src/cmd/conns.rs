@@ -34,6 +34,11 @@ pub fn run(
         if let Some(header) = live.renderer.header() {
             emit(header)?;
         }
+        // The kernel does not say which socket a skipped run was for, and UDP
+        // has no counters to recover from, nor has a redirect past TCP: after
+        // any, every UDP flow and accelerated connection may be short.
+        let maybe_short = live.stream.losses().missed > 0;
+        live.renderer.missed_runs = maybe_short;
         let now = reorder::monotonic_ns();
         let udp_with_flows: BTreeSet<u64> = flows.iter().map(|f| f.sk).collect();
         for c in conns.values() {
@@ -46,9 +51,6 @@ pub fn run(
                 live.renderer.columns(&columns::conn_snapshot_row(now, c))
             })?;
         }
-        // The kernel does not say which socket a skipped run was for, and UDP
-        // has no counters to recover from: after any, every flow may be short.
-        let maybe_short = live.stream.losses().missed > 0;
         for f in &flows {
             let owner = conns.get(&f.sk);
             emit(if live.renderer.json {

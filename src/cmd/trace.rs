@@ -89,6 +89,11 @@ fn stream_events(
                 if !live.settle(&mut c.conn) {
                     continue;
                 }
+                // Asked only for an accelerated connection (reading the count
+                // costs syscalls); once set it stays.
+                if c.conn.accelerated && !live.renderer.missed_runs {
+                    live.renderer.missed_runs = live.stream.losses().missed > 0;
+                }
             }
             summary.events += 1;
             live.renderer.render_into(&event, &mut text);

@@ -34,6 +34,9 @@ pub struct Renderer {
     pub json: bool,
     /// Column widths of the columns view.
     pub layout: Layout,
+    /// The session counted skipped hook runs: accelerated connections'
+    /// redirected bytes may then be short (`maybe_short`, docs/json.md).
+    pub missed_runs: bool,
 }
 
 impl Renderer {
@@ -157,6 +160,9 @@ impl Renderer {
         // Only where some bytes may have bypassed TCP (docs/accelerate.md).
         if c.accelerated {
             obj.bool("accelerated", true);
+            if self.missed_runs {
+                obj.bool("maybe_short", true);
+            }
         }
         // Only on the rare close the state hook missed (docs/accounting.md).
         if c.found_late {
@@ -297,6 +303,7 @@ mod tests {
             cgroups: None,
             json,
             layout: Layout::default(),
+            missed_runs: false,
         }
     }
 
@@ -446,6 +453,27 @@ mod tests {
             ts_ns: 11,
             conn: c,
         }
+    }
+
+    #[test]
+    fn accelerated_connections_are_maybe_short_once_runs_were_missed() {
+        let mut r = renderer(true);
+        let mut e = steered();
+        let v = |r: &mut Renderer, e: &ConnEvent| {
+            let event: serde_json::Value =
+                serde_json::from_str(&r.render(&Event::Conn(e.clone()))).unwrap();
+            let snapshot: serde_json::Value = serde_json::from_str(&r.conn_line(&e.conn)).unwrap();
+            [
+                event.get("maybe_short").cloned(),
+                snapshot.get("maybe_short").cloned(),
+            ]
+        };
+        r.missed_runs = true;
+        assert_eq!(v(&mut r, &e), [None, None], "plain TCP has counters");
+        e.conn.accelerated = true;
+        assert_eq!(v(&mut r, &e), [Some(true.into()), Some(true.into())]);
+        r.missed_runs = false;
+        assert_eq!(v(&mut r, &e), [None, None]);
     }
 
     #[test]

@@ -417,6 +417,7 @@ mod tests {
             cgroups: None,
             json: false,
             layout: crate::output::columns::Layout::default(),
+            missed_runs: false,
         }
     }
 

@@ -152,6 +152,7 @@ pub fn follow(json: bool, stop: &AtomicBool, out: &mut dyn Write) -> Result<u64>
         cgroups: system::cgroup2_root().map(CgroupPaths::new),
         json,
         layout: crate::output::columns::Layout::for_stdout(false),
+        missed_runs: false,
     };
     if let Some(h) = renderer.header() {
         writeln!(out, "{h}").ctx("writing output")?;

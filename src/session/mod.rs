@@ -398,6 +398,7 @@ pub fn with_session<T>(
             cgroups: cgroup2.clone().map(CgroupPaths::new),
             json: req.json,
             layout: crate::output::columns::Layout::for_stdout(req.wide),
+            missed_runs: false,
         },
         owners: Owners::new(cgroup2),
         filters: &prepared.filters,

@@ -999,3 +999,244 @@ impl Drop for Agent {
         let _ = self.child.wait();
     }
 }
+
+/// Debian's redis-server on a loopback port and a unix socket, nothing saved;
+/// killed on drop. The unix socket carries control traffic socklens does not trace.
+pub struct Redis {
+    pub child: Child,
+    pub dir: PathBuf,
+    pub port: u16,
+}
+
+impl Redis {
+    /// Started in this process' cgroup, with a control connection on the unix socket.
+    pub fn start() -> (Self, std::os::unix::net::UnixStream) {
+        let dir = std::env::temp_dir().join(unique("slredis"));
+        fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("redis.sock");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--unixsocket", sock.to_str().unwrap()])
+            .args(["--dir", dir.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn redis-server (scripts/install-deps.sh installs it)");
+        let redis = Self { child, dir, port };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let ctl = loop {
+            if let Ok(s) = std::os::unix::net::UnixStream::connect(&sock) {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            thread::sleep(Duration::from_millis(50));
+        };
+        (redis, ctl)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends one RESP command on `s` and returns its reply (a bulk string's
+/// payload, or the whole status line) and the reply's length on the wire
+/// (what redis counts as output).
+pub fn redis_raw<S, A>(s: &mut S, args: &[A]) -> (Vec<u8>, u64)
+where
+    S: std::io::Read + Write,
+    A: AsRef<[u8]>,
+{
+    let mut req = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        let a = a.as_ref();
+        req.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        req.extend_from_slice(a);
+        req.extend_from_slice(b"\r\n");
+    }
+    s.write_all(&req).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let Some(len) = head.strip_prefix(b"$") else {
+        return (head.clone(), head.len() as u64); // +OK, -ERR
+    };
+    let len: usize = String::from_utf8_lossy(len).trim().parse().unwrap();
+    let mut body = vec![0; len + 2];
+    s.read_exact(&mut body).unwrap();
+    body.truncate(len);
+    (body, (head.len() + len + 2) as u64)
+}
+
+/// [`redis_raw`] with the reply as text.
+pub fn redis_call<S: std::io::Read + Write>(s: &mut S, args: &[&str]) -> (String, u64) {
+    let (body, len) = redis_raw(s, args);
+    (String::from_utf8_lossy(&body).into_owned(), len)
+}
+
+/// The length of `args` as one RESP request: what redis counts as input.
+pub fn redis_request_len<A: AsRef<[u8]>>(args: &[A]) -> u64 {
+    let mut n = format!("*{}\r\n", args.len()).len();
+    for a in args {
+        let a = a.as_ref();
+        n += format!("${}\r\n", a.len()).len() + a.len() + 2;
+    }
+    n as u64
+}
+
+/// An `INFO` field of redis.
+pub fn redis_stat(info: &str, name: &str) -> u64 {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in INFO: {info}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The control connection of a [`Redis`], keeping count of its own traffic,
+/// which redis counts too: each request when read, each reply when written
+/// (after the next INFO's snapshot of the counters).
+pub struct RedisCtl {
+    pub s: std::os::unix::net::UnixStream,
+    before: String,
+    ctl_in: u64,
+    ctl_out: u64,
+}
+
+impl RedisCtl {
+    /// Takes redis' counters now.
+    pub fn begin(mut s: std::os::unix::net::UnixStream) -> Self {
+        let (before, ctl_out) = redis_call(&mut s, &["INFO", "stats"]);
+        Self {
+            s,
+            before,
+            ctl_in: 0,
+            ctl_out,
+        }
+    }
+
+    /// One command, its traffic taken out of redis' counts.
+    pub fn call<A: AsRef<[u8]>>(&mut self, args: &[A]) -> Vec<u8> {
+        let (body, len) = redis_raw(&mut self.s, args);
+        self.ctl_in += redis_request_len(args);
+        self.ctl_out += len;
+        body
+    }
+
+    /// Waits until only this connection is left (the server closes its ends
+    /// when it reads the clients' FINs), then returns redis' own (input,
+    /// output) bytes since [`RedisCtl::begin`] without the control traffic.
+    pub fn end(mut self, limit: Duration) -> (u64, u64) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let c = String::from_utf8_lossy(&self.call(&["INFO", "clients"])).into_owned();
+            if redis_stat(&c, "connected_clients") == 1 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "clients left: {c}");
+            thread::sleep(Duration::from_millis(50));
+        }
+        let stats = ["INFO", "stats"];
+        let (after, _) = redis_call(&mut self.s, &stats);
+        self.ctl_in += redis_request_len(&stats);
+        let d = |name| redis_stat(&after, name) - redis_stat(&self.before, name);
+        (
+            d("total_net_input_bytes") - self.ctl_in,
+            d("total_net_output_bytes") - self.ctl_out,
+        )
+    }
+}
+
+/// redis-benchmark against `port`: 8 clients, pipelined SET and GET of
+/// 100 kB values, `requests` of each.
+pub fn redis_benchmark(port: u16, requests: u64) {
+    let bench = Command::new("redis-benchmark")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-c", "8", "-P", "16", "-d", "100000"])
+        .args(["-n", &requests.to_string(), "-t", "set,get", "-q"])
+        .output()
+        .expect("spawn redis-benchmark");
+    assert!(bench.status.success(), "redis-benchmark: {bench:?}");
+}
+
+/// Checks the close records of the connections to redis on `port` against
+/// redis' own (input, output) counts and returns the server ends' records by
+/// peer port. Each connection has both ends: the server's (sport = port) and
+/// the client's (dport = port), one close each.
+pub fn redis_closes_match(
+    stopped: &Stopped,
+    port: u16,
+    (redis_in, redis_out): (u64, u64),
+    min_conns: usize,
+) -> std::collections::BTreeMap<u64, &Value> {
+    let port = u64::from(port);
+    let u = |v: &Value| v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"));
+    let mut server_side = std::collections::BTreeMap::new();
+    let mut client_side = std::collections::BTreeMap::new();
+    for e in stopped.of_kind("close") {
+        let (sport, dport) = (u(&e["sport"]), u(&e["dport"]));
+        let (side, peer) = match (sport == port, dport == port) {
+            (true, _) => (&mut server_side, dport),
+            (_, true) => (&mut client_side, sport),
+            _ => continue,
+        };
+        let prev = side.insert(peer, e);
+        assert!(prev.is_none(), "two closes for {sport}->{dport}: {e}");
+    }
+    let bytes = |e: &Value| (u(&e["tx_bytes"]), u(&e["rx_bytes"]));
+    let total = server_side
+        .values()
+        .fold((0, 0), |(t, r), e| (t + bytes(e).0, r + bytes(e).1));
+    eprintln!(
+        "redis counted in {redis_in} out {redis_out} on {} connections",
+        server_side.len()
+    );
+    assert!(
+        server_side.len() >= min_conns,
+        "{server_side:?} {:?}",
+        stopped.summary
+    );
+    assert_eq!(
+        total,
+        (redis_out, redis_in),
+        "server side (tx, rx) vs redis' own counters; summary {:?}",
+        stopped.summary
+    );
+    // The client ends mirror the server's, connection by connection. Only the
+    // server side has ground truth: redis-benchmark stops when its count of
+    // requests is done, with pipelined requests unread by redis and replies
+    // unread by itself, so each client end bounds the server's from above.
+    assert_eq!(
+        client_side.keys().collect::<Vec<_>>(),
+        server_side.keys().collect::<Vec<_>>()
+    );
+    for (peer, e) in &client_side {
+        let ((tx, rx), (server_tx, server_rx)) = (bytes(e), bytes(server_side[peer]));
+        assert!(
+            tx >= server_rx,
+            "client {peer}: tx {tx} < the server's rx {server_rx}"
+        );
+        assert!(
+            rx <= server_tx,
+            "client {peer}: rx {rx} > the server's tx {server_tx}"
+        );
+    }
+    server_side
+}
