@@ -1213,12 +1213,24 @@ pub fn redis_closes_match(
         "{server_side:?} {:?}",
         stopped.summary
     );
-    assert_eq!(
-        total,
-        (redis_out, redis_in),
+    // Exact, unless a record says it may be short (accelerated bytes of
+    // skipped hook runs): then no more than redis counted.
+    let short = |side: &std::collections::BTreeMap<u64, &Value>| {
+        side.values().any(|e| e["maybe_short"] == true)
+    };
+    let maybe_short = short(&server_side) || short(&client_side);
+    let msg = format!(
         "server side (tx, rx) vs redis' own counters; summary {:?}",
         stopped.summary
     );
+    if maybe_short {
+        assert!(
+            total.0 <= redis_out && total.1 <= redis_in,
+            "{msg}: {total:?}"
+        );
+    } else {
+        assert_eq!(total, (redis_out, redis_in), "{msg}");
+    }
     // The client ends mirror the server's, connection by connection. Only the
     // server side has ground truth: redis-benchmark stops when its count of
     // requests is done, with pipelined requests unread by redis and replies
@@ -1227,7 +1239,7 @@ pub fn redis_closes_match(
         client_side.keys().collect::<Vec<_>>(),
         server_side.keys().collect::<Vec<_>>()
     );
-    for (peer, e) in &client_side {
+    for (peer, e) in client_side.iter().filter(|_| !maybe_short) {
         let ((tx, rx), (server_tx, server_rx)) = (bytes(e), bytes(server_side[peer]));
         assert!(
             tx >= server_rx,
@@ -1239,4 +1251,20 @@ pub fn redis_closes_match(
         );
     }
     server_side
+}
+
+/// A record's (tx, rx) against the application's own counts: equal, or, on a
+/// record that says `maybe_short` (the kernel skipped hook runs that counted
+/// accelerated bytes), no more than them.
+pub fn assert_bytes_exact_or_flagged_short(e: &Value, tx: u64, rx: u64) {
+    let got = (e["tx_bytes"].as_u64(), e["rx_bytes"].as_u64());
+    let got = (got.0.unwrap_or(u64::MAX), got.1.unwrap_or(u64::MAX));
+    if e["maybe_short"] == true {
+        assert!(
+            got.0 <= tx && got.1 <= rx,
+            "({tx}, {rx}) sent and read: {e}"
+        );
+    } else {
+        assert_eq!(got, (tx, rx), "{e}");
+    }
 }
