@@ -1022,3 +1022,225 @@ fn redis_and_its_benchmark_run_accelerated_with_identical_results_and_exact_acco
     let redirected = |v: &Value| v["redirected_bytes"].as_u64().unwrap();
     assert!(redirected(&after) > redirected(&before), "{after}");
 }
+
+// kTLS (docs/accelerate.md, "kTLS"): linux/tls.h values.
+const SOL_TLS: libc::c_int = 282;
+const TCP_ULP: libc::c_int = 31;
+const TLS_TX: libc::c_int = 1;
+const TLS_RX: libc::c_int = 2;
+
+/// setsockopt(TCP_ULP, "tls"): the errno on failure.
+fn ulp_tls(s: &TcpStream) -> Result<(), i32> {
+    // SAFETY: setsockopt with a 3-byte name we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            TCP_ULP,
+            b"tls".as_ptr().cast(),
+            3,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+/// TLS 1.2 AES-GCM-128 keys for one direction (tls12_crypto_info_aes_gcm_128),
+/// all derived from `seed`; record sequence 0.
+fn tls_key(s: &TcpStream, dir: libc::c_int, seed: u8) -> Result<(), i32> {
+    let mut info = [0u8; 40];
+    info[0..2].copy_from_slice(&0x0303u16.to_ne_bytes());
+    info[2..4].copy_from_slice(&51u16.to_ne_bytes());
+    for (i, b) in info[4..32].iter_mut().enumerate() {
+        *b = seed.wrapping_mul(31).wrapping_add(i as u8);
+    }
+    // SAFETY: setsockopt with 40 bytes we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            SOL_TLS,
+            dir,
+            info.as_ptr().cast(),
+            info.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    }
+}
+
+/// Reads until `want` bytes, EOF, an error or 2 s without data: (bytes, errno).
+fn read_for(mut s: &TcpStream, want: usize) -> (Vec<u8>, Option<i32>) {
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 65536];
+    while out.len() < want {
+        match s.read(&mut buf) {
+            Ok(0) => return (out, None),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) => return (out, e.raw_os_error()),
+        }
+    }
+    (out, None)
+}
+
+/// Whether the kernel has the tls ULP (loaded here if it is a module). Where
+/// SOCKLENS_EXPECT_KTLS=1 (the kernel matrix's cells) it must.
+fn ktls_available() -> bool {
+    let _ = std::process::Command::new("modprobe")
+        .arg("tls")
+        .stderr(std::process::Stdio::null())
+        .status();
+    let ok = fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+        .is_ok_and(|s| s.split_whitespace().any(|w| w == "tls"));
+    if std::env::var("SOCKLENS_EXPECT_KTLS").is_ok_and(|v| v == "1") {
+        assert!(ok, "SOCKLENS_EXPECT_KTLS=1 but this kernel has no tls ULP");
+    }
+    ok
+}
+
+/// The record bytes a plain (never accelerated) kTLS socket sends for `msg`
+/// with the keys of `seed`: the ground truth of userspace TLS below.
+fn records_of(msg: &[u8], seed: u8) -> Vec<u8> {
+    let (c, s) = pair();
+    assert_eq!(ulp_tls(&c), Ok(()));
+    assert_eq!(tls_key(&c, TLS_TX, seed), Ok(()));
+    (&c).write_all(msg).unwrap();
+    c.shutdown(Shutdown::Write).unwrap();
+    let (got, err) = read_for(&s, usize::MAX);
+    assert_eq!(err, None);
+    assert!(
+        got.len() > msg.len() && got[0] == 0x17,
+        "{:02x?}",
+        &got[..8]
+    );
+    got
+}
+
+/// One application of the pair, TLS 1.2 after a plaintext exchange (its
+/// handshake): kTLS where the kernel takes TCP_ULP and the keys, else userspace
+/// TLS, as OpenSSL falls back. Userspace TLS sends `r1` (client) / `r2`
+/// (server), the records of `msg`, and decrypts by matching them. Case "both":
+/// both ends want kTLS; "tx": the client wants kTLS TX, the server reads raw
+/// (returns the bytes on the wire); "rx": the server wants kTLS RX, the client
+/// writes records. Returns what each reader got and the setup's answers.
+fn tls_app(
+    c: &TcpStream,
+    s: &TcpStream,
+    case: &str,
+    msg: &[u8],
+    r1: &[u8],
+    r2: &[u8],
+) -> (Vec<Vec<u8>>, String) {
+    (&*c).write_all(b"client hello").unwrap();
+    assert_eq!(read_for(s, 12).0, b"client hello");
+    (&*s).write_all(b"server hello").unwrap();
+    assert_eq!(read_for(c, 12).0, b"server hello");
+    let on = |x: &TcpStream, keys: &[(libc::c_int, u8)]| {
+        let mut r = ulp_tls(x);
+        for &(dir, seed) in keys {
+            r = r.and_then(|()| tls_key(x, dir, seed));
+        }
+        r
+    };
+    let send = |x: &TcpStream, ktls: bool, rec: &[u8]| {
+        let mut w = x;
+        w.write_all(if ktls { msg } else { rec }).unwrap();
+    };
+    let recv = |x: &TcpStream, ktls: bool, rec: &[u8]| {
+        let (got, err) = read_for(x, if ktls { msg.len() } else { rec.len() });
+        assert_eq!(err, None);
+        if !ktls && got == rec {
+            msg.to_vec()
+        } else {
+            got
+        }
+    };
+    match case {
+        "both" => {
+            let kc = on(c, &[(TLS_TX, 1), (TLS_RX, 2)]);
+            let ks = on(s, &[(TLS_TX, 2), (TLS_RX, 1)]);
+            send(c, kc.is_ok(), r1);
+            let at_s = recv(s, ks.is_ok(), r1);
+            send(s, ks.is_ok(), r2);
+            let at_c = recv(c, kc.is_ok(), r2);
+            (vec![at_s, at_c], format!("client {kc:?}, server {ks:?}"))
+        }
+        "tx" => {
+            let kc = on(c, &[(TLS_TX, 1)]);
+            send(c, kc.is_ok(), r1);
+            c.shutdown(Shutdown::Write).unwrap();
+            let (wire, err) = read_for(s, usize::MAX);
+            assert_eq!(err, None);
+            (vec![wire], format!("client {kc:?}"))
+        }
+        _ => {
+            let ks = on(s, &[(TLS_RX, 1)]);
+            send(c, false, r1);
+            (vec![recv(s, ks.is_ok(), r1)], format!("server {ks:?}"))
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn ktls_on_an_accelerated_socket_is_refused_and_each_case_delivers_what_plain_tcp_delivers() {
+    let Some(bed) = Accel::new("accel-ktls", "") else {
+        return;
+    };
+    let ktls = ktls_available();
+    let before = accel_show();
+    let (c, s) = pair();
+    bed.leave();
+    let (pc, ps) = pair();
+    // The guard answers TCP_ULP on hashed sockets only; the kernel answers the
+    // rest (ENOENT without a tls ULP), and every other option is untouched.
+    assert_eq!(ulp_tls(&c), Err(libc::EPERM));
+    assert_eq!(ulp_tls(&s), Err(libc::EPERM));
+    assert_eq!(ulp_tls(&pc), if ktls { Ok(()) } else { Err(libc::ENOENT) });
+    set_int(&c, libc::IPPROTO_TCP, libc::TCP_NODELAY, 1);
+    set_int(&s, libc::SOL_SOCKET, libc::SO_RCVBUF, 300_000);
+    assert!(c.nodelay().unwrap());
+    let after = accel_show();
+    let d = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    assert_eq!(d("refused_ulp"), 2, "{after}");
+    assert_eq!(after["connections"].as_u64(), Some(1), "{after}");
+    (&c).write_all(&[5u8; 5000]).unwrap();
+    assert_eq!(read_for(&s, 5000).0, vec![5u8; 5000]);
+    assert_eq!(tcp_bytes(&s).1, 0, "still accelerated");
+    drop((c, s, pc, ps));
+    if !ktls {
+        eprintln!("no tls ULP in this kernel: the delivery cases run in the kernel matrix");
+        return;
+    }
+    let msg = content(7, 3000);
+    let (r1, r2) = (records_of(&msg, 1), records_of(&msg, 2));
+    for case in ["both", "tx", "rx"] {
+        let (pc, ps) = pair();
+        let (plain, plain_setup) = tls_app(&pc, &ps, case, &msg, &r1, &r2);
+        join(&bed.cg.path);
+        let (ac, as_) = pair();
+        bed.leave();
+        let (accel, accel_setup) = tls_app(&ac, &as_, case, &msg, &r1, &r2);
+        let want = if case == "tx" { &r1 } else { &msg };
+        assert!(
+            plain.iter().all(|g| g == want),
+            "{case} plain: {plain_setup}"
+        );
+        assert!(
+            accel == plain,
+            "{case}: accelerated ({accel_setup}) delivered {:?} bytes, plain ({plain_setup}) {:?}",
+            accel.iter().map(Vec::len).collect::<Vec<_>>(),
+            plain.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+        assert!(accel_setup.contains("Err(1)"), "{case}: {accel_setup}");
+        assert!(!plain_setup.contains("Err"), "{case}: {plain_setup}");
+        // Only the FIN ("tx" half-closes) went through TCP.
+        assert!(tcp_bytes(&as_).1 <= 1, "{case}: not accelerated");
+    }
+}

@@ -123,6 +123,11 @@ impl Pins {
         Ok(())
     }
 
+    /// Detaches and unpins one pinned link of this component.
+    pub fn detach_link(&self, name: &str) -> Result<()> {
+        detach_and_unpin(&self.link(name))
+    }
+
     /// Detaches and unpins everything of this component.
     pub fn remove(&self) -> Result<()> {
         remove_tree(&self.dir)

@@ -10,6 +10,9 @@
 
 #define SLP_IFF_LOOPBACK 8
 #define SLP_SOCK_ZEROCOPY 18
+#define SLP_SOL_TCP 6
+#define SLP_TCP_ULP 31
+#define SLP_SK_USER_DATA_PSOCK 4 /* include/net/sock.h: sk_user_data holds a psock */
 
 struct slp_accel_key _slp_accel_key = {};
 struct slp_accel_cg_key _slp_accel_cg_key = {};
@@ -55,6 +58,15 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } slp_accel_stats SEC(".maps");
+
+/* Sockets this code filed in the sockhash (the kernel frees the mark with the
+ * socket): the ULP guard refuses TCP_ULP on them, not on other sockmaps' sockets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} slp_accel_joined SEC(".maps");
 
 static __always_inline void accel_count(__u32 stat, __u64 n)
 {
@@ -197,9 +209,10 @@ int slp_accel_sockops(struct bpf_sock_ops *ctx)
 			return 1;
 		cookie = bpf_get_socket_cookie(ctx);
 		if (accel_eligible(tp, own.rport) && accel_clean(tp) &&
-		    bpf_sock_hash_update(ctx, &slp_accel_hash, &own, BPF_NOEXIST) == 0)
+		    bpf_sock_hash_update(ctx, &slp_accel_hash, &own, BPF_NOEXIST) == 0) {
 			bpf_map_update_elem(&slp_accel_pending, &own, &cookie, BPF_ANY);
-		else
+			bpf_sk_storage_get(&slp_accel_joined, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		} else
 			bpf_map_delete_elem(&slp_accel_pending, &own);
 		return 1;
 	}
@@ -212,6 +225,7 @@ int slp_accel_sockops(struct bpf_sock_ops *ctx)
 		return 1;
 	if (accel_eligible(tp, own.lport) && ctx->bytes_received == 0 && accel_clean(tp) &&
 	    bpf_sock_hash_update(ctx, &slp_accel_hash, &own, BPF_NOEXIST) == 0) {
+		bpf_sk_storage_get(&slp_accel_joined, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		accel_count(SLP_AS_PAIRED, 1);
 	} else {
 		bpf_map_delete_elem(&slp_accel_hash, &peer);
@@ -243,6 +257,29 @@ int slp_accel_msg(struct sk_msg_md *msg)
 	}
 	accel_count(SLP_AS_PASSED, 1);
 	return SK_PASS;
+}
+
+/* setsockopt(SOL_TCP, TCP_ULP) on a socket in the sockhash: refused with EPERM,
+ * before the ULP exists (docs/accelerate.md, "kTLS"). TLS libraries fall back to
+ * userspace TLS. Every other call goes on untouched (optval, optlen, return 1). */
+SEC("cgroup/setsockopt")
+int slp_accel_ulp(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+
+	if (ctx->level != SLP_SOL_TCP || ctx->optname != SLP_TCP_ULP || !sk)
+		return 1;
+	if (!bpf_sk_storage_get(&slp_accel_joined, sk, 0, 0))
+		return 1;
+	/* Marked but taken out since (a lone active end): no psock left. */
+	if (bpf_rdonly_cast) {
+		struct sock *s = bpf_rdonly_cast(sk, bpf_core_type_id_kernel(struct sock));
+
+		if (!((unsigned long)BPF_CORE_READ(s, sk_user_data) & SLP_SK_USER_DATA_PSOCK))
+			return 1;
+	}
+	accel_count(SLP_AS_REFUSED_ULP, 1);
+	return 0;
 }
 
 #endif

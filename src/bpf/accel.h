@@ -57,6 +57,7 @@ enum slp_accel_stat {
 	SLP_AS_BYTES = 2,         /* bytes redirected */
 	SLP_AS_PASSED = 3,        /* messages of hashed sockets sent through TCP */
 	SLP_AS_UNPAIRED = 4,      /* lone active ends taken out (peer not eligible) */
+	SLP_AS_REFUSED_ULP = 5,   /* setsockopt(TCP_ULP) refused on hashed sockets */
 	SLP_AS_SKIP_ZEROCOPY = 6, /* ends not joined: SO_ZEROCOPY */
 	SLP_AS_SKIP_ULP = 7,      /* ends not joined: a ULP (kTLS, MPTCP) */
 	SLP_AS_SKIP_RCVLOWAT = 8, /* ends not joined: SO_RCVLOWAT above 1 */

@@ -98,6 +98,8 @@ pub struct AccelView {
     pub redirected_bytes: u64,
     pub passed_msgs: u64,
     pub unpaired: u64,
+    /// setsockopt(TCP_ULP) calls refused on hashed sockets.
+    pub refused_ulp: u64,
     pub skipped_zerocopy: u64,
     pub skipped_ulp: u64,
     pub skipped_rcvlowat: u64,

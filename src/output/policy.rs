@@ -117,6 +117,7 @@ fn write_accel(o: &mut JsonObject<'_>, a: &AccelView) {
     o.uint("redirected_bytes", a.redirected_bytes);
     o.uint("passed_msgs", a.passed_msgs);
     o.uint("unpaired", a.unpaired);
+    o.uint("refused_ulp", a.refused_ulp);
     o.uint("skipped_zerocopy", a.skipped_zerocopy);
     o.uint("skipped_ulp", a.skipped_ulp);
     o.uint("skipped_rcvlowat", a.skipped_rcvlowat);

@@ -28,13 +28,15 @@ use crate::skel::policy::PolicySkel;
 pub const COMPONENT: &str = "accel";
 pub const SOCKOPS: &str = "slp_accel_sockops";
 pub const MSG: &str = "slp_accel_msg";
+pub const ULP: &str = "slp_accel_ulp";
 pub const HASH: &str = "slp_accel_hash";
-pub const PINNED_MAPS: [&str; 5] = [
+pub const PINNED_MAPS: [&str; 6] = [
     HASH,
     "slp_accel_of",
     "slp_accel_info",
     "slp_accel_stats",
     "slp_accel_pending",
+    "slp_accel_joined",
 ];
 
 pub fn pins() -> Pins {
@@ -152,9 +154,10 @@ pub fn write(skel: &PolicySkel<'_>, gen: u32, entries: &[Accelerate]) -> Result<
     Ok(())
 }
 
-/// Attaches sk_msg to the sockhash and, once, sock_ops at the cgroup v2 root:
-/// the root so that a passive end outside every entry still takes a lone
-/// active end out of the sockhash (docs/accelerate.md, "FIONREAD").
+/// Attaches sk_msg to the sockhash and, once each, sock_ops and the TCP_ULP
+/// guard at the cgroup v2 root: the root so that a passive end outside every
+/// entry still takes a lone active end out of the sockhash (docs/accelerate.md,
+/// "FIONREAD"), and so that no process can put a ULP on a hashed socket ("kTLS").
 pub fn attach(skel: &PolicySkel<'_>, cgroup_root: &Path) -> Result<()> {
     let pins = pins();
     pins.create_dirs()?;
@@ -170,11 +173,13 @@ pub fn attach(skel: &PolicySkel<'_>, cgroup_root: &Path) -> Result<()> {
     prog(MSG)?
         .attach_sockmap(skel.maps.slp_accel_hash.as_fd().as_raw_fd())
         .ctx("attaching slp_accel_msg to the sockhash")?;
-    if pins.link(SOCKOPS).exists() {
-        return Ok(());
+    for name in [ULP, SOCKOPS] {
+        if !pins.link(name).exists() {
+            let link = CgroupTarget::open(cgroup_root)?.attach(&prog(name)?)?;
+            pins.pin_links(&mut [(name.to_owned(), link)])?;
+        }
     }
-    let link = CgroupTarget::open(cgroup_root)?.attach(&prog(SOCKOPS)?)?;
-    pins.pin_links(&mut [(SOCKOPS.to_owned(), link)])
+    Ok(())
 }
 
 /// Sockets in the pinned sockhash now (two per accelerated connection).
@@ -183,15 +188,15 @@ pub fn sockets() -> Option<u64> {
     Some(h.keys().count() as u64)
 }
 
-/// Turns acceleration off: no new connection joins. The sockhash and sk_msg stay
-/// while they carry connections; once empty, everything is unpinned. Returns
-/// the sockets still accelerated.
+/// Turns acceleration off: no new connection joins. The sockhash, sk_msg and
+/// the TCP_ULP guard stay while they carry connections; once empty, everything
+/// is unpinned. Returns the sockets still accelerated.
 pub fn retire() -> Result<u64> {
     let pins = pins();
     if !pins.exists() {
         return Ok(0);
     }
-    pins.detach_links()?;
+    pins.detach_link(SOCKOPS)?;
     let left = sockets().unwrap_or(0);
     if left == 0 {
         pins.remove()?;
@@ -246,6 +251,7 @@ pub fn show(gen: u32) -> AccelView {
         redirected_bytes: stat(slp_accel_stat::SLP_AS_BYTES),
         passed_msgs: stat(slp_accel_stat::SLP_AS_PASSED),
         unpaired: stat(slp_accel_stat::SLP_AS_UNPAIRED),
+        refused_ulp: stat(slp_accel_stat::SLP_AS_REFUSED_ULP),
         skipped_zerocopy: stat(slp_accel_stat::SLP_AS_SKIP_ZEROCOPY),
         skipped_ulp: stat(slp_accel_stat::SLP_AS_SKIP_ULP),
         skipped_rcvlowat: stat(slp_accel_stat::SLP_AS_SKIP_RCVLOWAT),

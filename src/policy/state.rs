@@ -129,7 +129,8 @@ fn load_enforcing<'obj>(
     }
     for mut prog in open.open_object_mut().progs_mut() {
         let keep = prog.name().to_str().is_some_and(|n| {
-            ENFORCING.contains(&n) || (accel && [accelmaps::SOCKOPS, accelmaps::MSG].contains(&n))
+            ENFORCING.contains(&n)
+                || (accel && [accelmaps::SOCKOPS, accelmaps::MSG, accelmaps::ULP].contains(&n))
         });
         prog.set_autoload(keep);
     }

@@ -13,7 +13,9 @@
 #
 # Environment: SOCKLENS_VM_TIERS (default "auto:fentry fentry kprobe tracepoint"),
 # SOCKLENS_VM_KERNELS (default "6.1 6.12 5.10 7"), SOCKLENS_TEST_SCALE for the
-# guests (default 0.1, see tests/common/mod.rs).
+# guests (default 0.1, see tests/common/mod.rs). SOCKLENS_EXPECT_KTLS=1: every
+# kernel here that accelerates has the tls module, so live_accel's kTLS cases
+# must run (docs/accelerate.md, "kTLS").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -40,5 +42,5 @@ for b in $bins; do
 done > "$list"
 exec tests/vm/matrix.sh --tiers "${SOCKLENS_VM_TIERS:-auto:fentry fentry kprobe tracepoint}" \
     --kernels "${SOCKLENS_VM_KERNELS:-6.1 6.12 5.10 7}" \
-    --env "SOCKLENS_TEST_SCALE=${SOCKLENS_TEST_SCALE:-0.1}" "$@" \
+    --env "SOCKLENS_TEST_SCALE=${SOCKLENS_TEST_SCALE:-0.1}" --env SOCKLENS_EXPECT_KTLS=1 "$@" \
     -- tests/vm/suite.sh "$list"
