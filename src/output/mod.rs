@@ -160,7 +160,7 @@ impl Renderer {
         // Only where some bytes may have bypassed TCP (docs/accelerate.md).
         if c.accelerated {
             obj.bool("accelerated", true);
-            if self.missed_runs {
+            if self.missed_runs && !c.accel_exact {
                 obj.bool("maybe_short", true);
             }
         }

@@ -28,9 +28,17 @@ use crate::skel::policy::PolicySkel;
 pub const COMPONENT: &str = "accel";
 pub const SOCKOPS: &str = "slp_accel_sockops";
 pub const MSG: &str = "slp_accel_msg";
+/// At close(), records what the application read (docs/accelerate.md, "Accounting").
+pub const RELEASE: &str = "slp_accel_release";
+/// The programs loaded for acceleration.
+pub const PROGRAMS: [&str; 3] = [SOCKOPS, MSG, RELEASE];
 pub const HASH: &str = "slp_accel_hash";
-pub const PINNED_MAPS: [&str; 5] = [
+/// sk_msg's byte counts per hashed end, which the tracer joins.
+pub const BYTES: &str = "slp_accel_bytes";
+pub const PINNED_MAPS: [&str; 7] = [
     HASH,
+    BYTES,
+    "slp_accel_end",
     "slp_accel_of",
     "slp_accel_info",
     "slp_accel_stats",
@@ -152,9 +160,9 @@ pub fn write(skel: &PolicySkel<'_>, gen: u32, entries: &[Accelerate]) -> Result<
     Ok(())
 }
 
-/// Attaches sk_msg to the sockhash and, once, sock_ops at the cgroup v2 root:
-/// the root so that a passive end outside every entry still takes a lone
-/// active end out of the sockhash (docs/accelerate.md, "FIONREAD").
+/// Attaches sk_msg to the sockhash and, once, sock_ops and sock_release at the
+/// cgroup v2 root: the root so that a passive end outside every entry still
+/// takes a lone active end out of the sockhash (docs/accelerate.md, "FIONREAD").
 pub fn attach(skel: &PolicySkel<'_>, cgroup_root: &Path) -> Result<()> {
     let pins = pins();
     pins.create_dirs()?;
@@ -170,11 +178,13 @@ pub fn attach(skel: &PolicySkel<'_>, cgroup_root: &Path) -> Result<()> {
     prog(MSG)?
         .attach_sockmap(skel.maps.slp_accel_hash.as_fd().as_raw_fd())
         .ctx("attaching slp_accel_msg to the sockhash")?;
-    if pins.link(SOCKOPS).exists() {
-        return Ok(());
+    for name in [SOCKOPS, RELEASE] {
+        if !pins.link(name).exists() {
+            let link = CgroupTarget::open(cgroup_root)?.attach(&prog(name)?)?;
+            pins.pin_links(&mut [(name.to_owned(), link)])?;
+        }
     }
-    let link = CgroupTarget::open(cgroup_root)?.attach(&prog(SOCKOPS)?)?;
-    pins.pin_links(&mut [(SOCKOPS.to_owned(), link)])
+    Ok(())
 }
 
 /// Sockets in the pinned sockhash now (two per accelerated connection).
