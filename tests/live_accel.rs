@@ -1244,3 +1244,71 @@ fn ktls_on_an_accelerated_socket_is_refused_and_each_case_delivers_what_plain_tc
         assert!(tcp_bytes(&as_).1 <= 1, "{case}: not accelerated");
     }
 }
+
+/// The per-call counts blind (`SOCKLENS_DISABLE=accel_calls`, as when the kernel
+/// skips every run of those hooks): snapshots and close records still carry what
+/// the applications sent and read, from sk_msg's own counts and the psock, and
+/// say nothing of `maybe_short`. The tracers start after the policy, so they
+/// join its counts.
+#[test]
+#[ignore = "needs root: ./test.sh"]
+fn with_per_call_hooks_blind_accelerated_records_still_equal_what_the_applications_sent_and_read() {
+    require_root();
+    let Some(bed) = Accel::new("accel-exact", "") else {
+        return;
+    };
+    bed.leave();
+    let pid = std::process::id().to_string();
+    let blind = [("SOCKLENS_DISABLE", "accel_calls")];
+    let tracer = Tracer::start_env(&["--events", "close", "--pid", &pid], &blind);
+    let mut truth = Vec::new();
+    let mut pairs = Vec::new();
+    let (lines, _) = conns_snapshot_after_env(
+        60.0,
+        Duration::from_millis(500),
+        &["--pid", &pid],
+        &blind,
+        || {
+            join(&bed.cg.path);
+            pairs = (0..6).map(|_| pair()).collect();
+            bed.leave();
+            for (i, (c, s)) in pairs.iter().enumerate() {
+                let seed = 0x9100 | i as u64;
+                let mut r = Rng(seed);
+                let (l1, l2) = (
+                    1 + r.below(scaled(1 << 20)) as usize,
+                    1 + r.below(scaled(1 << 20)) as usize,
+                );
+                let (cw, sr) = transfer(c, s, seed, l1, 0);
+                let (sw, cr) = transfer(s, c, seed << 1, l2, 0);
+                truth.push((ports(c), (cw, cr)));
+                truth.push((ports(s), (sw, sr)));
+            }
+        },
+    );
+    let check = |e: &Value, tx: u64, rx: u64| {
+        assert_eq!(e["accelerated"], true, "{e}");
+        assert!(e.get("maybe_short").is_none(), "{e}");
+        assert_eq!(
+            (e["tx_bytes"].as_u64(), e["rx_bytes"].as_u64()),
+            (Some(tx), Some(rx)),
+            "{e}"
+        );
+    };
+    for ((sport, dport), (tx, rx)) in &truth {
+        let e: Vec<_> = lines
+            .iter()
+            .filter(|e| e["event"] == "conn" && e["sport"] == *sport && e["dport"] == *dport)
+            .collect();
+        assert_eq!(e.len(), 1, "{sport}->{dport}: {e:?}");
+        check(e[0], *tx, *rx);
+    }
+    drop(pairs);
+    thread::sleep(Duration::from_millis(300));
+    let out = tracer.stop();
+    out.assert_clean();
+    let closes = out.of_kind("close");
+    for ((sport, dport), (tx, rx)) in &truth {
+        check(close_of(&closes, *sport, *dport), *tx, *rx);
+    }
+}

@@ -117,6 +117,7 @@ pub fn load<'obj>(
     }
     // Keeps the pinned map open until load has taken its own reference.
     let _xlate = join_steering(&mut open)?;
+    let _accel = join_accel_bytes(&mut open)?;
     let wanted = opts.plan.names();
     for mut prog in open.open_object_mut().progs_mut() {
         let keep = prog.name().to_str().is_some_and(|n| wanted.contains(n));
@@ -144,22 +145,39 @@ pub fn load<'obj>(
 /// redirected address they were opened to (conn.bpf.h, conn_steer). Without
 /// one, the object keeps its own empty map and the lookup is compiled out.
 fn join_steering(open: &mut crate::skel::OpenSocklensSkel<'_>) -> Result<Option<MapHandle>> {
-    let path = Pins::new(POLICY).map("slp_xlate");
+    let map = join_pinned(&mut open.maps.slp_xlate, Pins::new(POLICY).map("slp_xlate"))?;
+    if let (Some(_), Some(ro)) = (&map, open.maps.rodata_data.as_deref_mut()) {
+        ro.steer_join = true;
+    }
+    Ok(map)
+}
+
+/// Likewise sk_msg's counts of accelerated bytes (`slp_accel_bytes`), which
+/// replace per-call counts that a skipped run can lose (conn.bpf.h,
+/// tcp_accel_exact).
+fn join_accel_bytes(open: &mut crate::skel::OpenSocklensSkel<'_>) -> Result<Option<MapHandle>> {
+    let map = join_pinned(
+        &mut open.maps.slp_accel_bytes,
+        crate::policy::accelmaps::pins().map(crate::policy::accelmaps::BYTES),
+    )?;
+    if let (Some(_), Some(ro)) = (&map, open.maps.rodata_data.as_deref_mut()) {
+        ro.accel_join = true;
+    }
+    Ok(map)
+}
+
+/// The pinned map at `path`, if any, as the object's `map`.
+fn join_pinned(map: &mut libbpf_rs::OpenMapMut<'_>, path: PathBuf) -> Result<Option<MapHandle>> {
     if !path.exists() {
         return Ok(None);
     }
-    let map = MapHandle::from_pinned_path(&path).map_err(|source| Error::BpfErrno {
+    let pinned = MapHandle::from_pinned_path(&path).map_err(|source| Error::BpfErrno {
         what: format!("opening pinned map {}", path.display()).into(),
         source,
     })?;
-    open.maps
-        .slp_xlate
-        .reuse_fd(map.as_fd())
-        .ctx("joining the policy's slp_xlate")?;
-    if let Some(ro) = open.maps.rodata_data.as_deref_mut() {
-        ro.steer_join = true;
-    }
-    Ok(Some(map))
+    map.reuse_fd(pinned.as_fd())
+        .ctx(format!("joining {}", path.display()))?;
+    Ok(Some(pinned))
 }
 
 fn write_filters(
@@ -197,6 +215,7 @@ fn write_filters(
     ro.state_skips_start = opts.plan.state_skips_start;
     ro.udp_sends_skipped = opts.plan.udp_sends_skipped;
     ro.conn_hooks_blind = opts.plan.conn_hooks_blind;
+    ro.accel_calls_blind = opts.plan.accel_calls_blind;
     Ok(())
 }
 

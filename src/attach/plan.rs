@@ -459,7 +459,9 @@ const RETRANSMIT_TIERS: &[TierSpec] = &[
 /// makes the state hook ignore TCP_CLOSE, as when the kernel skips its run,
 /// so the suite can check that socket destruction still reports every close;
 /// `state_start` makes it ignore every start, so the suite can check that
-/// each connection is still tracked from its first use or active open.
+/// each connection is still tracked from its first use or active open;
+/// `accel_calls` makes the send and receive hooks count no redirected bytes,
+/// so the suite can check what sk_msg's own counts give.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Knobs {
     off: BTreeSet<String>,
@@ -515,6 +517,10 @@ impl Knobs {
 
     pub fn state_start_off(&self) -> bool {
         self.has("state_start")
+    }
+
+    pub fn accel_calls_off(&self) -> bool {
+        self.has("accel_calls")
     }
 }
 
@@ -616,6 +622,8 @@ pub struct Plan {
     pub udp_sends_skipped: bool,
     /// Only the destruction hook sees TCP connections (the `conn_hooks` knob).
     pub conn_hooks_blind: bool,
+    /// The send and receive hooks count no redirected bytes (`accel_calls`).
+    pub accel_calls_blind: bool,
     /// The kernel's function signatures the programs branch on (rodata).
     pub shape: KernelShape,
 }
@@ -803,6 +811,7 @@ pub fn plan(caps: &Capabilities, opts: &PlanOptions) -> Result<Plan, PlanError> 
         state_skips_start: opts.knobs.state_start_off(),
         udp_sends_skipped: opts.knobs.udp_send_off(),
         conn_hooks_blind: opts.knobs.conn_hooks_off(),
+        accel_calls_blind: opts.knobs.accel_calls_off(),
         shape: opts.shape,
         hooks,
         skipped,

@@ -7,6 +7,7 @@
 #define SOCKLENS_ACCEL_BPF_H
 
 #include "accel.h"
+#include "accel_bytes.bpf.h"
 
 #define SLP_IFF_LOOPBACK 8
 #define SLP_SOCK_ZEROCOPY 18
@@ -18,6 +19,8 @@ struct slp_accel_key _slp_accel_key = {};
 struct slp_accel_cg_key _slp_accel_cg_key = {};
 struct slp_accel_scope _slp_accel_scope = {};
 struct slp_accel_info _slp_accel_info = {};
+struct slp_accel_bytes _slp_accel_bytes = {};
+struct slp_accel_end _slp_accel_end = {};
 enum slp_accel_limit _slp_accel_limit = SLP_ACCEL_MAX_SCOPES;
 enum slp_accel_stat _slp_accel_stat = SLP_AS_PAIRED;
 
@@ -42,6 +45,13 @@ struct {
 	__type(key, __u32);
 	__type(value, struct slp_accel_info);
 } slp_accel_info SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct slp_accel_end);
+} slp_accel_end SEC(".maps");
 
 /* Active ends that joined and wait for their passive end: sock_ops cannot hold
  * a socket looked up in the sockhash (no bpf_sk_release there). */
@@ -96,18 +106,6 @@ static __always_inline void accel_own_key(struct tcp_sock *tp, __u64 netns, stru
 	k->lport = BPF_CORE_READ(c, skc_num);
 	k->rport = bpf_ntohs(BPF_CORE_READ(c, skc_dport));
 	k->netns = netns;
-}
-
-/* The key the peer of `own` is filed under. */
-static __always_inline void accel_peer_key(const struct slp_accel_key *own, struct slp_accel_key *peer)
-{
-	__builtin_memcpy(peer->laddr, own->raddr, 16);
-	__builtin_memcpy(peer->raddr, own->laddr, 16);
-	peer->lport = own->rport;
-	peer->rport = own->lport;
-	peer->family = own->family;
-	peer->pad = 0;
-	peer->netns = own->netns;
 }
 
 /* Nothing of this end ever went through TCP: no byte queued past the SYN. While
@@ -178,12 +176,26 @@ static __always_inline bool accel_eligible(struct tcp_sock *tp, __u16 port)
 	return true;
 }
 
+/* Where the release hook finds this end's counts. */
+static __always_inline void accel_remember(struct bpf_sock *sk, struct tcp_sock *tp,
+					   const struct slp_accel_key *own)
+{
+	struct slp_accel_end *e = bpf_sk_storage_get(&slp_accel_end, sk, 0,
+						     BPF_SK_STORAGE_GET_F_CREATE);
+
+	if (e) {
+		e->key = *own;
+		e->sk = (__u64)tp;
+	}
+}
+
 SEC("sockops")
 int slp_accel_sockops(struct bpf_sock_ops *ctx)
 {
 	struct slp_accel_key own = {}, peer = {};
+	struct slp_accel_bytes mine = {}, theirs = {};
 	struct bpf_sock *sk = ctx->sk;
-	__u64 cookie;
+	__u64 cookie, *pending;
 	struct tcp_sock *tp;
 
 	if (ctx->op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB &&
@@ -212,6 +224,7 @@ int slp_accel_sockops(struct bpf_sock_ops *ctx)
 		    bpf_sock_hash_update(ctx, &slp_accel_hash, &own, BPF_NOEXIST) == 0) {
 			bpf_map_update_elem(&slp_accel_pending, &own, &cookie, BPF_ANY);
 			bpf_sk_storage_get(&slp_accel_joined, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+			accel_remember(sk, tp, &own);
 		} else
 			bpf_map_delete_elem(&slp_accel_pending, &own);
 		return 1;
@@ -221,11 +234,20 @@ int slp_accel_sockops(struct bpf_sock_ops *ctx)
 	 * arrived through TCP; otherwise take the active end out, so no hashed socket
 	 * receives through TCP (FIONREAD would miss those bytes). */
 	accel_peer_key(&own, &peer);
+	pending = bpf_map_lookup_elem(&slp_accel_pending, &peer);
+	if (!pending)
+		return 1;
+	mine.peer_cookie = theirs.cookie = *pending;
 	if (bpf_map_delete_elem(&slp_accel_pending, &peer) != 0)
 		return 1;
+	/* The counters before the join: the active end redirects from then on. */
+	mine.cookie = theirs.peer_cookie = bpf_get_socket_cookie(ctx);
 	if (accel_eligible(tp, own.lport) && ctx->bytes_received == 0 && accel_clean(tp) &&
+	    bpf_map_update_elem(&slp_accel_bytes, &own, &mine, BPF_ANY) == 0 &&
+	    bpf_map_update_elem(&slp_accel_bytes, &peer, &theirs, BPF_ANY) == 0 &&
 	    bpf_sock_hash_update(ctx, &slp_accel_hash, &own, BPF_NOEXIST) == 0) {
 		bpf_sk_storage_get(&slp_accel_joined, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+		accel_remember(sk, tp, &own);
 		accel_count(SLP_AS_PAIRED, 1);
 	} else {
 		bpf_map_delete_elem(&slp_accel_hash, &peer);
@@ -250,6 +272,11 @@ int slp_accel_msg(struct sk_msg_md *msg)
 	accel_peer_key(&own, &peer);
 	if (accel_clean(tp)) {
 		if (bpf_msg_redirect_hash(msg, &slp_accel_hash, &peer, BPF_F_INGRESS) == SK_PASS) {
+			struct slp_accel_bytes *b = bpf_map_lookup_elem(&slp_accel_bytes, &peer);
+
+			/* Counted here, as no tracing run can be skipped. */
+			if (b)
+				__sync_fetch_and_add(&b->delivered, size);
 			accel_count(SLP_AS_MSGS, 1);
 			accel_count(SLP_AS_BYTES, size);
 			return SK_PASS;
@@ -280,6 +307,31 @@ int slp_accel_ulp(struct bpf_sockopt *ctx)
 	}
 	accel_count(SLP_AS_REFUSED_ULP, 1);
 	return 0;
+}
+
+/* close() of a hashed end, before the kernel takes it out of the sockhash and
+ * drops what is still queued: what its application read is final now, and known
+ * from the psock. A cgroup program, which no run of which the kernel skips. */
+SEC("cgroup/sock_release")
+int slp_accel_release(struct bpf_sock *ctx)
+{
+	struct slp_accel_end *e;
+	struct slp_accel_bytes *b;
+	__u64 read;
+
+	if (ctx->protocol != IPPROTO_TCP)
+		return 1;
+	e = bpf_sk_storage_get(&slp_accel_end, ctx, 0, 0);
+	if (!e)
+		return 1;
+	b = bpf_map_lookup_elem(&slp_accel_bytes, &e->key);
+	if (!b || b->cookie != bpf_get_socket_cookie(ctx))
+		return 1;
+	if (accel_read((struct sock *)e->sk, b->delivered, &read)) {
+		b->read = read;
+		b->released = 1;
+	}
+	return 1;
 }
 
 #endif

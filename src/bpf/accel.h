@@ -22,6 +22,25 @@ struct slp_accel_key {
 	__u64 netns;
 };
 
+/* `slp_accel_bytes` (accel_bytes.bpf.h): one hashed end, made when its pair joins,
+ * before either end can redirect. The cookies tell this pair's entry from one a
+ * closed connection with the same addresses left. */
+struct slp_accel_bytes {
+	__u64 cookie;      /* this end's socket cookie */
+	__u64 peer_cookie; /* its peer's */
+	__u64 delivered;   /* bytes sk_msg redirected to this end's ingress queue */
+	__u64 read;        /* released: what its application had read of them */
+	__u32 released;    /* its last close() came with its psock's queue known */
+	__u32 pad;
+};
+
+/* Socket storage of a hashed end: where its counts are, for the release hook,
+ * which has no other way to its key or its psock. */
+struct slp_accel_end {
+	struct slp_accel_key key;
+	__u64 sk;
+};
+
 /* `slp_accel_of`: (gen, cgroup id) -> the entry accelerating that cgroup. */
 struct slp_accel_cg_key {
 	__u64 cgroup_id;

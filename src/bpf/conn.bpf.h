@@ -6,11 +6,11 @@
 #include "common.bpf.h"
 #include "policy.h"
 #include "xlate.bpf.h"
+#include "accel_bytes.bpf.h"
 
 #define IPPROTO_TCP 6
 #define IPPROTO_UDP 17
 #define MSG_PEEK 2
-#define SL_SK_USER_DATA_PSOCK 4 /* include/net/sock.h: sk_user_data holds a psock */
 /* Map helpers' errors are compared as int (see conn_put). */
 #define SL_EEXIST 17
 
@@ -52,6 +52,9 @@ const volatile bool state_skips_start = false;
 /* SOCKLENS_DISABLE=udp_send: every UDP send run is skipped and counted as
  * missed, as when the kernel skips it; UDP has no counters to recover from. */
 const volatile bool udp_sends_skipped = false;
+/* SOCKLENS_DISABLE=accel_calls: the send and receive hooks count no redirected
+ * bytes, as when the kernel skips every run; only slp_accel_bytes can. */
+const volatile bool accel_calls_blind = false;
 /* SOCKLENS_DISABLE=conn_hooks: the state, accept, send, receive and sendfile
  * hooks ignore TCP connections, so only the destruction hook sees them. */
 const volatile bool conn_hooks_blind = false;
@@ -361,7 +364,7 @@ static __always_inline void tcp_seq_sync_rx(struct sl_conn *c, struct tcp_sock *
  * to a peer, and its reads may come from the psock queue, past TCP. */
 static __always_inline bool tcp_has_psock(struct sock *sk, int btf)
 {
-	return (unsigned long)SL_READ(btf, sk, sk_user_data) & SL_SK_USER_DATA_PSOCK;
+	return (unsigned long)SL_READ(btf, sk, sk_user_data) & SLP_SK_USER_DATA_PSOCK;
 }
 
 /* From here on its sends and reads are split. The counters as of its base:
@@ -392,6 +395,60 @@ static __always_inline void tcp_accel_count(struct sl_conn *c, struct tcp_sock *
 	*seen = now;
 	if (n > moved)
 		__sync_fetch_and_add(recv ? &c->accel_rx : &c->accel_tx, n - moved);
+}
+
+/* The loader reuses the policy's pinned slp_accel_bytes (only where [[accelerate]]
+ * runs, 6.12+, so the guarded reads below load everywhere). */
+const volatile bool accel_join = false;
+
+/* An [[accelerate]] end: sk_msg counted what it delivered to each end
+ * (slp_accel_bytes), which no skipped tracing run can lose. tx is what its peer
+ * received; rx, while the psock lives (`live`), what it received less what is
+ * still queued, and after, what the release hook found read at close().
+ * Returns whether both came from the counters. */
+static __always_inline bool tcp_accel_exact(struct sl_conn *c, struct sock *sk, bool live)
+{
+	struct slp_accel_bytes *mine, *theirs;
+	struct slp_accel_key own, peer;
+	__u64 cookie;
+
+	if (!accel_join || !bpf_core_field_exists(struct net, net_cookie) ||
+	    (c->flags & SL_CONN_SEEDED))
+		return false;
+	/* The record's tuple: a closed socket's local port is gone (inet_put_port). */
+	__builtin_memset(&own, 0, sizeof(own));
+	__builtin_memcpy(own.laddr, c->saddr, 16);
+	__builtin_memcpy(own.raddr, c->daddr, 16);
+	own.lport = c->sport;
+	own.rport = c->dport;
+	own.family = c->family;
+	own.netns = BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
+	accel_peer_key(&own, &peer);
+	cookie = BPF_CORE_READ(sk, __sk_common.skc_cookie.counter);
+	mine = bpf_map_lookup_elem(&slp_accel_bytes, &own);
+	if (!mine || mine->cookie != cookie)
+		return false;
+	theirs = bpf_map_lookup_elem(&slp_accel_bytes, &peer);
+	if (!theirs || theirs->cookie != mine->peer_cookie || theirs->peer_cookie != cookie)
+		return false;
+	tcp_accel_mark(c);
+	c->accel_tx = theirs->delivered;
+	if (live)
+		return accel_read(sk, mine->delivered, &c->accel_rx);
+	if (!mine->released)
+		return false;
+	c->accel_rx = mine->read;
+	return true;
+}
+
+/* Before a sync of tx/rx: the counters where they apply, and the flag that
+ * says whether the record still rests on per-call counts. */
+static __always_inline void tcp_accel_sync(struct sl_conn *c, struct sock *sk, bool live)
+{
+	if (tcp_accel_exact(c, sk, live))
+		c->flags |= SL_CONN_ACCEL_EXACT;
+	else
+		c->flags &= ~SL_CONN_ACCEL_EXACT;
 }
 
 /* Counting from the start of a new connection: the counters start at zero on
@@ -753,6 +810,7 @@ static __always_inline void on_state(void *ctx, struct sock *sk, int old, int ne
 		return;
 	}
 	if (tcp_bytes_from_seq) {
+		tcp_accel_sync(c, sk, false);
 		tcp_seq_sync_tx(c, tp, tcp_fin_queued(old), btf);
 		tcp_seq_sync_rx(c, tp, btf);
 	}
@@ -844,6 +902,7 @@ static __always_inline void on_destroy(void *ctx, struct sock *sk, __u32 tier, i
 		c->sport = bpf_ntohs(SL_READ(btf, tp, inet_conn.icsk_inet.inet_sport));
 	if (tcp_bytes_from_seq && !wiped) {
 		/* A draining entry's tx was final at TCP_CLOSE. */
+		tcp_accel_sync(c, sk, false);
 		if (!(c->flags & SL_CONN_DRAINING))
 			tcp_seq_sync_tx(c, tp, tcp_fin_queued_at_destroy(c, tp, btf), btf);
 		tcp_seq_sync_rx(c, tp, btf);
@@ -1027,8 +1086,12 @@ static __always_inline void tcp_touch(void *ctx, struct sock *sk, __u64 cookie, 
 	}
 	waiting_done(c);
 	set_owner(c, btf);
-	if (psock && !(flags & MSG_PEEK))
-		tcp_accel_count(c, tp, ret, recv, btf);
+	if (psock && !(flags & MSG_PEEK)) {
+		if (accel_calls_blind)
+			tcp_accel_mark(c);
+		else
+			tcp_accel_count(c, tp, ret, recv, btf);
+	}
 	if (!recv || !closed || !(c->flags & SL_CONN_DRAINING))
 		return;
 	/* Closed with data unread: its record waits for this read. */

@@ -1332,6 +1332,7 @@ static __always_inline void seed_refresh(struct sl_conn *c, struct sock *sk, str
 	if (tcp_bytes_from_seq && tp && c->state != SL_TCP_CLOSE) {
 		if (tcp_has_psock(sk, SL_BTF))
 			tcp_accel_mark(c);
+		tcp_accel_sync(c, sk, true);
 		tcp_seq_sync_tx(c, tp, tcp_fin_queued(c->state), SL_BTF);
 		tcp_seq_sync_rx(c, tp, SL_BTF);
 	}

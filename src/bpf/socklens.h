@@ -56,6 +56,7 @@ enum sl_conn_flag {
 	SL_CONN_FOUND_LATE = 64, /* its start was missed: tracked later, from its socket's start */
 	SL_CONN_FIN_QUEUED = 128, /* its FIN took a sequence number (FIN_WAIT1 or LAST_ACK seen) */
 	SL_CONN_ACCEL = 256,     /* had a psock (sockmap/sockhash): bytes redirected past TCP counted */
+	SL_CONN_ACCEL_EXACT = 512, /* its redirected bytes came from sk_msg's counts (slp_accel_bytes) */
 };
 
 /* bind and listen. Every event record starts with `kind`. */

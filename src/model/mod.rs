@@ -173,6 +173,9 @@ pub struct Conn {
     /// It had a psock: some of its bytes may have moved by sk_msg redirect,
     /// counted per call (docs/accelerate.md, "Accounting").
     pub accelerated: bool,
+    /// Its redirected bytes came from sk_msg's own counts, which no skipped
+    /// hook run can shorten (docs/accelerate.md, "Accounting").
+    pub accel_exact: bool,
     /// The policy steered it: the address the application connected to.
     pub steer: Option<Steer>,
 }
@@ -224,6 +227,7 @@ impl Conn {
             closed_at_destroy: flag(sl_conn_flag::SL_CONN_CLOSED_AT_DESTROY),
             found_late: flag(sl_conn_flag::SL_CONN_FOUND_LATE),
             accelerated: flag(sl_conn_flag::SL_CONN_ACCEL),
+            accel_exact: flag(sl_conn_flag::SL_CONN_ACCEL_EXACT),
             steer: (raw.steered != 0).then(|| Steer {
                 kind: cg::steer_name(raw.steered),
                 addr: ip_from(raw.family, &raw.orig_addr),
@@ -462,6 +466,7 @@ impl Conn {
             closed_at_destroy: false,
             found_late: false,
             accelerated: false,
+            accel_exact: false,
             steer: None,
         }
     }

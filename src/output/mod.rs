@@ -160,7 +160,7 @@ impl Renderer {
         // Only where some bytes may have bypassed TCP (docs/accelerate.md).
         if c.accelerated {
             obj.bool("accelerated", true);
-            if self.missed_runs {
+            if self.missed_runs && !c.accel_exact {
                 obj.bool("maybe_short", true);
             }
         }
@@ -456,7 +456,7 @@ mod tests {
     }
 
     #[test]
-    fn accelerated_connections_are_maybe_short_once_runs_were_missed() {
+    fn accelerated_connections_on_per_call_counts_are_maybe_short_once_runs_were_missed() {
         let mut r = renderer(true);
         let mut e = steered();
         let v = |r: &mut Renderer, e: &ConnEvent| {
@@ -472,6 +472,9 @@ mod tests {
         assert_eq!(v(&mut r, &e), [None, None], "plain TCP has counters");
         e.conn.accelerated = true;
         assert_eq!(v(&mut r, &e), [Some(true.into()), Some(true.into())]);
+        e.conn.accel_exact = true;
+        assert_eq!(v(&mut r, &e), [None, None], "sk_msg's own counts");
+        e.conn.accel_exact = false;
         r.missed_runs = false;
         assert_eq!(v(&mut r, &e), [None, None]);
     }

@@ -29,9 +29,17 @@ pub const COMPONENT: &str = "accel";
 pub const SOCKOPS: &str = "slp_accel_sockops";
 pub const MSG: &str = "slp_accel_msg";
 pub const ULP: &str = "slp_accel_ulp";
+/// At close(), records what the application read (docs/accelerate.md, "Accounting").
+pub const RELEASE: &str = "slp_accel_release";
+/// The programs loaded for acceleration.
+pub const PROGRAMS: [&str; 4] = [SOCKOPS, MSG, RELEASE, ULP];
 pub const HASH: &str = "slp_accel_hash";
-pub const PINNED_MAPS: [&str; 6] = [
+/// sk_msg's byte counts per hashed end, which the tracer joins.
+pub const BYTES: &str = "slp_accel_bytes";
+pub const PINNED_MAPS: [&str; 8] = [
     HASH,
+    BYTES,
+    "slp_accel_end",
     "slp_accel_of",
     "slp_accel_info",
     "slp_accel_stats",
@@ -154,10 +162,11 @@ pub fn write(skel: &PolicySkel<'_>, gen: u32, entries: &[Accelerate]) -> Result<
     Ok(())
 }
 
-/// Attaches sk_msg to the sockhash and, once each, sock_ops and the TCP_ULP
-/// guard at the cgroup v2 root: the root so that a passive end outside every
-/// entry still takes a lone active end out of the sockhash (docs/accelerate.md,
-/// "FIONREAD"), and so that no process can put a ULP on a hashed socket ("kTLS").
+/// Attaches sk_msg to the sockhash and, once each, sock_ops, sock_release and
+/// the TCP_ULP guard at the cgroup v2 root: the root so that a passive end outside
+/// every entry still takes a lone active end out of the sockhash
+/// (docs/accelerate.md, "FIONREAD"), and so that no process can put a ULP on a
+/// hashed socket ("kTLS").
 pub fn attach(skel: &PolicySkel<'_>, cgroup_root: &Path) -> Result<()> {
     let pins = pins();
     pins.create_dirs()?;
@@ -173,7 +182,7 @@ pub fn attach(skel: &PolicySkel<'_>, cgroup_root: &Path) -> Result<()> {
     prog(MSG)?
         .attach_sockmap(skel.maps.slp_accel_hash.as_fd().as_raw_fd())
         .ctx("attaching slp_accel_msg to the sockhash")?;
-    for name in [ULP, SOCKOPS] {
+    for name in [ULP, SOCKOPS, RELEASE] {
         if !pins.link(name).exists() {
             let link = CgroupTarget::open(cgroup_root)?.attach(&prog(name)?)?;
             pins.pin_links(&mut [(name.to_owned(), link)])?;

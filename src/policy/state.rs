@@ -128,10 +128,10 @@ fn load_enforcing<'obj>(
         accel_pins.create_dirs()?;
     }
     for mut prog in open.open_object_mut().progs_mut() {
-        let keep = prog.name().to_str().is_some_and(|n| {
-            ENFORCING.contains(&n)
-                || (accel && [accelmaps::SOCKOPS, accelmaps::MSG, accelmaps::ULP].contains(&n))
-        });
+        let keep = prog
+            .name()
+            .to_str()
+            .is_some_and(|n| ENFORCING.contains(&n) || (accel && accelmaps::PROGRAMS.contains(&n)));
         prog.set_autoload(keep);
     }
     open.load()

@@ -590,6 +590,17 @@ pub fn conns_snapshot_after(
     conns_snapshot_inner(cap_secs, args, &[], during, Some(settle))
 }
 
+/// [`conns_snapshot_after`] with these environment variables set for socklens.
+pub fn conns_snapshot_after_env(
+    cap_secs: f64,
+    settle: Duration,
+    args: &[&str],
+    env: &[(&str, &str)],
+    during: impl FnOnce(),
+) -> (Vec<Value>, String) {
+    conns_snapshot_inner(cap_secs, args, env, during, Some(settle))
+}
+
 fn conns_snapshot_inner(
     secs: f64,
     args: &[&str],
