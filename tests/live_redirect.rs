@@ -222,6 +222,18 @@ fn tcp_reaches_the_server_through_the_proxy_v4_and_v6() {
     assert_ne!(e4.peers.lock().unwrap()[0].port(), client4);
     let v = show();
     assert_eq!(v["redirects"][0]["redirected"], 2, "{v}");
+    // A file with no [[scope]]: the rule-judging programs stay out.
+    let progs: Vec<&str> = v["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["program"].as_str().unwrap())
+        .collect();
+    assert!(progs.contains(&"slp_redir_sockops"), "{v}");
+    assert!(
+        !progs.contains(&"slp_sock_create") && !progs.contains(&"slp_bind4"),
+        "{v}"
+    );
     drop(proxy.finish());
 }
 

@@ -333,7 +333,7 @@ struct slp_xlate_entry {
  * sock_release deletes it first so `slp_xlate_stats` can count live entries. */
 struct slp_sock_xlate {
 	__u32 next;      /* entry replaced when all are used */
-	__u32 pad;
+	__u32 state_cb;  /* redirect subscribed the socket to sock_ops STATE_CB */
 	struct slp_xlate_entry e[SLP_XLATE_ENTRIES];
 };
 

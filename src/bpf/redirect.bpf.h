@@ -229,8 +229,11 @@ static __always_inline void redirect_connect_cb(struct bpf_sock_ops *ctx)
 		o.rule = e->service;
 		bpf_map_update_elem(&slp_redir_pairs, &k, &o, BPF_ANY);
 		/* Other programs' flags kept: the helper sets them all. */
-		bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags |
-						       BPF_SOCK_OPS_STATE_CB_FLAG);
+		if (!(ctx->bpf_sock_ops_cb_flags & BPF_SOCK_OPS_STATE_CB_FLAG)) {
+			st->state_cb = 1;
+			bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags |
+							       BPF_SOCK_OPS_STATE_CB_FLAG);
+		}
 		return;
 	}
 }
@@ -271,11 +274,24 @@ static __always_inline void redirect_accept_cb(struct bpf_sock_ops *ctx)
 static __always_inline void redirect_close_cb(struct bpf_sock_ops *ctx)
 {
 	struct slp_redir_key k = {};
+	struct slp_sock_xlate *st;
+	struct bpf_sock *sk = ctx->sk;
 
-	if (ctx->args[1] != BPF_TCP_CLOSE)
-		return;
 	ops_key(ctx, &k, true);
-	bpf_map_delete_elem(&slp_redir_pairs, &k);
+	if (ctx->args[1] == BPF_TCP_CLOSE) {
+		bpf_map_delete_elem(&slp_redir_pairs, &k);
+		return;
+	}
+	/* Claimed already: nothing left to free, so stop the state callbacks
+	 * (only if redirect asked for them; another program may want them). */
+	if (!sk || bpf_map_lookup_elem(&slp_redir_pairs, &k))
+		return;
+	st = bpf_sk_storage_get(&slp_xlate, sk, 0, 0);
+	if (st && st->state_cb) {
+		st->state_cb = 0;
+		bpf_sock_ops_cb_flags_set(ctx, ctx->bpf_sock_ops_cb_flags &
+						       ~BPF_SOCK_OPS_STATE_CB_FLAG);
+	}
 }
 
 /* getsockopt SO_ORIGINAL_DST on a socket the proxy accepted from a redirected

@@ -54,11 +54,18 @@ pub const ENFORCING: [&str; 14] = [
 /// on some nine callbacks of every TCP connection in the attach cgroup.
 const REDIRECT_ONLY: &str = "slp_redir_sockops";
 
+/// Attached only while the file has a `[[scope]]`: they judge rules and do
+/// nothing else (sock_create runs for every socket made in the attach cgroup).
+const SCOPES_ONLY: [&str; 3] = ["slp_sock_create", "slp_bind4", "slp_bind6"];
+
 /// The enforcing programs a policy attaches.
-fn attached(redirects: bool) -> Vec<&'static str> {
+fn attached(policy: &Policy) -> Vec<&'static str> {
+    let redirects = !policy.redirects.is_empty();
+    let scopes = !policy.scopes.is_empty();
     ENFORCING
         .into_iter()
         .filter(|n| redirects || *n != REDIRECT_ONLY)
+        .filter(|n| scopes || !SCOPES_ONLY.contains(n))
         .collect()
 }
 
@@ -343,7 +350,7 @@ pub fn apply(policy: &Policy, cgroup_root: &Path) -> Result<Applied> {
     )?;
 
     let target = CgroupTarget::open(&cgroup_root.join(policy.attach.rel.trim_start_matches('/')))?;
-    let wanted = attached(!policy.redirects.is_empty());
+    let wanted = attached(policy);
     let existing = pins.pinned_links()?;
     let keep = existing.len() == wanted.len()
         && existing
