@@ -269,8 +269,12 @@ static __always_inline bool find_scope(__u32 gen, struct slp_scope *out)
 {
 	struct slp_cgroup_key k = { .gen = gen };
 	struct scope_walk w = { .gen = gen };
+	struct slp_config *cfg = slp_cfg();
 	struct slp_scope *s;
 
+	/* A file of services or redirects only: no cgroup walk on every call. */
+	if (cfg && !cfg->nscopes[gen & 1])
+		return false;
 	k.cgroup_id = bpf_get_current_cgroup_id();
 	s = bpf_map_lookup_elem(&slp_scope_of, &k);
 	if (s) {
