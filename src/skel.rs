@@ -105,6 +105,8 @@ mod policy_plain {
     unsafe impl plain::Plain for super::policy::types::slp_accel_cg_key {}
     unsafe impl plain::Plain for super::policy::types::slp_accel_scope {}
     unsafe impl plain::Plain for super::policy::types::slp_accel_info {}
+    unsafe impl plain::Plain for super::policy::types::slp_accel_key {}
+    unsafe impl plain::Plain for super::policy::types::slp_accel_bytes {}
 }
 
 /// Sum over CPUs of slot `idx` of a per-CPU array of u64 counters.

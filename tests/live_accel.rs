@@ -1311,4 +1311,37 @@ fn with_per_call_hooks_blind_accelerated_records_still_equal_what_the_applicatio
     for ((sport, dport), (tx, rx)) in &truth {
         check(close_of(&closes, *sport, *dport), *tx, *rx);
     }
+    // With no tracer reading (its lease ran out), the counts go with the
+    // sockets: the second close() of a pair frees them.
+    thread::sleep(Duration::from_millis(1500));
+    let before = accel_count_entries();
+    join(&bed.cg.path);
+    let more: Vec<_> = (0..3).map(|_| pair()).collect();
+    bed.leave();
+    for (c, s) in &more {
+        transfer(c, s, 7, 1000, 0);
+    }
+    assert_eq!(
+        accel_count_entries(),
+        before + 6,
+        "two entries per open pair"
+    );
+    drop(more);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(accel_count_entries(), before, "left after both ends closed");
+}
+
+/// Entries of `slp_accel_bytes` that belong to pairs (the tracer's lease, the
+/// all-zero key, has no socket cookie).
+fn accel_count_entries() -> usize {
+    let m = libbpf_rs::MapHandle::from_pinned_path(pin_root().join("accel/maps/slp_accel_bytes"))
+        .unwrap();
+    libbpf_rs::MapCore::keys(&m)
+        .filter(|k| {
+            let v = libbpf_rs::MapCore::lookup(&m, k, libbpf_rs::MapFlags::ANY)
+                .unwrap()
+                .unwrap_or_default();
+            v.len() >= 8 && v[..8] != [0u8; 8]
+        })
+        .count()
 }

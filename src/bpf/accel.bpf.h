@@ -315,8 +315,9 @@ int slp_accel_ulp(struct bpf_sockopt *ctx)
 SEC("cgroup/sock_release")
 int slp_accel_release(struct bpf_sock *ctx)
 {
+	struct slp_accel_bytes *b, *p;
+	struct slp_accel_key peer;
 	struct slp_accel_end *e;
-	struct slp_accel_bytes *b;
 	__u64 read;
 
 	if (ctx->protocol != IPPROTO_TCP)
@@ -331,6 +332,12 @@ int slp_accel_release(struct bpf_sock *ctx)
 		b->read = read;
 		b->released = 1;
 	}
+	b->marks |= SLP_ACCEL_GONE;
+	/* The second end's close() with no tracer to report them: free the pair. */
+	accel_peer_key(&e->key, &peer);
+	p = bpf_map_lookup_elem(&slp_accel_bytes, &peer);
+	if (p && p->cookie == b->peer_cookie && (p->marks & SLP_ACCEL_GONE) && !accel_reader())
+		accel_forget(&e->key, &peer);
 	return 1;
 }
 

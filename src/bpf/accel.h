@@ -31,7 +31,14 @@ struct slp_accel_bytes {
 	__u64 delivered;   /* bytes sk_msg redirected to this end's ingress queue */
 	__u64 read;        /* released: what its application had read of them */
 	__u32 released;    /* its last close() came with its psock's queue known */
-	__u32 pad;
+	__u32 marks;       /* enum slp_accel_mark */
+};
+
+/* A pair's entries go at the second end's close() when no tracer reads them
+ * (the all-zero key's `delivered`: CLOCK_MONOTONIC ns of a tracer's lease);
+ * while one does, the last close record needs them and they age out (LRU). */
+enum slp_accel_mark {
+	SLP_ACCEL_GONE = 1, /* close() ran (the release hook) */
 };
 
 /* Socket storage of a hashed end: where its counts are, for the release hook,

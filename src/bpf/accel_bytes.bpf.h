@@ -1,7 +1,8 @@
 /* `slp_accel_bytes`: what sk_msg delivered to each hashed end's ingress queue,
  * filed under that end's sockhash key. Written by the policy object (accel.bpf.h),
  * read by the tracer (conn.bpf.h, tcp_accel_exact) through the pinned map; one
- * definition so both objects' maps match. LRU: entries of closed pairs age out. */
+ * definition so both objects' maps match. A pair's entries go with its sockets
+ * when no tracer reads them (enum slp_accel_mark); LRU otherwise. */
 #ifndef SOCKLENS_ACCEL_BYTES_BPF_H
 #define SOCKLENS_ACCEL_BYTES_BPF_H
 
@@ -26,6 +27,23 @@ static __always_inline void accel_peer_key(const struct slp_accel_key *own, stru
 	peer->family = own->family;
 	peer->pad = 0;
 	peer->netns = own->netns;
+}
+
+/* Whether a tracer reads the counts now (its lease, the all-zero key). */
+static __always_inline bool accel_reader(void)
+{
+	struct slp_accel_key k = {};
+	struct slp_accel_bytes *l = bpf_map_lookup_elem(&slp_accel_bytes, &k);
+
+	return l && l->delivered > bpf_ktime_get_ns();
+}
+
+/* Both entries of a pair, once nobody needs them. */
+static __always_inline void accel_forget(const struct slp_accel_key *own,
+					 const struct slp_accel_key *peer)
+{
+	bpf_map_delete_elem(&slp_accel_bytes, own);
+	bpf_map_delete_elem(&slp_accel_bytes, peer);
 }
 
 /* Bytes redirected to a hashed end and still queued in its psock; -1 when not

@@ -21,7 +21,8 @@ use crate::policy::accelerate::Accelerate;
 use crate::policy::pinned::{bytes, decode};
 use crate::skel::percpu_sum;
 use crate::skel::policy::types::{
-    slp_accel_cg_key, slp_accel_info, slp_accel_limit, slp_accel_scope, slp_accel_stat,
+    slp_accel_bytes, slp_accel_cg_key, slp_accel_info, slp_accel_key, slp_accel_limit,
+    slp_accel_scope, slp_accel_stat,
 };
 use crate::skel::policy::PolicySkel;
 
@@ -189,6 +190,27 @@ pub fn attach(skel: &PolicySkel<'_>, cgroup_root: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Tells the release program a tracer reads `slp_accel_bytes` until
+/// CLOCK_MONOTONIC `until_ns`, so it leaves a closed pair's entries to the
+/// tracer's close records (the all-zero key; docs/accelerate.md, "Accounting").
+/// False when no counts are pinned.
+pub fn lease_reader(until_ns: u64) -> Result<bool> {
+    let Ok(m) = MapHandle::from_pinned_path(pins().map(BYTES)) else {
+        return Ok(false);
+    };
+    let lease = slp_accel_bytes {
+        delivered: until_ns,
+        ..Default::default()
+    };
+    m.update(
+        bytes(&slp_accel_key::default()),
+        bytes(&lease),
+        MapFlags::ANY,
+    )
+    .ctx("writing the slp_accel_bytes lease")?;
+    Ok(true)
 }
 
 /// Sockets in the pinned sockhash now (two per accelerated connection).

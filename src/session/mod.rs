@@ -416,20 +416,40 @@ pub fn with_session<T>(
     if req.policy_events {
         what = format!("{what}; policy verdicts of the pinned policy");
     }
-    if !req.translate_events {
+    // The leases first: what happens after the ready line is recorded.
+    let translate = req.translate_events;
+    let accel = session
+        .skel
+        .maps
+        .rodata_data
+        .as_ref()
+        .is_some_and(|ro| ro.accel_join);
+    if translate {
+        watch_translations()?;
+    }
+    if accel {
+        lease_accel_counts()?;
+    }
+    if translate {
+        eprintln!("socklens: tracing {what}; translations of the pinned policy. Ctrl-C to stop.");
+    } else {
         eprintln!("socklens: tracing {what}. Ctrl-C to stop.");
+    }
+    if !translate && !accel {
         return body(&mut live);
     }
-    // The lease first: what happens after the ready line is recorded.
-    watch_translations()?;
-    eprintln!("socklens: tracing {what}; translations of the pinned policy. Ctrl-C to stop.");
     let done = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|s| {
         s.spawn(|| {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(LEASE / 4);
-                // A failed renewal ends the records within LEASE; nothing to report.
-                let _ = watch_translations();
+                // A failed renewal ends the lease within LEASE; nothing to report.
+                if translate {
+                    let _ = watch_translations();
+                }
+                if accel {
+                    let _ = lease_accel_counts();
+                }
             }
         });
         let r = body(&mut live);
@@ -440,6 +460,13 @@ pub fn with_session<T>(
 
 /// How long the policy programs emit translate records after a renewal.
 const LEASE: Duration = Duration::from_secs(1);
+
+/// While the tracer reads sk_msg's counts, closed pairs' entries wait for its
+/// close records, which delete them (docs/accelerate.md, "Accounting").
+fn lease_accel_counts() -> Result<()> {
+    let until = reorder::monotonic_ns() + LEASE.as_nanos() as u64;
+    crate::policy::accelmaps::lease_reader(until).map(|_| ())
+}
 
 fn watch_translations() -> Result<()> {
     let until = reorder::monotonic_ns() + LEASE.as_nanos() as u64;
