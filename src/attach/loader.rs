@@ -53,6 +53,11 @@ pub struct Session<'obj> {
 }
 
 impl Session<'_> {
+    /// A read-only setting of the loaded object (false if it has none).
+    pub fn setting(&self, f: impl Fn(&crate::skel::types::rodata) -> bool) -> bool {
+        self.skel.maps.rodata_data.as_ref().is_some_and(|ro| f(ro))
+    }
+
     /// Runs the kernel skipped at the kprobe layer: a kprobe hit while
     /// another kprobe's handler runs on the same CPU (a softirq nested in a
     /// handler) is dropped before any BPF program, so the programs'

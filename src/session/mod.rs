@@ -418,12 +418,7 @@ pub fn with_session<T>(
     }
     // The leases first: what happens after the ready line is recorded.
     let translate = req.translate_events;
-    let accel = session
-        .skel
-        .maps
-        .rodata_data
-        .as_ref()
-        .is_some_and(|ro| ro.accel_join);
+    let accel = session.setting(|ro| ro.accel_join);
     if translate {
         watch_translations()?;
     }

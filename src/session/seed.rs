@@ -139,12 +139,7 @@ pub fn seed(session: &Session<'_>, adopt_new: bool) -> Result<usize> {
     let started = monotonic_ns();
     set(0, u32::from(adopt_new))?;
     set(1, gen)?;
-    let track_udp = session
-        .skel
-        .maps
-        .rodata_data
-        .as_ref()
-        .is_some_and(|ro| ro.track_udp);
+    let track_udp = session.setting(|ro| ro.track_udp);
     let obj = libbpf_rs::skel::Skel::object(&session.skel);
     let mut links = Vec::new();
     for prog in obj.progs_mut() {
