@@ -13,7 +13,6 @@
 #define SLP_SOCK_ZEROCOPY 18
 #define SLP_SOL_TCP 6
 #define SLP_TCP_ULP 31
-#define SLP_SK_USER_DATA_PSOCK 4 /* include/net/sock.h: sk_user_data holds a psock */
 
 struct slp_accel_key _slp_accel_key = {};
 struct slp_accel_cg_key _slp_accel_cg_key = {};
@@ -68,15 +67,6 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } slp_accel_stats SEC(".maps");
-
-/* Sockets this code filed in the sockhash (the kernel frees the mark with the
- * socket): the ULP guard refuses TCP_ULP on them, not on other sockmaps' sockets. */
-struct {
-	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, __u8);
-} slp_accel_joined SEC(".maps");
 
 static __always_inline void accel_count(__u32 stat, __u64 n)
 {
@@ -176,7 +166,8 @@ static __always_inline bool accel_eligible(struct tcp_sock *tp, __u16 port)
 	return true;
 }
 
-/* Where the release hook finds this end's counts. */
+/* Where the release hook finds this end's counts; also the mark by which the
+ * ULP guard knows socklens filed the socket (not another tool's sockmap). */
 static __always_inline void accel_remember(struct bpf_sock *sk, struct tcp_sock *tp,
 					   const struct slp_accel_key *own)
 {
@@ -223,7 +214,6 @@ int slp_accel_sockops(struct bpf_sock_ops *ctx)
 		if (accel_eligible(tp, own.rport) && accel_clean(tp) &&
 		    bpf_sock_hash_update(ctx, &slp_accel_hash, &own, BPF_NOEXIST) == 0) {
 			bpf_map_update_elem(&slp_accel_pending, &own, &cookie, BPF_ANY);
-			bpf_sk_storage_get(&slp_accel_joined, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 			accel_remember(sk, tp, &own);
 		} else
 			bpf_map_delete_elem(&slp_accel_pending, &own);
@@ -246,7 +236,6 @@ int slp_accel_sockops(struct bpf_sock_ops *ctx)
 	    bpf_map_update_elem(&slp_accel_bytes, &own, &mine, BPF_ANY) == 0 &&
 	    bpf_map_update_elem(&slp_accel_bytes, &peer, &theirs, BPF_ANY) == 0 &&
 	    bpf_sock_hash_update(ctx, &slp_accel_hash, &own, BPF_NOEXIST) == 0) {
-		bpf_sk_storage_get(&slp_accel_joined, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		accel_remember(sk, tp, &own);
 		accel_count(SLP_AS_PAIRED, 1);
 	} else {
@@ -296,7 +285,7 @@ int slp_accel_ulp(struct bpf_sockopt *ctx)
 
 	if (ctx->level != SLP_SOL_TCP || ctx->optname != SLP_TCP_ULP || !sk)
 		return 1;
-	if (!bpf_sk_storage_get(&slp_accel_joined, sk, 0, 0))
+	if (!bpf_sk_storage_get(&slp_accel_end, sk, 0, 0))
 		return 1;
 	/* Marked but taken out since (a lone active end): no psock left. */
 	if (bpf_rdonly_cast) {

@@ -41,8 +41,9 @@ enum slp_accel_mark {
 	SLP_ACCEL_GONE = 1, /* close() ran (the release hook) */
 };
 
-/* Socket storage of a hashed end: where its counts are, for the release hook,
- * which has no other way to its key or its psock. */
+/* Socket storage of a hashed end (`slp_accel_end`, freed with the socket): where
+ * its counts are, for the release hook, which has no other way to its key or its
+ * psock; the ULP guard's mark of sockets socklens filed. */
 struct slp_accel_end {
 	struct slp_accel_key key;
 	__u64 sk;

@@ -37,7 +37,7 @@ pub const PROGRAMS: [&str; 4] = [SOCKOPS, MSG, RELEASE, ULP];
 pub const HASH: &str = "slp_accel_hash";
 /// sk_msg's byte counts per hashed end, which the tracer joins.
 pub const BYTES: &str = "slp_accel_bytes";
-pub const PINNED_MAPS: [&str; 8] = [
+pub const PINNED_MAPS: [&str; 7] = [
     HASH,
     BYTES,
     "slp_accel_end",
@@ -45,7 +45,6 @@ pub const PINNED_MAPS: [&str; 8] = [
     "slp_accel_info",
     "slp_accel_stats",
     "slp_accel_pending",
-    "slp_accel_joined",
 ];
 
 pub fn pins() -> Pins {
@@ -195,10 +194,10 @@ pub fn attach(skel: &PolicySkel<'_>, cgroup_root: &Path) -> Result<()> {
 /// Tells the release program a tracer reads `slp_accel_bytes` until
 /// CLOCK_MONOTONIC `until_ns`, so it leaves a closed pair's entries to the
 /// tracer's close records (the all-zero key; docs/accelerate.md, "Accounting").
-/// False when no counts are pinned.
-pub fn lease_reader(until_ns: u64) -> Result<bool> {
+/// Nothing to do when no counts are pinned.
+pub fn lease_reader(until_ns: u64) -> Result<()> {
     let Ok(m) = MapHandle::from_pinned_path(pins().map(BYTES)) else {
-        return Ok(false);
+        return Ok(());
     };
     let lease = slp_accel_bytes {
         delivered: until_ns,
@@ -209,8 +208,7 @@ pub fn lease_reader(until_ns: u64) -> Result<bool> {
         bytes(&lease),
         MapFlags::ANY,
     )
-    .ctx("writing the slp_accel_bytes lease")?;
-    Ok(true)
+    .ctx("writing the slp_accel_bytes lease")
 }
 
 /// Sockets in the pinned sockhash now (two per accelerated connection).
@@ -219,9 +217,9 @@ pub fn sockets() -> Option<u64> {
     Some(h.keys().count() as u64)
 }
 
-/// Turns acceleration off: no new connection joins. The sockhash, sk_msg and
-/// the TCP_ULP guard stay while they carry connections; once empty, everything
-/// is unpinned. Returns the sockets still accelerated.
+/// Turns acceleration off: no new connection joins. The sockhash, sk_msg, the
+/// release program and the TCP_ULP guard stay while they carry connections; once
+/// empty, everything is unpinned. Returns the sockets still accelerated.
 pub fn retire() -> Result<u64> {
     let pins = pins();
     if !pins.exists() {

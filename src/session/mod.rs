@@ -419,12 +419,7 @@ pub fn with_session<T>(
     // The leases first: what happens after the ready line is recorded.
     let translate = req.translate_events;
     let accel = session.setting(|ro| ro.accel_join);
-    if translate {
-        watch_translations()?;
-    }
-    if accel {
-        lease_accel_counts()?;
-    }
+    renew_leases(translate, accel)?;
     if translate {
         eprintln!("socklens: tracing {what}; translations of the pinned policy. Ctrl-C to stop.");
     } else {
@@ -439,12 +434,7 @@ pub fn with_session<T>(
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(LEASE / 4);
                 // A failed renewal ends the lease within LEASE; nothing to report.
-                if translate {
-                    let _ = watch_translations();
-                }
-                if accel {
-                    let _ = lease_accel_counts();
-                }
+                let _ = renew_leases(translate, accel);
             }
         });
         let r = body(&mut live);
@@ -456,16 +446,22 @@ pub fn with_session<T>(
 /// How long the policy programs emit translate records after a renewal.
 const LEASE: Duration = Duration::from_secs(1);
 
-/// While the tracer reads sk_msg's counts, closed pairs' entries wait for its
-/// close records, which delete them (docs/accelerate.md, "Accounting").
-fn lease_accel_counts() -> Result<()> {
+/// Renews the leases the session holds: translate records of the pinned policy,
+/// and sk_msg's counts, whose closed pairs' entries then stay for its close
+/// records (docs/accelerate.md, "Accounting"). Both are tried.
+fn renew_leases(translate: bool, accel: bool) -> Result<()> {
     let until = reorder::monotonic_ns() + LEASE.as_nanos() as u64;
-    crate::policy::accelmaps::lease_reader(until).map(|_| ())
-}
-
-fn watch_translations() -> Result<()> {
-    let until = reorder::monotonic_ns() + LEASE.as_nanos() as u64;
-    crate::policy::svcmaps::watch_translations(until)
+    let t = if translate {
+        crate::policy::svcmaps::watch_translations(until)
+    } else {
+        Ok(())
+    };
+    let a = if accel {
+        crate::policy::accelmaps::lease_reader(until)
+    } else {
+        Ok(())
+    };
+    t.and(a)
 }
 
 /// Whether a record of the pinned policy (a verdict, a translation) was asked
